@@ -1,0 +1,24 @@
+//! agentq: a durable, fast task queue for AI agents, in one binary and one redb file.
+//!
+//! # Layout
+//! - [`model`]: the domain rows (projects, task types, tasks, attempts) and template rules.
+//! - [`lease`]: the lease state machine, pure functions over a task row; the protocol's home.
+//! - [`store`]: redb tables and indexes, the group-commit writer, and read queries.
+//! - [`hub`]: wake-ups for long-pollers, the scheduler and shutdown.
+//! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
+//! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
+//! - [`server`]: configuration, start-up and graceful shutdown.
+//! - [`time`]: the injected clock and the wire format of instants.
+//! - [`error`]: the domain error every layer returns.
+
+pub mod api;
+pub mod error;
+pub mod hub;
+pub mod lease;
+pub mod model;
+pub mod scheduler;
+pub mod server;
+pub mod store;
+pub mod time;
+
+pub use server::{run, Config, Server};

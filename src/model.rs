@@ -1,0 +1,464 @@
+//! The domain: projects, task types, tasks and their attempts, as stored.
+//!
+//! These are plain data with serde derives for the row encoding (postcard). They know nothing
+//! of HTTP or JSON field names (the API layer maps them) and nothing of redb (the store keys
+//! them). Times are Unix milliseconds ([`Millis`]) so that index keys sort by time.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Unix time in milliseconds, UTC.
+pub type Millis = i64;
+
+/// A project: the unit of scoping for task types, tasks, leases and counters.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Project {
+    pub id: u128,
+    pub name: String,
+    pub description: String,
+    pub instructions: Option<String>,
+    pub status: ProjectStatus,
+    pub config: ProjectConfig,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ProjectStatus {
+    Active,
+    Closed,
+}
+
+impl ProjectStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProjectStatus::Active => "active",
+            ProjectStatus::Closed => "closed",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProjectConfig {
+    pub default_max_retries: u32,
+    pub default_lease_duration_minutes: u32,
+    pub reaper_interval_minutes: u32,
+}
+
+impl Default for ProjectConfig {
+    fn default() -> Self {
+        ProjectConfig {
+            default_max_retries: 3,
+            default_lease_duration_minutes: 10,
+            reaper_interval_minutes: 1,
+        }
+    }
+}
+
+/// Exact per-project counters, updated in the same write transaction as the task they count.
+///
+/// Invariant: `total == queued + running + completed + failed + cancelled`, and each field
+/// equals the number of task rows of the project in that status.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub total: u64,
+    pub queued: u64,
+    pub running: u64,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+    /// Queued tasks waiting for their `notBefore` (internal: peek subtracts them).
+    pub delayed: u64,
+}
+
+impl Stats {
+    pub fn get(&self, status: TaskStatus) -> u64 {
+        match status {
+            TaskStatus::Queued => self.queued,
+            TaskStatus::Running => self.running,
+            TaskStatus::Completed => self.completed,
+            TaskStatus::Failed => self.failed,
+            TaskStatus::Cancelled => self.cancelled,
+        }
+    }
+
+    fn slot(&mut self, status: TaskStatus) -> &mut u64 {
+        match status {
+            TaskStatus::Queued => &mut self.queued,
+            TaskStatus::Running => &mut self.running,
+            TaskStatus::Completed => &mut self.completed,
+            TaskStatus::Failed => &mut self.failed,
+            TaskStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Applies one task's move from `old` to `new` (None = absent; the flag = delayed).
+    pub fn apply(&mut self, old: Option<(TaskStatus, bool)>, new: Option<(TaskStatus, bool)>) {
+        if let Some((s, d)) = old {
+            *self.slot(s) = self.slot(s).saturating_sub(1);
+            self.total = self.total.saturating_sub(1);
+            self.delayed = self.delayed.saturating_sub(d as u64);
+        }
+        if let Some((s, d)) = new {
+            *self.slot(s) += 1;
+            self.total += 1;
+            self.delayed += d as u64;
+        }
+    }
+
+    pub fn to_bytes(self) -> [u8; 56] {
+        let mut out = [0u8; 56];
+        for (i, v) in [
+            self.total,
+            self.queued,
+            self.running,
+            self.completed,
+            self.failed,
+            self.cancelled,
+            self.delayed,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Stats {
+        let f = |i: usize| {
+            b.get(i * 8..i * 8 + 8)
+                .and_then(|s| s.try_into().ok())
+                .map(u64::from_le_bytes)
+                .unwrap_or(0)
+        };
+        Stats {
+            total: f(0),
+            queued: f(1),
+            running: f(2),
+            completed: f(3),
+            failed: f(4),
+            cancelled: f(5),
+            delayed: f(6),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum DuplicateHandling {
+    Allow,
+    Ignore,
+    Fail,
+}
+
+impl DuplicateHandling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DuplicateHandling::Allow => "allow",
+            DuplicateHandling::Ignore => "ignore",
+            DuplicateHandling::Fail => "fail",
+        }
+    }
+}
+
+/// A task type: a template, its variables, and the lease and retry rules of its tasks.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskType {
+    pub id: u128,
+    pub project_id: u128,
+    pub name: String,
+    pub template: Option<String>,
+    pub variables: Vec<String>,
+    pub duplicate_handling: DuplicateHandling,
+    pub max_retries: Option<u32>,
+    pub lease_duration_minutes: Option<f64>,
+    pub retry_delay_seconds: f64,
+    pub backoff_multiplier: f64,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+}
+
+/// Lease and retry rules in effect for one task, resolved from its type and project.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rules {
+    pub lease_ms: i64,
+    pub retry_delay_seconds: f64,
+    pub backoff_multiplier: f64,
+}
+
+impl Rules {
+    pub fn resolve(project: &Project, task_type: Option<&TaskType>) -> Rules {
+        let minutes = task_type
+            .and_then(|t| t.lease_duration_minutes)
+            .unwrap_or(project.config.default_lease_duration_minutes as f64);
+        Rules {
+            lease_ms: (minutes * 60_000.0).round() as i64,
+            retry_delay_seconds: task_type.map_or(0.0, |t| t.retry_delay_seconds),
+            backoff_multiplier: task_type.map_or(2.0, |t| t.backoff_multiplier),
+        }
+    }
+
+    /// Delay before the `n`-th retry (n ≥ 1): `retryDelaySeconds * multiplier^(n-1)`.
+    pub fn backoff_ms(&self, n: u32) -> i64 {
+        let exp = n.saturating_sub(1).min(64) as i32;
+        let secs = self.retry_delay_seconds * self.backoff_multiplier.powi(exp);
+        // Capped at 30 days so that a large multiplier cannot overflow the clock.
+        (secs * 1000.0).clamp(0.0, 30.0 * 86_400_000.0) as i64
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum TaskStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl TaskStatus {
+    pub const ALL: [TaskStatus; 5] = [
+        TaskStatus::Queued,
+        TaskStatus::Running,
+        TaskStatus::Completed,
+        TaskStatus::Failed,
+        TaskStatus::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskStatus::Queued => "queued",
+            TaskStatus::Running => "running",
+            TaskStatus::Completed => "completed",
+            TaskStatus::Failed => "failed",
+            TaskStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<TaskStatus> {
+        TaskStatus::ALL.into_iter().find(|t| t.as_str() == s)
+    }
+
+    /// Stable one-byte code used in index keys. Never renumber: it is on disk.
+    pub fn code(self) -> u8 {
+        match self {
+            TaskStatus::Queued => 0,
+            TaskStatus::Running => 1,
+            TaskStatus::Completed => 2,
+            TaskStatus::Failed => 3,
+            TaskStatus::Cancelled => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Outcome {
+    Running,
+    Completed,
+    Failed,
+    Timeout,
+    Cancelled,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Running => "running",
+            Outcome::Completed => "completed",
+            Outcome::Failed => "failed",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// One lease of a task, kept in the task's history.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Attempt {
+    pub attempt: u32,
+    pub agent_name: String,
+    pub started_at: Millis,
+    pub ended_at: Option<Millis>,
+    pub outcome: Outcome,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub current: i64,
+    pub total: i64,
+    pub message: Option<String>,
+}
+
+/// The lease a running task is held under.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Lease {
+    pub agent: String,
+    pub token: u128,
+    pub assigned_at: Millis,
+    pub expires_at: Millis,
+}
+
+/// A task row. `seq` is the internal key: assigned in creation order, so it is also the FIFO
+/// order within a priority.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Task {
+    pub seq: u64,
+    pub id: String,
+    pub project_id: u128,
+    pub type_id: Option<u128>,
+    pub instructions: String,
+    pub variables: BTreeMap<String, String>,
+    pub batch_id: Option<String>,
+    pub priority: u8,
+    pub not_before: Option<Millis>,
+    /// True while the task is queued but waiting for `not_before` (it sits in the delayed
+    /// index, not the ready indexes). Cleared when the scheduler promotes it.
+    pub delayed: bool,
+    pub status: TaskStatus,
+    pub lease: Option<Lease>,
+    pub retry_count: u32,
+    pub max_retries: u32,
+    pub result: Option<String>,
+    /// The `outputs` JSON object, kept as its serialized text.
+    pub outputs: Option<String>,
+    pub error: Option<String>,
+    pub progress: Option<Progress>,
+    pub started_at: Option<Millis>,
+    pub completed_at: Option<Millis>,
+    pub cancelled_at: Option<Millis>,
+    pub cancel_reason: Option<String>,
+    pub created_at: Millis,
+    pub updated_at: Millis,
+    pub attempts: Vec<Attempt>,
+}
+
+/// Renders a template: every `{{name}}` is replaced by the variable's value. Placeholders
+/// without a value are left as they are (creation has already checked they all have one).
+pub fn render_template(template: &str, vars: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find("}}") {
+            Some(end) => {
+                let name = after[..end].trim();
+                match vars.get(name) {
+                    Some(v) => out.push_str(v),
+                    None => out.push_str(&rest[start..start + 2 + end + 2]),
+                }
+                rest = &after[end + 2..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The placeholder names used in a template, in order of first use.
+pub fn template_placeholders(template: &str) -> Vec<String> {
+    let mut names: Vec<String> = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("{{") {
+        let after = &rest[start + 2..];
+        let Some(end) = after.find("}}") else { break };
+        let name = after[..end].trim().to_string();
+        if !names.contains(&name) {
+            names.push(name);
+        }
+        rest = &after[end + 2..];
+    }
+    names
+}
+
+/// A 128-bit FNV-1a hash of the canonical (key-sorted) variables: the duplicate-detection key.
+/// Hits are confirmed by comparing the variables themselves, so a collision cannot merge tasks.
+pub fn variables_hash(vars: &BTreeMap<String, String>) -> u128 {
+    const OFFSET: u128 = 0x6c62272e07bb014262b821756295c58d;
+    const PRIME: u128 = 0x0000000001000000000000000000013B;
+    let mut h = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h ^= *b as u128;
+            h = h.wrapping_mul(PRIME);
+        }
+    };
+    for (k, v) in vars {
+        feed(&(k.len() as u64).to_le_bytes());
+        feed(k.as_bytes());
+        feed(&(v.len() as u64).to_le_bytes());
+        feed(v.as_bytes());
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn template_renders_every_placeholder() {
+        let v = vars(&[("a", "1"), ("b", "two")]);
+        assert_eq!(render_template("x {{a}} y {{ b }} {{a}}", &v), "x 1 y two 1");
+        assert_eq!(render_template("no vars", &v), "no vars");
+        assert_eq!(render_template("open {{a", &v), "open {{a");
+    }
+
+    #[test]
+    fn placeholders_are_listed_once() {
+        assert_eq!(template_placeholders("{{a}} {{b}} {{a}}"), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn variables_hash_ignores_insertion_order() {
+        let mut a = BTreeMap::new();
+        a.insert("x".to_string(), "1".to_string());
+        a.insert("y".to_string(), "2".to_string());
+        let mut b = BTreeMap::new();
+        b.insert("y".to_string(), "2".to_string());
+        b.insert("x".to_string(), "1".to_string());
+        assert_eq!(variables_hash(&a), variables_hash(&b));
+        assert_ne!(variables_hash(&a), variables_hash(&vars(&[("x", "12")])));
+        // Length prefixes keep ("ab","c") and ("a","bc") apart.
+        assert_ne!(
+            variables_hash(&vars(&[("ab", "c")])),
+            variables_hash(&vars(&[("a", "bc")]))
+        );
+    }
+
+    #[test]
+    fn stats_round_trip_and_apply() {
+        let mut s = Stats::default();
+        s.apply(None, Some((TaskStatus::Queued, true)));
+        s.apply(Some((TaskStatus::Queued, true)), Some((TaskStatus::Running, false)));
+        assert_eq!(s.delayed, 0);
+        assert_eq!(s.total, 1);
+        assert_eq!(s.running, 1);
+        assert_eq!(Stats::from_bytes(&s.to_bytes()), s);
+    }
+
+    #[test]
+    fn backoff_grows_geometrically() {
+        let r = Rules {
+            lease_ms: 1000,
+            retry_delay_seconds: 2.0,
+            backoff_multiplier: 3.0,
+        };
+        assert_eq!(r.backoff_ms(1), 2000);
+        assert_eq!(r.backoff_ms(2), 6000);
+        assert_eq!(r.backoff_ms(3), 18000);
+    }
+}

@@ -1,0 +1,75 @@
+//! The scheduler (reaper): reclaims expired leases and releases delayed tasks on time.
+//!
+//! It sleeps until the earliest timer in the database (the first key of the LEASES or DELAYED
+//! index), or until the writer reports an earlier one, or shutdown. An idle server with leases
+//! outstanding therefore wakes only when something is due: there are no periodic scans.
+//! Invariant: a lease is reclaimed only once `now >= leaseExpiresAt` (checked again inside the
+//! write by `lease::reclaim`), so no lease is ever reclaimed early; it is reclaimed within
+//! milliseconds of expiry, well inside the project's `reaperIntervalMinutes`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use uuid::Uuid;
+
+use crate::store::write::{promote_due, reclaim_expired, TIMER_BATCH};
+use crate::store::Store;
+
+/// Longest single sleep, so a clock jump is noticed within this bound even if nothing wakes us.
+const MAX_SLEEP: Duration = Duration::from_secs(3600);
+
+pub async fn run(store: Arc<Store>) {
+    let hub = store.hub.clone();
+    loop {
+        if hub.is_shutting_down() {
+            return;
+        }
+        let next = match store.read().and_then(|r| r.next_timer()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "scheduler could not read timers");
+                Some(store.clock.now() + 1000)
+            }
+        };
+        let now = store.clock.now();
+        if let Some(at) = next.filter(|at| *at <= now) {
+            let _ = at;
+            let result = store
+                .write(|w| {
+                    let promoted = promote_due(w, TIMER_BATCH)?;
+                    let reclaimed = reclaim_expired(w, None, TIMER_BATCH)?;
+                    Ok((promoted, reclaimed))
+                })
+                .await;
+            match result {
+                Ok((_, reclaimed)) => {
+                    for r in reclaimed {
+                        tracing::info!(
+                            task = %r.task_id,
+                            project = %Uuid::from_u128(r.project_id),
+                            agent = %r.agent,
+                            will_retry = r.will_retry,
+                            "lease expired; task reclaimed"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "scheduler pass failed");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            continue;
+        }
+        let deadline = next.unwrap_or(i64::MAX);
+        hub.set_timer_deadline(deadline);
+        let sleep = match next {
+            Some(at) => Duration::from_millis((at - now).max(0) as u64).min(MAX_SLEEP),
+            None => MAX_SLEEP,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = hub.timer.notified() => {}
+            _ = hub.shutting_down() => return,
+        }
+    }
+}

@@ -1,0 +1,1 @@
+pub struct Config; pub struct Server; pub fn run(){}

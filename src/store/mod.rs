@@ -1,0 +1,291 @@
+//! Storage on redb: the file, the single group-commit writer, and read transactions.
+//!
+//! What it owns: the database file and every byte in it. What it must not do: know about HTTP.
+//!
+//! Writes: every mutation is a closure sent to one writer thread. The writer takes everything
+//! queued meanwhile (up to [`MAX_BATCH`]) into one write transaction, runs each closure, commits
+//! once with redb's default (durable) durability, and only then answers each caller with its
+//! own result. Rules that keep batching safe:
+//! 1. An operation checks everything that can fail for domain reasons *before* it changes a
+//!    row, so a refused operation leaves nothing behind and never affects its batch-mates.
+//! 2. A storage error inside any operation aborts the whole batch: nothing is committed and
+//!    every caller in it gets the error, so no half-applied operation is ever made durable.
+//! 3. A caller hears "success" only after the commit returned.
+//!
+//! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
+
+pub mod read;
+pub mod tables;
+pub mod write;
+
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+
+use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::hub::{Effects, Hub};
+use crate::model::{Millis, Task};
+use crate::time::Clock;
+use tables::{Tables, META, SCHEMA_VERSION, TASKS};
+
+/// The most operations one write transaction takes.
+pub const MAX_BATCH: usize = 4096;
+
+type Reply = Box<dyn FnOnce(Result<()>) + Send>;
+/// A write operation: runs inside the batch, returns whether it hit a storage error and how
+/// to answer its caller once the batch's fate is known.
+type Job = Box<dyn FnOnce(&mut W<'_, '_>) -> (bool, Reply) + Send>;
+
+enum Msg {
+    Job(Job),
+    Stop,
+}
+
+/// The write context handed to every operation: the open tables, the batch's clock reading,
+/// and the effects to publish after commit.
+pub struct W<'a, 'txn> {
+    pub t: &'a mut Tables<'txn>,
+    pub now: Millis,
+    next_seq: &'a mut u64,
+    fx: &'a mut Effects,
+}
+
+impl W<'_, '_> {
+    pub fn alloc_seq(&mut self) -> u64 {
+        let s = *self.next_seq;
+        *self.next_seq += 1;
+        s
+    }
+
+    /// Writes a task through [`Tables::put_task`] and records who must be woken.
+    pub fn put_task(&mut self, old: Option<&Task>, new: Option<&Task>) -> Result<()> {
+        self.t.put_task(old, new)?;
+        if let Some(n) = new {
+            let was_ready = old.is_some_and(is_ready);
+            if is_ready(n) && !was_ready {
+                self.fx.ready(n.project_id);
+            }
+            if let Some(l) = &n.lease {
+                if old.and_then(|o| o.lease.as_ref()).map(|l| l.expires_at) != Some(l.expires_at)
+                {
+                    self.fx.timer(l.expires_at);
+                }
+            }
+            if n.status == crate::model::TaskStatus::Queued && n.delayed {
+                self.fx.timer(n.not_before.unwrap_or(0));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_ready(t: &Task) -> bool {
+    t.status == crate::model::TaskStatus::Queued && !t.delayed
+}
+
+pub struct Store {
+    db: Arc<Database>,
+    path: PathBuf,
+    tx: mpsc::Sender<Msg>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    pub hub: Arc<Hub>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`, checks its schema version and starts the
+    /// writer thread.
+    pub fn open(path: &Path, clock: Arc<dyn Clock>) -> Result<Arc<Store>, OpenError> {
+        let db = Database::builder().create(path).map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
+            other => OpenError::Io(path.to_path_buf(), other.to_string()),
+        })?;
+        let storage = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
+        let next_seq = init_schema(&db, path)?;
+        let _ = storage;
+        let db = Arc::new(db);
+        let hub = Arc::new(Hub::default());
+        let (tx, rx) = mpsc::channel();
+        let writer = {
+            let db = db.clone();
+            let hub = hub.clone();
+            let clock = clock.clone();
+            std::thread::Builder::new()
+                .name("agentq-writer".into())
+                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), next_seq))
+                .map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?
+        };
+        Ok(Arc::new(Store {
+            db,
+            path: path.to_path_buf(),
+            tx,
+            writer: Mutex::new(Some(writer)),
+            hub,
+            clock,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn size_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Runs `op` in the next write batch and answers after the batch committed.
+    pub async fn write<R: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut W<'_, '_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let (reply_tx, reply_rx) = oneshot::channel::<Result<R>>();
+        let job: Job = Box::new(move |w| {
+            let result = op(w);
+            let failed = matches!(result, Err(Error::Storage(_)));
+            let reply: Reply = Box::new(move |commit: Result<()>| {
+                let _ = reply_tx.send(commit.and(result));
+            });
+            (failed, reply)
+        });
+        self.tx
+            .send(Msg::Job(job))
+            .map_err(|_| Error::ShuttingDown)?;
+        reply_rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// A read snapshot. Cheap; never waits for the writer.
+    pub fn read(&self) -> Result<read::Reader> {
+        Ok(read::Reader::new(self.db.begin_read()?))
+    }
+
+    pub fn begin_read(&self) -> Result<ReadTransaction> {
+        Ok(self.db.begin_read()?)
+    }
+
+    /// Stops the writer after it has committed and answered everything already queued.
+    pub fn close(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("database file {0} is already in use by another agentq process (only one server may open a file)")]
+    Locked(PathBuf),
+    #[error("database file {0} has schema version {1}, newer than this agentq understands ({2}); upgrade agentq")]
+    TooNew(PathBuf, u64, u64),
+    #[error("cannot open database file {0}: {1}")]
+    Io(PathBuf, String),
+}
+
+/// Creates every table, records the schema version on a new file, refuses a newer one, and
+/// returns the next task seq.
+fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
+    let io = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
+    let run = || -> Result<Result<u64, OpenError>> {
+        let txn = db.begin_write()?;
+        let next_seq;
+        {
+            let mut t = Tables::open(&txn)?;
+            let version = t.meta.get("schema_version")?.map(|v| v.value());
+            match version {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Ok(Err(OpenError::TooNew(
+                        path.to_path_buf(),
+                        v,
+                        SCHEMA_VERSION,
+                    )))
+                }
+                Some(_) => {}
+                None => {
+                    t.meta.insert("schema_version", SCHEMA_VERSION)?;
+                }
+            }
+            next_seq = t.tasks.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+        }
+        txn.commit()?;
+        Ok(Ok(next_seq))
+    };
+    let _ = TASKS;
+    let _ = META;
+    run().map_err(io)?
+}
+
+fn writer_loop(
+    db: &Database,
+    rx: mpsc::Receiver<Msg>,
+    hub: &Hub,
+    clock: &dyn Clock,
+    mut next_seq: u64,
+) {
+    let mut stopping = false;
+    while !stopping {
+        let Ok(first) = rx.recv() else { break };
+        let mut jobs = Vec::new();
+        match first {
+            Msg::Job(j) => jobs.push(j),
+            Msg::Stop => stopping = true,
+        }
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(Msg::Job(j)) => jobs.push(j),
+                Ok(Msg::Stop) => stopping = true,
+                Err(_) => break,
+            }
+        }
+        if jobs.is_empty() {
+            continue;
+        }
+        run_batch(db, jobs, hub, clock, &mut next_seq);
+    }
+    // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
+}
+
+fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_seq: &mut u64) {
+    let seq_before = *next_seq;
+    let mut fx = Effects::default();
+    let mut replies = Vec::with_capacity(jobs.len());
+    let outcome: Result<()> = (|| {
+        let txn = db.begin_write()?;
+        let mut failed = false;
+        {
+            let mut tables = Tables::open(&txn)?;
+            let mut w = W {
+                t: &mut tables,
+                now: clock.now(),
+                next_seq,
+                fx: &mut fx,
+            };
+            for job in jobs {
+                let (f, reply) = job(&mut w);
+                failed |= f;
+                replies.push(reply);
+            }
+        }
+        if failed {
+            let _ = txn.abort();
+            return Err(Error::Storage("an operation in the batch failed".into()));
+        }
+        txn.commit()?;
+        Ok(())
+    })();
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, batch = replies.len(), "write batch failed; nothing committed");
+        *next_seq = seq_before;
+        fx = Effects::default();
+    }
+    let n = replies.len();
+    for reply in replies {
+        reply(outcome.clone());
+    }
+    // Jobs that never ran (begin_write failed) were dropped: their callers see ShuttingDown.
+    tracing::trace!(batch = n, "write batch committed");
+    hub.publish(fx);
+}

@@ -1,0 +1,424 @@
+//! Read queries on one MVCC snapshot. Nothing here writes or waits for the writer.
+
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata};
+use uuid::Uuid;
+
+use super::tables::*;
+use crate::error::{Error, Result};
+use crate::model::{Millis, Project, ProjectStatus, Stats, Task, TaskStatus, TaskType};
+
+pub struct Reader {
+    txn: ReadTransaction,
+}
+
+/// Which tasks a listing wants and in which order.
+#[derive(Debug, Clone, Default)]
+pub struct TaskQuery {
+    pub statuses: Vec<TaskStatus>,
+    pub type_id: Option<u128>,
+    pub assigned_to: Option<String>,
+    pub batch_id: Option<String>,
+    /// Strictly after / strictly before, in creation time.
+    pub created_after: Option<Millis>,
+    pub created_before: Option<Millis>,
+    pub sort: Sort,
+    pub desc: bool,
+    pub limit: usize,
+    pub offset: usize,
+    pub cursor: Option<Cursor>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Sort {
+    #[default]
+    CreatedAt,
+    UpdatedAt,
+    Priority,
+}
+
+/// Where the previous page ended. For creation order it is the last key, so a deep page costs
+/// what the first did; for the other orders it is an offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    After(i64, u64),
+    Offset(usize),
+}
+
+impl Cursor {
+    pub fn encode(self) -> String {
+        match self {
+            Cursor::After(c, s) => format!("k{c}.{s}"),
+            Cursor::Offset(o) => format!("o{o}"),
+        }
+    }
+
+    pub fn decode(s: &str) -> Option<Cursor> {
+        if let Some(rest) = s.strip_prefix('k') {
+            let (c, q) = rest.split_once('.')?;
+            return Some(Cursor::After(c.parse().ok()?, q.parse().ok()?));
+        }
+        s.strip_prefix('o')?.parse().ok().map(Cursor::Offset)
+    }
+}
+
+pub struct Page {
+    pub tasks: Vec<Task>,
+    pub total: u64,
+    pub next: Option<Cursor>,
+}
+
+type KeyIter = Box<dyn Iterator<Item = Result<(i64, u64)>>>;
+
+impl Reader {
+    pub fn new(txn: ReadTransaction) -> Self {
+        Reader { txn }
+    }
+
+    fn table<K: redb::Key + 'static, V: redb::Value + 'static>(
+        &self,
+        def: redb::TableDefinition<K, V>,
+    ) -> Result<ReadOnlyTable<K, V>> {
+        Ok(self.txn.open_table(def)?)
+    }
+
+    pub fn project(&self, key: &str) -> Result<Project> {
+        let projects = self.table(PROJECTS)?;
+        let get = |id: u128| -> Result<Option<Project>> {
+            match projects.get(id)? {
+                Some(v) => Ok(Some(decode(v.value())?)),
+                None => Ok(None),
+            }
+        };
+        if let Ok(id) = Uuid::parse_str(key) {
+            if let Some(p) = get(id.as_u128())? {
+                return Ok(p);
+            }
+        }
+        if let Some(id) = self.table(PROJECT_NAMES)?.get(key)? {
+            if let Some(p) = get(id.value())? {
+                return Ok(p);
+            }
+        }
+        Err(Error::NotFound(format!("project {key} not found")))
+    }
+
+    pub fn stats(&self, project: u128) -> Result<Stats> {
+        Ok(self
+            .table(STATS)?
+            .get(project)?
+            .map(|v| Stats::from_bytes(v.value()))
+            .unwrap_or_default())
+    }
+
+    /// Projects in creation order, filtered by status (None = all), with the total.
+    pub fn projects(
+        &self,
+        status: Option<ProjectStatus>,
+        limit: usize,
+        offset: usize,
+    ) -> Result<(Vec<(Project, Stats)>, u64)> {
+        let mut out = Vec::new();
+        let mut total = 0u64;
+        for r in self.table(PROJECTS)?.iter()? {
+            let (_, v) = r?;
+            let p: Project = decode(v.value())?;
+            if status.is_some_and(|s| s != p.status) {
+                continue;
+            }
+            total += 1;
+            if total as usize > offset && out.len() < limit {
+                let stats = self.stats(p.id)?;
+                out.push((p, stats));
+            }
+        }
+        Ok((out, total))
+    }
+
+    pub fn task_type(&self, id: &str) -> Result<TaskType> {
+        let found = match Uuid::parse_str(id) {
+            Ok(u) => self.table(TYPES)?.get(u.as_u128())?.map(|v| v.value().to_vec()),
+            Err(_) => None,
+        };
+        match found {
+            Some(bytes) => decode(&bytes),
+            None => Err(Error::NotFound(format!("task type {id} not found"))),
+        }
+    }
+
+    /// A project's task types, by name.
+    pub fn task_types(&self, project: u128) -> Result<Vec<TaskType>> {
+        let types = self.table(TYPES)?;
+        let mut out = Vec::new();
+        for r in self.table(TYPE_NAMES)?.range((project, "")..)? {
+            let (k, v) = r?;
+            if k.value().0 != project {
+                break;
+            }
+            if let Some(row) = types.get(v.value())? {
+                out.push(decode(row.value())?);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn task_by_seq(&self, seq: u64) -> Result<Option<Task>> {
+        match self.table(TASKS)?.get(seq)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn task(&self, id: &str) -> Result<Task> {
+        let seq = self.table(TASK_IDS)?.get(id)?.map(|v| v.value());
+        match seq {
+            Some(s) => self.task_by_seq(s)?,
+            None => None,
+        }
+        .ok_or_else(|| Error::NotFound(format!("task {id} not found")))
+    }
+
+    /// The running tasks of a project, one per agent, by agent name.
+    pub fn leases(&self, project: u128) -> Result<Vec<Task>> {
+        let mut out = Vec::new();
+        for r in self.table(AGENT_LEASES)?.range((project, "")..)? {
+            let (k, v) = r?;
+            if k.value().0 != project {
+                break;
+            }
+            if let Some(t) = self.task_by_seq(v.value())? {
+                out.push(t);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Tasks of the project that next-task could hand out now.
+    pub fn available(&self, project: u128, now: Millis) -> Result<u64> {
+        let stats = self.stats(project)?;
+        let mut due = 0u64;
+        let tasks = self.table(TASKS)?;
+        for r in self
+            .table(DELAYED)?
+            .range((i64::MIN, 0u64)..=(now, u64::MAX))?
+        {
+            let seq = r?.0.value().1;
+            if let Some(v) = tasks.get(seq)? {
+                let t: Task = decode(v.value())?;
+                due += (t.project_id == project) as u64;
+            }
+        }
+        Ok(stats.queued.saturating_sub(stats.delayed) + due)
+    }
+
+    /// The earliest pending timer: a lease expiry or a delayed task's `notBefore`.
+    pub fn next_timer(&self) -> Result<Option<Millis>> {
+        let lease = self.table(LEASES)?.first()?.map(|(k, _)| k.value().0);
+        let delay = self.table(DELAYED)?.first()?.map(|(k, _)| k.value().0);
+        Ok(match (lease, delay) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        })
+    }
+
+    pub fn task_count(&self) -> Result<u64> {
+        Ok(self.table(TASKS)?.len()?)
+    }
+
+    /// Lists a project's tasks. Creation order walks an index from the cursor; the other
+    /// orders collect the matching tasks and sort them.
+    pub fn list_tasks(&self, project: u128, q: &TaskQuery) -> Result<Page> {
+        let post_filtered = q.type_id.is_some() || q.assigned_to.is_some() || q.batch_id.is_some();
+        let ranged = q.created_after.is_some() || q.created_before.is_some();
+        let lo = q.created_after.map_or(i64::MIN, |t| t.saturating_add(1));
+        let hi = q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1));
+        let tasks = self.table(TASKS)?;
+        let load = |seq: u64| -> Result<Option<Task>> {
+            match tasks.get(seq)? {
+                Some(v) => Ok(Some(decode(v.value())?)),
+                None => Ok(None),
+            }
+        };
+        let keep = |t: &Task| {
+            q.type_id.is_none_or(|ty| t.type_id == Some(ty))
+                && q.assigned_to
+                    .as_deref()
+                    .is_none_or(|a| t.lease.as_ref().is_some_and(|l| l.agent == a))
+                && q.batch_id
+                    .as_deref()
+                    .is_none_or(|b| t.batch_id.as_deref() == Some(b))
+        };
+        let sources = |from: Option<(i64, u64)>| -> Result<Vec<KeyIter>> {
+            // `from` is exclusive: the last key of the previous page.
+            let (mut a, mut b) = ((lo, 0u64), (hi, u64::MAX));
+            if let Some(k) = from {
+                if q.desc {
+                    b = if k.1 == 0 { (k.0 - 1, u64::MAX) } else { (k.0, k.1 - 1) };
+                } else {
+                    a = if k.1 == u64::MAX { (k.0 + 1, 0) } else { (k.0, k.1 + 1) };
+                }
+            }
+            let mut out: Vec<KeyIter> = Vec::new();
+            if a > b {
+                return Ok(out);
+            }
+            if q.statuses.is_empty() {
+                let it = self
+                    .table(BY_PROJECT)?
+                    .range((project, a.0, a.1)..=(project, b.0, b.1))?
+                    .map(|r| r.map(|(k, _)| (k.value().1, k.value().2)).map_err(Error::from));
+                out.push(if q.desc { Box::new(it.rev()) } else { Box::new(it) });
+            } else {
+                for s in &q.statuses {
+                    let c = s.code();
+                    let it = self
+                        .table(BY_STATUS)?
+                        .range((project, c, a.0, a.1)..=(project, c, b.0, b.1))?
+                        .map(|r| r.map(|(k, _)| (k.value().2, k.value().3)).map_err(Error::from));
+                    out.push(if q.desc { Box::new(it.rev()) } else { Box::new(it) });
+                }
+            }
+            Ok(out)
+        };
+
+        let total = if !post_filtered && !ranged {
+            let stats = self.stats(project)?;
+            if q.statuses.is_empty() {
+                stats.total
+            } else {
+                q.statuses.iter().map(|s| stats.get(*s)).sum()
+            }
+        } else {
+            let mut n = 0u64;
+            for it in sources(None)? {
+                for k in it {
+                    let k = k?;
+                    if !post_filtered || load(k.1)?.is_some_and(|t| keep(&t)) {
+                        n += 1;
+                    }
+                }
+            }
+            n
+        };
+
+        if q.sort == Sort::CreatedAt {
+            let (from, skip) = match q.cursor {
+                Some(Cursor::After(c, s)) => (Some((c, s)), q.offset),
+                Some(Cursor::Offset(o)) => (None, o + q.offset),
+                None => (None, q.offset),
+            };
+            let merged = Merge::new(sources(from)?, q.desc);
+            let mut page = Vec::new();
+            let mut skipped = 0usize;
+            let mut more = false;
+            for k in merged {
+                let k = k?;
+                let Some(t) = load(k.1)? else { continue };
+                if !keep(&t) {
+                    continue;
+                }
+                if skipped < skip {
+                    skipped += 1;
+                    continue;
+                }
+                if page.len() == q.limit {
+                    more = true;
+                    break;
+                }
+                page.push(t);
+            }
+            let next = if more {
+                page.last().map(|t| Cursor::After(t.created_at, t.seq))
+            } else {
+                None
+            };
+            return Ok(Page {
+                tasks: page,
+                total,
+                next,
+            });
+        }
+
+        let mut all = Vec::new();
+        for it in sources(None)? {
+            for k in it {
+                if let Some(t) = load(k?.1)? {
+                    if keep(&t) {
+                        all.push(t);
+                    }
+                }
+            }
+        }
+        match q.sort {
+            Sort::UpdatedAt => all.sort_by_key(|t| (t.updated_at, t.seq)),
+            _ => all.sort_by_key(|t| (t.priority, t.seq)),
+        }
+        if q.desc {
+            all.reverse();
+        }
+        let start = match q.cursor {
+            Some(Cursor::Offset(o)) => o + q.offset,
+            _ => q.offset,
+        };
+        let end = start.saturating_add(q.limit).min(all.len());
+        let next = (end < all.len()).then_some(Cursor::Offset(end));
+        let tasks = if start < all.len() {
+            all.drain(start..end).collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Page { tasks, total, next })
+    }
+}
+
+/// Merges key streams that are each sorted (ascending, or descending when `desc`).
+struct Merge {
+    heads: Vec<(Option<Result<(i64, u64)>>, KeyIter)>,
+    desc: bool,
+}
+
+impl Merge {
+    fn new(iters: Vec<KeyIter>, desc: bool) -> Self {
+        let heads = iters
+            .into_iter()
+            .map(|mut it| (it.next(), it))
+            .collect();
+        Merge { heads, desc }
+    }
+}
+
+impl Iterator for Merge {
+    type Item = Result<(i64, u64)>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut pick: Option<usize> = None;
+        for (i, (head, _)) in self.heads.iter().enumerate() {
+            match head {
+                None => continue,
+                Some(Err(_)) => {
+                    pick = Some(i);
+                    break;
+                }
+                Some(Ok(k)) => {
+                    let better = match pick.and_then(|p| self.heads[p].0.as_ref()) {
+                        Some(Ok(b)) => {
+                            if self.desc {
+                                k > b
+                            } else {
+                                k < b
+                            }
+                        }
+                        _ => true,
+                    };
+                    if better {
+                        pick = Some(i);
+                    }
+                }
+            }
+        }
+        let i = pick?;
+        let (head, it) = &mut self.heads[i];
+        let out = head.take();
+        *head = it.next();
+        out
+    }
+}

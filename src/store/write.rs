@@ -1,0 +1,748 @@
+//! Write operations: each runs inside one batch of the writer (see `store/mod.rs`).
+//!
+//! Rule: check first, then change. Every domain error (`NotFound`, `Conflict`, `LeaseLost`,
+//! validation) is returned before the first row is written, so a refused operation leaves
+//! its batch untouched. Status changes go through the lease state machine in `crate::lease`.
+
+use std::collections::BTreeMap;
+
+use redb::{ReadableMultimapTable, ReadableTable};
+use uuid::Uuid;
+
+use super::tables::Tables;
+use super::W;
+use crate::error::{Error, FieldError, Result};
+use crate::lease::{self, Completion};
+use crate::model::{
+    render_template, variables_hash, DuplicateHandling, Progress, Project, ProjectConfig,
+    ProjectStatus, Rules, Stats, Task, TaskStatus, TaskType,
+};
+
+/// How many due timers (expired leases, delayed tasks) one pass handles, to bound a batch.
+pub const TIMER_BATCH: usize = 1000;
+
+/// Finds a project by id, else by unique name.
+pub fn resolve_project(t: &Tables, key: &str) -> Result<Project> {
+    if let Ok(id) = Uuid::parse_str(key) {
+        if let Some(p) = t.project(id.as_u128())? {
+            return Ok(p);
+        }
+    }
+    if let Some(id) = t.project_id_by_name(key)? {
+        if let Some(p) = t.project(id)? {
+            return Ok(p);
+        }
+    }
+    Err(Error::NotFound(format!("project {key} not found")))
+}
+
+fn task_by_id(t: &Tables, id: &str) -> Result<Task> {
+    t.task_by_id(id)?
+        .ok_or_else(|| Error::NotFound(format!("task {id} not found")))
+}
+
+fn type_by_id(t: &Tables, id: &str) -> Result<TaskType> {
+    Uuid::parse_str(id)
+        .ok()
+        .map(|u| t.task_type(u.as_u128()))
+        .transpose()?
+        .flatten()
+        .ok_or_else(|| Error::NotFound(format!("task type {id} not found")))
+}
+
+/// Lease and retry rules for a task, from its type (if it still exists) and project.
+fn rules_for(t: &Tables, task: &Task) -> Result<Rules> {
+    let project = t
+        .project(task.project_id)?
+        .ok_or_else(|| Error::Storage(format!("task {} has no project", task.id)))?;
+    let ty = match task.type_id {
+        Some(id) => t.task_type(id)?,
+        None => None,
+    };
+    Ok(Rules::resolve(&project, ty.as_ref()))
+}
+
+// ---------------------------------------------------------------- projects
+
+pub struct NewProject {
+    pub name: String,
+    pub description: String,
+    pub instructions: Option<String>,
+    pub config: ProjectConfig,
+}
+
+pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
+    if w.t.project_id_by_name(&p.name)?.is_some() {
+        return Err(Error::Conflict(format!(
+            "a project named {} already exists",
+            p.name
+        )));
+    }
+    let project = Project {
+        id: Uuid::now_v7().as_u128(),
+        name: p.name,
+        description: p.description,
+        instructions: p.instructions,
+        status: ProjectStatus::Active,
+        config: p.config,
+        created_at: w.now,
+        updated_at: w.now,
+    };
+    w.t.put_project(&project)?;
+    w.t.project_names
+        .insert(project.name.as_str(), project.id)?;
+    w.t.stats
+        .insert(project.id, Stats::default().to_bytes().as_slice())?;
+    Ok((project, Stats::default()))
+}
+
+#[derive(Default)]
+pub struct ProjectPatch {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub instructions: Option<Option<String>>,
+    pub status: Option<ProjectStatus>,
+    pub default_max_retries: Option<u32>,
+    pub default_lease_duration_minutes: Option<u32>,
+    pub reaper_interval_minutes: Option<u32>,
+}
+
+pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Project, Stats)> {
+    let mut p = resolve_project(w.t, key)?;
+    let old_name = p.name.clone();
+    if let Some(name) = &patch.name {
+        if *name != p.name && w.t.project_id_by_name(name)?.is_some() {
+            return Err(Error::Conflict(format!("a project named {name} already exists")));
+        }
+    }
+    if let Some(v) = patch.name {
+        p.name = v;
+    }
+    if let Some(v) = patch.description {
+        p.description = v;
+    }
+    if let Some(v) = patch.instructions {
+        p.instructions = v;
+    }
+    if let Some(v) = patch.status {
+        p.status = v;
+    }
+    if let Some(v) = patch.default_max_retries {
+        p.config.default_max_retries = v;
+    }
+    if let Some(v) = patch.default_lease_duration_minutes {
+        p.config.default_lease_duration_minutes = v;
+    }
+    if let Some(v) = patch.reaper_interval_minutes {
+        p.config.reaper_interval_minutes = v;
+    }
+    p.updated_at = w.now;
+    if p.name != old_name {
+        w.t.project_names.remove(old_name.as_str())?;
+        w.t.project_names.insert(p.name.as_str(), p.id)?;
+    }
+    w.t.put_project(&p)?;
+    let stats = w.t.stats(p.id)?;
+    Ok((p, stats))
+}
+
+/// Deletes a project with its task types, tasks and leases. Returns the project id.
+pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
+    let p = resolve_project(w.t, key)?;
+    let seqs: Vec<u64> = w
+        .t
+        .by_project
+        .range((p.id, i64::MIN, 0)..=(p.id, i64::MAX, u64::MAX))?
+        .map(|r| r.map(|(k, _)| k.value().2))
+        .collect::<Result<_, _>>()?;
+    for seq in seqs {
+        if let Some(task) = w.t.task(seq)? {
+            w.t.put_task(Some(&task), None)?;
+        }
+    }
+    let types: Vec<(String, u128)> = w
+        .t
+        .type_names
+        .range((p.id, "")..)?
+        .map(|r| r.map(|(k, v)| (k.value().0, k.value().1.to_string(), v.value())))
+        .take_while(|r| r.as_ref().map_or(true, |(pid, _, _)| *pid == p.id))
+        .map(|r| r.map(|(_, n, id)| (n, id)))
+        .collect::<Result<_, _>>()?;
+    for (name, id) in types {
+        w.t.type_names.remove((p.id, name.as_str()))?;
+        w.t.types.remove(id)?;
+    }
+    w.t.stats.remove(p.id)?;
+    w.t.project_names.remove(p.name.as_str())?;
+    w.t.projects.remove(p.id)?;
+    Ok(p.id)
+}
+
+// ---------------------------------------------------------------- task types
+
+pub struct NewTaskType {
+    pub name: String,
+    pub template: Option<String>,
+    pub variables: Vec<String>,
+    pub duplicate_handling: DuplicateHandling,
+    pub max_retries: Option<u32>,
+    pub lease_duration_minutes: Option<f64>,
+    pub retry_delay_seconds: f64,
+    pub backoff_multiplier: f64,
+}
+
+pub fn create_type(w: &mut W, project_key: &str, n: NewTaskType) -> Result<TaskType> {
+    let p = resolve_project(w.t, project_key)?;
+    if w.t.type_names.get((p.id, n.name.as_str()))?.is_some() {
+        return Err(Error::Conflict(format!(
+            "a task type named {} already exists in project {}",
+            n.name, p.name
+        )));
+    }
+    let ty = TaskType {
+        id: Uuid::now_v7().as_u128(),
+        project_id: p.id,
+        name: n.name,
+        template: n.template,
+        variables: n.variables,
+        duplicate_handling: n.duplicate_handling,
+        max_retries: n.max_retries,
+        lease_duration_minutes: n.lease_duration_minutes,
+        retry_delay_seconds: n.retry_delay_seconds,
+        backoff_multiplier: n.backoff_multiplier,
+        created_at: w.now,
+        updated_at: w.now,
+    };
+    w.t.type_names.insert((p.id, ty.name.as_str()), ty.id)?;
+    w.t.put_type(&ty)?;
+    Ok(ty)
+}
+
+#[derive(Default)]
+pub struct TypePatch {
+    pub name: Option<String>,
+    pub template: Option<Option<String>>,
+    pub variables: Option<Vec<String>>,
+    pub duplicate_handling: Option<DuplicateHandling>,
+    pub max_retries: Option<Option<u32>>,
+    pub lease_duration_minutes: Option<Option<f64>>,
+    pub retry_delay_seconds: Option<f64>,
+    pub backoff_multiplier: Option<f64>,
+}
+
+pub fn update_type(w: &mut W, id: &str, patch: TypePatch) -> Result<TaskType> {
+    let mut ty = type_by_id(w.t, id)?;
+    let old_name = ty.name.clone();
+    if let Some(name) = &patch.name {
+        if *name != ty.name && w.t.type_names.get((ty.project_id, name.as_str()))?.is_some() {
+            return Err(Error::Conflict(format!(
+                "a task type named {name} already exists in this project"
+            )));
+        }
+    }
+    if let Some(v) = patch.name {
+        ty.name = v;
+    }
+    if let Some(v) = patch.template {
+        ty.template = v;
+    }
+    if let Some(v) = patch.variables {
+        ty.variables = v;
+    }
+    if let Some(t) = &ty.template {
+        let missing: Vec<String> = crate::model::template_placeholders(t)
+            .into_iter()
+            .filter(|p| !ty.variables.contains(p))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Validation(vec![FieldError::new(
+                "template",
+                format!(
+                    "placeholders not listed in variables: {}",
+                    missing.join(", ")
+                ),
+            )]));
+        }
+    }
+    if let Some(v) = patch.duplicate_handling {
+        ty.duplicate_handling = v;
+    }
+    if let Some(v) = patch.max_retries {
+        ty.max_retries = v;
+    }
+    if let Some(v) = patch.lease_duration_minutes {
+        ty.lease_duration_minutes = v;
+    }
+    if let Some(v) = patch.retry_delay_seconds {
+        ty.retry_delay_seconds = v;
+    }
+    if let Some(v) = patch.backoff_multiplier {
+        ty.backoff_multiplier = v;
+    }
+    ty.updated_at = w.now;
+    if ty.name != old_name {
+        w.t.type_names.remove((ty.project_id, old_name.as_str()))?;
+        w.t.type_names.insert((ty.project_id, ty.name.as_str()), ty.id)?;
+    }
+    w.t.put_type(&ty)?;
+    Ok(ty)
+}
+
+/// Deletes a task type. Its tasks stay; they keep the type id and fall back to the project's
+/// lease and retry defaults.
+pub fn delete_type(w: &mut W, id: &str) -> Result<()> {
+    let ty = type_by_id(w.t, id)?;
+    w.t.type_names.remove((ty.project_id, ty.name.as_str()))?;
+    w.t.types.remove(ty.id)?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------- tasks
+
+#[derive(Debug, Clone, Default)]
+pub struct NewTask {
+    pub id: Option<String>,
+    pub type_id: Option<u128>,
+    pub instructions: Option<String>,
+    pub variables: BTreeMap<String, String>,
+    pub batch_id: Option<String>,
+    pub priority: Option<u8>,
+    pub not_before: Option<i64>,
+}
+
+/// Creates tasks in request order. Each entry is the task and whether it is new (false: an
+/// existing duplicate returned under `duplicateHandling: ignore`), or why it was refused.
+pub fn create_tasks(
+    w: &mut W,
+    project_key: &str,
+    tasks: Vec<NewTask>,
+) -> Result<Vec<Result<(Task, bool)>>> {
+    let p = resolve_project(w.t, project_key)?;
+    if p.status == ProjectStatus::Closed {
+        return Err(Error::Conflict(format!(
+            "project {} is closed and accepts no new tasks",
+            p.name
+        )));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    let mut type_cache: Option<TaskType> = None;
+    for n in tasks {
+        let r = create_one(w, &p, n, &mut type_cache);
+        if let Err(Error::Storage(e)) = r {
+            return Err(Error::Storage(e));
+        }
+        out.push(r);
+    }
+    Ok(out)
+}
+
+fn create_one(
+    w: &mut W,
+    p: &Project,
+    n: NewTask,
+    type_cache: &mut Option<TaskType>,
+) -> Result<(Task, bool)> {
+    let ty = match n.type_id {
+        None => None,
+        Some(id) => {
+            if type_cache.as_ref().map(|t| t.id) != Some(id) {
+                *type_cache = w.t.task_type(id)?;
+            }
+            match type_cache {
+                Some(t) if t.project_id == p.id => Some(t.clone()),
+                _ => {
+                    return Err(Error::NotFound(format!(
+                        "task type {} not found in project {}",
+                        Uuid::from_u128(id),
+                        p.name
+                    )))
+                }
+            }
+        }
+    };
+    if let Some(ty) = &ty {
+        let missing: Vec<FieldError> = ty
+            .variables
+            .iter()
+            .filter(|v| !n.variables.contains_key(*v))
+            .map(|v| FieldError::new(format!("variables.{v}"), "required by the task type"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Unprocessable(missing));
+        }
+    }
+    let instructions = match (ty.as_ref().and_then(|t| t.template.as_ref()), n.instructions) {
+        (Some(tpl), _) => render_template(tpl, &n.variables),
+        (None, Some(i)) => i,
+        (None, None) => {
+            return Err(Error::validation(
+                "instructions",
+                "required when the task has no type with a template",
+            ))
+        }
+    };
+    if let Some(id) = &n.id {
+        if w.t.task_ids.get(id.as_str())?.is_some() {
+            return Err(Error::Conflict(format!("a task with id {id} already exists")));
+        }
+    }
+    if let Some(ty) = &ty {
+        if ty.duplicate_handling != DuplicateHandling::Allow {
+            if let Some(existing) = find_duplicate(w.t, ty.id, &n.variables)? {
+                return match ty.duplicate_handling {
+                    DuplicateHandling::Ignore => Ok((existing, false)),
+                    _ => Err(Error::Conflict(format!(
+                        "a task of type {} with the same variables already exists ({})",
+                        ty.name, existing.id
+                    ))),
+                };
+            }
+        }
+    }
+    let seq = w.alloc_seq();
+    let delayed = n.not_before.is_some_and(|t| t > w.now);
+    let task = Task {
+        seq,
+        id: n
+            .id
+            .unwrap_or_else(|| Uuid::now_v7().hyphenated().to_string()),
+        project_id: p.id,
+        type_id: ty.as_ref().map(|t| t.id),
+        instructions,
+        variables: n.variables,
+        batch_id: n.batch_id,
+        priority: n.priority.unwrap_or(5),
+        not_before: n.not_before,
+        delayed,
+        status: TaskStatus::Queued,
+        lease: None,
+        retry_count: 0,
+        max_retries: ty
+            .as_ref()
+            .and_then(|t| t.max_retries)
+            .unwrap_or(p.config.default_max_retries),
+        result: None,
+        outputs: None,
+        error: None,
+        progress: None,
+        started_at: None,
+        completed_at: None,
+        cancelled_at: None,
+        cancel_reason: None,
+        created_at: w.now,
+        updated_at: w.now,
+        attempts: Vec::new(),
+    };
+    w.put_task(None, Some(&task))?;
+    Ok((task, true))
+}
+
+fn find_duplicate(
+    t: &Tables,
+    type_id: u128,
+    vars: &BTreeMap<String, String>,
+) -> Result<Option<Task>> {
+    let seqs: Vec<u64> = t
+        .dupes
+        .get((type_id, variables_hash(vars)))?
+        .map(|r| r.map(|v| v.value()))
+        .collect::<Result<_, _>>()?;
+    for seq in seqs {
+        if let Some(task) = t.task(seq)? {
+            if task.variables == *vars {
+                return Ok(Some(task));
+            }
+        }
+    }
+    Ok(None)
+}
+
+#[derive(Default)]
+pub struct TaskPatch {
+    pub instructions: Option<String>,
+    pub variables: Option<BTreeMap<String, String>>,
+    pub priority: Option<u8>,
+    pub not_before: Option<Option<i64>>,
+    pub batch_id: Option<Option<String>>,
+}
+
+/// Updates a queued task. New variables re-render the instructions from the type's template.
+pub fn update_task(w: &mut W, id: &str, patch: TaskPatch) -> Result<Task> {
+    let old = task_by_id(w.t, id)?;
+    if old.status != TaskStatus::Queued {
+        return Err(Error::Conflict(format!(
+            "only queued tasks can be updated; task {id} is {}",
+            old.status.as_str()
+        )));
+    }
+    let mut t = old.clone();
+    let ty = match t.type_id {
+        Some(id) => w.t.task_type(id)?,
+        None => None,
+    };
+    if let Some(vars) = patch.variables {
+        if let Some(ty) = &ty {
+            let missing: Vec<FieldError> = ty
+                .variables
+                .iter()
+                .filter(|v| !vars.contains_key(*v))
+                .map(|v| FieldError::new(format!("variables.{v}"), "required by the task type"))
+                .collect();
+            if !missing.is_empty() {
+                return Err(Error::Unprocessable(missing));
+            }
+        }
+        t.variables = vars;
+        if let Some(tpl) = ty.as_ref().and_then(|t| t.template.as_ref()) {
+            t.instructions = render_template(tpl, &t.variables);
+        }
+    }
+    if let Some(i) = patch.instructions {
+        t.instructions = i;
+    }
+    if let Some(p) = patch.priority {
+        t.priority = p;
+    }
+    if let Some(nb) = patch.not_before {
+        t.not_before = nb;
+        t.delayed = nb.is_some_and(|x| x > w.now);
+    }
+    if let Some(b) = patch.batch_id {
+        t.batch_id = b;
+    }
+    t.updated_at = w.now;
+    w.put_task(Some(&old), Some(&t))?;
+    Ok(t)
+}
+
+pub fn delete_task(w: &mut W, id: &str) -> Result<()> {
+    let old = task_by_id(w.t, id)?;
+    w.put_task(Some(&old), None)
+}
+
+// ---------------------------------------------------------------- the lease protocol
+
+/// The answer of next-task.
+pub enum Claim {
+    /// A task newly leased (true) or the agent's current one resumed (false).
+    Task(Box<Task>, bool),
+    None,
+}
+
+/// Resume or lease the best available task: queued, `notBefore` passed, among `type_ids` if
+/// given; highest priority first, then oldest.
+pub fn next_task(
+    w: &mut W,
+    project_key: &str,
+    agent: &str,
+    type_ids: Option<&[u128]>,
+) -> Result<Claim> {
+    let p = resolve_project(w.t, project_key)?;
+    if let Some(seq) = w.t.agent_leases.get((p.id, agent))?.map(|v| v.value()) {
+        if let Some(task) = w.t.task(seq)? {
+            return Ok(Claim::Task(Box::new(task), false));
+        }
+    }
+    if p.status == ProjectStatus::Closed {
+        return Ok(Claim::None);
+    }
+    promote_due(w, TIMER_BATCH)?;
+    let best: Option<u64> = match type_ids {
+        None => match w
+            .t
+            .ready
+            .range((p.id, 0u8, 0u64)..=(p.id, u8::MAX, u64::MAX))?
+            .next()
+        {
+            Some(r) => Some(r?.0.value().2),
+            None => None,
+        },
+        Some(ids) => {
+            let mut best: Option<(u8, u64)> = None;
+            for &ty in ids {
+                let first = w
+                    .t
+                    .ready_type
+                    .range((p.id, ty, 0u8, 0u64)..=(p.id, ty, u8::MAX, u64::MAX))?
+                    .next();
+                if let Some(r) = first {
+                    let k = r?.0.value();
+                    let cand = (k.2, k.3);
+                    if best.is_none_or(|b| cand < b) {
+                        best = Some(cand);
+                    }
+                }
+            }
+            best.map(|b| b.1)
+        }
+    };
+    let Some(seq) = best else {
+        return Ok(Claim::None);
+    };
+    let old = w
+        .t
+        .task(seq)?
+        .ok_or_else(|| Error::Storage(format!("ready index names missing task seq {seq}")))?;
+    let ty = match old.type_id {
+        Some(id) => w.t.task_type(id)?,
+        None => None,
+    };
+    let rules = Rules::resolve(&p, ty.as_ref());
+    let mut task = old.clone();
+    lease::claim(&mut task, agent, Uuid::new_v4().as_u128(), &rules, w.now);
+    w.put_task(Some(&old), Some(&task))?;
+    Ok(Claim::Task(Box::new(task), true))
+}
+
+/// Loads a task for a holder operation, applies `f`, writes it back.
+fn holder_op<T>(
+    w: &mut W,
+    id: &str,
+    f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
+) -> Result<(Task, T)> {
+    let old = task_by_id(w.t, id)?;
+    let rules = rules_for(w.t, &old)?;
+    let mut task = old.clone();
+    let out = f(&mut task, &rules, w.now)?;
+    if task != old {
+        w.put_task(Some(&old), Some(&task))?;
+    }
+    Ok((task, out))
+}
+
+pub fn complete(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    result: Option<String>,
+    outputs: Option<String>,
+) -> Result<(Task, Completion)> {
+    holder_op(w, id, |t, _, now| {
+        Ok(lease::complete(t, agent, token, result, outputs, now)?)
+    })
+}
+
+pub fn fail(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    error: String,
+    can_retry: bool,
+) -> Result<(Task, bool)> {
+    holder_op(w, id, |t, rules, now| {
+        Ok(lease::fail(t, agent, token, error, can_retry, rules, now)?)
+    })
+}
+
+pub fn extend(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    ms: i64,
+) -> Result<Task> {
+    holder_op(w, id, |t, _, now| Ok(lease::extend(t, agent, token, ms, now)?)).map(|r| r.0)
+}
+
+pub fn progress(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    p: Progress,
+) -> Result<Task> {
+    holder_op(w, id, |t, _, now| Ok(lease::progress(t, agent, token, p, now)?)).map(|r| r.0)
+}
+
+pub fn cancel(w: &mut W, id: &str, reason: Option<String>) -> Result<Task> {
+    holder_op(w, id, |t, _, now| Ok(lease::cancel(t, reason, now)?)).map(|r| r.0)
+}
+
+pub fn retry(w: &mut W, id: &str) -> Result<Task> {
+    let old = task_by_id(w.t, id)?;
+    if let Some(p) = w.t.project(old.project_id)? {
+        if p.status == ProjectStatus::Closed {
+            return Err(Error::Conflict(format!(
+                "project {} is closed; its tasks cannot be retried",
+                p.name
+            )));
+        }
+    }
+    holder_op(w, id, |t, _, now| Ok(lease::retry(t, now)?)).map(|r| r.0)
+}
+
+/// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
+pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
+    let due: Vec<u64> = w
+        .t
+        .delayed
+        .range((i64::MIN, 0u64)..=(w.now, u64::MAX))?
+        .take(limit)
+        .map(|r| r.map(|(k, _)| k.value().1))
+        .collect::<Result<_, _>>()?;
+    let n = due.len();
+    for seq in due {
+        if let Some(old) = w.t.task(seq)? {
+            let mut t = old.clone();
+            if lease::promote(&mut t, w.now) {
+                w.put_task(Some(&old), Some(&t))?;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// A reclaimed lease, for the reaper's log.
+pub struct Reclaimed {
+    pub task_id: String,
+    pub project_id: u128,
+    pub agent: String,
+    pub will_retry: bool,
+}
+
+/// Reclaims up to `limit` expired leases, optionally of one project only.
+pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result<Vec<Reclaimed>> {
+    let mut expired = Vec::new();
+    for r in w.t.leases.range((i64::MIN, 0u64)..=(w.now, u64::MAX))? {
+        let seq = r?.0.value().1;
+        expired.push(seq);
+        if project.is_none() && expired.len() >= limit {
+            break;
+        }
+    }
+    let mut out = Vec::new();
+    for seq in expired {
+        let Some(old) = w.t.task(seq)? else { continue };
+        if project.is_some_and(|p| p != old.project_id) {
+            continue;
+        }
+        let rules = rules_for(w.t, &old)?;
+        let mut t = old.clone();
+        let agent = old.lease.as_ref().map(|l| l.agent.clone()).unwrap_or_default();
+        if let Some(will_retry) = lease::reclaim(&mut t, &rules, w.now) {
+            w.put_task(Some(&old), Some(&t))?;
+            out.push(Reclaimed {
+                task_id: t.id.clone(),
+                project_id: t.project_id,
+                agent,
+                will_retry,
+            });
+            if out.len() >= limit {
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `cleanup-leases`: reclaim every expired lease of one project now.
+pub fn cleanup_leases(w: &mut W, project_key: &str) -> Result<(usize, usize)> {
+    let p = resolve_project(w.t, project_key)?;
+    let done = reclaim_expired(w, Some(p.id), usize::MAX)?;
+    let mut agents: Vec<&str> = done.iter().map(|r| r.agent.as_str()).collect();
+    agents.sort_unstable();
+    agents.dedup();
+    Ok((done.len(), agents.len()))
+}

@@ -1,0 +1,86 @@
+//! Time: the injected clock and the one wire format for instants.
+//!
+//! Every instant on the wire is RFC 3339 UTC with exactly three fractional digits and a `Z`
+//! (`2026-01-01T12:00:00.123Z`). The engine never reads the system clock itself: it is handed
+//! a [`Clock`], so tests can move time without sleeping.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+
+use time::{format_description::well_known::Rfc3339, OffsetDateTime};
+
+use crate::model::Millis;
+
+/// A source of the current time in Unix milliseconds.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> Millis;
+}
+
+/// The real clock.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Millis {
+        (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as Millis
+    }
+}
+
+/// A clock that moves only when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicI64);
+
+impl ManualClock {
+    pub fn new(start: Millis) -> Self {
+        ManualClock(AtomicI64::new(start))
+    }
+
+    pub fn advance(&self, ms: i64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Millis {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Formats an instant as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn format(ms: Millis) -> String {
+    let dt = OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        dt.year(),
+        dt.month() as u8,
+        dt.day(),
+        dt.hour(),
+        dt.minute(),
+        dt.second(),
+        dt.millisecond()
+    )
+}
+
+/// Parses an RFC 3339 instant (any offset) to Unix milliseconds.
+pub fn parse(s: &str) -> Option<Millis> {
+    let dt = OffsetDateTime::parse(s, &Rfc3339).ok()?;
+    Some((dt.unix_timestamp_nanos() / 1_000_000) as Millis)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_with_three_digits_and_z() {
+        assert_eq!(format(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format(1_767_268_800_123), "2026-01-01T12:00:00.123Z");
+    }
+
+    #[test]
+    fn parses_offsets() {
+        assert_eq!(parse("2026-01-01T12:00:00.123Z"), Some(1_767_268_800_123));
+        assert_eq!(parse("2026-01-01T13:00:00.123+01:00"), Some(1_767_268_800_123));
+        assert_eq!(parse("yesterday"), None);
+    }
+}

@@ -1,1 +1,149 @@
-pub struct Config; pub struct Server; pub fn run(){}
+//! Start-up and shutdown: one validated [`Config`] in, a running server out.
+//!
+//! Shutdown order (SIGINT/SIGTERM or [`Server::stop`]): long-pollers are woken and answer
+//! "no task"; the listener stops accepting and in-flight requests finish; the writer commits
+//! and answers what is queued; the database is closed.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use poem::listener::{Acceptor, Listener, TcpListener};
+use tokio::sync::oneshot;
+
+use crate::api::{self, HttpOptions, State};
+use crate::store::{OpenError, Store};
+use crate::time::{Clock, SystemClock};
+
+/// How long shutdown waits for in-flight requests.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct Config {
+    pub db: PathBuf,
+    pub bind: String,
+    pub max_body_bytes: usize,
+    pub cors_origin: Option<String>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Config {
+    pub fn new(db: impl Into<PathBuf>, bind: impl Into<String>) -> Self {
+        Config {
+            db: db.into(),
+            bind: bind.into(),
+            max_body_bytes: 2 * 1024 * 1024,
+            cors_origin: None,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Open(#[from] OpenError),
+    #[error("cannot listen on {0}: {1}")]
+    Bind(String, std::io::Error),
+}
+
+/// A running server.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub store: Arc<Store>,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Server {
+    /// Opens the database, binds, and starts serving and the scheduler in the background.
+    pub async fn start(config: Config) -> Result<Server, StartError> {
+        let store = Store::open(&config.db, config.clock.clone())?;
+        let acceptor = TcpListener::bind(config.bind.clone())
+            .into_acceptor()
+            .await
+            .map_err(|e| StartError::Bind(config.bind.clone(), e))?;
+        let addr = acceptor
+            .local_addr()
+            .first()
+            .and_then(|a| a.as_socket_addr().copied())
+            .ok_or_else(|| {
+                StartError::Bind(config.bind.clone(), std::io::Error::other("no local address"))
+            })?;
+        let state = Arc::new(State {
+            store: store.clone(),
+            started: Instant::now(),
+        });
+        let app = api::app(
+            state,
+            &HttpOptions {
+                max_body_bytes: config.max_body_bytes,
+                cors_origin: config.cors_origin.clone(),
+            },
+        );
+        tokio::spawn(crate::scheduler::run(store.clone()));
+        let (stop_tx, stop_rx) = oneshot::channel::<()>();
+        let hub = store.hub.clone();
+        let done = tokio::spawn(async move {
+            poem::Server::new_with_acceptor(acceptor)
+                .run_with_graceful_shutdown(
+                    app,
+                    async move {
+                        let _ = stop_rx.await;
+                        hub.shutdown();
+                    },
+                    Some(SHUTDOWN_GRACE),
+                )
+                .await
+        });
+        Ok(Server {
+            addr,
+            store,
+            stop: Some(stop_tx),
+            done,
+        })
+    }
+
+    /// Graceful stop; returns once the database is closed.
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        let _ = (&mut self.done).await;
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+}
+
+/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let server = Server::start(config.clone()).await?;
+    tracing::info!(
+        version = api::VERSION,
+        db = %config.db.display(),
+        addr = %server.addr,
+        "agentq listening"
+    );
+    wait_for_signal().await;
+    tracing::info!("shutting down: finishing in-flight requests");
+    server.stop().await;
+    tracing::info!("database closed; bye");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,1 +1,205 @@
+//! The HTTP layer: the only module that knows about HTTP and JSON.
+//!
+//! Request flow: [`frame`] (correlation id, body limit, error envelope, security headers)
+//! → poem-openapi operation (parses and type-checks the body) → `validate` (field rules)
+//! → `store.write(...)` (one group-committed transaction) or `store.read()` → wire type.
+//! Authentication and authorization will slot into [`frame`], before the operation runs.
 
+pub mod error;
+pub mod leases;
+pub mod projects;
+pub mod tasks;
+pub mod types;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use poem::http::{header, HeaderValue, Method, StatusCode};
+use poem::middleware::Cors;
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
+use poem_openapi::payload::Json;
+use poem_openapi::{OpenApi, OpenApiService, Tags};
+
+use crate::store::Store;
+use types::*;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What every handler shares.
+pub struct State {
+    pub store: Arc<Store>,
+    pub started: Instant,
+}
+
+#[derive(Tags)]
+pub enum ApiTags {
+    /// Projects: scoping, configuration and counters.
+    Projects,
+    /// Task types: templates and lease and retry rules.
+    TaskTypes,
+    /// Tasks.
+    Tasks,
+    /// The lease protocol.
+    Leases,
+    /// Health.
+    Operations,
+}
+
+pub struct SystemApi(pub Arc<State>);
+
+#[OpenApi]
+impl SystemApi {
+    /// Liveness and storage health.
+    #[oai(path = "/health", method = "get", tag = "ApiTags::Operations")]
+    async fn health(&self) -> HealthReply {
+        let store = &self.0.store;
+        let healthy = store.read().and_then(|r| r.next_timer()).is_ok();
+        let out = HealthOut {
+            status: if healthy { "healthy" } else { "unhealthy" }.to_string(),
+            timestamp: crate::time::format(store.clock.now()),
+            version: VERSION.to_string(),
+            uptime: self.0.started.elapsed().as_secs(),
+            storage: StorageOut {
+                healthy,
+                provider: "redb".to_string(),
+                path: store.path().display().to_string(),
+                size_bytes: store.size_bytes(),
+            },
+        };
+        let env = Json(Envelope {
+            success: healthy,
+            data: out,
+        });
+        if healthy {
+            HealthReply::Ok(env)
+        } else {
+            HealthReply::Unhealthy(env)
+        }
+    }
+}
+
+/// HTTP options.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    pub max_body_bytes: usize,
+    pub cors_origin: Option<String>,
+}
+
+/// The whole HTTP application.
+pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Response> {
+    let service = OpenApiService::new(
+        (
+            SystemApi(state.clone()),
+            projects::ProjectsApi(state.clone()),
+            tasks::TasksApi(state.clone()),
+            leases::LeasesApi(state.clone()),
+        ),
+        "agentq",
+        VERSION,
+    )
+    .description("A durable, fast task queue for AI agents.");
+    let ui = service.swagger_ui();
+    let spec = service.spec_endpoint();
+    let max = opts.max_body_bytes;
+    let route = Route::new()
+        .nest("/api/docs", ui)
+        .at("/api/openapi.json", spec)
+        .nest("/", service)
+        .around(move |ep, req| frame(ep, req, max));
+    let cors = opts.cors_origin.as_ref().map(|o| {
+        Cors::new()
+            .allow_origin(o.as_str())
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers(["content-type", "authorization", "x-api-key", "x-correlation-id"])
+            .expose_headers(["x-correlation-id"])
+    });
+    route.with_if(cors.is_some(), cors.unwrap_or_default())
+}
+
+/// A correlation id attached to the request.
+#[derive(Clone)]
+pub struct CorrelationId(pub String);
+
+fn valid_correlation_id(v: &HeaderValue) -> Option<String> {
+    let s = v.to_str().ok()?;
+    (!s.is_empty()
+        && s.len() <= 128
+        && s
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+    .then(|| s.to_string())
+}
+
+/// Every request passes here: correlation id, body limit, the error envelope for anything
+/// that failed (ours or the framework's), and the security headers.
+async fn frame<E: Endpoint>(ep: Arc<E>, mut req: Request, max_body: usize) -> poem::Result<Response> {
+    let cid = req
+        .headers()
+        .get("x-correlation-id")
+        .and_then(valid_correlation_id)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(CorrelationId(cid.clone()));
+    let result = async {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        let writes = matches!(*req.method(), Method::POST | Method::PUT);
+        match declared {
+            Some(n) if n > max_body => return Err(error::PayloadTooLarge(max_body).into()),
+            // An empty POST/PUT body reads as `{}`: bodies whose fields are all optional
+            // (cancel) may be left out, and a missing required field is named in the 400.
+            Some(0) if writes => {
+                req.headers_mut().remove(header::CONTENT_LENGTH);
+                req.set_body("{}");
+            }
+            Some(_) => {}
+            None if !req.headers().contains_key(header::TRANSFER_ENCODING) => {
+                if writes {
+                    req.set_body("{}");
+                }
+            }
+            None => {
+                let body = req
+                    .take_body()
+                    .into_bytes_limit(max_body)
+                    .await
+                    .map_err(|_| error::PayloadTooLarge(max_body))?;
+                req.set_body(body);
+            }
+        }
+        if writes && !req.headers().contains_key(header::CONTENT_TYPE)
+        {
+            // curl and many scripts send JSON without a content type; it is the only one we take.
+            req.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        ep.call(req).await.map(IntoResponse::into_response)
+    }
+    .await;
+    let mut resp = match result {
+        Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
+            error::error_response(&poem::Error::from_status(resp.status()), &cid)
+        }
+        Ok(resp) => resp,
+        Err(e) => error::error_response(&e, &cid),
+    };
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&cid) {
+        h.insert("x-correlation-id", v);
+    }
+    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    Ok(resp)
+}
+
+fn is_json(resp: &Response) -> bool {
+    resp.content_type()
+        .is_some_and(|c| c.starts_with("application/json"))
+        || resp.status() == StatusCode::NOT_MODIFIED
+}

@@ -1,0 +1,133 @@
+//! The error envelope: every non-2xx response leaves through [`error_response`].
+//!
+//! Domain errors ([`crate::error::Error`]) and the framework's own rejections (malformed JSON,
+//! bad parameters, unknown routes, 405, oversize bodies) are both mapped here, and only here,
+//! to the contract's status, `code` and JSON body. Internal causes are logged, never returned.
+
+use poem::error::ResponseError;
+use poem::http::StatusCode;
+use poem::{Response, Result};
+use serde_json::{json, Value};
+
+use crate::error::{Error, FieldError};
+
+impl ResponseError for Error {
+    fn status(&self) -> StatusCode {
+        status_and_code(self).0
+    }
+}
+
+fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
+    match e {
+        Error::Validation(_) => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR"),
+        Error::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
+        Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        Error::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
+        Error::LeaseLost(_) => (StatusCode::CONFLICT, "LEASE_LOST"),
+        Error::ShuttingDown | Error::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+    }
+}
+
+/// The body too large (413), raised by the request frame before any handler runs.
+#[derive(Debug, thiserror::Error)]
+#[error("request body exceeds the limit of {0} bytes")]
+pub struct PayloadTooLarge(pub usize);
+
+impl ResponseError for PayloadTooLarge {
+    fn status(&self) -> StatusCode {
+        StatusCode::PAYLOAD_TOO_LARGE
+    }
+}
+
+fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "UNAUTHORIZED",
+        403 => "FORBIDDEN",
+        404 | 405 => "NOT_FOUND",
+        409 => "CONFLICT",
+        413 => "PAYLOAD_TOO_LARGE",
+        429 => "RATE_LIMITED",
+        503 => "UNAVAILABLE",
+        400..=499 => "VALIDATION_ERROR",
+        _ => "INTERNAL_ERROR",
+    }
+}
+
+fn details_json(details: &[FieldError]) -> Value {
+    Value::Array(
+        details
+            .iter()
+            .map(|d| {
+                let mut o = json!({"field": d.field, "message": d.message});
+                if let Some(v) = &d.value {
+                    o["value"] = v.clone();
+                }
+                o
+            })
+            .collect(),
+    )
+}
+
+/// Builds the envelope for any error a request produced.
+pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
+    let (status, code, message, details) = if let Some(e) = err.downcast_ref::<Error>() {
+        let (status, code) = status_and_code(e);
+        let details = match e {
+            Error::Validation(d) | Error::Unprocessable(d) => Some(details_json(d)),
+            _ => None,
+        };
+        let message = match e {
+            Error::Storage(cause) => {
+                tracing::error!(correlation_id, cause = %cause, "storage failure");
+                "storage is unavailable; the request was not applied".to_string()
+            }
+            other => other.to_string(),
+        };
+        (status, code, message, details)
+    } else {
+        let status = err.status();
+        let message = if status.is_server_error() {
+            tracing::error!(correlation_id, error = %err, "internal error");
+            "internal server error".to_string()
+        } else if status == StatusCode::NOT_FOUND {
+            "no such route".to_string()
+        } else if status == StatusCode::METHOD_NOT_ALLOWED {
+            "method not allowed on this route".to_string()
+        } else {
+            err.to_string()
+        };
+        let code = code_for_status(status);
+        (status, code, message, None)
+    };
+    envelope(status, code, &message, details, correlation_id)
+}
+
+pub fn envelope(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    details: Option<Value>,
+    correlation_id: &str,
+) -> Response {
+    let mut body = json!({
+        "success": false,
+        "error": message,
+        "code": code,
+        "timestamp": crate::time::format(crate::time::Clock::now(&crate::time::SystemClock)),
+        "correlationId": correlation_id,
+    });
+    if let Some(d) = details {
+        body["validationDetails"] = d;
+    }
+    Response::builder()
+        .status(status)
+        .content_type("application/json; charset=utf-8")
+        .body(body.to_string())
+}
+
+/// Shorthand for handlers.
+pub type ApiResult<T> = Result<T>;
+
+pub fn validation(details: Vec<FieldError>) -> poem::Error {
+    Error::Validation(details).into()
+}

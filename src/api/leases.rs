@@ -1,0 +1,319 @@
+//! The lease protocol over HTTP: next-task (with long-poll), complete, fail, extend-lease,
+//! progress, cancel, retry, attempts, agents, peek and cleanup-leases.
+//!
+//! The rules themselves live in `crate::lease`; this module parses, calls the store, answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use poem::Result;
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::OpenApi;
+
+use super::types::*;
+use super::validate::{self, Check};
+use super::{ApiTags, State};
+use crate::error::Error;
+use crate::lease::Completion;
+use crate::model::Progress;
+use crate::store::write::{self, Claim};
+
+pub struct LeasesApi(pub Arc<State>);
+
+const NO_TASK: &str = "No tasks available for assignment";
+
+#[OpenApi]
+impl LeasesApi {
+    /// Resume the agent's current task in the project, or lease the best available one.
+    /// With `waitSeconds`, waits (long-poll) until a task appears or the time is up.
+    #[oai(path = "/api/agents/:agentName/next-task", method = "post", tag = "ApiTags::Leases")]
+    async fn next_task(
+        &self,
+        #[oai(name = "agentName")] agent: Path<String>,
+        body: Json<NextTaskIn>,
+    ) -> Result<Json<NextTaskOut>> {
+        let agent = agent.0;
+        let mut c = Check::default();
+        c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
+        let wait = body.0.wait_seconds.unwrap_or(0.0);
+        c.float_range("waitSeconds", wait, 0.0, validate::MAX_WAIT_SECONDS);
+        let type_ids: Option<Vec<u128>> = body.0.type_ids.as_ref().map(|ids| {
+            ids.iter()
+                .enumerate()
+                .map(|(i, t)| c.uuid(&format!("typeIds[{i}]"), t))
+                .collect()
+        });
+        c.finish(())?;
+        let store = &self.0.store;
+        let project = store.read()?.project(&body.0.project_id)?;
+        let hub = store.hub.clone();
+        let notify = hub.project(project.id);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+        let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
+        loop {
+            // Register interest before looking, so a task created between the look and the
+            // wait still wakes us.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
+            let claim = store
+                .write(move |w| {
+                    write::next_task(w, &crate::api::types::uuid_str(pid), &name, ids.as_deref())
+                })
+                .await?;
+            if let Claim::Task(t, _) = claim {
+                return Ok(Json(NextTaskOut {
+                    success: true,
+                    error: None,
+                    data: NextTaskData {
+                        task: Some(TaskOut::new(*t, View::Leased)),
+                        agent_name: agent,
+                    },
+                }));
+            }
+            if wait <= 0.0 || tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
+                break;
+            }
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep_until(deadline) => break,
+                _ = hub.shutting_down() => break,
+            }
+        }
+        Ok(Json(NextTaskOut {
+            success: false,
+            error: Some(NO_TASK.to_string()),
+            data: NextTaskData {
+                task: None,
+                agent_name: agent,
+            },
+        }))
+    }
+
+    /// Complete a task (holder only). Repeating the same complete is answered 200.
+    #[oai(path = "/api/tasks/:taskId/complete", method = "post", tag = "ApiTags::Leases")]
+    async fn complete(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<CompleteIn>,
+    ) -> Result<Reply<TaskOut>> {
+        let b = body.0;
+        let mut c = Check::default();
+        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        if let Some(r) = &b.result {
+            c.max_len("result", r, validate::MAX_RESULT);
+        }
+        let outputs = match &b.outputs {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v @ serde_json::Value::Object(_)) => {
+                let s = v.to_string();
+                if s.len() > validate::MAX_OUTPUTS_BYTES {
+                    c.fail("outputs", "must be at most 1 MiB serialized", s.len());
+                }
+                Some(s)
+            }
+            Some(_) => {
+                c.fail("outputs", "must be a JSON object", "");
+                None
+            }
+        };
+        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        c.finish(())?;
+        let (t, _done): (_, Completion) = self
+            .0
+            .store
+            .write(move |w| write::complete(w, &id.0, &b.agent_name, token, b.result.map(String::from), outputs))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Fail a task (holder only): requeued with back-off while retries remain.
+    #[oai(path = "/api/tasks/:taskId/fail", method = "post", tag = "ApiTags::Leases")]
+    async fn fail(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<FailIn>,
+    ) -> Result<Reply<FailOut>> {
+        let b = body.0;
+        let mut c = Check::default();
+        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        let error = b.error.map_or_else(|| "failed".to_string(), String::from);
+        c.max_len("error", &error, validate::MAX_ERROR);
+        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        c.finish(())?;
+        let can_retry = b.can_retry.unwrap_or(true);
+        let (t, will_retry) = self
+            .0
+            .store
+            .write(move |w| write::fail(w, &id.0, &b.agent_name, token, error, can_retry))
+            .await?;
+        Ok(Reply::ok(FailOut {
+            task: TaskOut::new(t, View::Full),
+            will_retry,
+        }))
+    }
+
+    /// Heartbeat: the lease ends `extensionMinutes` from now (never earlier than before).
+    #[oai(path = "/api/tasks/:taskId/extend-lease", method = "post", tag = "ApiTags::Leases")]
+    async fn extend(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<ExtendIn>,
+    ) -> Result<Reply<TaskOut>> {
+        let b = body.0;
+        let mut c = Check::default();
+        let Some(agent) = b.agent_name else {
+            return Err(Error::validation("agentName", "required").into());
+        };
+        c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
+        let minutes = c.float_range("extensionMinutes", b.extension_minutes, 0.1, 1440.0);
+        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        c.finish(())?;
+        let ms = (minutes * 60_000.0).round() as i64;
+        let t = self
+            .0
+            .store
+            .write(move |w| write::extend(w, &id.0, &agent, token, ms))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Report progress (holder only).
+    #[oai(path = "/api/tasks/:taskId/progress", method = "post", tag = "ApiTags::Leases")]
+    async fn progress(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<ProgressIn>,
+    ) -> Result<Reply<TaskOut>> {
+        let b = body.0;
+        let mut c = Check::default();
+        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        if b.current < 0 {
+            c.fail("current", "must be 0 or more", b.current);
+        }
+        if b.total < 0 {
+            c.fail("total", "must be 0 or more", b.total);
+        }
+        if let Some(m) = &b.message {
+            c.max_len("message", m, validate::MAX_PROGRESS_MESSAGE);
+        }
+        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        c.finish(())?;
+        let p = Progress {
+            current: b.current,
+            total: b.total,
+            message: b.message.map(String::from),
+        };
+        let t = self
+            .0
+            .store
+            .write(move |w| write::progress(w, &id.0, &b.agent_name, token, p))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Cancel a queued or running task.
+    #[oai(path = "/api/tasks/:taskId/cancel", method = "post", tag = "ApiTags::Leases")]
+    async fn cancel(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<CancelIn>,
+    ) -> Result<Reply<TaskOut>> {
+        let reason = body.0.reason.map(String::from);
+        if let Some(r) = &reason {
+            let mut c = Check::default();
+            c.max_len("reason", r, validate::MAX_REASON);
+            c.finish(())?;
+        }
+        let t = self
+            .0
+            .store
+            .write(move |w| write::cancel(w, &id.0, reason))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Put a failed or cancelled task back in the queue.
+    #[oai(path = "/api/tasks/:taskId/retry", method = "post", tag = "ApiTags::Leases")]
+    async fn retry(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<TaskOut>> {
+        let t = self
+            .0
+            .store
+            .write(move |w| write::retry(w, &id.0))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// A task's attempt history.
+    #[oai(path = "/api/tasks/:taskId/attempts", method = "get", tag = "ApiTags::Leases")]
+    async fn attempts(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+    ) -> Result<ListReply<AttemptOut>> {
+        let t = self.0.store.read()?.task(&id.0)?;
+        let n = t.attempts.len();
+        let data = t.attempts.into_iter().map(Into::into).collect();
+        Ok(ListReply::new(data, n as u64, n, 0, None))
+    }
+
+    /// Agents currently holding a lease in the project.
+    #[oai(path = "/api/projects/:projectId/agents", method = "get", tag = "ApiTags::Leases")]
+    async fn agents(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<ListReply<AgentOut>> {
+        let r = self.0.store.read()?;
+        let p = r.project(&id.0)?;
+        let data: Vec<AgentOut> = r
+            .leases(p.id)?
+            .into_iter()
+            .filter_map(|t| {
+                let l = t.lease?;
+                Some(AgentOut {
+                    agent_name: l.agent,
+                    task_id: t.id,
+                    assigned_at: crate::time::format(l.assigned_at),
+                    lease_expires_at: crate::time::format(l.expires_at),
+                    status: t.status.as_str().to_string(),
+                })
+            })
+            .collect();
+        let n = data.len();
+        Ok(ListReply::new(data, n as u64, n, 0, None))
+    }
+
+    /// How many tasks next-task could hand out now.
+    #[oai(path = "/api/projects/:projectId/peek-next-task", method = "get", tag = "ApiTags::Leases")]
+    async fn peek(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<PeekOut>> {
+        let r = self.0.store.read()?;
+        let p = r.project(&id.0)?;
+        let n = if p.status == crate::model::ProjectStatus::Closed {
+            0
+        } else {
+            r.available(p.id, self.0.store.clock.now())?
+        };
+        Ok(Reply::ok(PeekOut {
+            project_id: uuid_str(p.id),
+            tasks_available: n,
+        }))
+    }
+
+    /// Reclaim the project's expired leases now.
+    #[oai(path = "/api/projects/:projectId/cleanup-leases", method = "post", tag = "ApiTags::Leases")]
+    async fn cleanup(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<Reply<CleanupOut>> {
+        let (tasks, agents) = self
+            .0
+            .store
+            .write(move |w| write::cleanup_leases(w, &id.0))
+            .await?;
+        Ok(Reply::ok(CleanupOut {
+            reclaimed_tasks: tasks as u64,
+            cleaned_agents: agents as u64,
+        }))
+    }
+}

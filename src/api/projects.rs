@@ -1,0 +1,186 @@
+//! Projects and task types.
+
+use std::sync::Arc;
+
+use poem::Result;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::OpenApi;
+
+use super::types::*;
+use super::validate::{self, Check};
+use super::{ApiTags, State};
+use crate::model::ProjectStatus;
+use crate::store::write;
+
+pub struct ProjectsApi(pub Arc<State>);
+
+#[OpenApi]
+impl ProjectsApi {
+    /// List projects.
+    #[oai(path = "/api/projects", method = "get", tag = "ApiTags::Projects")]
+    async fn list(
+        &self,
+        /// `active` (default), `closed` or `all`.
+        status: Query<Option<String>>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
+    ) -> Result<ListReply<ProjectOut>> {
+        let mut c = Check::default();
+        let status = match status.0.as_deref() {
+            None | Some("active") => Some(ProjectStatus::Active),
+            Some("closed") => Some(ProjectStatus::Closed),
+            Some("all") => None,
+            Some(other) => {
+                c.fail("status", "must be active, closed or all", other);
+                None
+            }
+        };
+        let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
+        c.finish(())?;
+        let (rows, total) = self.0.store.read()?.projects(status, limit, offset)?;
+        let data = rows
+            .into_iter()
+            .map(|(p, s)| ProjectOut::new(p, s))
+            .collect();
+        Ok(ListReply::new(data, total, limit, offset, None))
+    }
+
+    /// Create a project.
+    #[oai(path = "/api/projects", method = "post", tag = "ApiTags::Projects")]
+    async fn create(&self, body: Json<CreateProject>) -> Result<Reply<ProjectOut>> {
+        let input = validate::create_project(body.0)?;
+        let (p, s) = self
+            .0
+            .store
+            .write(move |w| write::create_project(w, input))
+            .await?;
+        Ok(Reply::created(ProjectOut::new(p, s)))
+    }
+
+    /// Get a project by id or name.
+    #[oai(path = "/api/projects/:projectId", method = "get", tag = "ApiTags::Projects")]
+    async fn get(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<ProjectOut>> {
+        let r = self.0.store.read()?;
+        let p = r.project(&id.0)?;
+        let s = r.stats(p.id)?;
+        Ok(Reply::ok(ProjectOut::new(p, s)))
+    }
+
+    /// Update a project (closing it stops new tasks and hand-outs).
+    #[oai(path = "/api/projects/:projectId", method = "put", tag = "ApiTags::Projects")]
+    async fn update(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: Json<UpdateProject>,
+    ) -> Result<Reply<ProjectOut>> {
+        let patch = validate::update_project(body.0)?;
+        let (p, s) = self
+            .0
+            .store
+            .write(move |w| write::update_project(w, &id.0, patch))
+            .await?;
+        Ok(Reply::ok(ProjectOut::new(p, s)))
+    }
+
+    /// Delete a project with its task types, tasks and leases.
+    #[oai(path = "/api/projects/:projectId", method = "delete", tag = "ApiTags::Projects")]
+    async fn delete(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<Deleted>> {
+        let pid = self
+            .0
+            .store
+            .write(move |w| write::delete_project(w, &id.0))
+            .await?;
+        self.0.store.hub.forget_project(pid);
+        Ok(Reply::ok(Deleted {
+            deleted: true,
+            id: uuid_str(pid),
+        }))
+    }
+
+    /// Exact counters, queue depth and active agents.
+    #[oai(path = "/api/projects/:projectId/stats", method = "get", tag = "ApiTags::Projects")]
+    async fn stats(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<Reply<ProjectStatsOut>> {
+        let r = self.0.store.read()?;
+        let p = r.project(&id.0)?;
+        let s = r.stats(p.id)?;
+        let active = r.leases(p.id)?.len() as u64;
+        Ok(Reply::ok(ProjectStatsOut {
+            project: ProjectRef {
+                id: uuid_str(p.id),
+                name: p.name,
+                stats: s.into(),
+            },
+            queue_depth: s.queued,
+            active_agents: active,
+        }))
+    }
+
+    /// List a project's task types.
+    #[oai(path = "/api/projects/:projectId/task-types", method = "get", tag = "ApiTags::TaskTypes")]
+    async fn list_types(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<ListReply<TaskTypeOut>> {
+        let r = self.0.store.read()?;
+        let p = r.project(&id.0)?;
+        let types: Vec<TaskTypeOut> = r.task_types(p.id)?.into_iter().map(Into::into).collect();
+        let n = types.len();
+        Ok(ListReply::new(types, n as u64, n, 0, None))
+    }
+
+    /// Create a task type.
+    #[oai(path = "/api/projects/:projectId/task-types", method = "post", tag = "ApiTags::TaskTypes")]
+    async fn create_type(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: Json<CreateTaskType>,
+    ) -> Result<Reply<TaskTypeOut>> {
+        let input = validate::create_type(body.0)?;
+        let t = self
+            .0
+            .store
+            .write(move |w| write::create_type(w, &id.0, input))
+            .await?;
+        Ok(Reply::created(t.into()))
+    }
+
+    /// Get a task type.
+    #[oai(path = "/api/task-types/:typeId", method = "get", tag = "ApiTags::TaskTypes")]
+    async fn get_type(&self, #[oai(name = "typeId")] id: Path<String>) -> Result<Reply<TaskTypeOut>> {
+        Ok(Reply::ok(self.0.store.read()?.task_type(&id.0)?.into()))
+    }
+
+    /// Update a task type. Existing tasks keep their rendered instructions.
+    #[oai(path = "/api/task-types/:typeId", method = "put", tag = "ApiTags::TaskTypes")]
+    async fn update_type(
+        &self,
+        #[oai(name = "typeId")] id: Path<String>,
+        body: Json<UpdateTaskType>,
+    ) -> Result<Reply<TaskTypeOut>> {
+        let patch = validate::update_type(body.0)?;
+        let t = self
+            .0
+            .store
+            .write(move |w| write::update_type(w, &id.0, patch))
+            .await?;
+        Ok(Reply::ok(t.into()))
+    }
+
+    /// Delete a task type. Its tasks stay and fall back to the project's defaults.
+    #[oai(path = "/api/task-types/:typeId", method = "delete", tag = "ApiTags::TaskTypes")]
+    async fn delete_type(&self, #[oai(name = "typeId")] id: Path<String>) -> Result<Reply<Deleted>> {
+        let key = id.0.clone();
+        self.0
+            .store
+            .write(move |w| write::delete_type(w, &key))
+            .await?;
+        Ok(Reply::ok(Deleted {
+            deleted: true,
+            id: id.0,
+        }))
+    }
+}

@@ -1,0 +1,251 @@
+//! Tasks: create, bulk, list, read, update, delete.
+
+use std::sync::Arc;
+
+use poem::Result;
+use poem_openapi::param::{Path, Query};
+use poem_openapi::payload::Json;
+use poem_openapi::OpenApi;
+
+use super::types::*;
+use super::validate::{self, Check};
+use super::{ApiTags, State};
+use crate::error::Error;
+use crate::model::TaskStatus;
+use crate::store::read::{Cursor, Sort, TaskQuery};
+use crate::store::write;
+
+pub struct TasksApi(pub Arc<State>);
+
+#[OpenApi]
+impl TasksApi {
+    /// List a project's tasks with filters, sorting and cursor paging.
+    #[oai(path = "/api/projects/:projectId/tasks", method = "get", tag = "ApiTags::Tasks")]
+    #[allow(clippy::too_many_arguments)]
+    async fn list(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+        /// One status or a comma-separated list.
+        status: Query<Option<String>>,
+        #[oai(name = "typeId")] type_id: Query<Option<String>>,
+        #[oai(name = "assignedTo")] assigned_to: Query<Option<String>>,
+        #[oai(name = "batchId")] batch_id: Query<Option<String>>,
+        /// Tasks created strictly after this instant.
+        #[oai(name = "createdAfter")]
+        created_after: Query<Option<String>>,
+        /// Tasks created strictly before this instant.
+        #[oai(name = "createdBefore")]
+        created_before: Query<Option<String>>,
+        /// `createdAt` (default), `updatedAt` or `priority`.
+        sort: Query<Option<String>>,
+        /// `desc` (default) or `asc`.
+        order: Query<Option<String>>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
+        /// `pagination.nextCursor` of the previous page.
+        cursor: Query<Option<String>>,
+    ) -> Result<ListReply<TaskOut>> {
+        let mut c = Check::default();
+        let mut statuses = Vec::new();
+        if let Some(s) = status.0.as_deref() {
+            for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+                match TaskStatus::parse(part) {
+                    Some(st) if !statuses.contains(&st) => statuses.push(st),
+                    Some(_) => {}
+                    None => c.fail(
+                        "status",
+                        "must be queued, running, completed, failed or cancelled",
+                        part,
+                    ),
+                }
+            }
+        }
+        let type_id = type_id.0.as_deref().map(|t| c.uuid("typeId", t));
+        let created_after = created_after.0.as_deref().and_then(|t| c.time("createdAfter", t));
+        let created_before = created_before
+            .0
+            .as_deref()
+            .and_then(|t| c.time("createdBefore", t));
+        let sort = match sort.0.as_deref() {
+            None | Some("createdAt") => Sort::CreatedAt,
+            Some("updatedAt") => Sort::UpdatedAt,
+            Some("priority") => Sort::Priority,
+            Some(other) => {
+                c.fail("sort", "must be createdAt, updatedAt or priority", other);
+                Sort::CreatedAt
+            }
+        };
+        let desc = match order.0.as_deref() {
+            None | Some("desc") => true,
+            Some("asc") => false,
+            Some(other) => {
+                c.fail("order", "must be asc or desc", other);
+                true
+            }
+        };
+        let cursor = cursor.0.as_deref().and_then(|s| {
+            let cur = Cursor::decode(s);
+            if cur.is_none() {
+                c.fail("cursor", "not a cursor from pagination.nextCursor", s);
+            }
+            cur
+        });
+        let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
+        c.finish(())?;
+        let q = TaskQuery {
+            statuses,
+            type_id,
+            assigned_to: assigned_to.0,
+            batch_id: batch_id.0,
+            created_after,
+            created_before,
+            sort,
+            desc,
+            limit,
+            offset,
+            cursor,
+        };
+        let store = self.0.store.clone();
+        let page = tokio::task::spawn_blocking(move || {
+            let r = store.read()?;
+            let p = r.project(&id.0)?;
+            r.list_tasks(p.id, &q)
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
+        let data = page
+            .tasks
+            .into_iter()
+            .map(|t| TaskOut::new(t, View::Brief))
+            .collect();
+        Ok(ListReply::new(
+            data,
+            page.total,
+            limit,
+            offset,
+            page.next.map(Cursor::encode),
+        ))
+    }
+
+    /// Create a task. With `duplicateHandling: ignore`, an existing duplicate is returned (200).
+    #[oai(path = "/api/projects/:projectId/tasks", method = "post", tag = "ApiTags::Tasks")]
+    async fn create(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: Json<CreateTask>,
+    ) -> Result<Reply<TaskOut>> {
+        let input = validate::create_task(body.0, None, "")?;
+        let mut out = self
+            .0
+            .store
+            .write(move |w| write::create_tasks(w, &id.0, vec![input]))
+            .await?;
+        let (task, created) = out.pop().expect("one result per task")?;
+        let view = TaskOut::new(task, View::Full);
+        Ok(if created {
+            Reply::created(view)
+        } else {
+            Reply::ok(view)
+        })
+    }
+
+    /// Create up to 1000 tasks in one transaction; per-task problems are reported by index.
+    #[oai(path = "/api/projects/:projectId/tasks/bulk", method = "post", tag = "ApiTags::Tasks")]
+    async fn bulk(
+        &self,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: Json<BulkCreate>,
+    ) -> Result<Reply<BulkOut>> {
+        let BulkCreate { tasks, batch_id } = body.0;
+        let batch_id = batch_id.map(String::from);
+        if tasks.len() > validate::MAX_BULK {
+            return Err(Error::validation(
+                "tasks",
+                format!("at most {} tasks per request", validate::MAX_BULK),
+            )
+            .into());
+        }
+        if let Some(b) = &batch_id {
+            let mut c = Check::default();
+            c.max_len("batchId", b, validate::MAX_BATCH_ID);
+            c.finish(())?;
+        }
+        let mut errors = Vec::new();
+        let mut valid = Vec::with_capacity(tasks.len());
+        let mut index = Vec::with_capacity(tasks.len());
+        for (i, t) in tasks.into_iter().enumerate() {
+            match validate::create_task(t, batch_id.as_ref(), &format!("tasks[{i}].")) {
+                Ok(n) => {
+                    valid.push(n);
+                    index.push(i);
+                }
+                Err(e) => errors.push(BulkError {
+                    index: i as u64,
+                    error: e.to_string(),
+                }),
+            }
+        }
+        let results = self
+            .0
+            .store
+            .write(move |w| write::create_tasks(w, &id.0, valid))
+            .await?;
+        let mut created = Vec::new();
+        for (i, r) in index.into_iter().zip(results) {
+            match r {
+                Ok((t, true)) => created.push(TaskOut::new(t, View::Brief)),
+                Ok((t, false)) => errors.push(BulkError {
+                    index: i as u64,
+                    error: format!("duplicate of existing task {} (ignored)", t.id),
+                }),
+                Err(e) => errors.push(BulkError {
+                    index: i as u64,
+                    error: e.to_string(),
+                }),
+            }
+        }
+        errors.sort_by_key(|e| e.index);
+        Ok(Reply::created(BulkOut {
+            tasks_created: created.len() as u64,
+            created_tasks: created,
+            errors,
+        }))
+    }
+
+    /// Get a task with its attempts and outputs.
+    #[oai(path = "/api/tasks/:taskId", method = "get", tag = "ApiTags::Tasks")]
+    async fn get(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<TaskOut>> {
+        let t = self.0.store.read()?.task(&id.0)?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Update a queued task; new variables re-render its instructions from the template.
+    #[oai(path = "/api/tasks/:taskId", method = "put", tag = "ApiTags::Tasks")]
+    async fn update(
+        &self,
+        #[oai(name = "taskId")] id: Path<String>,
+        body: Json<UpdateTask>,
+    ) -> Result<Reply<TaskOut>> {
+        let patch = validate::update_task(body.0)?;
+        let t = self
+            .0
+            .store
+            .write(move |w| write::update_task(w, &id.0, patch))
+            .await?;
+        Ok(Reply::ok(TaskOut::new(t, View::Full)))
+    }
+
+    /// Delete a task (a running task's lease goes with it).
+    #[oai(path = "/api/tasks/:taskId", method = "delete", tag = "ApiTags::Tasks")]
+    async fn delete(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<Deleted>> {
+        let key = id.0.clone();
+        self.0
+            .store
+            .write(move |w| write::delete_task(w, &key))
+            .await?;
+        Ok(Reply::ok(Deleted {
+            deleted: true,
+            id: id.0,
+        }))
+    }
+}

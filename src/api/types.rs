@@ -1,0 +1,651 @@
+//! The wire types: request and response bodies as poem-openapi objects (camelCase), and their
+//! conversions from the domain rows. The only module whose types derive `Object`.
+
+use std::collections::BTreeMap;
+
+use poem_openapi::payload::Json;
+use std::borrow::Cow;
+
+use poem_openapi::registry::MetaSchemaRef;
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::{ApiResponse, Object};
+use uuid::Uuid;
+
+use crate::model::{Attempt, Project, Stats, Task, TaskType};
+use crate::time::format;
+
+
+/// A request string that must be a JSON string: poem-openapi's `String` would also take a
+/// number or a boolean and stringify it, which the contract calls a wrong type (400).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Text(pub String);
+
+impl std::ops::Deref for Text {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<Text> for String {
+    fn from(t: Text) -> String {
+        t.0
+    }
+}
+
+impl Type for Text {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = String;
+    type RawElementValueType = String;
+
+    fn name() -> Cow<'static, str> {
+        "string".into()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&String> {
+        Some(&self.0)
+    }
+
+    fn raw_element_iter<'a>(&'a self) -> Box<dyn Iterator<Item = &'a String> + 'a> {
+        Box::new(std::iter::once(&self.0))
+    }
+}
+
+impl ParseFromJSON for Text {
+    fn parse_from_json(value: Option<serde_json::Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            serde_json::Value::String(s) => Ok(Text(s)),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for Text {
+    fn to_json(&self) -> Option<serde_json::Value> {
+        Some(serde_json::Value::String(self.0.clone()))
+    }
+}
+
+/// Strict task variables: names to string values.
+pub type Vars = BTreeMap<String, Text>;
+
+pub fn vars_plain(v: Vars) -> BTreeMap<String, String> {
+    v.into_iter().map(|(k, v)| (k, v.0)).collect()
+}
+
+// ---------------------------------------------------------------- envelopes
+
+/// `{"success": true, "data": ...}`
+#[derive(Object)]
+pub struct Envelope<T: ParseFromJSON + ToJSON> {
+    pub success: bool,
+    pub data: T,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct Pagination {
+    pub total: u64,
+    pub limit: u64,
+    pub offset: u64,
+    pub next_cursor: Option<String>,
+}
+
+/// A list: `{"success": true, "data": [...], "pagination": {...}}`
+#[derive(Object)]
+pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
+    pub success: bool,
+    pub data: Vec<T>,
+    pub pagination: Pagination,
+}
+
+#[derive(ApiResponse)]
+pub enum Reply<T: ParseFromJSON + ToJSON + Send + Sync> {
+    #[oai(status = 200)]
+    Ok(Json<Envelope<T>>),
+    #[oai(status = 201)]
+    Created(Json<Envelope<T>>),
+}
+
+impl<T: ParseFromJSON + ToJSON + Send + Sync> Reply<T> {
+    pub fn ok(data: T) -> Self {
+        Reply::Ok(Json(Envelope {
+            success: true,
+            data,
+        }))
+    }
+
+    pub fn created(data: T) -> Self {
+        Reply::Created(Json(Envelope {
+            success: true,
+            data,
+        }))
+    }
+}
+
+#[derive(ApiResponse)]
+pub enum ListReply<T: ParseFromJSON + ToJSON + Send + Sync> {
+    #[oai(status = 200)]
+    Ok(Json<ListEnvelope<T>>),
+}
+
+impl<T: ParseFromJSON + ToJSON + Send + Sync> ListReply<T> {
+    pub fn new(data: Vec<T>, total: u64, limit: usize, offset: usize, next: Option<String>) -> Self {
+        ListReply::Ok(Json(ListEnvelope {
+            success: true,
+            data,
+            pagination: Pagination {
+                total,
+                limit: limit as u64,
+                offset: offset as u64,
+                next_cursor: next,
+            },
+        }))
+    }
+}
+
+/// Data of deletions.
+#[derive(Object)]
+pub struct Deleted {
+    pub deleted: bool,
+    pub id: String,
+}
+
+pub fn uuid_str(id: u128) -> String {
+    Uuid::from_u128(id).hyphenated().to_string()
+}
+
+// ---------------------------------------------------------------- projects
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConfigIn {
+    pub default_max_retries: Option<i64>,
+    pub default_lease_duration_minutes: Option<i64>,
+    pub reaper_interval_minutes: Option<i64>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateProject {
+    pub name: Text,
+    pub description: Text,
+    pub instructions: Option<Text>,
+    pub config: Option<ConfigIn>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateProject {
+    pub name: Option<Text>,
+    pub description: Option<Text>,
+    pub instructions: Option<Text>,
+    /// `active` or `closed`.
+    pub status: Option<Text>,
+    pub config: Option<ConfigIn>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ConfigOut {
+    pub default_max_retries: u32,
+    pub default_lease_duration_minutes: u32,
+    pub reaper_interval_minutes: u32,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct StatsOut {
+    pub total_tasks: u64,
+    pub queued_tasks: u64,
+    pub running_tasks: u64,
+    pub completed_tasks: u64,
+    pub failed_tasks: u64,
+    pub cancelled_tasks: u64,
+}
+
+impl From<Stats> for StatsOut {
+    fn from(s: Stats) -> Self {
+        StatsOut {
+            total_tasks: s.total,
+            queued_tasks: s.queued,
+            running_tasks: s.running,
+            completed_tasks: s.completed,
+            failed_tasks: s.failed,
+            cancelled_tasks: s.cancelled,
+        }
+    }
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProjectOut {
+    pub id: String,
+    pub name: String,
+    pub description: String,
+    pub instructions: Option<String>,
+    pub status: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub config: ConfigOut,
+    pub stats: StatsOut,
+}
+
+impl ProjectOut {
+    pub fn new(p: Project, s: Stats) -> Self {
+        ProjectOut {
+            id: uuid_str(p.id),
+            name: p.name,
+            description: p.description,
+            instructions: p.instructions,
+            status: p.status.as_str().to_string(),
+            created_at: format(p.created_at),
+            updated_at: format(p.updated_at),
+            config: ConfigOut {
+                default_max_retries: p.config.default_max_retries,
+                default_lease_duration_minutes: p.config.default_lease_duration_minutes,
+                reaper_interval_minutes: p.config.reaper_interval_minutes,
+            },
+            stats: s.into(),
+        }
+    }
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProjectRef {
+    pub id: String,
+    pub name: String,
+    pub stats: StatsOut,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProjectStatsOut {
+    pub project: ProjectRef,
+    pub queue_depth: u64,
+    pub active_agents: u64,
+}
+
+// ---------------------------------------------------------------- task types
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateTaskType {
+    pub name: Text,
+    pub template: Option<Text>,
+    pub variables: Option<Vec<Text>>,
+    /// `ignore`, `fail` or `allow` (default).
+    pub duplicate_handling: Option<Text>,
+    pub max_retries: Option<i64>,
+    pub lease_duration_minutes: Option<f64>,
+    pub retry_delay_seconds: Option<f64>,
+    pub backoff_multiplier: Option<f64>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateTaskType {
+    pub name: Option<Text>,
+    pub template: Option<Text>,
+    pub variables: Option<Vec<Text>>,
+    pub duplicate_handling: Option<Text>,
+    pub max_retries: Option<i64>,
+    pub lease_duration_minutes: Option<f64>,
+    pub retry_delay_seconds: Option<f64>,
+    pub backoff_multiplier: Option<f64>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct TaskTypeOut {
+    pub id: String,
+    pub project_id: String,
+    pub name: String,
+    pub template: Option<String>,
+    pub variables: Vec<String>,
+    pub duplicate_handling: String,
+    pub max_retries: Option<u32>,
+    pub lease_duration_minutes: Option<f64>,
+    pub retry_delay_seconds: f64,
+    pub backoff_multiplier: f64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<TaskType> for TaskTypeOut {
+    fn from(t: TaskType) -> Self {
+        TaskTypeOut {
+            id: uuid_str(t.id),
+            project_id: uuid_str(t.project_id),
+            name: t.name,
+            template: t.template,
+            variables: t.variables,
+            duplicate_handling: t.duplicate_handling.as_str().to_string(),
+            max_retries: t.max_retries,
+            lease_duration_minutes: t.lease_duration_minutes,
+            retry_delay_seconds: t.retry_delay_seconds,
+            backoff_multiplier: t.backoff_multiplier,
+            created_at: format(t.created_at),
+            updated_at: format(t.updated_at),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- tasks
+
+#[derive(Object, Clone)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateTask {
+    /// Optional client-chosen id, unique across the server.
+    pub id: Option<Text>,
+    pub type_id: Option<Text>,
+    pub instructions: Option<Text>,
+    pub variables: Option<Vars>,
+    pub batch_id: Option<Text>,
+    /// 0-10, default 5; higher runs first.
+    pub priority: Option<i64>,
+    /// Do not hand out before this instant (RFC 3339).
+    pub not_before: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkCreate {
+    pub tasks: Vec<CreateTask>,
+    pub batch_id: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct BulkError {
+    pub index: u64,
+    pub error: String,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct BulkOut {
+    pub tasks_created: u64,
+    pub created_tasks: Vec<TaskOut>,
+    pub errors: Vec<BulkError>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UpdateTask {
+    pub instructions: Option<Text>,
+    pub variables: Option<Vars>,
+    pub priority: Option<i64>,
+    pub not_before: Option<Text>,
+    pub batch_id: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ProgressOut {
+    pub current: i64,
+    pub total: i64,
+    pub message: Option<String>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct AttemptOut {
+    pub attempt: u32,
+    pub agent_name: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+impl From<Attempt> for AttemptOut {
+    fn from(a: Attempt) -> Self {
+        AttemptOut {
+            attempt: a.attempt,
+            agent_name: a.agent_name,
+            started_at: format(a.started_at),
+            ended_at: a.ended_at.map(format),
+            outcome: a.outcome.as_str().to_string(),
+            error: a.error,
+        }
+    }
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct TaskOut {
+    pub id: String,
+    pub project_id: String,
+    pub type_id: Option<String>,
+    pub instructions: String,
+    pub variables: BTreeMap<String, String>,
+    pub batch_id: Option<String>,
+    pub priority: u8,
+    pub not_before: Option<String>,
+    pub status: String,
+    pub assigned_to: Option<String>,
+    pub assigned_at: Option<String>,
+    pub lease_expires_at: Option<String>,
+    /// Present only in next-task answers: names this one lease.
+    #[oai(skip_serializing_if_is_none)]
+    pub lease_token: Option<String>,
+    pub retry_count: u32,
+    pub max_retries: u32,
+    pub result: Option<String>,
+    /// Left out of list items.
+    #[oai(skip_serializing_if_is_none)]
+    pub outputs: Option<serde_json::Value>,
+    pub error: Option<String>,
+    pub progress: Option<ProgressOut>,
+    pub started_at: Option<String>,
+    pub completed_at: Option<String>,
+    pub cancelled_at: Option<String>,
+    pub cancel_reason: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Left out of list items; see `GET /api/tasks/{id}/attempts`.
+    #[oai(skip_serializing_if_is_none)]
+    pub attempts: Option<Vec<AttemptOut>>,
+}
+
+/// How much of a task to show.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    /// Everything but the lease token (task reads, transitions).
+    Full,
+    /// Without attempts and outputs (list items).
+    Brief,
+    /// Everything plus the lease token (next-task).
+    Leased,
+}
+
+impl TaskOut {
+    pub fn new(t: Task, view: View) -> Self {
+        let lease = t.lease.as_ref();
+        TaskOut {
+            id: t.id,
+            project_id: uuid_str(t.project_id),
+            type_id: t.type_id.map(uuid_str),
+            instructions: t.instructions,
+            variables: t.variables,
+            batch_id: t.batch_id,
+            priority: t.priority,
+            not_before: t.not_before.map(format),
+            status: t.status.as_str().to_string(),
+            assigned_to: lease.map(|l| l.agent.clone()),
+            assigned_at: lease.map(|l| format(l.assigned_at)),
+            lease_expires_at: lease.map(|l| format(l.expires_at)),
+            lease_token: if view == View::Leased {
+                lease.map(|l| format!("{:032x}", l.token))
+            } else {
+                None
+            },
+            retry_count: t.retry_count,
+            max_retries: t.max_retries,
+            result: t.result,
+            outputs: if view == View::Brief {
+                None
+            } else {
+                Some(
+                    t.outputs
+                        .as_deref()
+                        .and_then(|o| serde_json::from_str(o).ok())
+                        .unwrap_or(serde_json::Value::Null),
+                )
+            },
+            error: t.error,
+            progress: t.progress.map(|p| ProgressOut {
+                current: p.current,
+                total: p.total,
+                message: p.message,
+            }),
+            started_at: t.started_at.map(format),
+            completed_at: t.completed_at.map(format),
+            cancelled_at: t.cancelled_at.map(format),
+            cancel_reason: t.cancel_reason,
+            created_at: format(t.created_at),
+            updated_at: format(t.updated_at),
+            attempts: if view == View::Brief {
+                None
+            } else {
+                Some(t.attempts.into_iter().map(Into::into).collect())
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------- the lease protocol
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NextTaskIn {
+    pub project_id: Text,
+    pub type_ids: Option<Vec<Text>>,
+    /// Long-poll: wait up to this many seconds (0-60) for a task.
+    pub wait_seconds: Option<f64>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct NextTaskData {
+    pub task: Option<TaskOut>,
+    pub agent_name: String,
+}
+
+/// The seed's next-task body; `success: false` with `task: null` when nothing is available.
+#[derive(Object)]
+pub struct NextTaskOut {
+    pub success: bool,
+    #[oai(skip_serializing_if_is_none)]
+    pub error: Option<String>,
+    pub data: NextTaskData,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteIn {
+    pub agent_name: Text,
+    pub result: Option<Text>,
+    pub outputs: Option<serde_json::Value>,
+    pub lease_token: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FailIn {
+    pub agent_name: Text,
+    pub error: Option<Text>,
+    pub can_retry: Option<bool>,
+    pub lease_token: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct FailOut {
+    #[oai(flatten)]
+    pub task: TaskOut,
+    pub will_retry: bool,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtendIn {
+    pub agent_name: Option<Text>,
+    pub extension_minutes: f64,
+    pub lease_token: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProgressIn {
+    pub agent_name: Text,
+    pub current: i64,
+    pub total: i64,
+    pub message: Option<Text>,
+    pub lease_token: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CancelIn {
+    pub reason: Option<Text>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct AgentOut {
+    pub agent_name: String,
+    pub task_id: String,
+    pub assigned_at: String,
+    pub lease_expires_at: String,
+    pub status: String,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct PeekOut {
+    pub project_id: String,
+    pub tasks_available: u64,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct CleanupOut {
+    pub reclaimed_tasks: u64,
+    pub cleaned_agents: u64,
+}
+
+// ---------------------------------------------------------------- operations
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct StorageOut {
+    pub healthy: bool,
+    pub provider: String,
+    pub path: String,
+    pub size_bytes: u64,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct HealthOut {
+    pub status: String,
+    pub timestamp: String,
+    pub version: String,
+    pub uptime: u64,
+    pub storage: StorageOut,
+}
+
+#[derive(ApiResponse)]
+pub enum HealthReply {
+    #[oai(status = 200)]
+    Ok(Json<Envelope<HealthOut>>),
+    #[oai(status = 503)]
+    Unhealthy(Json<Envelope<HealthOut>>),
+}

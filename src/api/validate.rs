@@ -1,0 +1,438 @@
+//! Field rules of the contract, checked before anything reaches storage.
+//!
+//! Each function turns a request body into a domain input or a list of [`FieldError`]s (one
+//! per broken rule, all reported at once). Every limit is a named constant here.
+
+use std::collections::BTreeMap;
+
+use uuid::Uuid;
+
+use super::types::*;
+use crate::error::{Error, FieldError};
+use crate::model::{template_placeholders, DuplicateHandling, Millis, ProjectConfig, ProjectStatus};
+use crate::store::write::{NewProject, NewTask, NewTaskType, ProjectPatch, TaskPatch, TypePatch};
+
+pub const MAX_NAME: usize = 100;
+pub const MAX_AGENT_NAME: usize = 50;
+pub const MAX_DESCRIPTION: usize = 500;
+pub const MAX_INSTRUCTIONS: usize = 10_000;
+pub const MAX_TEMPLATE: usize = 10_000;
+pub const MAX_TYPE_VARIABLES: usize = 20;
+pub const MAX_TASK_VARIABLES: usize = 50;
+pub const MAX_VARIABLE_VALUE: usize = 1_000;
+pub const MAX_RESULT: usize = 100_000;
+pub const MAX_OUTPUTS_BYTES: usize = 1 << 20;
+pub const MAX_ERROR: usize = 10_000;
+pub const MAX_BULK: usize = 1000;
+pub const MAX_WAIT_SECONDS: f64 = 60.0;
+pub const MAX_LIMIT: usize = 1000;
+pub const DEFAULT_LIMIT: usize = 100;
+pub const MAX_PRIORITY: i64 = 10;
+pub const MAX_BATCH_ID: usize = 100;
+pub const MAX_REASON: usize = 1_000;
+pub const MAX_PROGRESS_MESSAGE: usize = 1_000;
+
+/// Collects field errors.
+#[derive(Default)]
+pub struct Check(Vec<FieldError>);
+
+impl Check {
+    pub fn fail(&mut self, field: &str, msg: impl Into<String>, value: impl Into<serde_json::Value>) {
+        self.0.push(FieldError::new(field, msg).with_value(value));
+    }
+
+    pub fn name(&mut self, field: &str, v: &str, max: usize, what: &str) {
+        if v.is_empty() || v.chars().count() > max {
+            self.fail(field, format!("{what} must be 1-{max} characters"), v);
+        } else if !v
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            self.fail(
+                field,
+                format!("{what} can only contain letters, numbers, hyphens, and underscores"),
+                v,
+            );
+        }
+    }
+
+    pub fn max_len(&mut self, field: &str, v: &str, max: usize) {
+        if v.chars().count() > max {
+            self.fail(field, format!("must be at most {max} characters"), v.chars().count());
+        }
+    }
+
+    pub fn int_range(&mut self, field: &str, v: i64, lo: i64, hi: i64) -> u32 {
+        if v < lo || v > hi {
+            self.fail(field, format!("must be between {lo} and {hi}"), v);
+        }
+        v.clamp(0, u32::MAX as i64) as u32
+    }
+
+    pub fn float_range(&mut self, field: &str, v: f64, lo: f64, hi: f64) -> f64 {
+        if !v.is_finite() || v < lo || v > hi {
+            self.fail(field, format!("must be between {lo} and {hi}"), v);
+        }
+        v
+    }
+
+    pub fn time(&mut self, field: &str, v: &str) -> Option<Millis> {
+        let t = crate::time::parse(v);
+        if t.is_none() {
+            self.fail(field, "must be an RFC 3339 date-time", v);
+        }
+        t
+    }
+
+    pub fn uuid(&mut self, field: &str, v: &str) -> u128 {
+        match Uuid::parse_str(v) {
+            Ok(u) => u.as_u128(),
+            Err(_) => {
+                self.fail(field, "must be a UUID", v);
+                0
+            }
+        }
+    }
+
+    pub fn finish<T>(self, value: T) -> Result<T, Error> {
+        if self.0.is_empty() {
+            Ok(value)
+        } else {
+            Err(Error::Validation(self.0))
+        }
+    }
+
+    pub fn into_message(self) -> Option<String> {
+        if self.0.is_empty() {
+            None
+        } else {
+            Some(Error::Validation(self.0).to_string())
+        }
+    }
+}
+
+pub fn agent_name(name: &str) -> Result<(), Error> {
+    let mut c = Check::default();
+    c.name("agentName", name, MAX_AGENT_NAME, "Agent name");
+    c.finish(())
+}
+
+fn config(c: &mut Check, input: Option<&ConfigIn>, base: ProjectConfig) -> ProjectConfig {
+    let mut out = base;
+    if let Some(cfg) = input {
+        if let Some(v) = cfg.default_max_retries {
+            out.default_max_retries = c.int_range("config.defaultMaxRetries", v, 0, 10);
+        }
+        if let Some(v) = cfg.default_lease_duration_minutes {
+            out.default_lease_duration_minutes =
+                c.int_range("config.defaultLeaseDurationMinutes", v, 1, 1440);
+        }
+        if let Some(v) = cfg.reaper_interval_minutes {
+            out.reaper_interval_minutes = c.int_range("config.reaperIntervalMinutes", v, 1, 60);
+        }
+    }
+    out
+}
+
+pub fn create_project(b: CreateProject) -> Result<NewProject, Error> {
+    let mut c = Check::default();
+    c.name("name", &b.name, MAX_NAME, "Project name");
+    c.max_len("description", &b.description, MAX_DESCRIPTION);
+    if let Some(i) = &b.instructions {
+        c.max_len("instructions", i, MAX_INSTRUCTIONS);
+    }
+    let cfg = config(&mut c, b.config.as_ref(), ProjectConfig::default());
+    c.finish(NewProject {
+        name: b.name.0,
+        description: b.description.0,
+        instructions: b.instructions.map(String::from),
+        config: cfg,
+    })
+}
+
+pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
+    let mut c = Check::default();
+    if let Some(n) = &b.name {
+        c.name("name", n, MAX_NAME, "Project name");
+    }
+    if let Some(d) = &b.description {
+        c.max_len("description", d, MAX_DESCRIPTION);
+    }
+    if let Some(i) = &b.instructions {
+        c.max_len("instructions", i, MAX_INSTRUCTIONS);
+    }
+    let status = match b.status.as_deref() {
+        None => None,
+        Some("active") => Some(ProjectStatus::Active),
+        Some("closed") => Some(ProjectStatus::Closed),
+        Some(other) => {
+            c.fail("status", "must be active or closed", other);
+            None
+        }
+    };
+    let mut patch = ProjectPatch {
+        name: b.name.map(String::from),
+        description: b.description.map(String::from),
+        instructions: b.instructions.map(|i| Some(i.0)),
+        status,
+        ..ProjectPatch::default()
+    };
+    if let Some(cfg) = &b.config {
+        if let Some(v) = cfg.default_max_retries {
+            patch.default_max_retries = Some(c.int_range("config.defaultMaxRetries", v, 0, 10));
+        }
+        if let Some(v) = cfg.default_lease_duration_minutes {
+            patch.default_lease_duration_minutes =
+                Some(c.int_range("config.defaultLeaseDurationMinutes", v, 1, 1440));
+        }
+        if let Some(v) = cfg.reaper_interval_minutes {
+            patch.reaper_interval_minutes =
+                Some(c.int_range("config.reaperIntervalMinutes", v, 1, 60));
+        }
+    }
+    c.finish(patch)
+}
+
+fn duplicate_handling(c: &mut Check, v: &str) -> DuplicateHandling {
+    match v {
+        "allow" => DuplicateHandling::Allow,
+        "ignore" => DuplicateHandling::Ignore,
+        "fail" => DuplicateHandling::Fail,
+        other => {
+            c.fail("duplicateHandling", "must be ignore, fail or allow", other);
+            DuplicateHandling::Allow
+        }
+    }
+}
+
+fn type_variables(c: &mut Check, vars: &[String]) {
+    if vars.len() > MAX_TYPE_VARIABLES {
+        c.fail(
+            "variables",
+            format!("at most {MAX_TYPE_VARIABLES} variables"),
+            vars.len(),
+        );
+    }
+    for (i, v) in vars.iter().enumerate() {
+        let ok = v.len() <= MAX_NAME
+            && v.chars().next().is_some_and(|ch| ch.is_ascii_alphabetic())
+            && v.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_');
+        if !ok {
+            c.fail(
+                &format!("variables[{i}]"),
+                "variable names must match [A-Za-z][A-Za-z0-9_]*",
+                v.as_str(),
+            );
+        }
+    }
+}
+
+fn template_rules(c: &mut Check, template: &str, vars: &[String]) {
+    c.max_len("template", template, MAX_TEMPLATE);
+    let missing: Vec<String> = template_placeholders(template)
+        .into_iter()
+        .filter(|p| !vars.contains(p))
+        .collect();
+    if !missing.is_empty() {
+        c.fail(
+            "template",
+            format!("placeholders not listed in variables: {}", missing.join(", ")),
+            template,
+        );
+    }
+}
+
+pub fn create_type(b: CreateTaskType) -> Result<NewTaskType, Error> {
+    let mut c = Check::default();
+    c.name("name", &b.name, MAX_NAME, "Task type name");
+    let vars: Vec<String> = b
+        .variables
+        .unwrap_or_default()
+        .into_iter()
+        .map(String::from)
+        .collect();
+    type_variables(&mut c, &vars);
+    if let Some(t) = &b.template {
+        template_rules(&mut c, t, &vars);
+    }
+    let dh = b
+        .duplicate_handling
+        .as_deref()
+        .map_or(DuplicateHandling::Allow, |v| duplicate_handling(&mut c, v));
+    let max_retries = b.max_retries.map(|v| c.int_range("maxRetries", v, 0, 10));
+    let lease = b
+        .lease_duration_minutes
+        .map(|v| c.float_range("leaseDurationMinutes", v, 0.1, 1440.0));
+    let delay = b
+        .retry_delay_seconds
+        .map_or(0.0, |v| c.float_range("retryDelaySeconds", v, 0.0, 86_400.0));
+    let mult = b
+        .backoff_multiplier
+        .map_or(2.0, |v| c.float_range("backoffMultiplier", v, 1.0, 10.0));
+    c.finish(NewTaskType {
+        name: b.name.0,
+        template: b.template.map(String::from),
+        variables: vars,
+        duplicate_handling: dh,
+        max_retries,
+        lease_duration_minutes: lease,
+        retry_delay_seconds: delay,
+        backoff_multiplier: mult,
+    })
+}
+
+pub fn update_type(b: UpdateTaskType) -> Result<TypePatch, Error> {
+    let mut c = Check::default();
+    if let Some(n) = &b.name {
+        c.name("name", n, MAX_NAME, "Task type name");
+    }
+    let variables: Option<Vec<String>> = b
+        .variables
+        .map(|v| v.into_iter().map(String::from).collect());
+    if let Some(v) = &variables {
+        type_variables(&mut c, v);
+    }
+    if let Some(t) = &b.template {
+        c.max_len("template", t, MAX_TEMPLATE);
+    }
+    let patch = TypePatch {
+        name: b.name.map(String::from),
+        duplicate_handling: b
+            .duplicate_handling
+            .as_deref()
+            .map(|v| duplicate_handling(&mut c, v)),
+        max_retries: b
+            .max_retries
+            .map(|v| Some(c.int_range("maxRetries", v, 0, 10))),
+        lease_duration_minutes: b
+            .lease_duration_minutes
+            .map(|v| Some(c.float_range("leaseDurationMinutes", v, 0.1, 1440.0))),
+        retry_delay_seconds: b
+            .retry_delay_seconds
+            .map(|v| c.float_range("retryDelaySeconds", v, 0.0, 86_400.0)),
+        backoff_multiplier: b
+            .backoff_multiplier
+            .map(|v| c.float_range("backoffMultiplier", v, 1.0, 10.0)),
+        template: b.template.map(|t| Some(t.0)),
+        variables,
+    };
+    c.finish(patch)
+}
+
+fn task_variables(c: &mut Check, prefix: &str, vars: &BTreeMap<String, String>) {
+    if vars.len() > MAX_TASK_VARIABLES {
+        c.fail(
+            &format!("{prefix}variables"),
+            format!("at most {MAX_TASK_VARIABLES} variables"),
+            vars.len(),
+        );
+    }
+    for (k, v) in vars {
+        if k.is_empty() || k.len() > MAX_NAME {
+            c.fail(&format!("{prefix}variables"), "variable names must be 1-100 characters", k.as_str());
+        }
+        if v.chars().count() > MAX_VARIABLE_VALUE {
+            c.fail(
+                &format!("{prefix}variables.{k}"),
+                format!("values must be at most {MAX_VARIABLE_VALUE} characters"),
+                v.chars().count(),
+            );
+        }
+    }
+}
+
+/// Validates one task of a create or bulk request; `prefix` names it in field paths.
+pub fn create_task(
+    b: CreateTask,
+    batch_id: Option<&String>,
+    prefix: &str,
+) -> Result<NewTask, Error> {
+    let mut c = Check::default();
+    if let Some(id) = &b.id {
+        c.name(&format!("{prefix}id"), id, MAX_NAME, "Task id");
+    }
+    let type_id = b.type_id.as_deref().map(|t| c.uuid(&format!("{prefix}typeId"), t));
+    if let Some(i) = &b.instructions {
+        c.max_len(&format!("{prefix}instructions"), i, MAX_INSTRUCTIONS);
+    }
+    let vars = vars_plain(b.variables.unwrap_or_default());
+    task_variables(&mut c, prefix, &vars);
+    let batch = b.batch_id.map(String::from).or_else(|| batch_id.cloned());
+    if let Some(bid) = &batch {
+        c.max_len(&format!("{prefix}batchId"), bid, MAX_BATCH_ID);
+    }
+    let priority = b
+        .priority
+        .map(|p| c.int_range(&format!("{prefix}priority"), p, 0, MAX_PRIORITY) as u8);
+    let not_before = b
+        .not_before
+        .as_deref()
+        .and_then(|t| c.time(&format!("{prefix}notBefore"), t));
+    c.finish(NewTask {
+        id: b.id.map(String::from),
+        type_id,
+        instructions: b.instructions.map(String::from),
+        variables: vars,
+        batch_id: batch,
+        priority,
+        not_before,
+    })
+}
+
+pub fn update_task(b: UpdateTask) -> Result<TaskPatch, Error> {
+    let mut c = Check::default();
+    if let Some(i) = &b.instructions {
+        c.max_len("instructions", i, MAX_INSTRUCTIONS);
+    }
+    let variables = b.variables.map(vars_plain);
+    if let Some(v) = &variables {
+        task_variables(&mut c, "", v);
+    }
+    if let Some(bid) = &b.batch_id {
+        c.max_len("batchId", bid, MAX_BATCH_ID);
+    }
+    let patch = TaskPatch {
+        priority: b.priority.map(|p| c.int_range("priority", p, 0, MAX_PRIORITY) as u8),
+        not_before: b
+            .not_before
+            .as_deref()
+            .map(|t| c.time("notBefore", t)),
+        instructions: b.instructions.map(String::from),
+        variables,
+        batch_id: b.batch_id.map(|b| Some(b.0)),
+    };
+    c.finish(patch)
+}
+
+/// Parses an optional lease token (32 hex digits).
+pub fn lease_token(c: &mut Check, token: Option<&str>) -> Option<u128> {
+    let t = token?;
+    match u128::from_str_radix(t, 16) {
+        Ok(v) if t.len() == 32 => Some(v),
+        _ => {
+            c.fail("leaseToken", "not a lease token", t);
+            None
+        }
+    }
+}
+
+/// `limit` and `offset` query parameters.
+pub fn paging(c: &mut Check, limit: Option<i64>, offset: Option<i64>) -> (usize, usize) {
+    let limit = match limit {
+        None => DEFAULT_LIMIT,
+        Some(l) if (1..=MAX_LIMIT as i64).contains(&l) => l as usize,
+        Some(l) => {
+            c.fail("limit", format!("must be between 1 and {MAX_LIMIT}"), l);
+            DEFAULT_LIMIT
+        }
+    };
+    let offset = match offset {
+        None => 0,
+        Some(o) if o >= 0 => o as usize,
+        Some(o) => {
+            c.fail("offset", "must be 0 or more", o);
+            0
+        }
+    };
+    (limit, offset)
+}

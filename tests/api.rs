@@ -1,0 +1,781 @@
+//! The HTTP contract, endpoint by endpoint: happy paths and error paths over real HTTP.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn project_crud_and_lookup_by_name() {
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/projects",
+            json!({"name": "alpha", "description": "d", "instructions": "be careful",
+                   "config": {"defaultMaxRetries": 2, "defaultLeaseDurationMinutes": 5, "reaperIntervalMinutes": 2}}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let id = r.data()["id"].as_str().unwrap().to_string();
+    assert_eq!(r.data()["status"], "active");
+    assert_eq!(r.data()["config"]["defaultMaxRetries"], 2);
+    assert_eq!(r.data()["stats"]["totalTasks"], 0);
+    let created = r.data()["createdAt"].as_str().unwrap();
+    assert!(created.ends_with('Z') && created.len() == 24, "{created}");
+
+    assert_eq!(app.get(&format!("/api/projects/{id}")).await.data()["name"], "alpha");
+    assert_eq!(app.get("/api/projects/alpha").await.data()["id"], id.as_str());
+
+    let r = app
+        .post("/api/projects", json!({"name": "alpha", "description": "again"}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+
+    let r = app
+        .put("/api/projects/alpha", json!({"description": "new", "config": {"defaultMaxRetries": 5}}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.data()["description"], "new");
+    assert_eq!(r.data()["config"]["defaultMaxRetries"], 5);
+    assert_eq!(r.data()["config"]["defaultLeaseDurationMinutes"], 5);
+
+    let r = app.get("/api/projects").await;
+    assert_eq!(r.body["pagination"]["total"], 1);
+    app.put("/api/projects/alpha", json!({"status": "closed"})).await;
+    assert_eq!(app.get("/api/projects").await.body["pagination"]["total"], 0);
+    assert_eq!(app.get("/api/projects?status=closed").await.body["pagination"]["total"], 1);
+    assert_eq!(app.get("/api/projects?status=all").await.body["pagination"]["total"], 1);
+
+    let r = app.delete(&format!("/api/projects/{id}")).await;
+    assert_eq!(r.status, 200);
+    let r = app.get(&format!("/api/projects/{id}")).await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"));
+}
+
+#[tokio::test]
+async fn project_validation_reports_every_field() {
+    let app = spawn_app().await;
+    let r = app
+        .post(
+            "/api/projects",
+            json!({"name": "bad name!", "description": "x".repeat(501),
+                   "config": {"defaultMaxRetries": 11, "defaultLeaseDurationMinutes": 0, "reaperIntervalMinutes": 61}}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (400, "VALIDATION_ERROR"));
+    let fields: Vec<&str> = r.body["validationDetails"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["field"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        fields,
+        vec![
+            "name",
+            "description",
+            "config.defaultMaxRetries",
+            "config.defaultLeaseDurationMinutes",
+            "config.reaperIntervalMinutes"
+        ]
+    );
+    assert_eq!(r.body["validationDetails"][0]["value"], "bad name!");
+    assert_eq!(app.get("/api/projects?status=all").await.body["pagination"]["total"], 0);
+}
+
+#[tokio::test]
+async fn framework_rejections_use_the_envelope_and_change_nothing() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let cases: Vec<(reqwest::RequestBuilder, u16)> = vec![
+        (app.client.get(format!("{}/api/nope", app.base)), 404),
+        (app.client.patch(format!("{}/api/projects", app.base)), 405),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .header("content-type", "application/json")
+                .body("{\"instructions\": "),
+            400,
+        ),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .json(&json!({"instructions": "x", "colour": "red"})),
+            400,
+        ),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .json(&json!({"instructions": 5})),
+            400,
+        ),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .json(&json!({"instructions": "x", "priority": "high"})),
+            400,
+        ),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .json(&json!({"instructions": "x", "priority": 11})),
+            400,
+        ),
+        (
+            app.client
+                .post(format!("{}/api/projects/{p}/tasks", app.base))
+                .json(&json!({"instructions": "x".repeat(3 * 1024 * 1024)})),
+            413,
+        ),
+        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=0", app.base)), 400),
+        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=1001", app.base)), 400),
+        (app.client.get(format!("{}/api/projects/{p}/tasks?offset=-1", app.base)), 400),
+        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=ten", app.base)), 400),
+        (app.client.get(format!("{}/api/projects/{p}/tasks?status=done", app.base)), 400),
+    ];
+    for (req, want) in cases {
+        let r = req.header("x-correlation-id", "test-123").send().await.unwrap();
+        assert_eq!(r.status().as_u16(), want);
+        assert_eq!(r.headers()["x-correlation-id"], "test-123");
+        assert_eq!(r.headers()["x-content-type-options"], "nosniff");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["success"], false, "{body}");
+        assert_eq!(body["correlationId"], "test-123");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(body["code"].as_str().is_some());
+        assert!(body["timestamp"].as_str().is_some());
+    }
+    assert_eq!(app.stats(&p).await["totalTasks"], 0);
+}
+
+#[tokio::test]
+async fn unknown_field_is_named_in_the_error() {
+    let app = spawn_app().await;
+    let r = app
+        .post("/api/projects", json!({"name": "a", "description": "d", "colour": 1}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert!(r.body["error"].as_str().unwrap().contains("colour"));
+}
+
+#[tokio::test]
+async fn security_headers_and_generated_correlation_id() {
+    let app = spawn_app().await;
+    let r = app.get("/health").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.headers["x-frame-options"], "DENY");
+    assert_eq!(r.headers["referrer-policy"], "no-referrer");
+    assert!(!r.headers["x-correlation-id"].is_empty());
+    assert_eq!(r.data()["status"], "healthy");
+    assert_eq!(r.data()["storage"]["provider"], "redb");
+    assert!(r.data()["storage"]["sizeBytes"].as_u64().unwrap() > 0);
+    assert!(r.data()["version"].is_string());
+}
+
+#[tokio::test]
+async fn openapi_document_and_ui_are_served() {
+    let app = spawn_app().await;
+    let r = app.get("/api/openapi.json").await;
+    assert_eq!(r.status, 200);
+    let paths = r.body["paths"].as_object().unwrap();
+    for p in [
+        "/api/projects",
+        "/api/projects/{projectId}/tasks/bulk",
+        "/api/agents/{agentName}/next-task",
+        "/api/tasks/{taskId}/complete",
+        "/health",
+    ] {
+        assert!(paths.contains_key(p), "missing {p}");
+    }
+    let ui = app.client.get(format!("{}/api/docs", app.base)).send().await.unwrap();
+    assert_eq!(ui.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn task_types_crud_and_template_rules() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/task-types"),
+            json!({"name": "t", "template": "Do {{a}} and {{b}}", "variables": ["a"]}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "placeholder b is not listed");
+    let t = app
+        .task_type(
+            &p,
+            json!({"name": "t", "template": "Do {{a}}", "variables": ["a"], "maxRetries": 2,
+                   "leaseDurationMinutes": 0.5, "retryDelaySeconds": 1, "backoffMultiplier": 3}),
+        )
+        .await;
+    let r = app
+        .post(&format!("/api/projects/{p}/task-types"), json!({"name": "t"}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+    let r = app.get(&format!("/api/task-types/{t}")).await;
+    assert_eq!(r.data()["duplicateHandling"], "allow");
+    assert_eq!(r.data()["backoffMultiplier"], 3.0);
+    let r = app
+        .put(&format!("/api/task-types/{t}"), json!({"maxRetries": 4, "name": "t2"}))
+        .await;
+    assert_eq!(r.data()["maxRetries"], 4);
+    let list = app.get(&format!("/api/projects/{p}/task-types")).await;
+    assert_eq!(list.data().as_array().unwrap().len(), 1);
+    assert_eq!(list.data()[0]["name"], "t2");
+    let r = app
+        .post(&format!("/api/projects/{p}/task-types"), json!({"name": "x", "backoffMultiplier": 0.5}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(app.delete(&format!("/api/task-types/{t}")).await.status, 200);
+    assert_eq!(app.get(&format!("/api/task-types/{t}")).await.status, 404);
+    assert_eq!(app.get("/api/task-types/not-a-uuid").await.status, 404);
+}
+
+#[tokio::test]
+async fn tasks_render_templates_and_require_variables() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let t = app
+        .task_type(&p, json!({"name": "t", "template": "Review {{repo}} for {{aspect}}", "variables": ["repo", "aspect"]}))
+        .await;
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks"), json!({"typeId": t, "variables": {"repo": "x"}}))
+        .await;
+    assert_eq!((r.status, r.code()), (422, "VALIDATION_ERROR"));
+    assert_eq!(r.body["validationDetails"][0]["field"], "variables.aspect");
+    let id = app
+        .task(&p, json!({"typeId": t, "variables": {"repo": "r1", "aspect": "auth"}}))
+        .await;
+    let task = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(task.data()["instructions"], "Review r1 for auth");
+    assert_eq!(task.data()["status"], "queued");
+    assert_eq!(task.data()["priority"], 5);
+    assert_eq!(task.data()["progress"], Value::Null);
+    assert_eq!(task.data()["attempts"], json!([]));
+    assert!(task.data().get("leaseToken").is_none());
+
+    // Updating variables re-renders the instructions.
+    let r = app
+        .put(&format!("/api/tasks/{id}"), json!({"variables": {"repo": "r2", "aspect": "io"}}))
+        .await;
+    assert_eq!(r.data()["instructions"], "Review r2 for io");
+
+    // Unknown type, bad type id, no instructions at all.
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks"), json!({"typeId": "01a20255-defe-72af-8362-9529b90b3e2f"}))
+        .await;
+    assert_eq!(r.status, 404);
+    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({"typeId": "nope"})).await;
+    assert_eq!(r.status, 400);
+    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({})).await;
+    assert_eq!(r.status, 400);
+    assert_eq!(app.stats(&p).await["totalTasks"], 1);
+}
+
+#[tokio::test]
+async fn duplicate_handling_ignore_fail_allow() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let ignore = app
+        .task_type(&p, json!({"name": "i", "variables": ["a", "b"], "duplicateHandling": "ignore"}))
+        .await;
+    let fail = app
+        .task_type(&p, json!({"name": "f", "variables": ["a"], "duplicateHandling": "fail"}))
+        .await;
+    let allow = app.task_type(&p, json!({"name": "a", "variables": ["a"]})).await;
+    let path = format!("/api/projects/{p}/tasks");
+
+    let first = app
+        .post(&path, json!({"typeId": ignore, "instructions": "x", "variables": {"a": "1", "b": "2"}}))
+        .await;
+    assert_eq!(first.status, 201);
+    // Same variables in another key order: the existing task, 200.
+    let again = app
+        .post(&path, json!({"typeId": ignore, "instructions": "x", "variables": {"b": "2", "a": "1"}}))
+        .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.data()["id"], first.data()["id"]);
+
+    app.task(&p, json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}})).await;
+    let r = app
+        .post(&path, json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+
+    app.task(&p, json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}})).await;
+    app.task(&p, json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}})).await;
+    assert_eq!(app.stats(&p).await["totalTasks"], 4);
+}
+
+#[tokio::test]
+async fn client_task_ids_are_unique_across_the_server() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let q = app.project("q").await;
+    let id = app.task(&p, json!({"id": "job-1", "instructions": "x"})).await;
+    assert_eq!(id, "job-1");
+    let r = app
+        .post(&format!("/api/projects/{q}/tasks"), json!({"id": "job-1", "instructions": "x"}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+    let r = app
+        .post(&format!("/api/projects/{q}/tasks"), json!({"id": "bad id", "instructions": "x"}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(app.get("/api/tasks/job-1").await.data()["projectId"], p.as_str());
+}
+
+#[tokio::test]
+async fn closed_project_takes_no_tasks_and_hands_out_none() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    app.task(&p, json!({"instructions": "x"})).await;
+    app.put(&format!("/api/projects/{p}"), json!({"status": "closed"})).await;
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x"}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+    assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+    let r = app.get(&format!("/api/projects/{p}/tasks")).await;
+    assert_eq!(r.body["pagination"]["total"], 1);
+}
+
+#[tokio::test]
+async fn bulk_creates_what_it_can_in_order() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let t = app.task_type(&p, json!({"name": "t", "template": "{{x}}", "variables": ["x"]})).await;
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks/bulk"),
+            json!({"batchId": "b1", "tasks": [
+                {"typeId": t, "variables": {"x": "1"}},
+                {"typeId": t, "variables": {}},
+                {"typeId": t, "variables": {"x": "3"}, "priority": 99},
+                {"typeId": t, "variables": {"x": "4"}},
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.data()["tasksCreated"], 2);
+    let errs: Vec<u64> = r.data()["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(errs, vec![1, 2]);
+    assert_eq!(r.data()["createdTasks"][0]["instructions"], "1");
+    assert_eq!(r.data()["createdTasks"][1]["instructions"], "4");
+    assert_eq!(r.data()["createdTasks"][0]["batchId"], "b1");
+
+    let many: Vec<Value> = (0..1001).map(|i| json!({"instructions": format!("{i}")})).collect();
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks/bulk"), json!({"tasks": many}))
+        .await;
+    assert_eq!(r.status, 400);
+    assert_eq!(app.stats(&p).await["totalTasks"], 2);
+    let r = app.get(&format!("/api/projects/{p}/tasks?batchId=b1")).await;
+    assert_eq!(r.body["pagination"]["total"], 2);
+}
+
+#[tokio::test]
+async fn listing_filters_sorts_and_pages() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let mut created = Vec::new();
+    for i in 0..25 {
+        created.push(
+            app.task(&p, json!({"instructions": format!("t{i}"), "priority": i % 3}))
+                .await,
+        );
+    }
+    let path = format!("/api/projects/{p}/tasks");
+    // Default: newest first.
+    let r = app.get(&format!("{path}?limit=10")).await;
+    assert_eq!(r.body["pagination"]["total"], 25);
+    assert_eq!(ids(r.data())[0], created[24]);
+    // Cursor paging walks everything exactly once, oldest first.
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let url = match &cursor {
+            Some(c) => format!("{path}?order=asc&limit=7&cursor={c}"),
+            None => format!("{path}?order=asc&limit=7"),
+        };
+        let r = app.get(&url).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        seen.extend(ids(r.data()));
+        match r.body["pagination"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(seen, created);
+    // Offset paging.
+    let r = app.get(&format!("{path}?order=asc&limit=5&offset=20")).await;
+    assert_eq!(ids(r.data()), created[20..].to_vec());
+    // Status filters use the counters for totals.
+    let claimed = app.next("a", json!({"projectId": p})).await;
+    let r = app.get(&format!("{path}?status=running")).await;
+    assert_eq!(r.body["pagination"]["total"], 1);
+    assert_eq!(r.data()[0]["id"], claimed["id"]);
+    let r = app.get(&format!("{path}?status=queued,running")).await;
+    assert_eq!(r.body["pagination"]["total"], 25);
+    let r = app.get(&format!("{path}?assignedTo=a")).await;
+    assert_eq!(r.body["pagination"]["total"], 1);
+    // List items leave out attempts and outputs.
+    assert!(r.data()[0].get("attempts").is_none());
+    // Priority sort.
+    let r = app.get(&format!("{path}?sort=priority&order=desc&limit=3")).await;
+    assert!(r.data().as_array().unwrap().iter().all(|t| t["priority"] == 2));
+    // Time range.
+    let first_created = app.get(&format!("/api/tasks/{}", created[0])).await.data()["createdAt"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let r = app
+        .get(&format!("{path}?createdBefore={first_created}"))
+        .await;
+    assert_eq!(r.body["pagination"]["total"], 0);
+    let r = app.get(&format!("{path}?sort=name")).await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn next_task_orders_by_priority_then_age_and_resumes() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let low = app.task(&p, json!({"instructions": "low", "priority": 1})).await;
+    let old_high = app.task(&p, json!({"instructions": "h1", "priority": 9})).await;
+    let new_high = app.task(&p, json!({"instructions": "h2", "priority": 9})).await;
+    let a = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(a["id"], old_high.as_str());
+    assert_eq!(a["status"], "running");
+    assert_eq!(a["assignedTo"], "a");
+    assert!(a["leaseToken"].as_str().is_some_and(|t| t.len() == 32));
+    assert_eq!(a["attempts"][0]["outcome"], "running");
+    // Resume: same task, same lease.
+    let again = app.next("a", json!({"projectId": "p"})).await;
+    assert_eq!(again["id"], a["id"]);
+    assert_eq!(again["leaseToken"], a["leaseToken"]);
+    assert_eq!(again["leaseExpiresAt"], a["leaseExpiresAt"]);
+    assert_eq!(app.next("b", json!({"projectId": p})).await["id"], new_high.as_str());
+    assert_eq!(app.next("c", json!({"projectId": p})).await["id"], low.as_str());
+    let r = app
+        .post("/api/agents/d/next-task", json!({"projectId": p}))
+        .await;
+    assert_eq!(r.body["success"], false);
+    assert_eq!(r.body["error"], "No tasks available for assignment");
+    assert_eq!(r.data()["agentName"], "d");
+    assert_eq!(r.data()["task"], Value::Null);
+    // Reads never show the lease token.
+    let t = app.get(&format!("/api/tasks/{}", a["id"].as_str().unwrap())).await;
+    assert!(t.data().get("leaseToken").is_none());
+    let agents = app.get(&format!("/api/projects/{p}/agents")).await;
+    assert_eq!(agents.data().as_array().unwrap().len(), 3);
+    let s = app.get(&format!("/api/projects/{p}/stats")).await;
+    assert_eq!(s.data()["activeAgents"], 3);
+    assert_eq!(s.data()["queueDepth"], 0);
+}
+
+#[tokio::test]
+async fn next_task_validates_its_input() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    for (agent, body, want) in [
+        ("bad agent", json!({"projectId": p}), 400),
+        ("a", json!({"projectId": p, "waitSeconds": 61}), 400),
+        ("a", json!({"projectId": p, "waitSeconds": -1}), 400),
+        ("a", json!({"projectId": p, "typeIds": ["x"]}), 400),
+        ("a", json!({"projectId": "missing"}), 404),
+        ("a", json!({}), 400),
+    ] {
+        let r = app
+            .post(&format!("/api/agents/{}/next-task", agent.replace(' ', "%20")), body)
+            .await;
+        assert_eq!(r.status, want, "{:?}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn type_ids_restrict_what_an_agent_takes() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let a = app.task_type(&p, json!({"name": "a"})).await;
+    let b = app.task_type(&p, json!({"name": "b"})).await;
+    let ta = app.task(&p, json!({"typeId": a, "instructions": "a", "priority": 9})).await;
+    let tb = app.task(&p, json!({"typeId": b, "instructions": "b", "priority": 1})).await;
+    let got = app.next("x", json!({"projectId": p, "typeIds": [b]})).await;
+    assert_eq!(got["id"], tb.as_str());
+    let got = app.next("y", json!({"projectId": p, "typeIds": [b]})).await;
+    assert_eq!(got, Value::Null);
+    let got = app.next("y", json!({"projectId": p, "typeIds": [b, a]})).await;
+    assert_eq!(got["id"], ta.as_str());
+}
+
+#[tokio::test]
+async fn complete_is_holder_only_and_idempotent() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    app.task(&p, json!({"instructions": "x"})).await;
+    let t = app.next("a", json!({"projectId": p})).await;
+    let id = t["id"].as_str().unwrap();
+    let token = t["leaseToken"].as_str().unwrap();
+    let path = format!("/api/tasks/{id}/complete");
+    let r = app.post(&path, json!({"agentName": "b", "result": "r"})).await;
+    assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
+    let r = app
+        .post(&path, json!({"agentName": "a", "result": "r", "leaseToken": "0".repeat(32)}))
+        .await;
+    assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
+    let r = app
+        .post(&path, json!({"agentName": "a", "result": "done", "outputs": {"n": 3}, "leaseToken": token}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.data()["status"], "completed");
+    assert_eq!(r.data()["result"], "done");
+    assert_eq!(r.data()["outputs"], json!({"n": 3}));
+    assert_eq!(r.data()["assignedTo"], Value::Null);
+    assert_eq!(r.data()["attempts"][0]["outcome"], "completed");
+    // The same complete again: 200 with the same task, nothing changes.
+    let again = app.post(&path, json!({"agentName": "a", "result": "done"})).await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.data()["completedAt"], r.data()["completedAt"]);
+    assert_eq!(again.data()["result"], "done");
+    let r = app.post(&path, json!({"agentName": "b", "result": "x"})).await;
+    assert_eq!(r.status, 409);
+    let r = app
+        .post(&path, json!({"agentName": "a", "outputs": [1, 2]}))
+        .await;
+    assert_eq!(r.status, 400);
+    let stats = app.stats(&p).await;
+    assert_eq!(stats["completedTasks"], 1);
+    assert_eq!(stats["runningTasks"], 0);
+    let r = app
+        .post("/api/tasks/nope/complete", json!({"agentName": "a"}))
+        .await;
+    assert_eq!(r.status, 404);
+}
+
+#[tokio::test]
+async fn fail_requeues_until_retries_run_out() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let ty = app.task_type(&p, json!({"name": "t", "maxRetries": 1})).await;
+    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    app.next("a", json!({"projectId": p})).await;
+    let r = app
+        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "a", "error": "boom"}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.data()["willRetry"], true);
+    assert_eq!(r.data()["status"], "queued");
+    assert_eq!(r.data()["retryCount"], 1);
+    assert_eq!(r.data()["assignedTo"], Value::Null);
+    assert_eq!(r.data()["leaseExpiresAt"], Value::Null);
+    app.next("b", json!({"projectId": p})).await;
+    let r = app
+        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "b", "error": "again"}))
+        .await;
+    assert_eq!(r.data()["willRetry"], false);
+    assert_eq!(r.data()["status"], "failed");
+    assert_eq!(r.data()["error"], "again");
+    let attempts = app.get(&format!("/api/tasks/{id}/attempts")).await;
+    let outcomes: Vec<&str> = attempts
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["outcome"].as_str().unwrap())
+        .collect();
+    assert_eq!(outcomes, vec!["failed", "failed"]);
+    assert_eq!(attempts.data()[0]["error"], "boom");
+    // canRetry: false ends it at once; manual retry brings it back.
+    let r = app.post(&format!("/api/tasks/{id}/retry"), json!({})).await;
+    assert_eq!(r.data()["status"], "queued");
+    app.next("c", json!({"projectId": p})).await;
+    let r = app
+        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "c", "error": "x", "canRetry": false}))
+        .await;
+    assert_eq!(r.data()["willRetry"], false);
+    let r = app.post(&format!("/api/tasks/{id}/retry"), json!({})).await;
+    assert_eq!(r.status, 200);
+    let r = app.post(&format!("/api/tasks/{id}/retry"), json!({})).await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+    let s = app.stats(&p).await;
+    assert_eq!((s["queuedTasks"].as_u64(), s["failedTasks"].as_u64()), (Some(1), Some(0)));
+}
+
+#[tokio::test]
+async fn retry_back_off_delays_the_next_attempt() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "maxRetries": 3, "retryDelaySeconds": 10, "backoffMultiplier": 2}))
+        .await;
+    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    for (n, delay_ms) in [(1, 10_000), (2, 20_000)] {
+        app.next("a", json!({"projectId": p})).await;
+        let r = app
+            .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "a", "error": "e"}))
+            .await;
+        assert_eq!(r.data()["retryCount"], n);
+        assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+        let peek = app.get(&format!("/api/projects/{p}/peek-next-task")).await;
+        assert_eq!(peek.data()["tasksAvailable"], 0);
+        app.advance(delay_ms - 1).await;
+        assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+        app.advance(1).await;
+        let peek = app.get(&format!("/api/projects/{p}/peek-next-task")).await;
+        assert_eq!(peek.data()["tasksAvailable"], 1);
+        // Leave it queued for the loop's next claim.
+    }
+    assert_eq!(app.next("a", json!({"projectId": p})).await["id"], id.as_str());
+}
+
+#[tokio::test]
+async fn not_before_holds_a_task_back() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let now = app.clock.as_ref().map(|c| agentq::time::Clock::now(c.as_ref())).unwrap();
+    let later = agentq::time::format(now + 60_000);
+    let id = app.task(&p, json!({"instructions": "x", "notBefore": later})).await;
+    assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+    app.advance(60_000).await;
+    assert_eq!(app.next("a", json!({"projectId": p})).await["id"], id.as_str());
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x", "notBefore": "tomorrow"}))
+        .await;
+    assert_eq!(r.status, 400);
+}
+
+#[tokio::test]
+async fn extend_lease_and_progress_for_the_holder() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let id = app.task(&p, json!({"instructions": "x"})).await;
+    let t = app.next("a", json!({"projectId": p})).await;
+    let before = t["leaseExpiresAt"].as_str().unwrap().to_string();
+    let r = app
+        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "a", "extensionMinutes": 60}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert!(r.data()["leaseExpiresAt"].as_str().unwrap() > before.as_str());
+    let r = app
+        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "b", "extensionMinutes": 60}))
+        .await;
+    assert_eq!(r.code(), "LEASE_LOST");
+    let r = app
+        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "a", "extensionMinutes": 0}))
+        .await;
+    assert_eq!(r.status, 400);
+    let r = app
+        .post(&format!("/api/tasks/{id}/progress"), json!({"agentName": "a", "current": 3, "total": 10, "message": "going"}))
+        .await;
+    assert_eq!(r.data()["progress"], json!({"current": 3, "total": 10, "message": "going"}));
+    let r = app
+        .post(&format!("/api/tasks/{id}/progress"), json!({"agentName": "b", "current": 3, "total": 10}))
+        .await;
+    assert_eq!(r.code(), "LEASE_LOST");
+}
+
+#[tokio::test]
+async fn cancel_ends_the_lease() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let id = app.task(&p, json!({"instructions": "x"})).await;
+    app.next("a", json!({"projectId": p})).await;
+    let r = app
+        .post(&format!("/api/tasks/{id}/cancel"), json!({"reason": "not needed"}))
+        .await;
+    assert_eq!(r.data()["status"], "cancelled");
+    assert_eq!(r.data()["cancelReason"], "not needed");
+    assert_eq!(r.data()["attempts"][0]["outcome"], "cancelled");
+    let r = app
+        .post(&format!("/api/tasks/{id}/complete"), json!({"agentName": "a"}))
+        .await;
+    assert_eq!(r.code(), "LEASE_LOST");
+    let r = app.call("POST", &format!("/api/tasks/{id}/cancel"), None).await;
+    assert_eq!((r.status, r.code()), (409, "CONFLICT"));
+    let s = app.stats(&p).await;
+    assert_eq!(s["cancelledTasks"], 1);
+    assert_eq!(s["runningTasks"], 0);
+}
+
+#[tokio::test]
+async fn delete_task_and_project_keep_counters_exact() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let a = app.task(&p, json!({"instructions": "a"})).await;
+    app.task(&p, json!({"instructions": "b"})).await;
+    app.next("x", json!({"projectId": p})).await;
+    assert_eq!(app.delete(&format!("/api/tasks/{a}")).await.status, 200);
+    assert_eq!(app.get(&format!("/api/tasks/{a}")).await.status, 404);
+    let s = app.stats(&p).await;
+    assert_eq!((s["totalTasks"].as_u64(), s["runningTasks"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(app.get(&format!("/api/projects/{p}/agents")).await.data(), &json!([]));
+    assert_eq!(app.delete(&format!("/api/projects/{p}")).await.status, 200);
+    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x"})).await;
+    assert_eq!(r.status, 404);
+    // The name is free again.
+    app.project("p").await;
+}
+
+#[tokio::test]
+async fn long_poll_wakes_when_a_task_appears() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let url = format!("{}/api/agents/w/next-task", app.base);
+    let client = app.client.clone();
+    let body = json!({"projectId": p, "waitSeconds": 30});
+    let waiter = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        let r: Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let id = app.task(&p, json!({"instructions": "x"})).await;
+    let (r, waited) = waiter.await.unwrap();
+    assert_eq!(r["data"]["task"]["id"], id.as_str());
+    assert!(waited < std::time::Duration::from_secs(25), "woke by timeout, not by the task");
+}
+
+#[tokio::test]
+async fn long_poll_times_out_with_the_no_task_answer() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let r = app
+        .post("/api/agents/w/next-task", json!({"projectId": p, "waitSeconds": 0.3}))
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["success"], false);
+}
+
+#[tokio::test]
+async fn cleanup_leases_reclaims_expired_leases_now() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let ty = app.task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1})).await;
+    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    app.next("a", json!({"projectId": p})).await;
+    let r = app.post(&format!("/api/projects/{p}/cleanup-leases"), json!({})).await;
+    assert_eq!(r.data()["reclaimedTasks"], 0, "not expired yet");
+    // Move the clock without waking the scheduler, then clean up by hand.
+    app.clock.as_ref().unwrap().advance(60_000);
+    let r = app.post(&format!("/api/projects/{p}/cleanup-leases"), json!({})).await;
+    assert_eq!(r.data()["reclaimedTasks"], 1);
+    assert_eq!(r.data()["cleanedAgents"], 1);
+    let t = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(t.data()["status"], "queued");
+    assert_eq!(t.data()["attempts"][0]["outcome"], "timeout");
+}

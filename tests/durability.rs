@@ -1,0 +1,281 @@
+//! Durability: restarts keep everything; SIGKILL loses no acknowledged write; one server per file.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+#[tokio::test]
+async fn tasks_leases_and_attempts_survive_a_restart() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let ty = app.task_type(&p, json!({"name": "t", "maxRetries": 2})).await;
+    let running = app.task(&p, json!({"typeId": ty, "instructions": "a", "priority": 9})).await;
+    let failed_once = app.task(&p, json!({"typeId": ty, "instructions": "b", "priority": 8})).await;
+    let queued = app.task(&p, json!({"typeId": ty, "instructions": "c"})).await;
+    let lease = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(lease["id"], running.as_str());
+    app.next("b", json!({"projectId": p})).await;
+    app.post(
+        &format!("/api/tasks/{failed_once}/fail"),
+        json!({"agentName": "b", "error": "x"}),
+    )
+    .await;
+    let before = app.stats(&p).await;
+
+    let app = app.restart().await;
+    assert_eq!(app.stats(&p).await, before);
+    let t = app.get(&format!("/api/tasks/{running}")).await;
+    assert_eq!(t.data()["status"], "running");
+    assert_eq!(t.data()["leaseExpiresAt"], lease["leaseExpiresAt"]);
+    // Resume after restart returns the same lease.
+    let resumed = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(resumed["leaseToken"], lease["leaseToken"]);
+    let t = app.get(&format!("/api/tasks/{failed_once}")).await;
+    assert_eq!(t.data()["attempts"][0]["outcome"], "failed");
+    assert_eq!(t.data()["retryCount"], 1);
+    // FIFO and priority order survive too.
+    assert_eq!(app.next("c", json!({"projectId": p})).await["id"], failed_once.as_str());
+    assert_eq!(app.next("d", json!({"projectId": p})).await["id"], queued.as_str());
+    // New tasks do not collide with old ones.
+    let fresh = app.task(&p, json!({"instructions": "d"})).await;
+    assert_eq!(app.get(&format!("/api/tasks/{fresh}")).await.data()["instructions"], "d");
+}
+
+fn agentq_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_agentq")
+}
+
+/// Starts the real binary on a free port and returns it with its base URL.
+fn start_binary(db: &std::path::Path) -> (Child, String) {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let child = Command::new(agentq_bin())
+        .args(["serve", "--db"])
+        .arg(db)
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+async fn wait_healthy(client: &reqwest::Client, base: &str) {
+    for _ in 0..200 {
+        if let Ok(r) = client.get(format!("{base}/health")).send().await {
+            if r.status().is_success() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("server at {base} never became healthy");
+}
+
+/// SIGKILL during a burst of completes: every complete that was answered 200 must be there
+/// after a restart, and the counters must equal what the listing shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_loses_no_acknowledged_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("crash.redb");
+    let client = reqwest::Client::new();
+    let (mut child, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    let post = |path: String, body: Value| {
+        let client = client.clone();
+        let base = base.clone();
+        async move {
+            client
+                .post(format!("{base}{path}"))
+                .json(&body)
+                .send()
+                .await
+        }
+    };
+    let p: Value = post("/api/projects".into(), json!({"name": "crash", "description": "d"}))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p = p["data"]["id"].as_str().unwrap().to_string();
+    let tasks: Vec<Value> = (0..1000).map(|i| json!({"instructions": format!("{i}")})).collect();
+    post(format!("/api/projects/{p}/tasks/bulk"), json!({"tasks": tasks}))
+        .await
+        .unwrap();
+
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut agents = Vec::new();
+    for n in 0..16 {
+        let (client, base, p, acked, stop) =
+            (client.clone(), base.clone(), p.clone(), acked.clone(), stop.clone());
+        agents.push(tokio::spawn(async move {
+            let agent = format!("a{n}");
+            while !stop.load(Ordering::Relaxed) {
+                let Ok(r) = client
+                    .post(format!("{base}/api/agents/{agent}/next-task"))
+                    .json(&json!({"projectId": p}))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                let Ok(v) = r.json::<Value>().await else { return };
+                let Some(id) = v["data"]["task"]["id"].as_str() else { return };
+                let Ok(r) = client
+                    .post(format!("{base}/api/tasks/{id}/complete"))
+                    .json(&json!({"agentName": agent, "result": "ok"}))
+                    .send()
+                    .await
+                else {
+                    return;
+                };
+                if r.status().as_u16() == 200 {
+                    acked.lock().unwrap().push(id.to_string());
+                }
+            }
+        }));
+    }
+    // Let the burst run, then kill without warning.
+    while acked.lock().unwrap().len() < 200 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    stop.store(true, Ordering::Relaxed);
+    for a in agents {
+        let _ = a.await;
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= 200);
+
+    let (mut child, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    for id in &acked {
+        let v: Value = client
+            .get(format!("{base}/api/tasks/{id}"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["data"]["status"], "completed", "acknowledged complete of {id} lost");
+    }
+    let stats: Value = client
+        .get(format!("{base}/api/projects/{p}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stats = &stats["data"]["stats"];
+    assert_eq!(stats["totalTasks"], 1000);
+    for status in ["queued", "running", "completed", "failed", "cancelled"] {
+        let mut listed = 0u64;
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut url = format!("{base}/api/projects/{p}/tasks?status={status}&limit=1000");
+            if let Some(c) = &cursor {
+                url.push_str(&format!("&cursor={c}"));
+            }
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            listed += v["data"].as_array().unwrap().len() as u64;
+            match v["pagination"]["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(
+            stats[format!("{status}Tasks")].as_u64().unwrap(),
+            listed,
+            "counter of {status} differs from the listing"
+        );
+    }
+    assert!(stats["completedTasks"].as_u64().unwrap() >= acked.len() as u64);
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_file_fails_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("one.redb");
+    let client = reqwest::Client::new();
+    let (mut first, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    let (mut second, _) = start_binary(&db);
+    let status = second.wait().unwrap();
+    assert!(!status.success());
+    let mut err = String::new();
+    for line in BufReader::new(second.stderr.take().unwrap()).lines() {
+        err.push_str(&line.unwrap());
+    }
+    assert!(err.contains("already in use"), "{err}");
+    assert!(err.contains("one.redb"), "{err}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("term.redb");
+    let client = reqwest::Client::new();
+    let (mut child, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    let v: Value = client
+        .post(format!("{base}/api/projects"))
+        .json(&json!({"name": "t", "description": "d"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let p = v["data"]["id"].as_str().unwrap().to_string();
+    let poll = {
+        let (client, base) = (client.clone(), base.clone());
+        tokio::spawn(async move {
+            client
+                .post(format!("{base}/api/agents/w/next-task"))
+                .json(&json!({"projectId": p, "waitSeconds": 60}))
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let answer = poll.await.unwrap();
+    assert_eq!(answer["success"], false);
+    assert_eq!(answer["data"]["task"], Value::Null);
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The file is closed: a new server opens it.
+    let (mut again, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    again.kill().unwrap();
+    again.wait().unwrap();
+}

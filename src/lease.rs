@@ -356,7 +356,10 @@ mod tests {
         };
         let mut t = queued(1);
         claim(&mut t, "a", 1, &rules, 0);
-        assert_eq!(fail(&mut t, "a", None, "x".into(), true, &rules, 10), Ok(true));
+        assert_eq!(
+            fail(&mut t, "a", None, "x".into(), true, &rules, 10),
+            Ok(true)
+        );
         assert_eq!(t.status, TaskStatus::Queued);
         assert!(t.delayed);
         assert_eq!(t.not_before, Some(1010));

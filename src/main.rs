@@ -6,7 +6,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "agentq", version, about = "A durable, fast task queue for AI agents")]
+#[command(
+    name = "agentq",
+    version,
+    about = "A durable, fast task queue for AI agents"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

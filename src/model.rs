@@ -412,7 +412,10 @@ mod tests {
     #[test]
     fn template_renders_every_placeholder() {
         let v = vars(&[("a", "1"), ("b", "two")]);
-        assert_eq!(render_template("x {{a}} y {{ b }} {{a}}", &v), "x 1 y two 1");
+        assert_eq!(
+            render_template("x {{a}} y {{ b }} {{a}}", &v),
+            "x 1 y two 1"
+        );
         assert_eq!(render_template("no vars", &v), "no vars");
         assert_eq!(render_template("open {{a", &v), "open {{a");
     }
@@ -443,7 +446,10 @@ mod tests {
     fn stats_round_trip_and_apply() {
         let mut s = Stats::default();
         s.apply(None, Some((TaskStatus::Queued, true)));
-        s.apply(Some((TaskStatus::Queued, true)), Some((TaskStatus::Running, false)));
+        s.apply(
+            Some((TaskStatus::Queued, true)),
+            Some((TaskStatus::Running, false)),
+        );
         assert_eq!(s.delayed, 0);
         assert_eq!(s.total, 1);
         assert_eq!(s.running, 1);

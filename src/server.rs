@@ -69,7 +69,10 @@ impl Server {
             .first()
             .and_then(|a| a.as_socket_addr().copied())
             .ok_or_else(|| {
-                StartError::Bind(config.bind.clone(), std::io::Error::other("no local address"))
+                StartError::Bind(
+                    config.bind.clone(),
+                    std::io::Error::other("no local address"),
+                )
             })?;
         let state = Arc::new(State {
             store: store.clone(),

@@ -80,7 +80,10 @@ mod tests {
     #[test]
     fn parses_offsets() {
         assert_eq!(parse("2026-01-01T12:00:00.123Z"), Some(1_767_268_800_123));
-        assert_eq!(parse("2026-01-01T13:00:00.123+01:00"), Some(1_767_268_800_123));
+        assert_eq!(
+            parse("2026-01-01T13:00:00.123+01:00"),
+            Some(1_767_268_800_123)
+        );
         assert_eq!(parse("yesterday"), None);
     }
 }

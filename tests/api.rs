@@ -31,16 +31,28 @@ async fn project_crud_and_lookup_by_name() {
     let created = r.data()["createdAt"].as_str().unwrap();
     assert!(created.ends_with('Z') && created.len() == 24, "{created}");
 
-    assert_eq!(app.get(&format!("/api/projects/{id}")).await.data()["name"], "alpha");
-    assert_eq!(app.get("/api/projects/alpha").await.data()["id"], id.as_str());
+    assert_eq!(
+        app.get(&format!("/api/projects/{id}")).await.data()["name"],
+        "alpha"
+    );
+    assert_eq!(
+        app.get("/api/projects/alpha").await.data()["id"],
+        id.as_str()
+    );
 
     let r = app
-        .post("/api/projects", json!({"name": "alpha", "description": "again"}))
+        .post(
+            "/api/projects",
+            json!({"name": "alpha", "description": "again"}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
 
     let r = app
-        .put("/api/projects/alpha", json!({"description": "new", "config": {"defaultMaxRetries": 5}}))
+        .put(
+            "/api/projects/alpha",
+            json!({"description": "new", "config": {"defaultMaxRetries": 5}}),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.data()["description"], "new");
@@ -49,10 +61,20 @@ async fn project_crud_and_lookup_by_name() {
 
     let r = app.get("/api/projects").await;
     assert_eq!(r.body["pagination"]["total"], 1);
-    app.put("/api/projects/alpha", json!({"status": "closed"})).await;
-    assert_eq!(app.get("/api/projects").await.body["pagination"]["total"], 0);
-    assert_eq!(app.get("/api/projects?status=closed").await.body["pagination"]["total"], 1);
-    assert_eq!(app.get("/api/projects?status=all").await.body["pagination"]["total"], 1);
+    app.put("/api/projects/alpha", json!({"status": "closed"}))
+        .await;
+    assert_eq!(
+        app.get("/api/projects").await.body["pagination"]["total"],
+        0
+    );
+    assert_eq!(
+        app.get("/api/projects?status=closed").await.body["pagination"]["total"],
+        1
+    );
+    assert_eq!(
+        app.get("/api/projects?status=all").await.body["pagination"]["total"],
+        1
+    );
 
     let r = app.delete(&format!("/api/projects/{id}")).await;
     assert_eq!(r.status, 200);
@@ -88,7 +110,10 @@ async fn project_validation_reports_every_field() {
         ]
     );
     assert_eq!(r.body["validationDetails"][0]["value"], "bad name!");
-    assert_eq!(app.get("/api/projects?status=all").await.body["pagination"]["total"], 0);
+    assert_eq!(
+        app.get("/api/projects?status=all").await.body["pagination"]["total"],
+        0
+    );
 }
 
 #[tokio::test]
@@ -135,14 +160,38 @@ async fn framework_rejections_use_the_envelope_and_change_nothing() {
                 .json(&json!({"instructions": "x".repeat(3 * 1024 * 1024)})),
             413,
         ),
-        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=0", app.base)), 400),
-        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=1001", app.base)), 400),
-        (app.client.get(format!("{}/api/projects/{p}/tasks?offset=-1", app.base)), 400),
-        (app.client.get(format!("{}/api/projects/{p}/tasks?limit=ten", app.base)), 400),
-        (app.client.get(format!("{}/api/projects/{p}/tasks?status=done", app.base)), 400),
+        (
+            app.client
+                .get(format!("{}/api/projects/{p}/tasks?limit=0", app.base)),
+            400,
+        ),
+        (
+            app.client
+                .get(format!("{}/api/projects/{p}/tasks?limit=1001", app.base)),
+            400,
+        ),
+        (
+            app.client
+                .get(format!("{}/api/projects/{p}/tasks?offset=-1", app.base)),
+            400,
+        ),
+        (
+            app.client
+                .get(format!("{}/api/projects/{p}/tasks?limit=ten", app.base)),
+            400,
+        ),
+        (
+            app.client
+                .get(format!("{}/api/projects/{p}/tasks?status=done", app.base)),
+            400,
+        ),
     ];
     for (req, want) in cases {
-        let r = req.header("x-correlation-id", "test-123").send().await.unwrap();
+        let r = req
+            .header("x-correlation-id", "test-123")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status().as_u16(), want);
         assert_eq!(r.headers()["x-correlation-id"], "test-123");
         assert_eq!(r.headers()["x-content-type-options"], "nosniff");
@@ -160,7 +209,10 @@ async fn framework_rejections_use_the_envelope_and_change_nothing() {
 async fn unknown_field_is_named_in_the_error() {
     let app = spawn_app().await;
     let r = app
-        .post("/api/projects", json!({"name": "a", "description": "d", "colour": 1}))
+        .post(
+            "/api/projects",
+            json!({"name": "a", "description": "d", "colour": 1}),
+        )
         .await;
     assert_eq!(r.status, 400);
     assert!(r.body["error"].as_str().unwrap().contains("colour"));
@@ -195,7 +247,12 @@ async fn openapi_document_and_ui_are_served() {
     ] {
         assert!(paths.contains_key(p), "missing {p}");
     }
-    let ui = app.client.get(format!("{}/api/docs", app.base)).send().await.unwrap();
+    let ui = app
+        .client
+        .get(format!("{}/api/docs", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(ui.status().as_u16(), 200);
 }
 
@@ -218,24 +275,36 @@ async fn task_types_crud_and_template_rules() {
         )
         .await;
     let r = app
-        .post(&format!("/api/projects/{p}/task-types"), json!({"name": "t"}))
+        .post(
+            &format!("/api/projects/{p}/task-types"),
+            json!({"name": "t"}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
     let r = app.get(&format!("/api/task-types/{t}")).await;
     assert_eq!(r.data()["duplicateHandling"], "allow");
     assert_eq!(r.data()["backoffMultiplier"], 3.0);
     let r = app
-        .put(&format!("/api/task-types/{t}"), json!({"maxRetries": 4, "name": "t2"}))
+        .put(
+            &format!("/api/task-types/{t}"),
+            json!({"maxRetries": 4, "name": "t2"}),
+        )
         .await;
     assert_eq!(r.data()["maxRetries"], 4);
     let list = app.get(&format!("/api/projects/{p}/task-types")).await;
     assert_eq!(list.data().as_array().unwrap().len(), 1);
     assert_eq!(list.data()[0]["name"], "t2");
     let r = app
-        .post(&format!("/api/projects/{p}/task-types"), json!({"name": "x", "backoffMultiplier": 0.5}))
+        .post(
+            &format!("/api/projects/{p}/task-types"),
+            json!({"name": "x", "backoffMultiplier": 0.5}),
+        )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(app.delete(&format!("/api/task-types/{t}")).await.status, 200);
+    assert_eq!(
+        app.delete(&format!("/api/task-types/{t}")).await.status,
+        200
+    );
     assert_eq!(app.get(&format!("/api/task-types/{t}")).await.status, 404);
     assert_eq!(app.get("/api/task-types/not-a-uuid").await.status, 404);
 }
@@ -248,12 +317,18 @@ async fn tasks_render_templates_and_require_variables() {
         .task_type(&p, json!({"name": "t", "template": "Review {{repo}} for {{aspect}}", "variables": ["repo", "aspect"]}))
         .await;
     let r = app
-        .post(&format!("/api/projects/{p}/tasks"), json!({"typeId": t, "variables": {"repo": "x"}}))
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": t, "variables": {"repo": "x"}}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (422, "VALIDATION_ERROR"));
     assert_eq!(r.body["validationDetails"][0]["field"], "variables.aspect");
     let id = app
-        .task(&p, json!({"typeId": t, "variables": {"repo": "r1", "aspect": "auth"}}))
+        .task(
+            &p,
+            json!({"typeId": t, "variables": {"repo": "r1", "aspect": "auth"}}),
+        )
         .await;
     let task = app.get(&format!("/api/tasks/{id}")).await;
     assert_eq!(task.data()["instructions"], "Review r1 for auth");
@@ -265,18 +340,31 @@ async fn tasks_render_templates_and_require_variables() {
 
     // Updating variables re-renders the instructions.
     let r = app
-        .put(&format!("/api/tasks/{id}"), json!({"variables": {"repo": "r2", "aspect": "io"}}))
+        .put(
+            &format!("/api/tasks/{id}"),
+            json!({"variables": {"repo": "r2", "aspect": "io"}}),
+        )
         .await;
     assert_eq!(r.data()["instructions"], "Review r2 for io");
 
     // Unknown type, bad type id, no instructions at all.
     let r = app
-        .post(&format!("/api/projects/{p}/tasks"), json!({"typeId": "01a20255-defe-72af-8362-9529b90b3e2f"}))
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": "01a20255-defe-72af-8362-9529b90b3e2f"}),
+        )
         .await;
     assert_eq!(r.status, 404);
-    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({"typeId": "nope"})).await;
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": "nope"}),
+        )
+        .await;
     assert_eq!(r.status, 400);
-    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({})).await;
+    let r = app
+        .post(&format!("/api/projects/{p}/tasks"), json!({}))
+        .await;
     assert_eq!(r.status, 400);
     assert_eq!(app.stats(&p).await["totalTasks"], 1);
 }
@@ -286,33 +374,62 @@ async fn duplicate_handling_ignore_fail_allow() {
     let app = spawn_app().await;
     let p = app.project("p").await;
     let ignore = app
-        .task_type(&p, json!({"name": "i", "variables": ["a", "b"], "duplicateHandling": "ignore"}))
+        .task_type(
+            &p,
+            json!({"name": "i", "variables": ["a", "b"], "duplicateHandling": "ignore"}),
+        )
         .await;
     let fail = app
-        .task_type(&p, json!({"name": "f", "variables": ["a"], "duplicateHandling": "fail"}))
+        .task_type(
+            &p,
+            json!({"name": "f", "variables": ["a"], "duplicateHandling": "fail"}),
+        )
         .await;
-    let allow = app.task_type(&p, json!({"name": "a", "variables": ["a"]})).await;
+    let allow = app
+        .task_type(&p, json!({"name": "a", "variables": ["a"]}))
+        .await;
     let path = format!("/api/projects/{p}/tasks");
 
     let first = app
-        .post(&path, json!({"typeId": ignore, "instructions": "x", "variables": {"a": "1", "b": "2"}}))
+        .post(
+            &path,
+            json!({"typeId": ignore, "instructions": "x", "variables": {"a": "1", "b": "2"}}),
+        )
         .await;
     assert_eq!(first.status, 201);
     // Same variables in another key order: the existing task, 200.
     let again = app
-        .post(&path, json!({"typeId": ignore, "instructions": "x", "variables": {"b": "2", "a": "1"}}))
+        .post(
+            &path,
+            json!({"typeId": ignore, "instructions": "x", "variables": {"b": "2", "a": "1"}}),
+        )
         .await;
     assert_eq!(again.status, 200);
     assert_eq!(again.data()["id"], first.data()["id"]);
 
-    app.task(&p, json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}})).await;
+    app.task(
+        &p,
+        json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}}),
+    )
+    .await;
     let r = app
-        .post(&path, json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}}))
+        .post(
+            &path,
+            json!({"typeId": fail, "instructions": "x", "variables": {"a": "1"}}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
 
-    app.task(&p, json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}})).await;
-    app.task(&p, json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}})).await;
+    app.task(
+        &p,
+        json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}}),
+    )
+    .await;
+    app.task(
+        &p,
+        json!({"typeId": allow, "instructions": "x", "variables": {"a": "1"}}),
+    )
+    .await;
     assert_eq!(app.stats(&p).await["totalTasks"], 4);
 }
 
@@ -321,17 +438,28 @@ async fn client_task_ids_are_unique_across_the_server() {
     let app = spawn_app().await;
     let p = app.project("p").await;
     let q = app.project("q").await;
-    let id = app.task(&p, json!({"id": "job-1", "instructions": "x"})).await;
+    let id = app
+        .task(&p, json!({"id": "job-1", "instructions": "x"}))
+        .await;
     assert_eq!(id, "job-1");
     let r = app
-        .post(&format!("/api/projects/{q}/tasks"), json!({"id": "job-1", "instructions": "x"}))
+        .post(
+            &format!("/api/projects/{q}/tasks"),
+            json!({"id": "job-1", "instructions": "x"}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
     let r = app
-        .post(&format!("/api/projects/{q}/tasks"), json!({"id": "bad id", "instructions": "x"}))
+        .post(
+            &format!("/api/projects/{q}/tasks"),
+            json!({"id": "bad id", "instructions": "x"}),
+        )
         .await;
     assert_eq!(r.status, 400);
-    assert_eq!(app.get("/api/tasks/job-1").await.data()["projectId"], p.as_str());
+    assert_eq!(
+        app.get("/api/tasks/job-1").await.data()["projectId"],
+        p.as_str()
+    );
 }
 
 #[tokio::test]
@@ -339,9 +467,13 @@ async fn closed_project_takes_no_tasks_and_hands_out_none() {
     let app = spawn_app().await;
     let p = app.project("p").await;
     app.task(&p, json!({"instructions": "x"})).await;
-    app.put(&format!("/api/projects/{p}"), json!({"status": "closed"})).await;
+    app.put(&format!("/api/projects/{p}"), json!({"status": "closed"}))
+        .await;
     let r = app
-        .post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x"}))
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"instructions": "x"}),
+        )
         .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
     assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
@@ -353,7 +485,12 @@ async fn closed_project_takes_no_tasks_and_hands_out_none() {
 async fn bulk_creates_what_it_can_in_order() {
     let app = spawn_app().await;
     let p = app.project("p").await;
-    let t = app.task_type(&p, json!({"name": "t", "template": "{{x}}", "variables": ["x"]})).await;
+    let t = app
+        .task_type(
+            &p,
+            json!({"name": "t", "template": "{{x}}", "variables": ["x"]}),
+        )
+        .await;
     let r = app
         .post(
             &format!("/api/projects/{p}/tasks/bulk"),
@@ -378,13 +515,20 @@ async fn bulk_creates_what_it_can_in_order() {
     assert_eq!(r.data()["createdTasks"][1]["instructions"], "4");
     assert_eq!(r.data()["createdTasks"][0]["batchId"], "b1");
 
-    let many: Vec<Value> = (0..1001).map(|i| json!({"instructions": format!("{i}")})).collect();
+    let many: Vec<Value> = (0..1001)
+        .map(|i| json!({"instructions": format!("{i}")}))
+        .collect();
     let r = app
-        .post(&format!("/api/projects/{p}/tasks/bulk"), json!({"tasks": many}))
+        .post(
+            &format!("/api/projects/{p}/tasks/bulk"),
+            json!({"tasks": many}),
+        )
         .await;
     assert_eq!(r.status, 400);
     assert_eq!(app.stats(&p).await["totalTasks"], 2);
-    let r = app.get(&format!("/api/projects/{p}/tasks?batchId=b1")).await;
+    let r = app
+        .get(&format!("/api/projects/{p}/tasks?batchId=b1"))
+        .await;
     assert_eq!(r.body["pagination"]["total"], 2);
 }
 
@@ -395,8 +539,11 @@ async fn listing_filters_sorts_and_pages() {
     let mut created = Vec::new();
     for i in 0..25 {
         created.push(
-            app.task(&p, json!({"instructions": format!("t{i}"), "priority": i % 3}))
-                .await,
+            app.task(
+                &p,
+                json!({"instructions": format!("t{i}"), "priority": i % 3}),
+            )
+            .await,
         );
     }
     let path = format!("/api/projects/{p}/tasks");
@@ -422,7 +569,9 @@ async fn listing_filters_sorts_and_pages() {
     }
     assert_eq!(seen, created);
     // Offset paging.
-    let r = app.get(&format!("{path}?order=asc&limit=5&offset=20")).await;
+    let r = app
+        .get(&format!("{path}?order=asc&limit=5&offset=20"))
+        .await;
     assert_eq!(ids(r.data()), created[20..].to_vec());
     // Status filters use the counters for totals.
     let claimed = app.next("a", json!({"projectId": p})).await;
@@ -436,8 +585,15 @@ async fn listing_filters_sorts_and_pages() {
     // List items leave out attempts and outputs.
     assert!(r.data()[0].get("attempts").is_none());
     // Priority sort.
-    let r = app.get(&format!("{path}?sort=priority&order=desc&limit=3")).await;
-    assert!(r.data().as_array().unwrap().iter().all(|t| t["priority"] == 2));
+    let r = app
+        .get(&format!("{path}?sort=priority&order=desc&limit=3"))
+        .await;
+    assert!(r
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t["priority"] == 2));
     // Time range.
     let first_created = app.get(&format!("/api/tasks/{}", created[0])).await.data()["createdAt"]
         .as_str()
@@ -455,9 +611,15 @@ async fn listing_filters_sorts_and_pages() {
 async fn next_task_orders_by_priority_then_age_and_resumes() {
     let app = spawn_app().await;
     let p = app.project("p").await;
-    let low = app.task(&p, json!({"instructions": "low", "priority": 1})).await;
-    let old_high = app.task(&p, json!({"instructions": "h1", "priority": 9})).await;
-    let new_high = app.task(&p, json!({"instructions": "h2", "priority": 9})).await;
+    let low = app
+        .task(&p, json!({"instructions": "low", "priority": 1}))
+        .await;
+    let old_high = app
+        .task(&p, json!({"instructions": "h1", "priority": 9}))
+        .await;
+    let new_high = app
+        .task(&p, json!({"instructions": "h2", "priority": 9}))
+        .await;
     let a = app.next("a", json!({"projectId": p})).await;
     assert_eq!(a["id"], old_high.as_str());
     assert_eq!(a["status"], "running");
@@ -469,8 +631,14 @@ async fn next_task_orders_by_priority_then_age_and_resumes() {
     assert_eq!(again["id"], a["id"]);
     assert_eq!(again["leaseToken"], a["leaseToken"]);
     assert_eq!(again["leaseExpiresAt"], a["leaseExpiresAt"]);
-    assert_eq!(app.next("b", json!({"projectId": p})).await["id"], new_high.as_str());
-    assert_eq!(app.next("c", json!({"projectId": p})).await["id"], low.as_str());
+    assert_eq!(
+        app.next("b", json!({"projectId": p})).await["id"],
+        new_high.as_str()
+    );
+    assert_eq!(
+        app.next("c", json!({"projectId": p})).await["id"],
+        low.as_str()
+    );
     let r = app
         .post("/api/agents/d/next-task", json!({"projectId": p}))
         .await;
@@ -479,7 +647,9 @@ async fn next_task_orders_by_priority_then_age_and_resumes() {
     assert_eq!(r.data()["agentName"], "d");
     assert_eq!(r.data()["task"], Value::Null);
     // Reads never show the lease token.
-    let t = app.get(&format!("/api/tasks/{}", a["id"].as_str().unwrap())).await;
+    let t = app
+        .get(&format!("/api/tasks/{}", a["id"].as_str().unwrap()))
+        .await;
     assert!(t.data().get("leaseToken").is_none());
     let agents = app.get(&format!("/api/projects/{p}/agents")).await;
     assert_eq!(agents.data().as_array().unwrap().len(), 3);
@@ -501,7 +671,10 @@ async fn next_task_validates_its_input() {
         ("a", json!({}), 400),
     ] {
         let r = app
-            .post(&format!("/api/agents/{}/next-task", agent.replace(' ', "%20")), body)
+            .post(
+                &format!("/api/agents/{}/next-task", agent.replace(' ', "%20")),
+                body,
+            )
             .await;
         assert_eq!(r.status, want, "{:?}", r.body);
     }
@@ -513,13 +686,19 @@ async fn type_ids_restrict_what_an_agent_takes() {
     let p = app.project("p").await;
     let a = app.task_type(&p, json!({"name": "a"})).await;
     let b = app.task_type(&p, json!({"name": "b"})).await;
-    let ta = app.task(&p, json!({"typeId": a, "instructions": "a", "priority": 9})).await;
-    let tb = app.task(&p, json!({"typeId": b, "instructions": "b", "priority": 1})).await;
+    let ta = app
+        .task(&p, json!({"typeId": a, "instructions": "a", "priority": 9}))
+        .await;
+    let tb = app
+        .task(&p, json!({"typeId": b, "instructions": "b", "priority": 1}))
+        .await;
     let got = app.next("x", json!({"projectId": p, "typeIds": [b]})).await;
     assert_eq!(got["id"], tb.as_str());
     let got = app.next("y", json!({"projectId": p, "typeIds": [b]})).await;
     assert_eq!(got, Value::Null);
-    let got = app.next("y", json!({"projectId": p, "typeIds": [b, a]})).await;
+    let got = app
+        .next("y", json!({"projectId": p, "typeIds": [b, a]}))
+        .await;
     assert_eq!(got["id"], ta.as_str());
 }
 
@@ -532,14 +711,22 @@ async fn complete_is_holder_only_and_idempotent() {
     let id = t["id"].as_str().unwrap();
     let token = t["leaseToken"].as_str().unwrap();
     let path = format!("/api/tasks/{id}/complete");
-    let r = app.post(&path, json!({"agentName": "b", "result": "r"})).await;
-    assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
     let r = app
-        .post(&path, json!({"agentName": "a", "result": "r", "leaseToken": "0".repeat(32)}))
+        .post(&path, json!({"agentName": "b", "result": "r"}))
         .await;
     assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
     let r = app
-        .post(&path, json!({"agentName": "a", "result": "done", "outputs": {"n": 3}, "leaseToken": token}))
+        .post(
+            &path,
+            json!({"agentName": "a", "result": "r", "leaseToken": "0".repeat(32)}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
+    let r = app
+        .post(
+            &path,
+            json!({"agentName": "a", "result": "done", "outputs": {"n": 3}, "leaseToken": token}),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.data()["status"], "completed");
@@ -548,11 +735,15 @@ async fn complete_is_holder_only_and_idempotent() {
     assert_eq!(r.data()["assignedTo"], Value::Null);
     assert_eq!(r.data()["attempts"][0]["outcome"], "completed");
     // The same complete again: 200 with the same task, nothing changes.
-    let again = app.post(&path, json!({"agentName": "a", "result": "done"})).await;
+    let again = app
+        .post(&path, json!({"agentName": "a", "result": "done"}))
+        .await;
     assert_eq!(again.status, 200);
     assert_eq!(again.data()["completedAt"], r.data()["completedAt"]);
     assert_eq!(again.data()["result"], "done");
-    let r = app.post(&path, json!({"agentName": "b", "result": "x"})).await;
+    let r = app
+        .post(&path, json!({"agentName": "b", "result": "x"}))
+        .await;
     assert_eq!(r.status, 409);
     let r = app
         .post(&path, json!({"agentName": "a", "outputs": [1, 2]}))
@@ -571,11 +762,18 @@ async fn complete_is_holder_only_and_idempotent() {
 async fn fail_requeues_until_retries_run_out() {
     let app = spawn_app().await;
     let p = app.project("p").await;
-    let ty = app.task_type(&p, json!({"name": "t", "maxRetries": 1})).await;
-    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "maxRetries": 1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
     app.next("a", json!({"projectId": p})).await;
     let r = app
-        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "a", "error": "boom"}))
+        .post(
+            &format!("/api/tasks/{id}/fail"),
+            json!({"agentName": "a", "error": "boom"}),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.data()["willRetry"], true);
@@ -585,7 +783,10 @@ async fn fail_requeues_until_retries_run_out() {
     assert_eq!(r.data()["leaseExpiresAt"], Value::Null);
     app.next("b", json!({"projectId": p})).await;
     let r = app
-        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "b", "error": "again"}))
+        .post(
+            &format!("/api/tasks/{id}/fail"),
+            json!({"agentName": "b", "error": "again"}),
+        )
         .await;
     assert_eq!(r.data()["willRetry"], false);
     assert_eq!(r.data()["status"], "failed");
@@ -605,7 +806,10 @@ async fn fail_requeues_until_retries_run_out() {
     assert_eq!(r.data()["status"], "queued");
     app.next("c", json!({"projectId": p})).await;
     let r = app
-        .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "c", "error": "x", "canRetry": false}))
+        .post(
+            &format!("/api/tasks/{id}/fail"),
+            json!({"agentName": "c", "error": "x", "canRetry": false}),
+        )
         .await;
     assert_eq!(r.data()["willRetry"], false);
     let r = app.post(&format!("/api/tasks/{id}/retry"), json!({})).await;
@@ -613,7 +817,10 @@ async fn fail_requeues_until_retries_run_out() {
     let r = app.post(&format!("/api/tasks/{id}/retry"), json!({})).await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
     let s = app.stats(&p).await;
-    assert_eq!((s["queuedTasks"].as_u64(), s["failedTasks"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (s["queuedTasks"].as_u64(), s["failedTasks"].as_u64()),
+        (Some(1), Some(0))
+    );
 }
 
 #[tokio::test]
@@ -621,13 +828,21 @@ async fn retry_back_off_delays_the_next_attempt() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
     let ty = app
-        .task_type(&p, json!({"name": "t", "maxRetries": 3, "retryDelaySeconds": 10, "backoffMultiplier": 2}))
+        .task_type(
+            &p,
+            json!({"name": "t", "maxRetries": 3, "retryDelaySeconds": 10, "backoffMultiplier": 2}),
+        )
         .await;
-    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
     for (n, delay_ms) in [(1, 10_000), (2, 20_000)] {
         app.next("a", json!({"projectId": p})).await;
         let r = app
-            .post(&format!("/api/tasks/{id}/fail"), json!({"agentName": "a", "error": "e"}))
+            .post(
+                &format!("/api/tasks/{id}/fail"),
+                json!({"agentName": "a", "error": "e"}),
+            )
             .await;
         assert_eq!(r.data()["retryCount"], n);
         assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
@@ -640,21 +855,36 @@ async fn retry_back_off_delays_the_next_attempt() {
         assert_eq!(peek.data()["tasksAvailable"], 1);
         // Leave it queued for the loop's next claim.
     }
-    assert_eq!(app.next("a", json!({"projectId": p})).await["id"], id.as_str());
+    assert_eq!(
+        app.next("a", json!({"projectId": p})).await["id"],
+        id.as_str()
+    );
 }
 
 #[tokio::test]
 async fn not_before_holds_a_task_back() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let now = app.clock.as_ref().map(|c| agentq::time::Clock::now(c.as_ref())).unwrap();
+    let now = app
+        .clock
+        .as_ref()
+        .map(|c| agentq::time::Clock::now(c.as_ref()))
+        .unwrap();
     let later = agentq::time::format(now + 60_000);
-    let id = app.task(&p, json!({"instructions": "x", "notBefore": later})).await;
+    let id = app
+        .task(&p, json!({"instructions": "x", "notBefore": later}))
+        .await;
     assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
     app.advance(60_000).await;
-    assert_eq!(app.next("a", json!({"projectId": p})).await["id"], id.as_str());
+    assert_eq!(
+        app.next("a", json!({"projectId": p})).await["id"],
+        id.as_str()
+    );
     let r = app
-        .post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x", "notBefore": "tomorrow"}))
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"instructions": "x", "notBefore": "tomorrow"}),
+        )
         .await;
     assert_eq!(r.status, 400);
 }
@@ -667,24 +897,42 @@ async fn extend_lease_and_progress_for_the_holder() {
     let t = app.next("a", json!({"projectId": p})).await;
     let before = t["leaseExpiresAt"].as_str().unwrap().to_string();
     let r = app
-        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "a", "extensionMinutes": 60}))
+        .post(
+            &format!("/api/tasks/{id}/extend-lease"),
+            json!({"agentName": "a", "extensionMinutes": 60}),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert!(r.data()["leaseExpiresAt"].as_str().unwrap() > before.as_str());
     let r = app
-        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "b", "extensionMinutes": 60}))
+        .post(
+            &format!("/api/tasks/{id}/extend-lease"),
+            json!({"agentName": "b", "extensionMinutes": 60}),
+        )
         .await;
     assert_eq!(r.code(), "LEASE_LOST");
     let r = app
-        .post(&format!("/api/tasks/{id}/extend-lease"), json!({"agentName": "a", "extensionMinutes": 0}))
+        .post(
+            &format!("/api/tasks/{id}/extend-lease"),
+            json!({"agentName": "a", "extensionMinutes": 0}),
+        )
         .await;
     assert_eq!(r.status, 400);
     let r = app
-        .post(&format!("/api/tasks/{id}/progress"), json!({"agentName": "a", "current": 3, "total": 10, "message": "going"}))
+        .post(
+            &format!("/api/tasks/{id}/progress"),
+            json!({"agentName": "a", "current": 3, "total": 10, "message": "going"}),
+        )
         .await;
-    assert_eq!(r.data()["progress"], json!({"current": 3, "total": 10, "message": "going"}));
+    assert_eq!(
+        r.data()["progress"],
+        json!({"current": 3, "total": 10, "message": "going"})
+    );
     let r = app
-        .post(&format!("/api/tasks/{id}/progress"), json!({"agentName": "b", "current": 3, "total": 10}))
+        .post(
+            &format!("/api/tasks/{id}/progress"),
+            json!({"agentName": "b", "current": 3, "total": 10}),
+        )
         .await;
     assert_eq!(r.code(), "LEASE_LOST");
 }
@@ -696,16 +944,24 @@ async fn cancel_ends_the_lease() {
     let id = app.task(&p, json!({"instructions": "x"})).await;
     app.next("a", json!({"projectId": p})).await;
     let r = app
-        .post(&format!("/api/tasks/{id}/cancel"), json!({"reason": "not needed"}))
+        .post(
+            &format!("/api/tasks/{id}/cancel"),
+            json!({"reason": "not needed"}),
+        )
         .await;
     assert_eq!(r.data()["status"], "cancelled");
     assert_eq!(r.data()["cancelReason"], "not needed");
     assert_eq!(r.data()["attempts"][0]["outcome"], "cancelled");
     let r = app
-        .post(&format!("/api/tasks/{id}/complete"), json!({"agentName": "a"}))
+        .post(
+            &format!("/api/tasks/{id}/complete"),
+            json!({"agentName": "a"}),
+        )
         .await;
     assert_eq!(r.code(), "LEASE_LOST");
-    let r = app.call("POST", &format!("/api/tasks/{id}/cancel"), None).await;
+    let r = app
+        .call("POST", &format!("/api/tasks/{id}/cancel"), None)
+        .await;
     assert_eq!((r.status, r.code()), (409, "CONFLICT"));
     let s = app.stats(&p).await;
     assert_eq!(s["cancelledTasks"], 1);
@@ -722,10 +978,21 @@ async fn delete_task_and_project_keep_counters_exact() {
     assert_eq!(app.delete(&format!("/api/tasks/{a}")).await.status, 200);
     assert_eq!(app.get(&format!("/api/tasks/{a}")).await.status, 404);
     let s = app.stats(&p).await;
-    assert_eq!((s["totalTasks"].as_u64(), s["runningTasks"].as_u64()), (Some(1), Some(0)));
-    assert_eq!(app.get(&format!("/api/projects/{p}/agents")).await.data(), &json!([]));
+    assert_eq!(
+        (s["totalTasks"].as_u64(), s["runningTasks"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(
+        app.get(&format!("/api/projects/{p}/agents")).await.data(),
+        &json!([])
+    );
     assert_eq!(app.delete(&format!("/api/projects/{p}")).await.status, 200);
-    let r = app.post(&format!("/api/projects/{p}/tasks"), json!({"instructions": "x"})).await;
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"instructions": "x"}),
+        )
+        .await;
     assert_eq!(r.status, 404);
     // The name is free again.
     app.project("p").await;
@@ -740,14 +1007,25 @@ async fn long_poll_wakes_when_a_task_appears() {
     let body = json!({"projectId": p, "waitSeconds": 30});
     let waiter = tokio::spawn(async move {
         let started = std::time::Instant::now();
-        let r: Value = client.post(url).json(&body).send().await.unwrap().json().await.unwrap();
+        let r: Value = client
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         (r, started.elapsed())
     });
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let id = app.task(&p, json!({"instructions": "x"})).await;
     let (r, waited) = waiter.await.unwrap();
     assert_eq!(r["data"]["task"]["id"], id.as_str());
-    assert!(waited < std::time::Duration::from_secs(25), "woke by timeout, not by the task");
+    assert!(
+        waited < std::time::Duration::from_secs(25),
+        "woke by timeout, not by the task"
+    );
 }
 
 #[tokio::test]
@@ -755,7 +1033,10 @@ async fn long_poll_times_out_with_the_no_task_answer() {
     let app = spawn_app().await;
     let p = app.project("p").await;
     let r = app
-        .post("/api/agents/w/next-task", json!({"projectId": p, "waitSeconds": 0.3}))
+        .post(
+            "/api/agents/w/next-task",
+            json!({"projectId": p, "waitSeconds": 0.3}),
+        )
         .await;
     assert_eq!(r.status, 200);
     assert_eq!(r.body["success"], false);
@@ -765,14 +1046,22 @@ async fn long_poll_times_out_with_the_no_task_answer() {
 async fn cleanup_leases_reclaims_expired_leases_now() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app.task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1})).await;
-    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
     app.next("a", json!({"projectId": p})).await;
-    let r = app.post(&format!("/api/projects/{p}/cleanup-leases"), json!({})).await;
+    let r = app
+        .post(&format!("/api/projects/{p}/cleanup-leases"), json!({}))
+        .await;
     assert_eq!(r.data()["reclaimedTasks"], 0, "not expired yet");
     // Move the clock without waking the scheduler, then clean up by hand.
     app.clock.as_ref().unwrap().advance(60_000);
-    let r = app.post(&format!("/api/projects/{p}/cleanup-leases"), json!({})).await;
+    let r = app
+        .post(&format!("/api/projects/{p}/cleanup-leases"), json!({}))
+        .await;
     assert_eq!(r.data()["reclaimedTasks"], 1);
     assert_eq!(r.data()["cleanedAgents"], 1);
     let t = app.get(&format!("/api/tasks/{id}")).await;

@@ -15,10 +15,24 @@ use serde_json::{json, Value};
 async fn tasks_leases_and_attempts_survive_a_restart() {
     let app = spawn_app().await;
     let p = app.project("p").await;
-    let ty = app.task_type(&p, json!({"name": "t", "maxRetries": 2})).await;
-    let running = app.task(&p, json!({"typeId": ty, "instructions": "a", "priority": 9})).await;
-    let failed_once = app.task(&p, json!({"typeId": ty, "instructions": "b", "priority": 8})).await;
-    let queued = app.task(&p, json!({"typeId": ty, "instructions": "c"})).await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "maxRetries": 2}))
+        .await;
+    let running = app
+        .task(
+            &p,
+            json!({"typeId": ty, "instructions": "a", "priority": 9}),
+        )
+        .await;
+    let failed_once = app
+        .task(
+            &p,
+            json!({"typeId": ty, "instructions": "b", "priority": 8}),
+        )
+        .await;
+    let queued = app
+        .task(&p, json!({"typeId": ty, "instructions": "c"}))
+        .await;
     let lease = app.next("a", json!({"projectId": p})).await;
     assert_eq!(lease["id"], running.as_str());
     app.next("b", json!({"projectId": p})).await;
@@ -41,11 +55,20 @@ async fn tasks_leases_and_attempts_survive_a_restart() {
     assert_eq!(t.data()["attempts"][0]["outcome"], "failed");
     assert_eq!(t.data()["retryCount"], 1);
     // FIFO and priority order survive too.
-    assert_eq!(app.next("c", json!({"projectId": p})).await["id"], failed_once.as_str());
-    assert_eq!(app.next("d", json!({"projectId": p})).await["id"], queued.as_str());
+    assert_eq!(
+        app.next("c", json!({"projectId": p})).await["id"],
+        failed_once.as_str()
+    );
+    assert_eq!(
+        app.next("d", json!({"projectId": p})).await["id"],
+        queued.as_str()
+    );
     // New tasks do not collide with old ones.
     let fresh = app.task(&p, json!({"instructions": "d"})).await;
-    assert_eq!(app.get(&format!("/api/tasks/{fresh}")).await.data()["instructions"], "d");
+    assert_eq!(
+        app.get(&format!("/api/tasks/{fresh}")).await.data()["instructions"],
+        "d"
+    );
 }
 
 fn agentq_bin() -> &'static str {
@@ -102,24 +125,37 @@ async fn sigkill_loses_no_acknowledged_complete() {
                 .await
         }
     };
-    let p: Value = post("/api/projects".into(), json!({"name": "crash", "description": "d"}))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let p: Value = post(
+        "/api/projects".into(),
+        json!({"name": "crash", "description": "d"}),
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
     let p = p["data"]["id"].as_str().unwrap().to_string();
-    let tasks: Vec<Value> = (0..1000).map(|i| json!({"instructions": format!("{i}")})).collect();
-    post(format!("/api/projects/{p}/tasks/bulk"), json!({"tasks": tasks}))
-        .await
-        .unwrap();
+    let tasks: Vec<Value> = (0..1000)
+        .map(|i| json!({"instructions": format!("{i}")}))
+        .collect();
+    post(
+        format!("/api/projects/{p}/tasks/bulk"),
+        json!({"tasks": tasks}),
+    )
+    .await
+    .unwrap();
 
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut agents = Vec::new();
     for n in 0..16 {
-        let (client, base, p, acked, stop) =
-            (client.clone(), base.clone(), p.clone(), acked.clone(), stop.clone());
+        let (client, base, p, acked, stop) = (
+            client.clone(),
+            base.clone(),
+            p.clone(),
+            acked.clone(),
+            stop.clone(),
+        );
         agents.push(tokio::spawn(async move {
             let agent = format!("a{n}");
             while !stop.load(Ordering::Relaxed) {
@@ -131,8 +167,12 @@ async fn sigkill_loses_no_acknowledged_complete() {
                 else {
                     return;
                 };
-                let Ok(v) = r.json::<Value>().await else { return };
-                let Some(id) = v["data"]["task"]["id"].as_str() else { return };
+                let Ok(v) = r.json::<Value>().await else {
+                    return;
+                };
+                let Some(id) = v["data"]["task"]["id"].as_str() else {
+                    return;
+                };
                 let Ok(r) = client
                     .post(format!("{base}/api/tasks/{id}/complete"))
                     .json(&json!({"agentName": agent, "result": "ok"}))
@@ -171,7 +211,10 @@ async fn sigkill_loses_no_acknowledged_complete() {
             .json()
             .await
             .unwrap();
-        assert_eq!(v["data"]["status"], "completed", "acknowledged complete of {id} lost");
+        assert_eq!(
+            v["data"]["status"], "completed",
+            "acknowledged complete of {id} lost"
+        );
     }
     let stats: Value = client
         .get(format!("{base}/api/projects/{p}"))

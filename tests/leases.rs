@@ -13,9 +13,14 @@ async fn reaper_reclaims_expired_leases_but_never_early() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
     let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1, "maxRetries": 1}))
+        .task_type(
+            &p,
+            json!({"name": "t", "leaseDurationMinutes": 1, "maxRetries": 1}),
+        )
         .await;
-    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
     let first = app.next("a", json!({"projectId": p})).await;
     app.advance(59_999).await;
     let t = app.get(&format!("/api/tasks/{id}")).await;
@@ -30,7 +35,10 @@ async fn reaper_reclaims_expired_leases_but_never_early() {
     // The stalled holder can no longer complete; a new holder of the same name with the old
     // token neither.
     let r = app
-        .post(&format!("/api/tasks/{id}/complete"), json!({"agentName": "a"}))
+        .post(
+            &format!("/api/tasks/{id}/complete"),
+            json!({"agentName": "a"}),
+        )
         .await;
     assert_eq!(r.code(), "LEASE_LOST");
     let second = app.next("a", json!({"projectId": p})).await;
@@ -49,18 +57,28 @@ async fn reaper_reclaims_expired_leases_but_never_early() {
     assert_eq!(t.data()["status"], "failed");
     assert_eq!(t.data()["attempts"].as_array().unwrap().len(), 2);
     let s = app.stats(&p).await;
-    assert_eq!((s["failedTasks"].as_u64(), s["runningTasks"].as_u64()), (Some(1), Some(0)));
+    assert_eq!(
+        (s["failedTasks"].as_u64(), s["runningTasks"].as_u64()),
+        (Some(1), Some(0))
+    );
 }
 
 #[tokio::test]
 async fn an_earlier_lease_wakes_the_sleeping_reaper() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let long = app.task_type(&p, json!({"name": "long", "leaseDurationMinutes": 60})).await;
-    let short = app.task_type(&p, json!({"name": "short", "leaseDurationMinutes": 1})).await;
-    app.task(&p, json!({"typeId": long, "instructions": "x"})).await;
+    let long = app
+        .task_type(&p, json!({"name": "long", "leaseDurationMinutes": 60}))
+        .await;
+    let short = app
+        .task_type(&p, json!({"name": "short", "leaseDurationMinutes": 1}))
+        .await;
+    app.task(&p, json!({"typeId": long, "instructions": "x"}))
+        .await;
     app.next("a", json!({"projectId": p})).await;
-    let id = app.task(&p, json!({"typeId": short, "instructions": "y"})).await;
+    let id = app
+        .task(&p, json!({"typeId": short, "instructions": "y"}))
+        .await;
     app.next("b", json!({"projectId": p})).await;
     app.advance(60_000).await;
     let t = app.get(&format!("/api/tasks/{id}")).await;
@@ -73,8 +91,12 @@ async fn an_earlier_lease_wakes_the_sleeping_reaper() {
 async fn extend_keeps_the_reaper_away() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app.task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1})).await;
-    let id = app.task(&p, json!({"typeId": ty, "instructions": "x"})).await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
     app.next("a", json!({"projectId": p})).await;
     app.advance(50_000).await;
     app.post(
@@ -83,9 +105,15 @@ async fn extend_keeps_the_reaper_away() {
     )
     .await;
     app.advance(50_000).await;
-    assert_eq!(app.get(&format!("/api/tasks/{id}")).await.data()["status"], "running");
+    assert_eq!(
+        app.get(&format!("/api/tasks/{id}")).await.data()["status"],
+        "running"
+    );
     app.advance(10_000).await;
-    assert_eq!(app.get(&format!("/api/tasks/{id}")).await.data()["status"], "queued");
+    assert_eq!(
+        app.get(&format!("/api/tasks/{id}")).await.data()["status"],
+        "queued"
+    );
 }
 
 /// 48 agents race over 2,400 tasks: each task is completed exactly once, and no two agents
@@ -102,7 +130,10 @@ async fn many_agents_complete_each_task_exactly_once() {
             .map(|i| json!({"instructions": format!("t{}", chunk * 600 + i), "priority": i % 11}))
             .collect();
         let r = app
-            .post(&format!("/api/projects/{p}/tasks/bulk"), json!({"tasks": tasks}))
+            .post(
+                &format!("/api/projects/{p}/tasks/bulk"),
+                json!({"tasks": tasks}),
+            )
             .await;
         assert_eq!(r.data()["tasksCreated"], 600);
     }

@@ -27,7 +27,11 @@ const NO_TASK: &str = "No tasks available for assignment";
 impl LeasesApi {
     /// Resume the agent's current task in the project, or lease the best available one.
     /// With `waitSeconds`, waits (long-poll) until a task appears or the time is up.
-    #[oai(path = "/api/agents/:agentName/next-task", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/agents/:agentName/next-task",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn next_task(
         &self,
         #[oai(name = "agentName")] agent: Path<String>,
@@ -93,7 +97,11 @@ impl LeasesApi {
     }
 
     /// Complete a task (holder only). Repeating the same complete is answered 200.
-    #[oai(path = "/api/tasks/:taskId/complete", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/complete",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn complete(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -101,7 +109,12 @@ impl LeasesApi {
     ) -> Result<Reply<TaskOut>> {
         let b = body.0;
         let mut c = Check::default();
-        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        c.name(
+            "agentName",
+            &b.agent_name,
+            validate::MAX_AGENT_NAME,
+            "Agent name",
+        );
         if let Some(r) = &b.result {
             c.max_len("result", r, validate::MAX_RESULT);
         }
@@ -124,13 +137,26 @@ impl LeasesApi {
         let (t, _done): (_, Completion) = self
             .0
             .store
-            .write(move |w| write::complete(w, &id.0, &b.agent_name, token, b.result.map(String::from), outputs))
+            .write(move |w| {
+                write::complete(
+                    w,
+                    &id.0,
+                    &b.agent_name,
+                    token,
+                    b.result.map(String::from),
+                    outputs,
+                )
+            })
             .await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
 
     /// Fail a task (holder only): requeued with back-off while retries remain.
-    #[oai(path = "/api/tasks/:taskId/fail", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/fail",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn fail(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -138,7 +164,12 @@ impl LeasesApi {
     ) -> Result<Reply<FailOut>> {
         let b = body.0;
         let mut c = Check::default();
-        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        c.name(
+            "agentName",
+            &b.agent_name,
+            validate::MAX_AGENT_NAME,
+            "Agent name",
+        );
         let error = b.error.map_or_else(|| "failed".to_string(), String::from);
         c.max_len("error", &error, validate::MAX_ERROR);
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
@@ -156,7 +187,11 @@ impl LeasesApi {
     }
 
     /// Heartbeat: the lease ends `extensionMinutes` from now (never earlier than before).
-    #[oai(path = "/api/tasks/:taskId/extend-lease", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/extend-lease",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn extend(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -181,7 +216,11 @@ impl LeasesApi {
     }
 
     /// Report progress (holder only).
-    #[oai(path = "/api/tasks/:taskId/progress", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/progress",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn progress(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -189,7 +228,12 @@ impl LeasesApi {
     ) -> Result<Reply<TaskOut>> {
         let b = body.0;
         let mut c = Check::default();
-        c.name("agentName", &b.agent_name, validate::MAX_AGENT_NAME, "Agent name");
+        c.name(
+            "agentName",
+            &b.agent_name,
+            validate::MAX_AGENT_NAME,
+            "Agent name",
+        );
         if b.current < 0 {
             c.fail("current", "must be 0 or more", b.current);
         }
@@ -215,7 +259,11 @@ impl LeasesApi {
     }
 
     /// Cancel a queued or running task.
-    #[oai(path = "/api/tasks/:taskId/cancel", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/cancel",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn cancel(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -236,18 +284,22 @@ impl LeasesApi {
     }
 
     /// Put a failed or cancelled task back in the queue.
-    #[oai(path = "/api/tasks/:taskId/retry", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/retry",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn retry(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<TaskOut>> {
-        let t = self
-            .0
-            .store
-            .write(move |w| write::retry(w, &id.0))
-            .await?;
+        let t = self.0.store.write(move |w| write::retry(w, &id.0)).await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
 
     /// A task's attempt history.
-    #[oai(path = "/api/tasks/:taskId/attempts", method = "get", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/tasks/:taskId/attempts",
+        method = "get",
+        tag = "ApiTags::Leases"
+    )]
     async fn attempts(
         &self,
         #[oai(name = "taskId")] id: Path<String>,
@@ -259,7 +311,11 @@ impl LeasesApi {
     }
 
     /// Agents currently holding a lease in the project.
-    #[oai(path = "/api/projects/:projectId/agents", method = "get", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/projects/:projectId/agents",
+        method = "get",
+        tag = "ApiTags::Leases"
+    )]
     async fn agents(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -285,7 +341,11 @@ impl LeasesApi {
     }
 
     /// How many tasks next-task could hand out now.
-    #[oai(path = "/api/projects/:projectId/peek-next-task", method = "get", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/projects/:projectId/peek-next-task",
+        method = "get",
+        tag = "ApiTags::Leases"
+    )]
     async fn peek(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<PeekOut>> {
         let r = self.0.store.read()?;
         let p = r.project(&id.0)?;
@@ -301,7 +361,11 @@ impl LeasesApi {
     }
 
     /// Reclaim the project's expired leases now.
-    #[oai(path = "/api/projects/:projectId/cleanup-leases", method = "post", tag = "ApiTags::Leases")]
+    #[oai(
+        path = "/api/projects/:projectId/cleanup-leases",
+        method = "post",
+        tag = "ApiTags::Leases"
+    )]
     async fn cleanup(
         &self,
         #[oai(name = "projectId")] id: Path<String>,

@@ -111,7 +111,12 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
         Cors::new()
             .allow_origin(o.as_str())
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-            .allow_headers(["content-type", "authorization", "x-api-key", "x-correlation-id"])
+            .allow_headers([
+                "content-type",
+                "authorization",
+                "x-api-key",
+                "x-correlation-id",
+            ])
             .expose_headers(["x-correlation-id"])
     });
     route.with_if(cors.is_some(), cors.unwrap_or_default())
@@ -125,15 +130,18 @@ fn valid_correlation_id(v: &HeaderValue) -> Option<String> {
     let s = v.to_str().ok()?;
     (!s.is_empty()
         && s.len() <= 128
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
     .then(|| s.to_string())
 }
 
 /// Every request passes here: correlation id, body limit, the error envelope for anything
 /// that failed (ours or the framework's), and the security headers.
-async fn frame<E: Endpoint>(ep: Arc<E>, mut req: Request, max_body: usize) -> poem::Result<Response> {
+async fn frame<E: Endpoint>(
+    ep: Arc<E>,
+    mut req: Request,
+    max_body: usize,
+) -> poem::Result<Response> {
     let cid = req
         .headers()
         .get("x-correlation-id")
@@ -170,8 +178,7 @@ async fn frame<E: Endpoint>(ep: Arc<E>, mut req: Request, max_body: usize) -> po
                 req.set_body(body);
             }
         }
-        if writes && !req.headers().contains_key(header::CONTENT_TYPE)
-        {
+        if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
             // curl and many scripts send JSON without a content type; it is the only one we take.
             req.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -192,7 +199,10 @@ async fn frame<E: Endpoint>(ep: Arc<E>, mut req: Request, max_body: usize) -> po
     if let Ok(v) = HeaderValue::from_str(&cid) {
         h.insert("x-correlation-id", v);
     }
-    h.insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+    h.insert(
+        "x-content-type-options",
+        HeaderValue::from_static("nosniff"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     Ok(resp)

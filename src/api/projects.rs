@@ -59,7 +59,11 @@ impl ProjectsApi {
     }
 
     /// Get a project by id or name.
-    #[oai(path = "/api/projects/:projectId", method = "get", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects/:projectId",
+        method = "get",
+        tag = "ApiTags::Projects"
+    )]
     async fn get(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<ProjectOut>> {
         let r = self.0.store.read()?;
         let p = r.project(&id.0)?;
@@ -68,7 +72,11 @@ impl ProjectsApi {
     }
 
     /// Update a project (closing it stops new tasks and hand-outs).
-    #[oai(path = "/api/projects/:projectId", method = "put", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects/:projectId",
+        method = "put",
+        tag = "ApiTags::Projects"
+    )]
     async fn update(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -84,7 +92,11 @@ impl ProjectsApi {
     }
 
     /// Delete a project with its task types, tasks and leases.
-    #[oai(path = "/api/projects/:projectId", method = "delete", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects/:projectId",
+        method = "delete",
+        tag = "ApiTags::Projects"
+    )]
     async fn delete(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<Deleted>> {
         let pid = self
             .0
@@ -99,7 +111,11 @@ impl ProjectsApi {
     }
 
     /// Exact counters, queue depth and active agents.
-    #[oai(path = "/api/projects/:projectId/stats", method = "get", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects/:projectId/stats",
+        method = "get",
+        tag = "ApiTags::Projects"
+    )]
     async fn stats(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -120,7 +136,11 @@ impl ProjectsApi {
     }
 
     /// List a project's task types.
-    #[oai(path = "/api/projects/:projectId/task-types", method = "get", tag = "ApiTags::TaskTypes")]
+    #[oai(
+        path = "/api/projects/:projectId/task-types",
+        method = "get",
+        tag = "ApiTags::TaskTypes"
+    )]
     async fn list_types(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -133,7 +153,11 @@ impl ProjectsApi {
     }
 
     /// Create a task type.
-    #[oai(path = "/api/projects/:projectId/task-types", method = "post", tag = "ApiTags::TaskTypes")]
+    #[oai(
+        path = "/api/projects/:projectId/task-types",
+        method = "post",
+        tag = "ApiTags::TaskTypes"
+    )]
     async fn create_type(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -149,13 +173,24 @@ impl ProjectsApi {
     }
 
     /// Get a task type.
-    #[oai(path = "/api/task-types/:typeId", method = "get", tag = "ApiTags::TaskTypes")]
-    async fn get_type(&self, #[oai(name = "typeId")] id: Path<String>) -> Result<Reply<TaskTypeOut>> {
+    #[oai(
+        path = "/api/task-types/:typeId",
+        method = "get",
+        tag = "ApiTags::TaskTypes"
+    )]
+    async fn get_type(
+        &self,
+        #[oai(name = "typeId")] id: Path<String>,
+    ) -> Result<Reply<TaskTypeOut>> {
         Ok(Reply::ok(self.0.store.read()?.task_type(&id.0)?.into()))
     }
 
     /// Update a task type. Existing tasks keep their rendered instructions.
-    #[oai(path = "/api/task-types/:typeId", method = "put", tag = "ApiTags::TaskTypes")]
+    #[oai(
+        path = "/api/task-types/:typeId",
+        method = "put",
+        tag = "ApiTags::TaskTypes"
+    )]
     async fn update_type(
         &self,
         #[oai(name = "typeId")] id: Path<String>,
@@ -171,8 +206,15 @@ impl ProjectsApi {
     }
 
     /// Delete a task type. Its tasks stay and fall back to the project's defaults.
-    #[oai(path = "/api/task-types/:typeId", method = "delete", tag = "ApiTags::TaskTypes")]
-    async fn delete_type(&self, #[oai(name = "typeId")] id: Path<String>) -> Result<Reply<Deleted>> {
+    #[oai(
+        path = "/api/task-types/:typeId",
+        method = "delete",
+        tag = "ApiTags::TaskTypes"
+    )]
+    async fn delete_type(
+        &self,
+        #[oai(name = "typeId")] id: Path<String>,
+    ) -> Result<Reply<Deleted>> {
         let key = id.0.clone();
         self.0
             .store

@@ -20,7 +20,11 @@ pub struct TasksApi(pub Arc<State>);
 #[OpenApi]
 impl TasksApi {
     /// List a project's tasks with filters, sorting and cursor paging.
-    #[oai(path = "/api/projects/:projectId/tasks", method = "get", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/projects/:projectId/tasks",
+        method = "get",
+        tag = "ApiTags::Tasks"
+    )]
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
@@ -61,7 +65,10 @@ impl TasksApi {
             }
         }
         let type_id = type_id.0.as_deref().map(|t| c.uuid("typeId", t));
-        let created_after = created_after.0.as_deref().and_then(|t| c.time("createdAfter", t));
+        let created_after = created_after
+            .0
+            .as_deref()
+            .and_then(|t| c.time("createdAfter", t));
         let created_before = created_before
             .0
             .as_deref()
@@ -128,7 +135,11 @@ impl TasksApi {
     }
 
     /// Create a task. With `duplicateHandling: ignore`, an existing duplicate is returned (200).
-    #[oai(path = "/api/projects/:projectId/tasks", method = "post", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/projects/:projectId/tasks",
+        method = "post",
+        tag = "ApiTags::Tasks"
+    )]
     async fn create(
         &self,
         #[oai(name = "projectId")] id: Path<String>,
@@ -150,7 +161,11 @@ impl TasksApi {
     }
 
     /// Create up to 1000 tasks in one transaction; per-task problems are reported by index.
-    #[oai(path = "/api/projects/:projectId/tasks/bulk", method = "post", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/projects/:projectId/tasks/bulk",
+        method = "post",
+        tag = "ApiTags::Tasks"
+    )]
     async fn bulk(
         &self,
         #[oai(name = "projectId")] id: Path<String>,

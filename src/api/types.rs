@@ -14,7 +14,6 @@ use uuid::Uuid;
 use crate::model::{Attempt, Project, Stats, Task, TaskType};
 use crate::time::format;
 
-
 /// A request string that must be a JSON string: poem-openapi's `String` would also take a
 /// number or a boolean and stringify it, which the contract calls a wrong type (400).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Default)]
@@ -134,7 +133,13 @@ pub enum ListReply<T: ParseFromJSON + ToJSON + Send + Sync> {
 }
 
 impl<T: ParseFromJSON + ToJSON + Send + Sync> ListReply<T> {
-    pub fn new(data: Vec<T>, total: u64, limit: usize, offset: usize, next: Option<String>) -> Self {
+    pub fn new(
+        data: Vec<T>,
+        total: u64,
+        limit: usize,
+        offset: usize,
+        next: Option<String>,
+    ) -> Self {
         ListReply::Ok(Json(ListEnvelope {
             success: true,
             data,

@@ -9,7 +9,9 @@ use uuid::Uuid;
 
 use super::types::*;
 use crate::error::{Error, FieldError};
-use crate::model::{template_placeholders, DuplicateHandling, Millis, ProjectConfig, ProjectStatus};
+use crate::model::{
+    template_placeholders, DuplicateHandling, Millis, ProjectConfig, ProjectStatus,
+};
 use crate::store::write::{NewProject, NewTask, NewTaskType, ProjectPatch, TaskPatch, TypePatch};
 
 pub const MAX_NAME: usize = 100;
@@ -37,7 +39,12 @@ pub const MAX_PROGRESS_MESSAGE: usize = 1_000;
 pub struct Check(Vec<FieldError>);
 
 impl Check {
-    pub fn fail(&mut self, field: &str, msg: impl Into<String>, value: impl Into<serde_json::Value>) {
+    pub fn fail(
+        &mut self,
+        field: &str,
+        msg: impl Into<String>,
+        value: impl Into<serde_json::Value>,
+    ) {
         self.0.push(FieldError::new(field, msg).with_value(value));
     }
 
@@ -58,7 +65,11 @@ impl Check {
 
     pub fn max_len(&mut self, field: &str, v: &str, max: usize) {
         if v.chars().count() > max {
-            self.fail(field, format!("must be at most {max} characters"), v.chars().count());
+            self.fail(
+                field,
+                format!("must be at most {max} characters"),
+                v.chars().count(),
+            );
         }
     }
 
@@ -236,7 +247,10 @@ fn template_rules(c: &mut Check, template: &str, vars: &[String]) {
     if !missing.is_empty() {
         c.fail(
             "template",
-            format!("placeholders not listed in variables: {}", missing.join(", ")),
+            format!(
+                "placeholders not listed in variables: {}",
+                missing.join(", ")
+            ),
             template,
         );
     }
@@ -263,9 +277,9 @@ pub fn create_type(b: CreateTaskType) -> Result<NewTaskType, Error> {
     let lease = b
         .lease_duration_minutes
         .map(|v| c.float_range("leaseDurationMinutes", v, 0.1, 1440.0));
-    let delay = b
-        .retry_delay_seconds
-        .map_or(0.0, |v| c.float_range("retryDelaySeconds", v, 0.0, 86_400.0));
+    let delay = b.retry_delay_seconds.map_or(0.0, |v| {
+        c.float_range("retryDelaySeconds", v, 0.0, 86_400.0)
+    });
     let mult = b
         .backoff_multiplier
         .map_or(2.0, |v| c.float_range("backoffMultiplier", v, 1.0, 10.0));
@@ -329,7 +343,11 @@ fn task_variables(c: &mut Check, prefix: &str, vars: &BTreeMap<String, String>) 
     }
     for (k, v) in vars {
         if k.is_empty() || k.len() > MAX_NAME {
-            c.fail(&format!("{prefix}variables"), "variable names must be 1-100 characters", k.as_str());
+            c.fail(
+                &format!("{prefix}variables"),
+                "variable names must be 1-100 characters",
+                k.as_str(),
+            );
         }
         if v.chars().count() > MAX_VARIABLE_VALUE {
             c.fail(
@@ -351,7 +369,10 @@ pub fn create_task(
     if let Some(id) = &b.id {
         c.name(&format!("{prefix}id"), id, MAX_NAME, "Task id");
     }
-    let type_id = b.type_id.as_deref().map(|t| c.uuid(&format!("{prefix}typeId"), t));
+    let type_id = b
+        .type_id
+        .as_deref()
+        .map(|t| c.uuid(&format!("{prefix}typeId"), t));
     if let Some(i) = &b.instructions {
         c.max_len(&format!("{prefix}instructions"), i, MAX_INSTRUCTIONS);
     }
@@ -392,11 +413,10 @@ pub fn update_task(b: UpdateTask) -> Result<TaskPatch, Error> {
         c.max_len("batchId", bid, MAX_BATCH_ID);
     }
     let patch = TaskPatch {
-        priority: b.priority.map(|p| c.int_range("priority", p, 0, MAX_PRIORITY) as u8),
-        not_before: b
-            .not_before
-            .as_deref()
-            .map(|t| c.time("notBefore", t)),
+        priority: b
+            .priority
+            .map(|p| c.int_range("priority", p, 0, MAX_PRIORITY) as u8),
+        not_before: b.not_before.as_deref().map(|t| c.time("notBefore", t)),
         instructions: b.instructions.map(String::from),
         variables,
         batch_id: b.batch_id.map(|b| Some(b.0)),

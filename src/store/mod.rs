@@ -69,8 +69,7 @@ impl W<'_, '_> {
                 self.fx.ready(n.project_id);
             }
             if let Some(l) = &n.lease {
-                if old.and_then(|o| o.lease.as_ref()).map(|l| l.expires_at) != Some(l.expires_at)
-                {
+                if old.and_then(|o| o.lease.as_ref()).map(|l| l.expires_at) != Some(l.expires_at) {
                     self.fx.timer(l.expires_at);
                 }
             }

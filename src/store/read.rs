@@ -68,6 +68,8 @@ pub struct Page {
 }
 
 type KeyIter = Box<dyn Iterator<Item = Result<(i64, u64)>>>;
+/// One source of a merge: its next key (peeked) and the rest.
+type Head = (Option<Result<(i64, u64)>>, KeyIter);
 
 impl Reader {
     pub fn new(txn: ReadTransaction) -> Self {
@@ -136,7 +138,10 @@ impl Reader {
 
     pub fn task_type(&self, id: &str) -> Result<TaskType> {
         let found = match Uuid::parse_str(id) {
-            Ok(u) => self.table(TYPES)?.get(u.as_u128())?.map(|v| v.value().to_vec()),
+            Ok(u) => self
+                .table(TYPES)?
+                .get(u.as_u128())?
+                .map(|v| v.value().to_vec()),
             Err(_) => None,
         };
         match found {
@@ -252,9 +257,17 @@ impl Reader {
             let (mut a, mut b) = ((lo, 0u64), (hi, u64::MAX));
             if let Some(k) = from {
                 if q.desc {
-                    b = if k.1 == 0 { (k.0 - 1, u64::MAX) } else { (k.0, k.1 - 1) };
+                    b = if k.1 == 0 {
+                        (k.0 - 1, u64::MAX)
+                    } else {
+                        (k.0, k.1 - 1)
+                    };
                 } else {
-                    a = if k.1 == u64::MAX { (k.0 + 1, 0) } else { (k.0, k.1 + 1) };
+                    a = if k.1 == u64::MAX {
+                        (k.0 + 1, 0)
+                    } else {
+                        (k.0, k.1 + 1)
+                    };
                 }
             }
             let mut out: Vec<KeyIter> = Vec::new();
@@ -265,16 +278,30 @@ impl Reader {
                 let it = self
                     .table(BY_PROJECT)?
                     .range((project, a.0, a.1)..=(project, b.0, b.1))?
-                    .map(|r| r.map(|(k, _)| (k.value().1, k.value().2)).map_err(Error::from));
-                out.push(if q.desc { Box::new(it.rev()) } else { Box::new(it) });
+                    .map(|r| {
+                        r.map(|(k, _)| (k.value().1, k.value().2))
+                            .map_err(Error::from)
+                    });
+                out.push(if q.desc {
+                    Box::new(it.rev())
+                } else {
+                    Box::new(it)
+                });
             } else {
                 for s in &q.statuses {
                     let c = s.code();
                     let it = self
                         .table(BY_STATUS)?
                         .range((project, c, a.0, a.1)..=(project, c, b.0, b.1))?
-                        .map(|r| r.map(|(k, _)| (k.value().2, k.value().3)).map_err(Error::from));
-                    out.push(if q.desc { Box::new(it.rev()) } else { Box::new(it) });
+                        .map(|r| {
+                            r.map(|(k, _)| (k.value().2, k.value().3))
+                                .map_err(Error::from)
+                        });
+                    out.push(if q.desc {
+                        Box::new(it.rev())
+                    } else {
+                        Box::new(it)
+                    });
                 }
             }
             Ok(out)
@@ -372,16 +399,13 @@ impl Reader {
 
 /// Merges key streams that are each sorted (ascending, or descending when `desc`).
 struct Merge {
-    heads: Vec<(Option<Result<(i64, u64)>>, KeyIter)>,
+    heads: Vec<Head>,
     desc: bool,
 }
 
 impl Merge {
     fn new(iters: Vec<KeyIter>, desc: bool) -> Self {
-        let heads = iters
-            .into_iter()
-            .map(|mut it| (it.next(), it))
-            .collect();
+        let heads = iters.into_iter().map(|mut it| (it.next(), it)).collect();
         Merge { heads, desc }
     }
 }

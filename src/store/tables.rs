@@ -9,8 +9,7 @@
 //! the only code that writes task rows, and it keeps both in step by diffing old and new.
 
 use redb::{
-    MultimapTable, MultimapTableDefinition, ReadableTable, Table, TableDefinition,
-    WriteTransaction,
+    MultimapTable, MultimapTableDefinition, ReadableTable, Table, TableDefinition, WriteTransaction,
 };
 
 use crate::error::Result;
@@ -39,8 +38,7 @@ pub const TASK_IDS: TableDefinition<&str, u64> = TableDefinition::new("task_ids"
 /// (project, createdAt, seq): listing a project's tasks by creation time.
 pub const BY_PROJECT: TableDefinition<(u128, i64, u64), ()> = TableDefinition::new("by_project");
 /// (project, status code, createdAt, seq): listing by status and creation time.
-pub const BY_STATUS: TableDefinition<(u128, u8, i64, u64), ()> =
-    TableDefinition::new("by_status");
+pub const BY_STATUS: TableDefinition<(u128, u8, i64, u64), ()> = TableDefinition::new("by_status");
 /// (project, 10 - priority, seq): queued tasks available now. First key = next task.
 pub const READY: TableDefinition<(u128, u8, u64), ()> = TableDefinition::new("ready");
 /// (project, type id or 0, 10 - priority, seq): the same, per type, for `typeIds`.
@@ -237,7 +235,8 @@ impl<'txn> Tables<'txn> {
         match (old, new) {
             (None, Some(t)) => {
                 self.task_ids.insert(t.id.as_str(), t.seq)?;
-                self.by_project.insert((t.project_id, t.created_at, t.seq), ())?;
+                self.by_project
+                    .insert((t.project_id, t.created_at, t.seq), ())?;
                 if let Some(ty) = t.type_id {
                     let h = crate::model::variables_hash(&t.variables);
                     self.dupes.insert((ty, h), t.seq)?;
@@ -245,7 +244,8 @@ impl<'txn> Tables<'txn> {
             }
             (Some(t), None) => {
                 self.task_ids.remove(t.id.as_str())?;
-                self.by_project.remove((t.project_id, t.created_at, t.seq))?;
+                self.by_project
+                    .remove((t.project_id, t.created_at, t.seq))?;
                 if let Some(ty) = t.type_id {
                     let h = crate::model::variables_hash(&t.variables);
                     self.dupes.remove((ty, h), t.seq)?;

@@ -112,7 +112,9 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
     let old_name = p.name.clone();
     if let Some(name) = &patch.name {
         if *name != p.name && w.t.project_id_by_name(name)?.is_some() {
-            return Err(Error::Conflict(format!("a project named {name} already exists")));
+            return Err(Error::Conflict(format!(
+                "a project named {name} already exists"
+            )));
         }
     }
     if let Some(v) = patch.name {
@@ -149,25 +151,23 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 /// Deletes a project with its task types, tasks and leases. Returns the project id.
 pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
     let p = resolve_project(w.t, key)?;
-    let seqs: Vec<u64> = w
-        .t
-        .by_project
-        .range((p.id, i64::MIN, 0)..=(p.id, i64::MAX, u64::MAX))?
-        .map(|r| r.map(|(k, _)| k.value().2))
-        .collect::<Result<_, _>>()?;
+    let seqs: Vec<u64> =
+        w.t.by_project
+            .range((p.id, i64::MIN, 0)..=(p.id, i64::MAX, u64::MAX))?
+            .map(|r| r.map(|(k, _)| k.value().2))
+            .collect::<Result<_, _>>()?;
     for seq in seqs {
         if let Some(task) = w.t.task(seq)? {
             w.t.put_task(Some(&task), None)?;
         }
     }
-    let types: Vec<(String, u128)> = w
-        .t
-        .type_names
-        .range((p.id, "")..)?
-        .map(|r| r.map(|(k, v)| (k.value().0, k.value().1.to_string(), v.value())))
-        .take_while(|r| r.as_ref().map_or(true, |(pid, _, _)| *pid == p.id))
-        .map(|r| r.map(|(_, n, id)| (n, id)))
-        .collect::<Result<_, _>>()?;
+    let types: Vec<(String, u128)> =
+        w.t.type_names
+            .range((p.id, "")..)?
+            .map(|r| r.map(|(k, v)| (k.value().0, k.value().1.to_string(), v.value())))
+            .take_while(|r| r.as_ref().map_or(true, |(pid, _, _)| *pid == p.id))
+            .map(|r| r.map(|(_, n, id)| (n, id)))
+            .collect::<Result<_, _>>()?;
     for (name, id) in types {
         w.t.type_names.remove((p.id, name.as_str()))?;
         w.t.types.remove(id)?;
@@ -234,7 +234,12 @@ pub fn update_type(w: &mut W, id: &str, patch: TypePatch) -> Result<TaskType> {
     let mut ty = type_by_id(w.t, id)?;
     let old_name = ty.name.clone();
     if let Some(name) = &patch.name {
-        if *name != ty.name && w.t.type_names.get((ty.project_id, name.as_str()))?.is_some() {
+        if *name != ty.name
+            && w.t
+                .type_names
+                .get((ty.project_id, name.as_str()))?
+                .is_some()
+        {
             return Err(Error::Conflict(format!(
                 "a task type named {name} already exists in this project"
             )));
@@ -282,7 +287,8 @@ pub fn update_type(w: &mut W, id: &str, patch: TypePatch) -> Result<TaskType> {
     ty.updated_at = w.now;
     if ty.name != old_name {
         w.t.type_names.remove((ty.project_id, old_name.as_str()))?;
-        w.t.type_names.insert((ty.project_id, ty.name.as_str()), ty.id)?;
+        w.t.type_names
+            .insert((ty.project_id, ty.name.as_str()), ty.id)?;
     }
     w.t.put_type(&ty)?;
     Ok(ty)
@@ -371,7 +377,10 @@ fn create_one(
             return Err(Error::Unprocessable(missing));
         }
     }
-    let instructions = match (ty.as_ref().and_then(|t| t.template.as_ref()), n.instructions) {
+    let instructions = match (
+        ty.as_ref().and_then(|t| t.template.as_ref()),
+        n.instructions,
+    ) {
         (Some(tpl), _) => render_template(tpl, &n.variables),
         (None, Some(i)) => i,
         (None, None) => {
@@ -383,7 +392,9 @@ fn create_one(
     };
     if let Some(id) = &n.id {
         if w.t.task_ids.get(id.as_str())?.is_some() {
-            return Err(Error::Conflict(format!("a task with id {id} already exists")));
+            return Err(Error::Conflict(format!(
+                "a task with id {id} already exists"
+            )));
         }
     }
     if let Some(ty) = &ty {
@@ -560,11 +571,10 @@ pub fn next_task(
         Some(ids) => {
             let mut best: Option<(u8, u64)> = None;
             for &ty in ids {
-                let first = w
-                    .t
-                    .ready_type
-                    .range((p.id, ty, 0u8, 0u64)..=(p.id, ty, u8::MAX, u64::MAX))?
-                    .next();
+                let first =
+                    w.t.ready_type
+                        .range((p.id, ty, 0u8, 0u64)..=(p.id, ty, u8::MAX, u64::MAX))?
+                        .next();
                 if let Some(r) = first {
                     let k = r?.0.value();
                     let cand = (k.2, k.3);
@@ -579,10 +589,9 @@ pub fn next_task(
     let Some(seq) = best else {
         return Ok(Claim::None);
     };
-    let old = w
-        .t
-        .task(seq)?
-        .ok_or_else(|| Error::Storage(format!("ready index names missing task seq {seq}")))?;
+    let old =
+        w.t.task(seq)?
+            .ok_or_else(|| Error::Storage(format!("ready index names missing task seq {seq}")))?;
     let ty = match old.type_id {
         Some(id) => w.t.task_type(id)?,
         None => None,
@@ -636,14 +645,11 @@ pub fn fail(
     })
 }
 
-pub fn extend(
-    w: &mut W,
-    id: &str,
-    agent: &str,
-    token: Option<u128>,
-    ms: i64,
-) -> Result<Task> {
-    holder_op(w, id, |t, _, now| Ok(lease::extend(t, agent, token, ms, now)?)).map(|r| r.0)
+pub fn extend(w: &mut W, id: &str, agent: &str, token: Option<u128>, ms: i64) -> Result<Task> {
+    holder_op(w, id, |t, _, now| {
+        Ok(lease::extend(t, agent, token, ms, now)?)
+    })
+    .map(|r| r.0)
 }
 
 pub fn progress(
@@ -653,7 +659,10 @@ pub fn progress(
     token: Option<u128>,
     p: Progress,
 ) -> Result<Task> {
-    holder_op(w, id, |t, _, now| Ok(lease::progress(t, agent, token, p, now)?)).map(|r| r.0)
+    holder_op(w, id, |t, _, now| {
+        Ok(lease::progress(t, agent, token, p, now)?)
+    })
+    .map(|r| r.0)
 }
 
 pub fn cancel(w: &mut W, id: &str, reason: Option<String>) -> Result<Task> {
@@ -675,13 +684,12 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
 pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
-    let due: Vec<u64> = w
-        .t
-        .delayed
-        .range((i64::MIN, 0u64)..=(w.now, u64::MAX))?
-        .take(limit)
-        .map(|r| r.map(|(k, _)| k.value().1))
-        .collect::<Result<_, _>>()?;
+    let due: Vec<u64> =
+        w.t.delayed
+            .range((i64::MIN, 0u64)..=(w.now, u64::MAX))?
+            .take(limit)
+            .map(|r| r.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
     let n = due.len();
     for seq in due {
         if let Some(old) = w.t.task(seq)? {
@@ -720,7 +728,11 @@ pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result
         }
         let rules = rules_for(w.t, &old)?;
         let mut t = old.clone();
-        let agent = old.lease.as_ref().map(|l| l.agent.clone()).unwrap_or_default();
+        let agent = old
+            .lease
+            .as_ref()
+            .map(|l| l.agent.clone())
+            .unwrap_or_default();
         if let Some(will_retry) = lease::reclaim(&mut t, &rules, w.now) {
             w.put_task(Some(&old), Some(&t))?;
             out.push(Reclaimed {

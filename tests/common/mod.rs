@@ -101,7 +101,10 @@ impl TestApp {
     /// Creates a project and returns its id.
     pub async fn project(&self, name: &str) -> String {
         let r = self
-            .post("/api/projects", json!({"name": name, "description": "test"}))
+            .post(
+                "/api/projects",
+                json!({"name": name, "description": "test"}),
+            )
             .await;
         assert_eq!(r.status, 201, "{:?}", r.body);
         r.data()["id"].as_str().unwrap().to_string()
@@ -135,10 +138,7 @@ impl TestApp {
     }
 
     pub async fn stats(&self, project: &str) -> Value {
-        self.get(&format!("/api/projects/{project}"))
-            .await
-            .data()["stats"]
-            .clone()
+        self.get(&format!("/api/projects/{project}")).await.data()["stats"].clone()
     }
 
     /// Moves the manual clock and lets the scheduler look again.

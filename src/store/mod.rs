@@ -29,7 +29,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
 use crate::model::{Millis, Task};
 use crate::time::Clock;
-use tables::{Tables, META, SCHEMA_VERSION, TASKS};
+use tables::{Tables, META, SCHEMA_VERSION};
 
 /// The most operations one write transaction takes.
 pub const MAX_BATCH: usize = 4096;
@@ -102,9 +102,7 @@ impl Store {
             redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
             other => OpenError::Io(path.to_path_buf(), other.to_string()),
         })?;
-        let storage = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
         let next_seq = init_schema(&db, path)?;
-        let _ = storage;
         let db = Arc::new(db);
         let hub = Arc::new(Hub::default());
         let (tx, rx) = mpsc::channel();
@@ -212,8 +210,6 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
         txn.commit()?;
         Ok(Ok(next_seq))
     };
-    let _ = TASKS;
-    let _ = META;
     run().map_err(io)?
 }
 
@@ -287,4 +283,44 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
     // Jobs that never ran (begin_write failed) were dropped: their callers see ShuttingDown.
     tracing::trace!(batch = n, "write batch committed");
     hub.publish(fx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::SystemClock;
+
+    #[test]
+    fn a_file_from_a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("future.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = match Store::open(&path, Arc::new(SystemClock)) {
+            Err(e) => e,
+            Ok(_) => panic!("a newer schema was opened"),
+        };
+        assert!(matches!(err, OpenError::TooNew(_, v, _) if v == SCHEMA_VERSION + 1));
+        assert!(err.to_string().contains("future.redb"));
+    }
+
+    #[test]
+    fn a_new_file_records_the_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.redb");
+        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
+        store.close();
+        drop(store);
+        let db = Database::create(&path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(v.map(|v| v.value()), Some(SCHEMA_VERSION));
+    }
 }

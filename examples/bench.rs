@@ -1,0 +1,534 @@
+//! The agentq benchmark: real HTTP on loopback against a release server.
+//!
+//! ```sh
+//! cargo build --release && cargo run --release --example bench -- [--agents 64] [--tasks 20000]
+//!     [--backlog 1000000] [--url http://host:port]
+//! ```
+//!
+//! Without `--url` it starts `target/release/agentq serve` on a temporary database as a
+//! separate process. The client is a single-threaded tokio runtime (one core), one keep-alive
+//! connection per agent. It prints a table and one machine-readable `BENCH {json}` line.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Opts {
+    agents: usize,
+    tasks: usize,
+    backlog: usize,
+    url: Option<String>,
+    ceiling_secs: f64,
+    wake_samples: usize,
+}
+
+fn parse_opts() -> Opts {
+    let mut o = Opts {
+        agents: 64,
+        tasks: 20_000,
+        backlog: 1_000_000,
+        url: None,
+        ceiling_secs: 5.0,
+        wake_samples: 200,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--agents" => o.agents = v.parse().expect("--agents N"),
+            "--tasks" => o.tasks = v.parse().expect("--tasks N"),
+            "--backlog" => o.backlog = v.parse().expect("--backlog N"),
+            "--url" => o.url = Some(v),
+            "--ceiling-secs" => o.ceiling_secs = v.parse().expect("--ceiling-secs S"),
+            "--wake-samples" => o.wake_samples = v.parse().expect("--wake-samples N"),
+            other => panic!("unknown option {other}"),
+        }
+        i += 2;
+    }
+    o
+}
+
+struct Target {
+    base: String,
+    child: Option<Child>,
+    db: Option<std::path::PathBuf>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+fn server_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/release/examples/bench -> target/release/agentq
+    let bin = exe.parent().unwrap().parent().unwrap().join("agentq");
+    assert!(
+        bin.exists(),
+        "{} not found: run `cargo build --release` first",
+        bin.display()
+    );
+    bin
+}
+
+fn spawn_server(db: &std::path::Path) -> (Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new(server_binary())
+        .args(["serve", "--db"])
+        .arg(db)
+        .args(["--bind", &format!("127.0.0.1:{port}")])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+async fn wait_healthy(c: &reqwest::Client, base: &str) -> Duration {
+    let t = Instant::now();
+    loop {
+        if let Ok(r) = c.get(format!("{base}/health")).send().await {
+            if r.status().is_success() {
+                return t.elapsed();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(120), "server never healthy");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn pct(v: &mut [u32], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_unstable();
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i] as f64 / 1000.0
+}
+
+async fn post(c: &reqwest::Client, url: String, body: &Value) -> Value {
+    let r = c.post(url).json(body).send().await.expect("request");
+    r.json().await.expect("json")
+}
+
+async fn bulk_create(
+    c: &reqwest::Client,
+    base: &str,
+    project: &str,
+    type_id: Option<&str>,
+    n: usize,
+    in_flight: usize,
+) -> Duration {
+    let t = Instant::now();
+    let next = Arc::new(AtomicUsize::new(0));
+    let per = 1000;
+    let requests = n.div_ceil(per);
+    let mut workers = Vec::new();
+    for _ in 0..in_flight {
+        let (c, base, project, next) =
+            (c.clone(), base.to_string(), project.to_string(), next.clone());
+        let type_id = type_id.map(str::to_string);
+        workers.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= requests {
+                    break;
+                }
+                let count = per.min(n - i * per);
+                let tasks: Vec<Value> = (0..count)
+                    .map(|k| match &type_id {
+                        Some(t) => json!({"typeId": t, "instructions": format!("task {}", i * per + k)}),
+                        None => json!({"instructions": format!("task {}", i * per + k)}),
+                    })
+                    .collect();
+                let r = post(
+                    &c,
+                    format!("{base}/api/projects/{project}/tasks/bulk"),
+                    &json!({"tasks": tasks}),
+                )
+                .await;
+                assert_eq!(r["data"]["tasksCreated"], count, "{r}");
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    t.elapsed()
+}
+
+struct Cycle {
+    cycles: usize,
+    secs: f64,
+    next: Vec<u32>,
+    complete: Vec<u32>,
+}
+
+/// `agents` agents loop next-task → complete until the queue (of `type_ids`) drains.
+async fn agent_cycle(
+    c: &reqwest::Client,
+    base: &str,
+    project: &str,
+    agents: usize,
+    type_ids: Option<Vec<String>>,
+) -> Cycle {
+    let t = Instant::now();
+    let mut handles = Vec::new();
+    for a in 0..agents {
+        let (c, base, project, type_ids) = (
+            c.clone(),
+            base.to_string(),
+            project.to_string(),
+            type_ids.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let agent = format!("bench-{a}");
+            let mut next_lat = Vec::new();
+            let mut done_lat = Vec::new();
+            let body = match &type_ids {
+                Some(ids) => json!({"projectId": project, "typeIds": ids}),
+                None => json!({"projectId": project}),
+            };
+            loop {
+                let s = Instant::now();
+                let r = post(&c, format!("{base}/api/agents/{agent}/next-task"), &body).await;
+                next_lat.push(s.elapsed().as_micros() as u32);
+                let task = &r["data"]["task"];
+                let Some(id) = task["id"].as_str() else { break };
+                let s = Instant::now();
+                let r = post(
+                    &c,
+                    format!("{base}/api/tasks/{id}/complete"),
+                    &json!({"agentName": agent, "result": "ok", "leaseToken": task["leaseToken"]}),
+                )
+                .await;
+                done_lat.push(s.elapsed().as_micros() as u32);
+                assert_eq!(r["success"], true, "{r}");
+            }
+            (next_lat, done_lat)
+        }));
+    }
+    let mut next = Vec::new();
+    let mut complete = Vec::new();
+    for h in handles {
+        let (n, d) = h.await.unwrap();
+        next.extend(n);
+        complete.extend(d);
+    }
+    Cycle {
+        cycles: complete.len(),
+        secs: t.elapsed().as_secs_f64(),
+        next,
+        complete,
+    }
+}
+
+async fn ceiling(c: &reqwest::Client, base: &str, agents: usize, secs: f64) -> f64 {
+    let stop = Arc::new(AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let mut hs = Vec::new();
+    for _ in 0..agents {
+        let (c, url, stop, count) = (
+            c.clone(),
+            format!("{base}/health"),
+            stop.clone(),
+            count.clone(),
+        );
+        hs.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = c.get(&url).send().await.unwrap();
+                let _ = r.bytes().await.unwrap();
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = count.load(Ordering::Relaxed);
+    let el = t.elapsed().as_secs_f64();
+    for h in hs {
+        h.await.unwrap();
+    }
+    n as f64 / el
+}
+
+/// Waiters long-poll; tasks are created one at a time; time from create to delivery.
+async fn wakeup(c: &reqwest::Client, base: &str, project: &str, samples: usize) -> Vec<u32> {
+    let waiters = 16;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut hs = Vec::new();
+    for w in 0..waiters {
+        let (c, base, project, tx, stop) = (
+            c.clone(),
+            base.to_string(),
+            project.to_string(),
+            tx.clone(),
+            stop.clone(),
+        );
+        hs.push(tokio::spawn(async move {
+            let agent = format!("waiter-{w}");
+            while !stop.load(Ordering::Relaxed) {
+                let r = post(
+                    &c,
+                    format!("{base}/api/agents/{agent}/next-task"),
+                    &json!({"projectId": project, "waitSeconds": 2}),
+                )
+                .await;
+                let got = Instant::now();
+                if let Some(id) = r["data"]["task"]["id"].as_str() {
+                    let _ = tx.send((id.to_string(), got));
+                    post(
+                        &c,
+                        format!("{base}/api/tasks/{id}/complete"),
+                        &json!({"agentName": agent, "result": "ok"}),
+                    )
+                    .await;
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut lat = Vec::new();
+    for i in 0..samples {
+        let s = Instant::now();
+        let r = post(
+            c,
+            format!("{base}/api/projects/{project}/tasks"),
+            &json!({"instructions": format!("wake {i}")}),
+        )
+        .await;
+        let id = r["data"]["id"].as_str().unwrap().to_string();
+        let (got_id, at) = rx.recv().await.unwrap();
+        assert_eq!(got_id, id);
+        lat.push(at.duration_since(s).as_micros() as u32);
+        // Let the agent complete and wait again.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for h in hs {
+        h.await.unwrap();
+    }
+    lat
+}
+
+fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let cpu_ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some((cpu_ticks, rss_kb))
+}
+
+fn main() {
+    let opts = parse_opts();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(opts));
+}
+
+async fn run(o: Opts) {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap();
+    let mut target = match &o.url {
+        Some(u) => Target {
+            base: u.trim_end_matches('/').to_string(),
+            child: None,
+            db: None,
+            _dir: None,
+        },
+        None => {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("bench.redb");
+            let (child, base) = spawn_server(&db);
+            Target {
+                base,
+                child: Some(child),
+                db: Some(db),
+                _dir: Some(dir),
+            }
+        }
+    };
+    let c = &client;
+    wait_healthy(c, &target.base).await;
+    let base = target.base.clone();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "agentq bench: {} agents, {} tasks, backlog {}, {} cores, server {}",
+        o.agents, o.tasks, o.backlog, cores, base
+    );
+
+    let ceiling = ceiling(c, &base, o.agents, o.ceiling_secs).await;
+    println!("HTTP ceiling (GET /health):        {ceiling:>10.0} req/s");
+
+    let run_id = std::process::id();
+    let mk_project = |name: String| {
+        let c = c.clone();
+        let base = base.clone();
+        async move {
+            let r = post(
+                &c,
+                format!("{base}/api/projects"),
+                &json!({"name": name, "description": "bench"}),
+            )
+            .await;
+            r["data"]["id"].as_str().expect("project").to_string()
+        }
+    };
+
+    // Bulk create.
+    let p = mk_project(format!("bulk-{run_id}")).await;
+    let bulk_n = 100_000;
+    let d = bulk_create(c, &base, &p, None, bulk_n, 4).await;
+    let bulk_rate = bulk_n as f64 / d.as_secs_f64();
+    println!("bulk create (1000/request, 4 in flight): {bulk_rate:>8.0} tasks/s");
+
+    // Agent cycle.
+    let p = mk_project(format!("cycle-{run_id}")).await;
+    bulk_create(c, &base, &p, None, o.tasks, 4).await;
+    let mut cy = agent_cycle(c, &base, &p, o.agents, None).await;
+    assert_eq!(cy.cycles, o.tasks, "every task completed once");
+    let cycle_rate = cy.cycles as f64 / cy.secs;
+    let (n50, n99) = (pct(&mut cy.next, 0.50), pct(&mut cy.next, 0.99));
+    let nmax = cy.next.last().copied().unwrap_or(0) as f64 / 1000.0;
+    let (c50, c99) = (pct(&mut cy.complete, 0.50), pct(&mut cy.complete, 0.99));
+    let cmax = cy.complete.last().copied().unwrap_or(0) as f64 / 1000.0;
+    println!(
+        "agent cycle:                       {cycle_rate:>10.0} cycles/s ({:.0}% of ceiling/2)",
+        100.0 * cycle_rate / (ceiling / 2.0)
+    );
+    println!("  next-task  p50 {n50:.2} ms  p99 {n99:.2} ms  max {nmax:.2} ms");
+    println!("  complete   p50 {c50:.2} ms  p99 {c99:.2} ms  max {cmax:.2} ms");
+
+    // The same cycle beside a backlog of another type.
+    let mut backlog_rate = None;
+    let mut backlog_next_p99 = None;
+    if o.backlog > 0 {
+        let p = mk_project(format!("backlog-{run_id}")).await;
+        let mk_type = |name: &str| {
+            let c = c.clone();
+            let url = format!("{base}/api/projects/{p}/task-types");
+            let body = json!({"name": name});
+            async move { post(&c, url, &body).await["data"]["id"].as_str().unwrap().to_string() }
+        };
+        let other = mk_type("other").await;
+        let work = mk_type("work").await;
+        let t = Instant::now();
+        bulk_create(c, &base, &p, Some(&other), o.backlog, 4).await;
+        println!(
+            "  (backlog of {} created in {:.1} s)",
+            o.backlog,
+            t.elapsed().as_secs_f64()
+        );
+        bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
+        let mut cy = agent_cycle(c, &base, &p, o.agents, Some(vec![work])).await;
+        assert_eq!(cy.cycles, o.tasks);
+        let rate = cy.cycles as f64 / cy.secs;
+        let p99 = pct(&mut cy.next, 0.99);
+        println!(
+            "agent cycle, {} backlog:      {rate:>10.0} cycles/s ({:.0}% of no backlog), next-task p99 {p99:.2} ms",
+            o.backlog,
+            100.0 * rate / cycle_rate
+        );
+        backlog_rate = Some(rate);
+        backlog_next_p99 = Some(p99);
+    }
+
+    // Long-poll wake-up.
+    let p = mk_project(format!("wake-{run_id}")).await;
+    let mut lat = wakeup(c, &base, &p, o.wake_samples).await;
+    let (w50, w99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
+    println!("long-poll wake-up:                 p50 {w50:.2} ms  p99 {w99:.2} ms");
+
+    // Idle CPU with leases outstanding, RSS, then start-up time on this database.
+    let mut idle_cpu = None;
+    let mut rss_mib = None;
+    let mut startup_ms = None;
+    if let Some(child) = target.child.as_mut() {
+        let pid = child.id();
+        let p = mk_project(format!("idle-{run_id}")).await;
+        bulk_create(c, &base, &p, None, 100, 1).await;
+        for a in 0..50 {
+            post(
+                c,
+                format!("{base}/api/agents/idle-{a}/next-task"),
+                &json!({"projectId": p}),
+            )
+            .await;
+        }
+        let (t0, _) = proc_stat(pid).unwrap();
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (t1, rss) = proc_stat(pid).unwrap();
+        let ticks = 100.0; // USER_HZ
+        let cpu = (t1 - t0) as f64 / ticks / 10.0 * 100.0;
+        println!("idle CPU, 50 leases outstanding:   {cpu:>9.2} % of one core over 10 s");
+        println!("server RSS at the end:             {:>9.1} MiB", rss as f64 / 1024.0);
+        idle_cpu = Some(cpu);
+        rss_mib = Some(rss as f64 / 1024.0);
+
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap();
+        child.wait().unwrap();
+        let db = target.db.clone().unwrap();
+        let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
+        let t = Instant::now();
+        let (new_child, new_base) = spawn_server(&db);
+        let _ = wait_healthy(c, &new_base).await;
+        let ms = t.elapsed().as_secs_f64() * 1000.0;
+        println!(
+            "start-up to healthy ({:.0} MiB database): {ms:.0} ms",
+            size as f64 / 1048576.0
+        );
+        startup_ms = Some(ms);
+        if let Some((_, rss)) = proc_stat(new_child.id()) {
+            println!("RSS after start-up:                {:>9.1} MiB", rss as f64 / 1024.0);
+        }
+        *child = new_child;
+    }
+
+    let line = json!({
+        "cores": cores,
+        "agents": o.agents,
+        "tasks": o.tasks,
+        "backlog": o.backlog,
+        "ceiling_rps": ceiling.round(),
+        "bulk_tasks_per_s": bulk_rate.round(),
+        "cycles_per_s": cycle_rate.round(),
+        "cycle_vs_half_ceiling": (cycle_rate / (ceiling / 2.0) * 100.0).round() / 100.0,
+        "next_p50_ms": n50, "next_p99_ms": n99, "next_max_ms": nmax,
+        "complete_p50_ms": c50, "complete_p99_ms": c99, "complete_max_ms": cmax,
+        "backlog_cycles_per_s": backlog_rate.map(f64::round),
+        "backlog_next_p99_ms": backlog_next_p99,
+        "wake_p50_ms": w50, "wake_p99_ms": w99,
+        "idle_cpu_pct": idle_cpu,
+        "rss_mib": rss_mib,
+        "startup_ms": startup_ms,
+    });
+    println!("BENCH {line}");
+    if let Some(mut child) = target.child.take() {
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let _ = child.wait();
+    }
+}

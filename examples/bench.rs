@@ -97,7 +97,10 @@ async fn wait_healthy(c: &reqwest::Client, base: &str) -> Duration {
                 return t.elapsed();
             }
         }
-        assert!(t.elapsed() < Duration::from_secs(120), "server never healthy");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "server never healthy"
+        );
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 }
@@ -130,8 +133,12 @@ async fn bulk_create(
     let requests = n.div_ceil(per);
     let mut workers = Vec::new();
     for _ in 0..in_flight {
-        let (c, base, project, next) =
-            (c.clone(), base.to_string(), project.to_string(), next.clone());
+        let (c, base, project, next) = (
+            c.clone(),
+            base.to_string(),
+            project.to_string(),
+            next.clone(),
+        );
         let type_id = type_id.map(str::to_string);
         workers.push(tokio::spawn(async move {
             loop {
@@ -142,7 +149,9 @@ async fn bulk_create(
                 let count = per.min(n - i * per);
                 let tasks: Vec<Value> = (0..count)
                     .map(|k| match &type_id {
-                        Some(t) => json!({"typeId": t, "instructions": format!("task {}", i * per + k)}),
+                        Some(t) => {
+                            json!({"typeId": t, "instructions": format!("task {}", i * per + k)})
+                        }
                         None => json!({"instructions": format!("task {}", i * per + k)}),
                     })
                     .collect();
@@ -427,7 +436,12 @@ async fn run(o: Opts) {
             let c = c.clone();
             let url = format!("{base}/api/projects/{p}/task-types");
             let body = json!({"name": name});
-            async move { post(&c, url, &body).await["data"]["id"].as_str().unwrap().to_string() }
+            async move {
+                post(&c, url, &body).await["data"]["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            }
         };
         let other = mk_type("other").await;
         let work = mk_type("work").await;
@@ -480,7 +494,10 @@ async fn run(o: Opts) {
         let ticks = 100.0; // USER_HZ
         let cpu = (t1 - t0) as f64 / ticks / 10.0 * 100.0;
         println!("idle CPU, 50 leases outstanding:   {cpu:>9.2} % of one core over 10 s");
-        println!("server RSS at the end:             {:>9.1} MiB", rss as f64 / 1024.0);
+        println!(
+            "server RSS at the end:             {:>9.1} MiB",
+            rss as f64 / 1024.0
+        );
         idle_cpu = Some(cpu);
         rss_mib = Some(rss as f64 / 1024.0);
 
@@ -501,7 +518,10 @@ async fn run(o: Opts) {
         );
         startup_ms = Some(ms);
         if let Some((_, rss)) = proc_stat(new_child.id()) {
-            println!("RSS after start-up:                {:>9.1} MiB", rss as f64 / 1024.0);
+            println!(
+                "RSS after start-up:                {:>9.1} MiB",
+                rss as f64 / 1024.0
+            );
         }
         *child = new_child;
     }

@@ -45,6 +45,12 @@ pub enum Error {
     /// A well-formed task that does not fit its task type (422).
     #[error("Validation failed: {}", join(.0))]
     Unprocessable(Vec<FieldError>),
+    /// No valid credentials (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Valid credentials without the right (403).
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]

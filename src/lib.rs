@@ -4,6 +4,7 @@
 //! - [`model`]: the domain rows (projects, task types, tasks, attempts) and template rules.
 //! - [`lease`]: the lease state machine, pure functions over a task row; the protocol's home.
 //! - [`store`]: redb tables and indexes, the group-commit writer, and read queries.
+//! - [`auth`]: API keys, sessions, roles and rights, project scoping, rate limits.
 //! - [`hub`]: wake-ups for long-pollers, the scheduler and shutdown.
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
@@ -12,6 +13,7 @@
 //! - [`error`]: the domain error every layer returns.
 
 pub mod api;
+pub mod auth;
 pub mod error;
 pub mod hub;
 pub mod lease;

@@ -36,6 +36,20 @@ struct ServeArgs {
     /// Allow browser requests from this origin (CORS). Off unless given.
     #[arg(long, env = "AGENTQ_CORS_ORIGIN")]
     cors_origin: Option<String>,
+    /// On the first start of an empty database, use this admin key instead of generating one
+    /// (at least 16 characters). Prefer --admin-key-file: environments leak.
+    #[arg(long = "admin-key", env = "AGENTQ_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// Read the first admin key from this file (see --admin-key).
+    #[arg(long, env = "AGENTQ_ADMIN_KEY_FILE", conflicts_with = "admin_key")]
+    admin_key_file: Option<PathBuf>,
+    /// Requests per minute allowed to each API key (its sessions included); 0 = no limit.
+    #[arg(long, env = "AGENTQ_RATE_LIMIT_PER_MINUTE", default_value_t = 6000)]
+    rate_limit_per_minute: u32,
+    /// Lifetime of a new login session, in seconds.
+    #[arg(long, env = "AGENTQ_SESSION_TTL_SECONDS", default_value_t = 86_400,
+          value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
+    session_ttl_seconds: u64,
 }
 
 fn main() -> ExitCode {
@@ -51,6 +65,33 @@ fn main() -> ExitCode {
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes;
     config.cors_origin = args.cors_origin;
+    config.rate_limit_per_minute = args.rate_limit_per_minute;
+    config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);
+    config.admin_key = match (args.admin_key, args.admin_key_file) {
+        (Some(k), _) => Some(k),
+        (None, Some(path)) => match std::fs::read_to_string(&path) {
+            Ok(k) => Some(k.trim().to_string()),
+            Err(e) => {
+                eprintln!(
+                    "agentq: cannot read the admin key file {}: {e}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        (None, None) => None,
+    };
+    if config
+        .admin_key
+        .as_ref()
+        .is_some_and(|k| k.len() < agentq::auth::MIN_ADMIN_KEY_LEN)
+    {
+        eprintln!(
+            "agentq: the admin key must be at least {} characters",
+            agentq::auth::MIN_ADMIN_KEY_LEN
+        );
+        return ExitCode::FAILURE;
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -334,6 +334,58 @@ pub struct Task {
     pub attempts: Vec<Attempt>,
 }
 
+/// What a key may do. Each role grants a fixed set of [`crate::auth::Right`]s.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    Producer,
+    Agent,
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Producer => "producer",
+            Role::Agent => "agent",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        [Role::Admin, Role::Producer, Role::Agent, Role::Viewer]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// An API key. The secret itself is never stored: `hash` is its argon2id PHC string.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ApiKey {
+    pub id: u128,
+    pub name: String,
+    pub role: Role,
+    /// Projects the key is limited to; None = all.
+    pub projects: Option<Vec<u128>>,
+    pub hash: String,
+    pub created_at: Millis,
+    pub last_used_at: Option<Millis>,
+}
+
+/// A login session: bound to one agent name and one project, with its key's rights.
+/// Stored under a hash of its token; the token itself is never stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Session {
+    pub id: u128,
+    pub key_id: u128,
+    pub agent_name: String,
+    pub project_id: u128,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub last_activity: Millis,
+}
+
 /// Renders a template: every `{{name}}` is replaced by the variable's value. Placeholders
 /// without a value are left as they are (creation has already checked they all have one).
 pub fn render_template(template: &str, vars: &BTreeMap<String, String>) -> String {

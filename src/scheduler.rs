@@ -1,7 +1,8 @@
-//! The scheduler (reaper): reclaims expired leases and releases delayed tasks on time.
+//! The scheduler (reaper): reclaims expired leases, releases delayed tasks on time, and
+//! removes expired sessions.
 //!
-//! It sleeps until the earliest timer in the database (the first key of the LEASES or DELAYED
-//! index), or until the writer reports an earlier one, or shutdown. An idle server with leases
+//! It sleeps until the earliest timer in the database (the first key of the LEASES, DELAYED or
+//! SESSION_EXPIRY index), or until the writer reports an earlier one, or shutdown. An idle server with leases
 //! outstanding therefore wakes only when something is due: there are no periodic scans.
 //! Invariant: a lease is reclaimed only once `now >= leaseExpiresAt` (checked again inside the
 //! write by `lease::reclaim`), so no lease is ever reclaimed early; it is reclaimed within
@@ -12,6 +13,7 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::store::access::sweep_sessions;
 use crate::store::write::{promote_due, reclaim_expired, TIMER_BATCH};
 use crate::store::Store;
 
@@ -38,6 +40,10 @@ pub async fn run(store: Arc<Store>) {
                 .write(|w| {
                     let promoted = promote_due(w, TIMER_BATCH)?;
                     let reclaimed = reclaim_expired(w, None, TIMER_BATCH)?;
+                    let swept = sweep_sessions(w, TIMER_BATCH)?;
+                    if swept > 0 {
+                        tracing::info!(sessions = swept, "expired sessions removed");
+                    }
                     Ok((promoted, reclaimed))
                 })
                 .await;

@@ -13,6 +13,7 @@ use poem::listener::{Acceptor, Listener, TcpListener};
 use tokio::sync::oneshot;
 
 use crate::api::{self, HttpOptions, State};
+use crate::auth::Authenticator;
 use crate::store::{OpenError, Store};
 use crate::time::{Clock, SystemClock};
 
@@ -26,6 +27,12 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub cors_origin: Option<String>,
     pub clock: Arc<dyn Clock>,
+    /// The first admin key, when the database has none (else one is generated).
+    pub admin_key: Option<String>,
+    /// Requests per key and minute; 0 turns rate limiting off.
+    pub rate_limit_per_minute: u32,
+    /// Lifetime of a new session.
+    pub session_ttl: Duration,
 }
 
 impl Config {
@@ -36,6 +43,9 @@ impl Config {
             max_body_bytes: 2 * 1024 * 1024,
             cors_origin: None,
             clock: Arc::new(SystemClock),
+            admin_key: None,
+            rate_limit_per_minute: 6000,
+            session_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -46,12 +56,18 @@ pub enum StartError {
     Open(#[from] OpenError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
+    #[error("cannot create the first admin key: {0}")]
+    Bootstrap(crate::error::Error),
 }
 
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,
     pub store: Arc<Store>,
+    pub auth: Arc<Authenticator>,
+    /// The admin key generated at this start (first start on an empty database without a
+    /// given key). Shown once; never stored in clear.
+    pub generated_admin_key: Option<String>,
     stop: Option<oneshot::Sender<()>>,
     done: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -60,6 +76,18 @@ impl Server {
     /// Opens the database, binds, and starts serving and the scheduler in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
         let store = Store::open(&config.db, config.clock.clone())?;
+        let auth = Arc::new(Authenticator::new(
+            store.clone(),
+            config.rate_limit_per_minute,
+            config.session_ttl.as_millis() as i64,
+        ));
+        let generated_admin_key = match auth.bootstrap(config.admin_key.clone()).await {
+            Ok(k) => k,
+            Err(e) => {
+                store.close();
+                return Err(StartError::Bootstrap(e));
+            }
+        };
         let acceptor = TcpListener::bind(config.bind.clone())
             .into_acceptor()
             .await
@@ -76,6 +104,7 @@ impl Server {
             })?;
         let state = Arc::new(State {
             store: store.clone(),
+            auth: auth.clone(),
             started: Instant::now(),
         });
         let app = api::app(
@@ -103,6 +132,8 @@ impl Server {
         Ok(Server {
             addr,
             store,
+            auth,
+            generated_admin_key,
             stop: Some(stop_tx),
             done,
         })
@@ -122,6 +153,10 @@ impl Server {
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), StartError> {
     let server = Server::start(config.clone()).await?;
+    if let Some(key) = &server.generated_admin_key {
+        // Printed once, on the first start of an empty database; only its hash is stored.
+        eprintln!("\nagentq: created the first admin API key (shown only now, store it safely):\n\n    {key}\n\nSend it as `X-API-Key: <key>` or `Authorization: Bearer <key>`; create\nnarrower keys with POST /api/keys.\n");
+    }
     tracing::info!(
         version = api::VERSION,
         db = %config.db.display(),

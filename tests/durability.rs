@@ -71,6 +71,8 @@ async fn tasks_leases_and_attempts_survive_a_restart() {
     );
 }
 
+const ADMIN_KEY: &str = "test-admin-key-for-the-binary";
+
 fn agentq_bin() -> &'static str {
     env!("CARGO_BIN_EXE_agentq")
 }
@@ -85,6 +87,7 @@ fn start_binary(db: &std::path::Path) -> (Child, String) {
         .args(["serve", "--db"])
         .arg(db)
         .args(["--bind", &format!("127.0.0.1:{port}")])
+        .args(["--admin-key", ADMIN_KEY, "--rate-limit-per-minute", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -111,7 +114,7 @@ async fn wait_healthy(client: &reqwest::Client, base: &str) {
 async fn sigkill_loses_no_acknowledged_complete() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.redb");
-    let client = reqwest::Client::new();
+    let client = client_with_key(ADMIN_KEY);
     let (mut child, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
     let post = |path: String, body: Value| {
@@ -256,7 +259,7 @@ async fn sigkill_loses_no_acknowledged_complete() {
 async fn a_second_server_on_the_same_file_fails_clearly() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("one.redb");
-    let client = reqwest::Client::new();
+    let client = client_with_key(ADMIN_KEY);
     let (mut first, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
     let (mut second, _) = start_binary(&db);
@@ -277,7 +280,7 @@ async fn a_second_server_on_the_same_file_fails_clearly() {
 async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("term.redb");
-    let client = reqwest::Client::new();
+    let client = client_with_key(ADMIN_KEY);
     let (mut child, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
     let v: Value = client

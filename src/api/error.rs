@@ -21,6 +21,8 @@ fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
     match e {
         Error::Validation(_) => (StatusCode::BAD_REQUEST, "VALIDATION_ERROR"),
         Error::Unprocessable(_) => (StatusCode::UNPROCESSABLE_ENTITY, "VALIDATION_ERROR"),
+        Error::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+        Error::Forbidden(_) => (StatusCode::FORBIDDEN, "FORBIDDEN"),
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
         Error::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
         Error::LeaseLost(_) => (StatusCode::CONFLICT, "LEASE_LOST"),
@@ -36,6 +38,17 @@ pub struct PayloadTooLarge(pub usize);
 impl ResponseError for PayloadTooLarge {
     fn status(&self) -> StatusCode {
         StatusCode::PAYLOAD_TOO_LARGE
+    }
+}
+
+/// Too many requests (429), raised by the request frame.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RateLimited(pub String);
+
+impl ResponseError for RateLimited {
+    fn status(&self) -> StatusCode {
+        StatusCode::TOO_MANY_REQUESTS
     }
 }
 

@@ -11,9 +11,11 @@ use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
+use super::access::Auth;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
+use crate::auth::Right;
 use crate::error::Error;
 use crate::lease::Completion;
 use crate::model::Progress;
@@ -34,9 +36,11 @@ impl LeasesApi {
     )]
     async fn next_task(
         &self,
+        auth: Auth,
         #[oai(name = "agentName")] agent: Path<String>,
         body: Json<NextTaskIn>,
     ) -> Result<Json<NextTaskOut>> {
+        auth.caller().require_agent(&agent.0)?;
         let agent = agent.0;
         let mut c = Check::default();
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
@@ -50,7 +54,9 @@ impl LeasesApi {
         });
         c.finish(())?;
         let store = &self.0.store;
-        let project = store.read()?.project(&body.0.project_id)?;
+        let project = self
+            .0
+            .project_for(auth.caller(), Right::Work, &body.0.project_id)?;
         let hub = store.hub.clone();
         let notify = hub.project(project.id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
@@ -104,9 +110,12 @@ impl LeasesApi {
     )]
     async fn complete(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<CompleteIn>,
     ) -> Result<Reply<TaskOut>> {
+        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
         c.name(
@@ -159,9 +168,12 @@ impl LeasesApi {
     )]
     async fn fail(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<FailIn>,
     ) -> Result<Reply<FailOut>> {
+        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
         c.name(
@@ -194,14 +206,18 @@ impl LeasesApi {
     )]
     async fn extend(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<ExtendIn>,
     ) -> Result<Reply<TaskOut>> {
+        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
         let b = body.0;
         let mut c = Check::default();
-        let Some(agent) = b.agent_name else {
-            return Err(Error::validation("agentName", "required").into());
+        let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());
+        let Some(agent) = b.agent_name.map(String::from).or(session_agent) else {
+            return Err(Error::validation("agentName", "required without a session").into());
         };
+        auth.caller().require_agent(&agent)?;
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
         let minutes = c.float_range("extensionMinutes", b.extension_minutes, 0.1, 1440.0);
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
@@ -223,9 +239,12 @@ impl LeasesApi {
     )]
     async fn progress(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<ProgressIn>,
     ) -> Result<Reply<TaskOut>> {
+        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
         c.name(
@@ -266,9 +285,12 @@ impl LeasesApi {
     )]
     async fn cancel(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<CancelIn>,
     ) -> Result<Reply<TaskOut>> {
+        self.0
+            .check_task(auth.caller(), Right::ManageTasks, &id.0)?;
         let reason = body.0.reason.map(String::from);
         if let Some(r) = &reason {
             let mut c = Check::default();
@@ -289,7 +311,13 @@ impl LeasesApi {
         method = "post",
         tag = "ApiTags::Leases"
     )]
-    async fn retry(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<TaskOut>> {
+    async fn retry(
+        &self,
+        auth: Auth,
+        #[oai(name = "taskId")] id: Path<String>,
+    ) -> Result<Reply<TaskOut>> {
+        self.0
+            .check_task(auth.caller(), Right::ManageTasks, &id.0)?;
         let t = self.0.store.write(move |w| write::retry(w, &id.0)).await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
@@ -302,8 +330,10 @@ impl LeasesApi {
     )]
     async fn attempts(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
     ) -> Result<ListReply<AttemptOut>> {
+        self.0.check_task(auth.caller(), Right::Read, &id.0)?;
         let t = self.0.store.read()?.task(&id.0)?;
         let n = t.attempts.len();
         let data = t.attempts.into_iter().map(Into::into).collect();
@@ -318,8 +348,10 @@ impl LeasesApi {
     )]
     async fn agents(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<ListReply<AgentOut>> {
+        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let p = r.project(&id.0)?;
         let data: Vec<AgentOut> = r
@@ -346,7 +378,12 @@ impl LeasesApi {
         method = "get",
         tag = "ApiTags::Leases"
     )]
-    async fn peek(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<PeekOut>> {
+    async fn peek(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<Reply<PeekOut>> {
+        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let p = r.project(&id.0)?;
         let n = if p.status == crate::model::ProjectStatus::Closed {
@@ -368,8 +405,11 @@ impl LeasesApi {
     )]
     async fn cleanup(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<Reply<CleanupOut>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
         let (tasks, agents) = self
             .0
             .store

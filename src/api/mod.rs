@@ -5,6 +5,7 @@
 //! → `store.write(...)` (one group-committed transaction) or `store.read()` → wire type.
 //! Authentication and authorization will slot into [`frame`], before the operation runs.
 
+pub mod access;
 pub mod error;
 pub mod leases;
 pub mod projects;
@@ -21,6 +22,8 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::payload::Json;
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
+use crate::auth::{AuthError, Authenticator, Caller, RateInfo, Right};
+use crate::model::Project;
 use crate::store::Store;
 use types::*;
 
@@ -29,7 +32,36 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// What every handler shares.
 pub struct State {
     pub store: Arc<Store>,
+    pub auth: Arc<Authenticator>,
     pub started: Instant,
+}
+
+impl State {
+    /// Resolves a project and checks `right` on it: 404 if the caller cannot see it.
+    pub fn project_for(&self, c: &Caller, right: Right, key: &str) -> poem::Result<Project> {
+        let p = self.store.read()?.project(key)?;
+        c.require_in(right, p.id, &format!("project {key}"))?;
+        Ok(p)
+    }
+
+    /// Checks `right` on a task (by id). Unscoped callers see everything, so only scoped ones
+    /// pay for reading the task first.
+    pub fn check_task(&self, c: &Caller, right: Right, id: &str) -> poem::Result<()> {
+        if c.scoped() {
+            let t = self.store.read()?.task(id)?;
+            c.require_in(right, t.project_id, &format!("task {id}"))?;
+        } else {
+            c.require(right)?;
+        }
+        Ok(())
+    }
+
+    /// Checks `right` on a task type (by id).
+    pub fn check_type(&self, c: &Caller, right: Right, id: &str) -> poem::Result<()> {
+        let t = self.store.read()?.task_type(id)?;
+        c.require_in(right, t.project_id, &format!("task type {id}"))?;
+        Ok(())
+    }
 }
 
 #[derive(Tags)]
@@ -42,6 +74,8 @@ pub enum ApiTags {
     Tasks,
     /// The lease protocol.
     Leases,
+    /// API keys and sessions.
+    Access,
     /// Health.
     Operations,
 }
@@ -94,6 +128,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
             projects::ProjectsApi(state.clone()),
             tasks::TasksApi(state.clone()),
             leases::LeasesApi(state.clone()),
+            access::AccessApi(state.clone()),
         ),
         "agentq",
         VERSION,
@@ -102,11 +137,12 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
     let ui = service.swagger_ui();
     let spec = service.spec_endpoint();
     let max = opts.max_body_bytes;
+    let auth = state.auth.clone();
     let route = Route::new()
         .nest("/api/docs", ui)
         .at("/api/openapi.json", spec)
         .nest("/", service)
-        .around(move |ep, req| frame(ep, req, max));
+        .around(move |ep, req| frame(ep, req, max, auth.clone()));
     let cors = opts.cors_origin.as_ref().map(|o| {
         Cors::new()
             .allow_origin(o.as_str())
@@ -141,6 +177,7 @@ async fn frame<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
     max_body: usize,
+    auth: Arc<Authenticator>,
 ) -> poem::Result<Response> {
     let cid = req
         .headers()
@@ -148,6 +185,7 @@ async fn frame<E: Endpoint>(
         .and_then(valid_correlation_id)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     req.extensions_mut().insert(CorrelationId(cid.clone()));
+    let mut rate: Option<RateInfo> = None;
     let result = async {
         let declared = req
             .headers()
@@ -178,6 +216,10 @@ async fn frame<E: Endpoint>(
                 req.set_body(body);
             }
         }
+        if !is_public(req.uri().path()) {
+            let caller = authenticate(&req, &auth, &mut rate).await?;
+            req.extensions_mut().insert(caller);
+        }
         if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
             // curl and many scripts send JSON without a content type; it is the only one we take.
             req.headers_mut().insert(
@@ -196,6 +238,14 @@ async fn frame<E: Endpoint>(
         Err(e) => error::error_response(&e, &cid),
     };
     let h = resp.headers_mut();
+    if let Some(r) = rate {
+        h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));
+        h.insert("x-ratelimit-reset", HeaderValue::from(r.reset));
+        if !r.allowed {
+            h.insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
+        }
+    }
     if let Ok(v) = HeaderValue::from_str(&cid) {
         h.insert("x-correlation-id", v);
     }
@@ -206,6 +256,72 @@ async fn frame<E: Endpoint>(
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     Ok(resp)
+}
+
+/// Paths anyone may call without credentials.
+fn is_public(path: &str) -> bool {
+    matches!(
+        path,
+        "/health" | "/metrics" | "/metrics/json" | "/api/openapi.json"
+    ) || path == "/api/docs"
+        || path.starts_with("/api/docs/")
+}
+
+/// The credential of a request: `X-API-Key`, else `Authorization: Bearer`.
+fn credential(req: &Request) -> Option<&str> {
+    if let Some(k) = req.headers().get("x-api-key") {
+        return k.to_str().ok().map(str::trim);
+    }
+    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Authenticates the request and applies the per-address failure limit and the per-key
+/// rate limit. `rate` receives what the headers should say.
+async fn authenticate(
+    req: &Request,
+    auth: &Authenticator,
+    rate: &mut Option<RateInfo>,
+) -> poem::Result<Arc<Caller>> {
+    let Some(cred) = credential(req).filter(|c| !c.is_empty()) else {
+        return Err(crate::error::Error::Unauthorized(AuthError::Missing.to_string()).into());
+    };
+    let ip = req
+        .remote_addr()
+        .as_socket_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+    let caller = match auth.cached(cred) {
+        Some(c) => c,
+        None => {
+            let throttle = auth.failures.check(ip, false);
+            if !throttle.allowed {
+                *rate = Some(throttle);
+                return Err(error::RateLimited(AuthError::Throttled(throttle).to_string()).into());
+            }
+            match auth.authenticate(cred).await {
+                Ok(c) => c,
+                Err(AuthError::Store(e)) => return Err(e.into()),
+                Err(e) => {
+                    auth.failures.record(ip);
+                    return Err(crate::error::Error::Unauthorized(e.to_string()).into());
+                }
+            }
+        }
+    };
+    if auth.limiter.enabled() {
+        let info = auth.limiter.check(caller.key_id, true);
+        *rate = Some(info);
+        if !info.allowed {
+            return Err(error::RateLimited(format!(
+                "rate limit of {} requests a minute reached; retry after {} s",
+                info.limit, info.retry_after
+            ))
+            .into());
+        }
+    }
+    Ok(caller)
 }
 
 fn is_json(resp: &Response) -> bool {

@@ -7,9 +7,12 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
+use super::access::Auth;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
+use crate::auth::Right;
+use crate::error::Error;
 use crate::model::ProjectStatus;
 use crate::store::write;
 
@@ -21,6 +24,7 @@ impl ProjectsApi {
     #[oai(path = "/api/projects", method = "get", tag = "ApiTags::Projects")]
     async fn list(
         &self,
+        auth: Auth,
         /// `active` (default), `closed` or `all`.
         status: Query<Option<String>>,
         limit: Query<Option<i64>>,
@@ -38,7 +42,13 @@ impl ProjectsApi {
         };
         let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
         c.finish(())?;
-        let (rows, total) = self.0.store.read()?.projects(status, limit, offset)?;
+        let caller = auth.caller();
+        caller.require(Right::Read)?;
+        let (rows, total) =
+            self.0
+                .store
+                .read()?
+                .projects(status, &|id| caller.sees(id), limit, offset)?;
         let data = rows
             .into_iter()
             .map(|(p, s)| ProjectOut::new(p, s))
@@ -48,7 +58,15 @@ impl ProjectsApi {
 
     /// Create a project.
     #[oai(path = "/api/projects", method = "post", tag = "ApiTags::Projects")]
-    async fn create(&self, body: Json<CreateProject>) -> Result<Reply<ProjectOut>> {
+    async fn create(&self, auth: Auth, body: Json<CreateProject>) -> Result<Reply<ProjectOut>> {
+        let caller = auth.caller();
+        caller.require(Right::ManageProjects)?;
+        if caller.scoped() {
+            return Err(Error::Forbidden(
+                "a key limited to projects cannot create projects".into(),
+            )
+            .into());
+        }
         let input = validate::create_project(body.0)?;
         let (p, s) = self
             .0
@@ -64,10 +82,13 @@ impl ProjectsApi {
         method = "get",
         tag = "ApiTags::Projects"
     )]
-    async fn get(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<ProjectOut>> {
-        let r = self.0.store.read()?;
-        let p = r.project(&id.0)?;
-        let s = r.stats(p.id)?;
+    async fn get(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<Reply<ProjectOut>> {
+        let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
+        let s = self.0.store.read()?.stats(p.id)?;
         Ok(Reply::ok(ProjectOut::new(p, s)))
     }
 
@@ -79,9 +100,12 @@ impl ProjectsApi {
     )]
     async fn update(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: Json<UpdateProject>,
     ) -> Result<Reply<ProjectOut>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
         let patch = validate::update_project(body.0)?;
         let (p, s) = self
             .0
@@ -97,7 +121,13 @@ impl ProjectsApi {
         method = "delete",
         tag = "ApiTags::Projects"
     )]
-    async fn delete(&self, #[oai(name = "projectId")] id: Path<String>) -> Result<Reply<Deleted>> {
+    async fn delete(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+    ) -> Result<Reply<Deleted>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
         let pid = self
             .0
             .store
@@ -118,10 +148,11 @@ impl ProjectsApi {
     )]
     async fn stats(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<Reply<ProjectStatsOut>> {
+        let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
-        let p = r.project(&id.0)?;
         let s = r.stats(p.id)?;
         let active = r.leases(p.id)?.len() as u64;
         Ok(Reply::ok(ProjectStatsOut {
@@ -143,10 +174,11 @@ impl ProjectsApi {
     )]
     async fn list_types(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<ListReply<TaskTypeOut>> {
+        let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
-        let p = r.project(&id.0)?;
         let types: Vec<TaskTypeOut> = r.task_types(p.id)?.into_iter().map(Into::into).collect();
         let n = types.len();
         Ok(ListReply::new(types, n as u64, n, 0, None))
@@ -160,9 +192,12 @@ impl ProjectsApi {
     )]
     async fn create_type(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: Json<CreateTaskType>,
     ) -> Result<Reply<TaskTypeOut>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
         let input = validate::create_type(body.0)?;
         let t = self
             .0
@@ -180,8 +215,10 @@ impl ProjectsApi {
     )]
     async fn get_type(
         &self,
+        auth: Auth,
         #[oai(name = "typeId")] id: Path<String>,
     ) -> Result<Reply<TaskTypeOut>> {
+        self.0.check_type(auth.caller(), Right::Read, &id.0)?;
         Ok(Reply::ok(self.0.store.read()?.task_type(&id.0)?.into()))
     }
 
@@ -193,9 +230,12 @@ impl ProjectsApi {
     )]
     async fn update_type(
         &self,
+        auth: Auth,
         #[oai(name = "typeId")] id: Path<String>,
         body: Json<UpdateTaskType>,
     ) -> Result<Reply<TaskTypeOut>> {
+        self.0
+            .check_type(auth.caller(), Right::ManageProjects, &id.0)?;
         let patch = validate::update_type(body.0)?;
         let t = self
             .0
@@ -213,8 +253,11 @@ impl ProjectsApi {
     )]
     async fn delete_type(
         &self,
+        auth: Auth,
         #[oai(name = "typeId")] id: Path<String>,
     ) -> Result<Reply<Deleted>> {
+        self.0
+            .check_type(auth.caller(), Right::ManageProjects, &id.0)?;
         let key = id.0.clone();
         self.0
             .store

@@ -7,9 +7,11 @@ use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
+use super::access::Auth;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
+use crate::auth::Right;
 use crate::error::Error;
 use crate::model::TaskStatus;
 use crate::store::read::{Cursor, Sort, TaskQuery};
@@ -28,6 +30,7 @@ impl TasksApi {
     #[allow(clippy::too_many_arguments)]
     async fn list(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         /// One status or a comma-separated list.
         status: Query<Option<String>>,
@@ -49,6 +52,7 @@ impl TasksApi {
         /// `pagination.nextCursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<ListReply<TaskOut>> {
+        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let mut c = Check::default();
         let mut statuses = Vec::new();
         if let Some(s) = status.0.as_deref() {
@@ -142,9 +146,12 @@ impl TasksApi {
     )]
     async fn create(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: Json<CreateTask>,
     ) -> Result<Reply<TaskOut>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let input = validate::create_task(body.0, None, "")?;
         let mut out = self
             .0
@@ -168,9 +175,12 @@ impl TasksApi {
     )]
     async fn bulk(
         &self,
+        auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: Json<BulkCreate>,
     ) -> Result<Reply<BulkOut>> {
+        self.0
+            .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let BulkCreate { tasks, batch_id } = body.0;
         let batch_id = batch_id.map(String::from);
         if tasks.len() > validate::MAX_BULK {
@@ -229,7 +239,12 @@ impl TasksApi {
 
     /// Get a task with its attempts and outputs.
     #[oai(path = "/api/tasks/:taskId", method = "get", tag = "ApiTags::Tasks")]
-    async fn get(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<TaskOut>> {
+    async fn get(
+        &self,
+        auth: Auth,
+        #[oai(name = "taskId")] id: Path<String>,
+    ) -> Result<Reply<TaskOut>> {
+        self.0.check_task(auth.caller(), Right::Read, &id.0)?;
         let t = self.0.store.read()?.task(&id.0)?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
@@ -238,9 +253,12 @@ impl TasksApi {
     #[oai(path = "/api/tasks/:taskId", method = "put", tag = "ApiTags::Tasks")]
     async fn update(
         &self,
+        auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
         body: Json<UpdateTask>,
     ) -> Result<Reply<TaskOut>> {
+        self.0
+            .check_task(auth.caller(), Right::ManageTasks, &id.0)?;
         let patch = validate::update_task(body.0)?;
         let t = self
             .0
@@ -252,7 +270,13 @@ impl TasksApi {
 
     /// Delete a task (a running task's lease goes with it).
     #[oai(path = "/api/tasks/:taskId", method = "delete", tag = "ApiTags::Tasks")]
-    async fn delete(&self, #[oai(name = "taskId")] id: Path<String>) -> Result<Reply<Deleted>> {
+    async fn delete(
+        &self,
+        auth: Auth,
+        #[oai(name = "taskId")] id: Path<String>,
+    ) -> Result<Reply<Deleted>> {
+        self.0
+            .check_task(auth.caller(), Right::ManageTasks, &id.0)?;
         let key = id.0.clone();
         self.0
             .store

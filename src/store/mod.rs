@@ -14,6 +14,7 @@
 //!
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 
+pub mod access;
 pub mod read;
 pub mod tables;
 pub mod write;
@@ -29,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
 use crate::model::{Millis, Task};
 use crate::time::Clock;
-use tables::{Tables, META, SCHEMA_VERSION};
+use tables::{Tables, SCHEMA_VERSION};
 
 /// The most operations one write transaction takes.
 pub const MAX_BATCH: usize = 4096;
@@ -58,6 +59,11 @@ impl W<'_, '_> {
         let s = *self.next_seq;
         *self.next_seq += 1;
         s
+    }
+
+    /// Asks the scheduler to wake at `at` (if that is earlier than it planned).
+    pub fn timer(&mut self, at: Millis) {
+        self.fx.timer(at);
     }
 
     /// Writes a task through [`Tables::put_task`] and records who must be woken.
@@ -287,6 +293,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
 
 #[cfg(test)]
 mod tests {
+    use super::tables::META;
     use super::*;
     use crate::time::SystemClock;
 

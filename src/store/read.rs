@@ -116,6 +116,7 @@ impl Reader {
     pub fn projects(
         &self,
         status: Option<ProjectStatus>,
+        visible: &dyn Fn(u128) -> bool,
         limit: usize,
         offset: usize,
     ) -> Result<(Vec<(Project, Stats)>, u64)> {
@@ -124,7 +125,7 @@ impl Reader {
         for r in self.table(PROJECTS)?.iter()? {
             let (_, v) = r?;
             let p: Project = decode(v.value())?;
-            if status.is_some_and(|s| s != p.status) {
+            if status.is_some_and(|s| s != p.status) || !visible(p.id) {
                 continue;
             }
             total += 1;
@@ -215,14 +216,13 @@ impl Reader {
         Ok(stats.queued.saturating_sub(stats.delayed) + due)
     }
 
-    /// The earliest pending timer: a lease expiry or a delayed task's `notBefore`.
+    /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a
+    /// session expiry.
     pub fn next_timer(&self) -> Result<Option<Millis>> {
         let lease = self.table(LEASES)?.first()?.map(|(k, _)| k.value().0);
         let delay = self.table(DELAYED)?.first()?.map(|(k, _)| k.value().0);
-        Ok(match (lease, delay) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        })
+        let session = super::access::next_session_expiry(&self.txn)?;
+        Ok([lease, delay, session].into_iter().flatten().min())
     }
 
     pub fn task_count(&self) -> Result<u64> {

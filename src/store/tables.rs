@@ -13,7 +13,7 @@ use redb::{
 };
 
 use crate::error::Result;
-use crate::model::{Project, Stats, Task, TaskStatus, TaskType};
+use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
 
 /// The on-disk schema version. Bump on any change of tables or row encoding; a file with a
 /// newer version is refused at start-up.
@@ -53,6 +53,17 @@ pub const AGENT_LEASES: TableDefinition<(u128, &str), u64> = TableDefinition::ne
 /// (type id, hash of canonical variables) → seqs: duplicate detection.
 pub const DUPES: MultimapTableDefinition<(u128, u128), u64> =
     MultimapTableDefinition::new("duplicates");
+
+/// key id → ApiKey (with the argon2id hash of its secret).
+pub const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("api_keys");
+/// BLAKE2s-256 of a session token → Session.
+pub const SESSIONS: TableDefinition<[u8; 32], &[u8]> = TableDefinition::new("sessions");
+/// (key id, session id) → token hash: a key's sessions end with it.
+pub const SESSIONS_BY_KEY: TableDefinition<(u128, u128), [u8; 32]> =
+    TableDefinition::new("sessions_by_key");
+/// (expiresAt, session id) → token hash: the sweep of expired sessions.
+pub const SESSION_EXPIRY: TableDefinition<(i64, u128), [u8; 32]> =
+    TableDefinition::new("session_expiry");
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     Ok(postcard::to_allocvec(value)?)
@@ -107,6 +118,10 @@ pub struct Tables<'txn> {
     pub leases: Table<'txn, (i64, u64), ()>,
     pub agent_leases: Table<'txn, (u128, &'static str), u64>,
     pub dupes: MultimapTable<'txn, (u128, u128), u64>,
+    pub keys: Table<'txn, u128, &'static [u8]>,
+    pub sessions: Table<'txn, [u8; 32], &'static [u8]>,
+    pub sessions_by_key: Table<'txn, (u128, u128), [u8; 32]>,
+    pub session_expiry: Table<'txn, (i64, u128), [u8; 32]>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -128,6 +143,10 @@ impl<'txn> Tables<'txn> {
             leases: txn.open_table(LEASES)?,
             agent_leases: txn.open_table(AGENT_LEASES)?,
             dupes: txn.open_multimap_table(DUPES)?,
+            keys: txn.open_table(KEYS)?,
+            sessions: txn.open_table(SESSIONS)?,
+            sessions_by_key: txn.open_table(SESSIONS_BY_KEY)?,
+            session_expiry: txn.open_table(SESSION_EXPIRY)?,
         })
     }
 
@@ -164,6 +183,43 @@ impl<'txn> Tables<'txn> {
 
     pub fn put_type(&mut self, t: &TaskType) -> Result<()> {
         self.types.insert(t.id, encode(t)?.as_slice())?;
+        Ok(())
+    }
+
+    pub fn key(&self, id: u128) -> Result<Option<ApiKey>> {
+        match self.keys.get(id)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    pub fn session(&self, token_hash: &[u8; 32]) -> Result<Option<Session>> {
+        match self.sessions.get(token_hash)? {
+            Some(v) => Ok(Some(decode(v.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes a session and its two index entries (moving the expiry entry if it changed).
+    pub fn put_session(
+        &mut self,
+        hash: &[u8; 32],
+        old: Option<&Session>,
+        s: &Session,
+    ) -> Result<()> {
+        if let Some(o) = old {
+            self.session_expiry.remove((o.expires_at, o.id))?;
+        }
+        self.sessions.insert(hash, encode(s)?.as_slice())?;
+        self.sessions_by_key.insert((s.key_id, s.id), hash)?;
+        self.session_expiry.insert((s.expires_at, s.id), hash)?;
+        Ok(())
+    }
+
+    pub fn delete_session(&mut self, hash: &[u8; 32], s: &Session) -> Result<()> {
+        self.sessions.remove(hash)?;
+        self.sessions_by_key.remove((s.key_id, s.id))?;
+        self.session_expiry.remove((s.expires_at, s.id))?;
         Ok(())
     }
 

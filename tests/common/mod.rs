@@ -9,6 +9,8 @@ use serde_json::{json, Value};
 
 pub struct TestApp {
     pub server: Option<Server>,
+    /// The admin key the server generated on its first start.
+    pub admin_key: String,
     pub base: String,
     pub client: reqwest::Client,
     pub dir: tempfile::TempDir,
@@ -46,27 +48,64 @@ async fn spawn_with(clock: Option<Arc<ManualClock>>) -> TestApp {
 }
 
 pub async fn start_in(dir: tempfile::TempDir, clock: Option<Arc<ManualClock>>) -> TestApp {
+    start_with_key(dir, clock, None, |_| {}).await
+}
+
+/// Starts a server; `key` is the admin key of an earlier start on the same file.
+pub async fn start_with_key(
+    dir: tempfile::TempDir,
+    clock: Option<Arc<ManualClock>>,
+    key: Option<String>,
+    tune: impl FnOnce(&mut Config),
+) -> TestApp {
     let mut config = Config::new(dir.path().join("agentq.redb"), "127.0.0.1:0");
+    config.rate_limit_per_minute = 0;
     if let Some(c) = &clock {
         config.clock = c.clone() as Arc<dyn Clock>;
     }
+    tune(&mut config);
     let server = Server::start(config).await.expect("server starts");
+    let admin_key = server
+        .generated_admin_key
+        .clone()
+        .or(key)
+        .expect("a fresh database prints an admin key");
     let base = format!("http://{}", server.addr);
     TestApp {
         server: Some(server),
+        client: client_with_key(&admin_key),
+        admin_key,
         base,
-        client: reqwest::Client::new(),
         dir,
         clock,
     }
 }
 
+/// A client that sends `key` on every request.
+pub fn client_with_key(key: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", key.parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
+}
+
 impl TestApp {
     pub async fn call(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        self.call_with(&self.client, method, path, body).await
+    }
+
+    /// A request with another client (another key, a session, no credentials).
+    pub async fn call_with(
+        &self,
+        client: &reqwest::Client,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Resp {
         let url = format!("{}{}", self.base, path);
-        let mut req = self
-            .client
-            .request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
+        let mut req = client.request(reqwest::Method::from_bytes(method.as_bytes()).unwrap(), url);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -96,6 +135,21 @@ impl TestApp {
 
     pub async fn delete(&self, path: &str) -> Resp {
         self.call("DELETE", path, None).await
+    }
+
+    /// Creates an API key and returns (id, key text).
+    pub async fn key(&self, role: &str, projects: Option<Vec<&str>>) -> (String, String) {
+        let r = self
+            .post(
+                "/api/keys",
+                json!({"name": format!("{role}-key"), "role": role, "projects": projects}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        (
+            r.data()["id"].as_str().unwrap().to_string(),
+            r.data()["key"].as_str().unwrap().to_string(),
+        )
     }
 
     /// Creates a project and returns its id.
@@ -167,6 +221,6 @@ impl TestApp {
     pub async fn restart(mut self) -> TestApp {
         let server = self.server.take().unwrap();
         server.stop().await;
-        start_in(self.dir, self.clock).await
+        start_with_key(self.dir, self.clock, Some(self.admin_key), |_| {}).await
     }
 }

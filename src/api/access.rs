@@ -1,0 +1,325 @@
+//! Keys, sessions and the credentials of a request, over HTTP.
+//!
+//! Authentication itself happens once per request in `api::frame`, which puts the
+//! [`Caller`] in the request; [`Auth`] hands it to operations and documents the two ways to
+//! send a credential in the OpenAPI document.
+
+use std::sync::Arc;
+
+use poem::Request;
+use poem_openapi::auth::{ApiKey, Bearer};
+use poem_openapi::param::Path;
+use poem_openapi::payload::Json;
+use poem_openapi::{Object, OpenApi, SecurityScheme};
+use uuid::Uuid;
+
+use super::types::*;
+use super::validate::{self, Check};
+use super::{ApiTags, State};
+use crate::auth::{self, Caller, Right};
+use crate::error::Error;
+use crate::model::{ApiKey as Key, Role};
+use crate::store::access;
+
+async fn caller_of(req: &Request) -> Option<Arc<Caller>> {
+    req.extensions().get::<Arc<Caller>>().cloned()
+}
+
+async fn from_key(req: &Request, _: ApiKey) -> Option<Arc<Caller>> {
+    caller_of(req).await
+}
+
+async fn from_bearer(req: &Request, _: Bearer) -> Option<Arc<Caller>> {
+    caller_of(req).await
+}
+
+/// An API key in the `X-API-Key` header.
+#[derive(SecurityScheme)]
+#[oai(
+    rename = "ApiKey",
+    ty = "api_key",
+    key_name = "X-API-Key",
+    key_in = "header",
+    checker = "from_key"
+)]
+pub struct KeyAuth(Arc<Caller>);
+
+/// An API key or a session token as `Authorization: Bearer <credential>`.
+#[derive(SecurityScheme)]
+#[oai(rename = "Bearer", ty = "bearer", checker = "from_bearer")]
+pub struct BearerAuth(Arc<Caller>);
+
+/// The credentials of a request.
+#[derive(SecurityScheme)]
+pub enum Auth {
+    Key(KeyAuth),
+    Bearer(BearerAuth),
+}
+
+impl Auth {
+    pub fn caller(&self) -> &Caller {
+        match self {
+            Auth::Key(k) => &k.0,
+            Auth::Bearer(b) => &b.0,
+        }
+    }
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateKeyIn {
+    pub name: Text,
+    /// `admin`, `producer`, `agent` or `viewer`.
+    pub role: Text,
+    /// Project ids or names the key is limited to; null or absent = all projects.
+    pub projects: Option<Vec<Text>>,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct KeyOut {
+    pub id: String,
+    pub name: String,
+    pub role: String,
+    pub projects: Option<Vec<String>>,
+    pub created_at: String,
+    pub last_used_at: Option<String>,
+    /// The key itself: shown once, in the answer that created it.
+    #[oai(skip_serializing_if_is_none)]
+    pub key: Option<String>,
+}
+
+impl KeyOut {
+    fn new(k: Key, text: Option<String>) -> Self {
+        KeyOut {
+            id: uuid_str(k.id),
+            name: k.name,
+            role: k.role.as_str().to_string(),
+            projects: k.projects.map(|p| p.into_iter().map(uuid_str).collect()),
+            created_at: crate::time::format(k.created_at),
+            last_used_at: k.last_used_at.map(crate::time::format),
+            key: text,
+        }
+    }
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoginIn {
+    pub agent_name: Text,
+    pub project_id: Text,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct LoginOut {
+    pub session_id: String,
+    pub token: String,
+    pub expires_at: String,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct SessionOut {
+    pub session_id: String,
+    pub agent_name: String,
+    pub project_id: String,
+    pub created_at: String,
+    pub expires_at: String,
+    pub last_activity: String,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExtendSessionIn {
+    /// Seconds to add to the session's expiry (1 to 30 days).
+    pub extend_by: i64,
+}
+
+#[derive(Object)]
+#[oai(rename_all = "camelCase")]
+pub struct LoggedOut {
+    pub logged_out: bool,
+}
+
+pub struct AccessApi(pub Arc<State>);
+
+fn no_session() -> poem::Error {
+    Error::NotFound("this request carries no session: log in first".into()).into()
+}
+
+fn key_admin(c: &Caller) -> Result<(), Error> {
+    c.require(Right::Admin)?;
+    if c.scoped() {
+        return Err(Error::Forbidden(
+            "keys are managed with an admin key that is not limited to projects".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[OpenApi]
+impl AccessApi {
+    /// Create an API key (admin). The key is in the answer, once; only its hash is stored.
+    #[oai(path = "/api/keys", method = "post", tag = "ApiTags::Access")]
+    async fn create_key(&self, auth: Auth, body: Json<CreateKeyIn>) -> poem::Result<Reply<KeyOut>> {
+        key_admin(auth.caller())?;
+        let b = body.0;
+        let mut c = Check::default();
+        c.name("name", &b.name, validate::MAX_NAME, "Key name");
+        let role = Role::parse(&b.role);
+        if role.is_none() {
+            c.fail("role", "must be admin, producer, agent or viewer", &*b.role);
+        }
+        if let Some(p) = &b.projects {
+            if p.is_empty() {
+                c.fail("projects", "give at least one project, or null for all", 0);
+            }
+        }
+        c.finish(())?;
+        let id = Uuid::now_v7().as_u128();
+        let text = auth::new_key_text(id);
+        let hash = self.0.auth.hash(text.clone()).await?;
+        let new = access::NewKey {
+            id,
+            name: b.name.0,
+            role: role.expect("checked"),
+            projects: b
+                .projects
+                .map(|p| p.into_iter().map(String::from).collect()),
+            hash,
+        };
+        let key = self
+            .0
+            .store
+            .write(move |w| access::create_key(w, new))
+            .await?;
+        Ok(Reply::created(KeyOut::new(key, Some(text))))
+    }
+
+    /// List API keys (admin). Never shows a key or its hash.
+    #[oai(path = "/api/keys", method = "get", tag = "ApiTags::Access")]
+    async fn list_keys(&self, auth: Auth) -> poem::Result<ListReply<KeyOut>> {
+        key_admin(auth.caller())?;
+        let keys: Vec<KeyOut> = self
+            .0
+            .store
+            .keys()?
+            .into_iter()
+            .map(|k| KeyOut::new(k, None))
+            .collect();
+        let n = keys.len();
+        Ok(ListReply::new(keys, n as u64, n, 0, None))
+    }
+
+    /// Revoke an API key (admin): it and its sessions stop working at once.
+    #[oai(path = "/api/keys/:keyId", method = "delete", tag = "ApiTags::Access")]
+    async fn delete_key(
+        &self,
+        auth: Auth,
+        #[oai(name = "keyId")] id: Path<String>,
+    ) -> poem::Result<Reply<Deleted>> {
+        key_admin(auth.caller())?;
+        let kid = Uuid::parse_str(&id.0)
+            .map_err(|_| Error::NotFound(format!("key {} not found", id.0)))?
+            .as_u128();
+        self.0
+            .store
+            .write(move |w| access::delete_key(w, kid))
+            .await?;
+        self.0.auth.forget_key(kid);
+        Ok(Reply::ok(Deleted {
+            deleted: true,
+            id: uuid_str(kid),
+        }))
+    }
+
+    /// Start a session for one agent in one project, with the key's rights.
+    #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Access")]
+    async fn login(&self, auth: Auth, body: Json<LoginIn>) -> poem::Result<Reply<LoginOut>> {
+        let c = auth.caller();
+        if c.session.is_some() {
+            return Err(Error::Forbidden("log in with an API key, not a session".into()).into());
+        }
+        validate::agent_name(&body.0.agent_name)?;
+        let project = self.0.store.read()?.project(&body.0.project_id)?;
+        c.require_in(
+            Right::Read,
+            project.id,
+            &format!("project {}", &*body.0.project_id),
+        )?;
+        let token = auth::new_session_token();
+        let hash = auth::digest(&token);
+        let (key_id, agent, ttl) = (c.key_id, body.0.agent_name.0, self.0.auth.session_ttl_ms);
+        let pid = uuid_str(project.id);
+        let s = self
+            .0
+            .store
+            .write(move |w| access::create_session(w, key_id, agent, &pid, ttl, hash))
+            .await?;
+        Ok(Reply::ok(LoginOut {
+            session_id: uuid_str(s.id),
+            token,
+            expires_at: crate::time::format(s.expires_at),
+        }))
+    }
+
+    /// End the session of this request.
+    #[oai(path = "/api/auth/logout", method = "post", tag = "ApiTags::Access")]
+    async fn logout(&self, auth: Auth) -> poem::Result<Reply<LoggedOut>> {
+        let s = auth.caller().session.clone().ok_or_else(no_session)?;
+        let done = self
+            .0
+            .store
+            .write(move |w| access::end_session(w, s.token_hash))
+            .await?;
+        Ok(Reply::ok(LoggedOut { logged_out: done }))
+    }
+
+    /// The session of this request.
+    #[oai(path = "/api/auth/session", method = "get", tag = "ApiTags::Access")]
+    async fn session(&self, auth: Auth) -> poem::Result<Reply<SessionOut>> {
+        let b = auth.caller().session.clone().ok_or_else(no_session)?;
+        let s = self
+            .0
+            .store
+            .session(&b.token_hash)?
+            .ok_or_else(no_session)?;
+        Ok(Reply::ok(session_out(s)))
+    }
+
+    /// Extend the session of this request by `extendBy` seconds.
+    #[oai(path = "/api/auth/session", method = "put", tag = "ApiTags::Access")]
+    async fn extend_session(
+        &self,
+        auth: Auth,
+        body: Json<ExtendSessionIn>,
+    ) -> poem::Result<Reply<SessionOut>> {
+        let b = auth.caller().session.clone().ok_or_else(no_session)?;
+        let mut c = Check::default();
+        let secs = c.int_range(
+            "extendBy",
+            body.0.extend_by,
+            1,
+            auth::MAX_SESSION_EXTEND_SECS,
+        );
+        c.finish(())?;
+        let s = self
+            .0
+            .store
+            .write(move |w| access::extend_session(w, b.token_hash, secs as i64 * 1000))
+            .await?;
+        Ok(Reply::ok(session_out(s)))
+    }
+}
+
+fn session_out(s: crate::model::Session) -> SessionOut {
+    SessionOut {
+        session_id: uuid_str(s.id),
+        agent_name: s.agent_name,
+        project_id: uuid_str(s.project_id),
+        created_at: crate::time::format(s.created_at),
+        expires_at: crate::time::format(s.expires_at),
+        last_activity: crate::time::format(s.last_activity),
+    }
+}

@@ -1,0 +1,557 @@
+//! Who is calling and what they may do: API keys, sessions, rights, rate limits.
+//!
+//! What it owns: turning a presented credential into a [`Caller`] (once per request, in the
+//! HTTP frame), the role → rights table, project scoping, and the per-key and per-address
+//! limits. What it must not do: store secrets. Keys are kept as argon2id hashes, session
+//! tokens as BLAKE2s-256 digests; neither the secret nor a hash ever leaves in a response,
+//! a log line or an error message.
+//!
+//! Invariants:
+//! 1. A credential is accepted only if it verifies against a stored key (argon2id) or names a
+//!    live session of a live key. The verification cache is keyed by a digest of the full
+//!    presented credential, and a key's entries are dropped the moment it is revoked.
+//! 2. Argon2 runs off the async runtime with at most [`ARGON2_CONCURRENCY`] at once (each
+//!    hash takes ~19 MiB and tens of ms).
+//! 3. A project-scoped caller (a key's project list, or a session's project) sees only those
+//!    projects: anything else is "not found", never "forbidden".
+
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::password_hash::phc::PasswordHash;
+use argon2::password_hash::{PasswordHasher, PasswordVerifier};
+use argon2::Argon2;
+use blake2::{Blake2s256, Digest};
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::model::{ApiKey, Role};
+use crate::store::{access, Store};
+
+/// At most this many argon2 computations at once.
+pub const ARGON2_CONCURRENCY: usize = 2;
+/// How long a verified key stays in the cache.
+pub const CACHE_TTL: Duration = Duration::from_secs(300);
+/// Failed authentications allowed per client address and minute.
+pub const AUTH_FAILURES_PER_MINUTE: u32 = 60;
+/// `last_used_at` / `last_activity` are written at most this often per key or session.
+pub const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+/// Largest `extendBy` of a session, in seconds (30 days).
+pub const MAX_SESSION_EXTEND_SECS: i64 = 30 * 86_400;
+/// Shortest admin key accepted from `AGENTQ_ADMIN_KEY` / `--admin-key-file`.
+pub const MIN_ADMIN_KEY_LEN: usize = 16;
+
+const KEY_PREFIX: &str = "aq_";
+const SESSION_PREFIX: &str = "aqs_";
+
+/// What an operation needs. Each role grants a fixed set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    /// Read and list anything visible.
+    Read,
+    /// Create, update and delete projects and task types; clean up leases.
+    ManageProjects,
+    /// Create, update, delete, cancel and retry tasks.
+    ManageTasks,
+    /// The agent side of the lease protocol: next-task, complete, fail, extend, progress.
+    Work,
+    /// API keys.
+    Admin,
+}
+
+pub fn grants(role: Role, right: Right) -> bool {
+    use Right::*;
+    match role {
+        Role::Admin => true,
+        Role::Producer => matches!(right, Read | ManageProjects | ManageTasks),
+        Role::Agent => matches!(right, Read | Work),
+        Role::Viewer => matches!(right, Read),
+    }
+}
+
+/// The session a request was made under.
+#[derive(Debug, Clone)]
+pub struct SessionBinding {
+    pub id: u128,
+    pub token_hash: [u8; 32],
+    pub agent: String,
+    pub project: u128,
+}
+
+/// The authenticated caller of one request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: u128,
+    pub role: Role,
+    /// The key's project list; None = all projects.
+    pub projects: Option<Vec<u128>>,
+    pub session: Option<SessionBinding>,
+}
+
+impl Caller {
+    /// Whether `project` exists for this caller at all.
+    pub fn sees(&self, project: u128) -> bool {
+        self.projects.as_ref().is_none_or(|p| p.contains(&project))
+            && self.session.as_ref().is_none_or(|s| s.project == project)
+    }
+
+    /// Whether the caller is limited to some projects (then lists are filtered).
+    pub fn scoped(&self) -> bool {
+        self.projects.is_some() || self.session.is_some()
+    }
+
+    /// A right that does not depend on a project.
+    pub fn require(&self, right: Right) -> Result<()> {
+        if grants(self.role, right) {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(format!(
+                "the {} role may not do this",
+                self.role.as_str()
+            )))
+        }
+    }
+
+    /// A right on something inside `project`: 404 when the project is not visible to the
+    /// caller, 403 when it is but the right is missing.
+    pub fn require_in(&self, right: Right, project: u128, what: &str) -> Result<()> {
+        if !self.sees(project) {
+            return Err(Error::NotFound(format!("{what} not found")));
+        }
+        self.require(right)
+    }
+
+    /// Under a session, the agent name in the path or body must be the session's.
+    pub fn require_agent(&self, agent: &str) -> Result<()> {
+        match &self.session {
+            Some(s) if s.agent != agent => Err(Error::Forbidden(format!(
+                "this session acts as agent {}, not {agent}",
+                s.agent
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A 256-bit digest: the cache key of a presented key, the stored form of a session token.
+pub fn digest(secret: &str) -> [u8; 32] {
+    let d = Blake2s256::digest(secret.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(&d);
+    out
+}
+
+fn random_hex32() -> String {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).expect("the operating system's random source");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A new key's clear text: `aq_<key id>_<256 random bits>`, both in hex.
+pub fn new_key_text(id: u128) -> String {
+    format!("{KEY_PREFIX}{id:032x}_{}", random_hex32())
+}
+
+/// A new session token: `aqs_<256 random bits>`.
+pub fn new_session_token() -> String {
+    format!("{SESSION_PREFIX}{}", random_hex32())
+}
+
+/// The key id inside a key of agentq's format.
+fn key_id_of(text: &str) -> Option<u128> {
+    let rest = text.strip_prefix(KEY_PREFIX)?;
+    let (id, secret) = rest.split_once('_')?;
+    if id.len() != 32 || secret.len() != 64 {
+        return None;
+    }
+    u128::from_str_radix(id, 16).ok()
+}
+
+/// The argon2id PHC string of a secret (slow: call through [`Authenticator::hash`]).
+fn hash_blocking(secret: &str) -> Result<String> {
+    Argon2::default()
+        .hash_password(secret.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| Error::Storage(format!("argon2: {e}")))
+}
+
+fn verify_blocking(secret: &str, phc: &str) -> bool {
+    PasswordHash::new(phc)
+        .map(|h| {
+            Argon2::default()
+                .verify_password(secret.as_bytes(), &h)
+                .is_ok()
+        })
+        .unwrap_or(false)
+}
+
+/// What a rate limit decided, for the `X-RateLimit-*` headers.
+#[derive(Debug, Clone, Copy)]
+pub struct RateInfo {
+    pub allowed: bool,
+    pub limit: u32,
+    pub remaining: u32,
+    /// Unix seconds when the window ends.
+    pub reset: u64,
+    /// Seconds until a request may pass again.
+    pub retry_after: u64,
+}
+
+/// A fixed-window limiter: `limit` requests per key in each 60-second window, starting at the
+/// key's first request. It is a token bucket of `limit` tokens refilled in full once a
+/// minute, so exactly `limit` requests pass in a window, as the contract asks.
+pub struct Limiter<K> {
+    limit: u32,
+    windows: Mutex<HashMap<K, (Instant, u32)>>,
+}
+
+const WINDOW: Duration = Duration::from_secs(60);
+
+impl<K: Hash + Eq + Copy> Limiter<K> {
+    pub fn new(limit: u32) -> Self {
+        Limiter {
+            limit,
+            windows: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.limit > 0
+    }
+
+    /// Counts one request of `key` (when `take`) and says whether it may pass.
+    pub fn check(&self, key: K, take: bool) -> RateInfo {
+        let now = Instant::now();
+        let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 100_000 {
+            map.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
+        }
+        let entry = map.entry(key).or_insert((now, 0));
+        if now.duration_since(entry.0) >= WINDOW {
+            *entry = (now, 0);
+        }
+        let allowed = entry.1 < self.limit;
+        if allowed && take {
+            entry.1 += 1;
+        }
+        let left = WINDOW.saturating_sub(now.duration_since(entry.0));
+        let unix_now = crate::time::Clock::now(&crate::time::SystemClock) as u64 / 1000;
+        RateInfo {
+            allowed,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(entry.1),
+            reset: unix_now + left.as_secs_f64().ceil() as u64,
+            retry_after: if allowed {
+                0
+            } else {
+                left.as_secs_f64().ceil().max(1.0) as u64
+            },
+        }
+    }
+
+    /// Counts a request that already happened (a failed authentication).
+    pub fn record(&self, key: K) {
+        self.check(key, true);
+    }
+}
+
+struct Cached {
+    caller: Arc<Caller>,
+    until: Instant,
+}
+
+/// Why authentication failed. The message never says which part was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("missing credentials: send X-API-Key or Authorization: Bearer")]
+    Missing,
+    #[error("invalid or expired credentials")]
+    Invalid,
+    #[error("too many failed authentication attempts from this address")]
+    Throttled(RateInfo),
+    #[error("{0}")]
+    Store(Error),
+}
+
+pub struct Authenticator {
+    store: Arc<Store>,
+    cache: Mutex<HashMap<[u8; 32], Cached>>,
+    argon: Semaphore,
+    touched: Mutex<HashMap<u128, Instant>>,
+    pub failures: Limiter<IpAddr>,
+    pub limiter: Limiter<u128>,
+    pub session_ttl_ms: i64,
+}
+
+impl Authenticator {
+    pub fn new(store: Arc<Store>, rate_limit_per_minute: u32, session_ttl_ms: i64) -> Self {
+        Authenticator {
+            store,
+            cache: Mutex::new(HashMap::new()),
+            argon: Semaphore::new(ARGON2_CONCURRENCY),
+            touched: Mutex::new(HashMap::new()),
+            failures: Limiter::new(AUTH_FAILURES_PER_MINUTE),
+            limiter: Limiter::new(rate_limit_per_minute),
+            session_ttl_ms,
+        }
+    }
+
+    /// Hashes a secret with argon2id on the blocking pool, bounded.
+    pub async fn hash(&self, secret: String) -> Result<String> {
+        let _permit = self
+            .argon
+            .acquire()
+            .await
+            .map_err(|_| Error::ShuttingDown)?;
+        tokio::task::spawn_blocking(move || hash_blocking(&secret))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))?
+    }
+
+    async fn verify(&self, secret: &str, phc: &str) -> bool {
+        let Ok(_permit) = self.argon.acquire().await else {
+            return false;
+        };
+        let (s, p) = (secret.to_string(), phc.to_string());
+        tokio::task::spawn_blocking(move || verify_blocking(&s, &p))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Creates the first admin key on an empty database. Returns the key text when it was
+    /// generated here (the caller prints it once); None when keys exist or one was given.
+    pub async fn bootstrap(&self, given: Option<String>) -> Result<Option<String>> {
+        if !self.store.keys()?.is_empty() {
+            return Ok(None);
+        }
+        let fresh = Uuid::now_v7().as_u128();
+        // (text, id, text lacks agentq's format, generated here)
+        let (text, id, foreign, generated) = match given {
+            Some(k) => match key_id_of(&k) {
+                Some(id) => (k, id, false, false),
+                None => (k, fresh, true, false),
+            },
+            None => (new_key_text(fresh), fresh, false, true),
+        };
+        let hash = self.hash(text.clone()).await?;
+        let created = self
+            .store
+            .write(move |w| access::bootstrap_admin(w, id, hash, foreign))
+            .await?;
+        Ok((created && generated).then_some(text))
+    }
+
+    /// A credential verified recently (no storage, no argon2).
+    pub fn cached(&self, credential: &str) -> Option<Arc<Caller>> {
+        if credential.starts_with(SESSION_PREFIX) {
+            return None;
+        }
+        let d = digest(credential);
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let caller = cache
+            .get(&d)
+            .filter(|c| c.until > Instant::now())?
+            .caller
+            .clone();
+        drop(cache);
+        self.touch_key(caller.key_id);
+        Some(caller)
+    }
+
+    /// Resolves a credential to its caller.
+    pub async fn authenticate(&self, credential: &str) -> Result<Arc<Caller>, AuthError> {
+        if credential.starts_with(SESSION_PREFIX) {
+            return self.session_caller(credential).await;
+        }
+        let d = digest(credential);
+        {
+            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(c) = cache.get(&d).filter(|c| c.until > Instant::now()) {
+                let caller = c.caller.clone();
+                drop(cache);
+                self.touch_key(caller.key_id);
+                return Ok(caller);
+            }
+        }
+        let id = match key_id_of(credential) {
+            Some(id) => id,
+            None => match self.store.bootstrap_key_id().map_err(AuthError::Store)? {
+                Some(id) => id,
+                None => return Err(AuthError::Invalid),
+            },
+        };
+        let key = self
+            .store
+            .key(id)
+            .map_err(AuthError::Store)?
+            .ok_or(AuthError::Invalid)?;
+        if !self.verify(credential, &key.hash).await {
+            return Err(AuthError::Invalid);
+        }
+        // The key may have been revoked while argon2 ran: look again before caching.
+        if self.store.key(id).map_err(AuthError::Store)?.is_none() {
+            return Err(AuthError::Invalid);
+        }
+        let caller = Arc::new(key_caller(&key));
+        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            d,
+            Cached {
+                caller: caller.clone(),
+                until: Instant::now() + CACHE_TTL,
+            },
+        );
+        self.touch_key(key.id);
+        Ok(caller)
+    }
+
+    async fn session_caller(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
+        let h = digest(token);
+        let s = self
+            .store
+            .session(&h)
+            .map_err(AuthError::Store)?
+            .ok_or(AuthError::Invalid)?;
+        if s.expires_at <= self.store.clock.now() {
+            return Err(AuthError::Invalid);
+        }
+        let key = self
+            .store
+            .key(s.key_id)
+            .map_err(AuthError::Store)?
+            .ok_or(AuthError::Invalid)?;
+        let mut caller = key_caller(&key);
+        caller.session = Some(SessionBinding {
+            id: s.id,
+            token_hash: h,
+            agent: s.agent_name.clone(),
+            project: s.project_id,
+        });
+        if self.due(s.id) {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = store.write(move |w| access::touch_session(w, h)).await;
+            });
+        }
+        Ok(Arc::new(caller))
+    }
+
+    /// Drops every cached verification of a revoked key.
+    pub fn forget_key(&self, id: u128) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, c| c.caller.key_id != id);
+    }
+
+    fn due(&self, id: u128) -> bool {
+        let now = Instant::now();
+        let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
+        match t.get(&id) {
+            Some(last) if now.duration_since(*last) < TOUCH_INTERVAL => false,
+            _ => {
+                t.insert(id, now);
+                true
+            }
+        }
+    }
+
+    fn touch_key(&self, id: u128) {
+        if self.due(id) {
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = store.write(move |w| access::touch_key(w, id)).await;
+            });
+        }
+    }
+}
+
+fn key_caller(key: &ApiKey) -> Caller {
+    Caller {
+        key_id: key.id,
+        role: key.role,
+        projects: key.projects.clone(),
+        session: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_grant_what_the_contract_says() {
+        use Right::*;
+        let table = [
+            (Role::Admin, [true, true, true, true, true]),
+            (Role::Producer, [true, true, true, false, false]),
+            (Role::Agent, [true, false, false, true, false]),
+            (Role::Viewer, [true, false, false, false, false]),
+        ];
+        for (role, want) in table {
+            let got = [Read, ManageProjects, ManageTasks, Work, Admin].map(|r| grants(role, r));
+            assert_eq!(got, want, "{role:?}");
+        }
+    }
+
+    #[test]
+    fn key_text_carries_its_id() {
+        let id = Uuid::now_v7().as_u128();
+        let k = new_key_text(id);
+        assert_eq!(key_id_of(&k), Some(id));
+        assert_eq!(key_id_of("aq_zz"), None);
+        assert_eq!(key_id_of("some-operator-chosen-key"), None);
+        assert_ne!(new_session_token(), new_session_token());
+    }
+
+    #[test]
+    fn argon2_round_trip() {
+        let phc = hash_blocking("s3cret-value").unwrap();
+        assert!(phc.starts_with("$argon2id$"));
+        assert!(verify_blocking("s3cret-value", &phc));
+        assert!(!verify_blocking("s3cret-valuE", &phc));
+    }
+
+    #[test]
+    fn limiter_lets_exactly_n_through_per_window() {
+        let l = Limiter::new(3);
+        let results: Vec<bool> = (0..5).map(|_| l.check(1u128, true).allowed).collect();
+        assert_eq!(results, vec![true, true, true, false, false]);
+        let info = l.check(1u128, true);
+        assert_eq!(info.remaining, 0);
+        assert!(info.retry_after >= 1);
+        assert!(l.check(2u128, true).allowed, "keys have their own windows");
+    }
+
+    #[test]
+    fn scoping_and_sessions() {
+        let mut c = Caller {
+            key_id: 1,
+            role: Role::Agent,
+            projects: Some(vec![10]),
+            session: None,
+        };
+        assert!(c.sees(10) && !c.sees(11));
+        assert!(matches!(
+            c.require_in(Right::Read, 11, "project"),
+            Err(Error::NotFound(_))
+        ));
+        assert!(matches!(
+            c.require_in(Right::ManageTasks, 10, "project"),
+            Err(Error::Forbidden(_))
+        ));
+        c.projects = None;
+        c.session = Some(SessionBinding {
+            id: 1,
+            token_hash: [0; 32],
+            agent: "a".into(),
+            project: 12,
+        });
+        assert!(c.sees(12) && !c.sees(10));
+        assert!(c.require_agent("a").is_ok());
+        assert!(matches!(c.require_agent("b"), Err(Error::Forbidden(_))));
+    }
+}

@@ -1,0 +1,393 @@
+//! Keys, sessions, roles, scoping and limits, from the outside.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Fresh objects for one probe, created with the admin key.
+struct Fixture {
+    project: String,
+    type_id: String,
+    task: String,
+    leased: String,
+}
+
+async fn fixture(app: &TestApp, name: &str) -> Fixture {
+    let project = app.project(name).await;
+    let type_id = app.task_type(&project, json!({"name": "t"})).await;
+    let leased = app.task(&project, json!({"instructions": "leased"})).await;
+    let got = app.next("worker", json!({"projectId": project})).await;
+    assert_eq!(got["id"], leased.as_str());
+    let task = app.task(&project, json!({"instructions": "queued"})).await;
+    Fixture {
+        project,
+        type_id,
+        task,
+        leased,
+    }
+}
+
+const ROLES: [&str; 4] = ["admin", "producer", "agent", "viewer"];
+
+/// Each role against each endpoint: allowed roles never get 401/403, the others get 403.
+#[tokio::test]
+async fn role_by_endpoint_matrix() {
+    let app = spawn_app().await;
+    let mut keys = Vec::new();
+    for role in ROLES {
+        let (_, k) = app.key(role, None).await;
+        keys.push((role, client_with_key(&k)));
+    }
+    let (victim_key, _) = app.key("viewer", None).await;
+    // (method, path, body, roles allowed)
+    type Probe = (&'static str, String, Option<Value>, &'static [&'static str]);
+    let all: &[&str] = &ROLES;
+    let producers: &[&str] = &["admin", "producer"];
+    let agents: &[&str] = &["admin", "agent"];
+    let admins: &[&str] = &["admin"];
+    let mut n = 0;
+    for (role, client) in &keys {
+        n += 1;
+        let f = fixture(&app, &format!("m{n}")).await;
+        let (p, t, x, l) = (&f.project, &f.type_id, &f.task, &f.leased);
+        let probes: Vec<Probe> = vec![
+            ("GET", "/api/projects".into(), None, all),
+            ("POST", "/api/projects".into(), Some(json!({"name": format!("new{n}"), "description": "d"})), producers),
+            ("GET", format!("/api/projects/{p}"), None, all),
+            ("PUT", format!("/api/projects/{p}"), Some(json!({"description": "x"})), producers),
+            ("GET", format!("/api/projects/{p}/stats"), None, all),
+            ("GET", format!("/api/projects/{p}/task-types"), None, all),
+            ("POST", format!("/api/projects/{p}/task-types"), Some(json!({"name": "t2"})), producers),
+            ("GET", format!("/api/task-types/{t}"), None, all),
+            ("PUT", format!("/api/task-types/{t}"), Some(json!({"maxRetries": 1})), producers),
+            ("GET", format!("/api/projects/{p}/tasks"), None, all),
+            ("POST", format!("/api/projects/{p}/tasks"), Some(json!({"instructions": "x"})), producers),
+            ("POST", format!("/api/projects/{p}/tasks/bulk"), Some(json!({"tasks": [{"instructions": "x"}]})), producers),
+            ("GET", format!("/api/tasks/{x}"), None, all),
+            ("PUT", format!("/api/tasks/{x}"), Some(json!({"priority": 9})), producers),
+            ("GET", format!("/api/tasks/{x}/attempts"), None, all),
+            ("GET", format!("/api/projects/{p}/agents"), None, all),
+            ("GET", format!("/api/projects/{p}/peek-next-task"), None, all),
+            ("POST", format!("/api/agents/worker/next-task"), Some(json!({"projectId": p})), agents),
+            ("POST", format!("/api/tasks/{l}/progress"), Some(json!({"agentName": "worker", "current": 1, "total": 2})), agents),
+            ("POST", format!("/api/tasks/{l}/extend-lease"), Some(json!({"agentName": "worker", "extensionMinutes": 5})), agents),
+            ("POST", format!("/api/tasks/{l}/complete"), Some(json!({"agentName": "worker", "result": "ok"})), agents),
+            ("POST", format!("/api/tasks/{x}/fail"), Some(json!({"agentName": "worker", "error": "e"})), agents),
+            ("POST", format!("/api/projects/{p}/cleanup-leases"), None, producers),
+            ("POST", format!("/api/tasks/{x}/cancel"), None, producers),
+            ("POST", format!("/api/tasks/{x}/retry"), None, producers),
+            ("DELETE", format!("/api/tasks/{x}"), None, producers),
+            ("DELETE", format!("/api/task-types/{t}"), None, producers),
+            ("GET", "/api/keys".into(), None, admins),
+            ("POST", "/api/keys".into(), Some(json!({"name": "k", "role": "viewer"})), admins),
+            ("POST", "/api/auth/login".into(), Some(json!({"agentName": "worker", "projectId": p})), all),
+            ("DELETE", format!("/api/projects/{p}"), None, producers),
+        ];
+        for (method, path, body, allowed) in probes {
+            let r = app.call_with(client, method, &path, body).await;
+            if allowed.contains(role) {
+                assert!(
+                    r.status != 401 && r.status != 403 && r.status < 500,
+                    "{role} {method} {path}: {} {:?}",
+                    r.status,
+                    r.body
+                );
+            } else {
+                assert_eq!(
+                    (r.status, r.code()),
+                    (403, "FORBIDDEN"),
+                    "{role} {method} {path}: {:?}",
+                    r.body
+                );
+            }
+        }
+        let r = app
+            .call_with(client, "DELETE", &format!("/api/keys/{victim_key}"), None)
+            .await;
+        if *role == "admin" {
+            assert_eq!(r.status, 200);
+        } else {
+            assert_eq!(r.status, 403, "{role} may not revoke keys");
+        }
+    }
+}
+
+#[tokio::test]
+async fn requests_without_valid_credentials_get_401() {
+    let app = spawn_app().await;
+    let anon = reqwest::Client::new();
+    let r = app.call_with(&anon, "GET", "/api/projects", None).await;
+    assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
+    assert!(r.body["correlationId"].is_string());
+    let bad = client_with_key("aq_00000000000000000000000000000000_nope");
+    assert_eq!(app.call_with(&bad, "GET", "/api/projects", None).await.status, 401);
+    let bearer = reqwest::Client::new()
+        .get(format!("{}/api/projects", app.base))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status().as_u16(), 200, "Authorization: Bearer works too");
+    for public in ["/health", "/api/openapi.json"] {
+        assert_eq!(app.call_with(&anon, "GET", public, None).await.status, 200, "{public}");
+    }
+    let docs = anon.get(format!("{}/api/docs", app.base)).send().await.unwrap();
+    assert_eq!(docs.status().as_u16(), 200);
+}
+
+#[tokio::test]
+async fn a_scoped_key_sees_only_its_projects() {
+    let app = spawn_app().await;
+    let a = fixture(&app, "alpha").await;
+    let b = fixture(&app, "beta").await;
+    let (_, key) = app.key("producer", Some(vec!["alpha"])).await;
+    let c = client_with_key(&key);
+    let get = |path: String| {
+        let app = &app;
+        let c = c.clone();
+        async move { app.call_with(&c, "GET", &path, None).await }
+    };
+    assert_eq!(get(format!("/api/projects/{}", a.project)).await.status, 200);
+    for path in [
+        format!("/api/projects/{}", b.project),
+        "/api/projects/beta".to_string(),
+        format!("/api/projects/{}/tasks", b.project),
+        format!("/api/projects/{}/stats", b.project),
+        format!("/api/projects/{}/task-types", b.project),
+        format!("/api/projects/{}/agents", b.project),
+        format!("/api/projects/{}/peek-next-task", b.project),
+        format!("/api/tasks/{}", b.task),
+        format!("/api/tasks/{}/attempts", b.task),
+        format!("/api/task-types/{}", b.type_id),
+    ] {
+        let r = get(path.clone()).await;
+        assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{path}");
+    }
+    let list = get("/api/projects?status=all".into()).await;
+    assert_eq!(list.body["pagination"]["total"], 1);
+    assert_eq!(list.data()[0]["name"], "alpha");
+    for (method, path, body) in [
+        ("POST", format!("/api/projects/{}/tasks", b.project), json!({"instructions": "x"})),
+        ("PUT", format!("/api/tasks/{}", b.task), json!({"priority": 1})),
+        ("POST", format!("/api/tasks/{}/cancel", b.task), json!({})),
+        ("DELETE", format!("/api/task-types/{}", b.type_id), json!({})),
+        ("PUT", "/api/projects/beta".to_string(), json!({"description": "x"})),
+    ] {
+        let r = app.call_with(&c, method, &path, Some(body)).await;
+        assert_eq!(r.status, 404, "{method} {path}");
+    }
+    // A scoped key cannot make projects or keys.
+    let r = app
+        .call_with(&c, "POST", "/api/projects", Some(json!({"name": "gamma", "description": "d"})))
+        .await;
+    assert_eq!(r.status, 403);
+    // Nothing in beta changed.
+    assert_eq!(app.get(&format!("/api/tasks/{}", b.task)).await.data()["status"], "queued");
+}
+
+#[tokio::test]
+async fn revoking_a_key_stops_it_and_its_sessions_at_once() {
+    let app = spawn_app().await;
+    let f = fixture(&app, "p").await;
+    let (id, key) = app.key("agent", None).await;
+    let c = client_with_key(&key);
+    assert_eq!(app.call_with(&c, "GET", "/api/projects", None).await.status, 200);
+    let login = app
+        .call_with(&c, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": f.project})))
+        .await;
+    let token = login.data()["token"].as_str().unwrap().to_string();
+    let s = reqwest::Client::new();
+    let sess = |client: &reqwest::Client| {
+        client
+            .get(format!("{}/api/auth/session", app.base))
+            .bearer_auth(&token)
+            .send()
+    };
+    assert_eq!(sess(&s).await.unwrap().status().as_u16(), 200);
+    assert_eq!(app.delete(&format!("/api/keys/{id}")).await.status, 200);
+    assert_eq!(app.call_with(&c, "GET", "/api/projects", None).await.status, 401);
+    assert_eq!(sess(&s).await.unwrap().status().as_u16(), 401);
+    let keys = app.get("/api/keys").await;
+    assert!(!keys.data().as_array().unwrap().iter().any(|k| k["id"] == id.as_str()));
+    assert_eq!(app.delete(&format!("/api/keys/{id}")).await.status, 404);
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_and_never_stored_in_clear() {
+    let app = spawn_app().await;
+    let r = app
+        .post("/api/keys", json!({"name": "ci", "role": "viewer", "projects": null}))
+        .await;
+    assert_eq!(r.status, 201);
+    let key = r.data()["key"].as_str().unwrap().to_string();
+    let list = app.get("/api/keys").await;
+    let text = list.body.to_string();
+    assert!(!text.contains(&key));
+    assert!(!text.contains("argon2"));
+    assert!(list.data()[0].get("key").is_none());
+    for bad in [
+        json!({"name": "x", "role": "root"}),
+        json!({"name": "bad name", "role": "viewer"}),
+        json!({"name": "x", "role": "viewer", "projects": []}),
+    ] {
+        assert_eq!(app.post("/api/keys", bad).await.status, 400);
+    }
+    let r = app
+        .post("/api/keys", json!({"name": "x", "role": "viewer", "projects": ["nope"]}))
+        .await;
+    assert_eq!(r.status, 404);
+    // The file holds no clear key either.
+    let server = app.server.as_ref().unwrap();
+    let bytes = std::fs::read(server.store.path()).unwrap();
+    let hay = String::from_utf8_lossy(&bytes);
+    assert!(!hay.contains(&key));
+    assert!(!hay.contains(&app.admin_key));
+    // The last admin key cannot be revoked.
+    let admin_id = app
+        .get("/api/keys")
+        .await
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["role"] == "admin")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(app.delete(&format!("/api/keys/{admin_id}")).await.status, 409);
+}
+
+#[tokio::test]
+async fn sessions_bind_agent_and_project_and_expire() {
+    let app = spawn_with_manual_clock().await;
+    let a = fixture(&app, "alpha").await;
+    let b = fixture(&app, "beta").await;
+    let (_, key) = app.key("agent", None).await;
+    let c = client_with_key(&key);
+    let r = app
+        .call_with(&c, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": "alpha"})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let token = r.data()["token"].as_str().unwrap().to_string();
+    let expires = r.data()["expiresAt"].as_str().unwrap().to_string();
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let s = reqwest::Client::builder().default_headers(h).build().unwrap();
+
+    let info = app.call_with(&s, "GET", "/api/auth/session", None).await;
+    assert_eq!(info.data()["agentName"], "a1");
+    assert_eq!(info.data()["projectId"], a.project.as_str());
+    assert_eq!(info.data()["expiresAt"], expires.as_str());
+
+    // Acting as another agent: 403. As itself: fine. Another project: not there.
+    let r = app
+        .call_with(&s, "POST", "/api/agents/a2/next-task", Some(json!({"projectId": a.project})))
+        .await;
+    assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
+    let r = app
+        .call_with(&s, "POST", "/api/agents/a1/next-task", Some(json!({"projectId": a.project})))
+        .await;
+    assert_eq!(r.status, 200);
+    let held = r.data()["task"]["id"].as_str().unwrap().to_string();
+    let r = app
+        .call_with(&s, "POST", &format!("/api/tasks/{held}/complete"), Some(json!({"agentName": "other"})))
+        .await;
+    assert_eq!(r.status, 403);
+    // The agent name of extend-lease may come from the session.
+    let r = app
+        .call_with(&s, "POST", &format!("/api/tasks/{held}/extend-lease"), Some(json!({"extensionMinutes": 5})))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = app
+        .call_with(&s, "GET", &format!("/api/projects/{}", b.project), None)
+        .await;
+    assert_eq!(r.status, 404);
+    let r = app
+        .call_with(&s, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": "alpha"})))
+        .await;
+    assert_eq!(r.status, 403, "sessions do not log in");
+
+    // Extend, then expire.
+    let r = app
+        .call_with(&s, "PUT", "/api/auth/session", Some(json!({"extendBy": 3600})))
+        .await;
+    assert!(r.data()["expiresAt"].as_str().unwrap() > expires.as_str());
+    let r = app
+        .call_with(&s, "PUT", "/api/auth/session", Some(json!({"extendBy": 0})))
+        .await;
+    assert_eq!(r.status, 400);
+    app.advance(25 * 3600 * 1000 - 1).await;
+    assert_eq!(app.call_with(&s, "GET", "/api/auth/session", None).await.status, 200);
+    app.advance(1).await;
+    assert_eq!(app.call_with(&s, "GET", "/api/auth/session", None).await.status, 401);
+    // The sweep removed it from storage.
+    let server = app.server.as_ref().unwrap();
+    assert!(server
+        .store
+        .session(&agentq::auth::digest(&token))
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn logout_ends_the_session() {
+    let app = spawn_app().await;
+    let f = fixture(&app, "p").await;
+    let r = app
+        .post("/api/auth/login", json!({"agentName": "a", "projectId": f.project}))
+        .await;
+    let token = r.data()["token"].as_str().unwrap().to_string();
+    let s = reqwest::Client::new();
+    let out = s
+        .post(format!("{}/api/auth/logout", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status().as_u16(), 200);
+    let again = s
+        .get(format!("{}/api/auth/session", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status().as_u16(), 401);
+    // An API key has no session to show.
+    assert_eq!(app.get("/api/auth/session").await.status, 404);
+}
+
+#[tokio::test]
+async fn rate_limit_lets_exactly_n_through_then_429() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start_with_key(dir, None, None, |c| c.rate_limit_per_minute = 5).await;
+    for i in 0..5 {
+        let r = app.get("/api/projects").await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.headers["x-ratelimit-limit"], "5");
+        assert_eq!(r.headers["x-ratelimit-remaining"], (4 - i).to_string().as_str());
+        assert!(r.headers["x-ratelimit-reset"].to_str().unwrap().parse::<u64>().unwrap() > 1_700_000_000);
+    }
+    let r = app.get("/api/projects").await;
+    assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"));
+    assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(app.get("/health").await.status, 200, "/health is never limited");
+}
+
+#[tokio::test]
+async fn failed_authentication_is_throttled_per_address() {
+    let app = spawn_app().await;
+    // Use the admin key once so it is cached.
+    assert_eq!(app.get("/api/projects").await.status, 200);
+    let mut statuses = Vec::new();
+    for i in 0..(agentq::auth::AUTH_FAILURES_PER_MINUTE + 1) {
+        let bad = client_with_key(&format!("aq_{:032x}_{}", i, "0".repeat(64)));
+        statuses.push(app.call_with(&bad, "GET", "/api/projects", None).await.status);
+    }
+    assert!(statuses[..statuses.len() - 1].iter().all(|s| *s == 401));
+    assert_eq!(*statuses.last().unwrap(), 429);
+    // A key verified before still works from the same address.
+    assert_eq!(app.get("/api/projects").await.status, 200);
+}

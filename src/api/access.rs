@@ -13,6 +13,7 @@ use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
 use uuid::Uuid;
 
+use super::error::ApiResult;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
@@ -144,8 +145,8 @@ pub struct LoggedOut {
 
 pub struct AccessApi(pub Arc<State>);
 
-fn no_session() -> poem::Error {
-    Error::NotFound("this request carries no session: log in first".into()).into()
+fn no_session() -> Error {
+    Error::NotFound("this request carries no session: log in first".into())
 }
 
 fn key_admin(c: &Caller) -> Result<(), Error> {
@@ -162,7 +163,7 @@ fn key_admin(c: &Caller) -> Result<(), Error> {
 impl AccessApi {
     /// Create an API key (admin). The key is in the answer, once; only its hash is stored.
     #[oai(path = "/api/keys", method = "post", tag = "ApiTags::Access")]
-    async fn create_key(&self, auth: Auth, body: Json<CreateKeyIn>) -> poem::Result<Reply<KeyOut>> {
+    async fn create_key(&self, auth: Auth, body: Json<CreateKeyIn>) -> ApiResult<Reply<KeyOut>> {
         key_admin(auth.caller())?;
         let b = body.0;
         let mut c = Check::default();
@@ -199,7 +200,7 @@ impl AccessApi {
 
     /// List API keys (admin). Never shows a key or its hash.
     #[oai(path = "/api/keys", method = "get", tag = "ApiTags::Access")]
-    async fn list_keys(&self, auth: Auth) -> poem::Result<ListReply<KeyOut>> {
+    async fn list_keys(&self, auth: Auth) -> ApiResult<ListReply<KeyOut>> {
         key_admin(auth.caller())?;
         let keys: Vec<KeyOut> = self
             .0
@@ -218,7 +219,7 @@ impl AccessApi {
         &self,
         auth: Auth,
         #[oai(name = "keyId")] id: Path<String>,
-    ) -> poem::Result<Reply<Deleted>> {
+    ) -> ApiResult<Reply<Deleted>> {
         key_admin(auth.caller())?;
         let kid = Uuid::parse_str(&id.0)
             .map_err(|_| Error::NotFound(format!("key {} not found", id.0)))?
@@ -236,7 +237,7 @@ impl AccessApi {
 
     /// Start a session for one agent in one project, with the key's rights.
     #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Access")]
-    async fn login(&self, auth: Auth, body: Json<LoginIn>) -> poem::Result<Reply<LoginOut>> {
+    async fn login(&self, auth: Auth, body: Json<LoginIn>) -> ApiResult<Reply<LoginOut>> {
         let c = auth.caller();
         if c.session.is_some() {
             return Err(Error::Forbidden("log in with an API key, not a session".into()).into());
@@ -266,7 +267,7 @@ impl AccessApi {
 
     /// End the session of this request.
     #[oai(path = "/api/auth/logout", method = "post", tag = "ApiTags::Access")]
-    async fn logout(&self, auth: Auth) -> poem::Result<Reply<LoggedOut>> {
+    async fn logout(&self, auth: Auth) -> ApiResult<Reply<LoggedOut>> {
         let s = auth.caller().session.clone().ok_or_else(no_session)?;
         let done = self
             .0
@@ -278,7 +279,7 @@ impl AccessApi {
 
     /// The session of this request.
     #[oai(path = "/api/auth/session", method = "get", tag = "ApiTags::Access")]
-    async fn session(&self, auth: Auth) -> poem::Result<Reply<SessionOut>> {
+    async fn session(&self, auth: Auth) -> ApiResult<Reply<SessionOut>> {
         let b = auth.caller().session.clone().ok_or_else(no_session)?;
         let s = self
             .0
@@ -294,7 +295,7 @@ impl AccessApi {
         &self,
         auth: Auth,
         body: Json<ExtendSessionIn>,
-    ) -> poem::Result<Reply<SessionOut>> {
+    ) -> ApiResult<Reply<SessionOut>> {
         let b = auth.caller().session.clone().ok_or_else(no_session)?;
         let mut c = Check::default();
         let secs = c.int_range(

@@ -6,7 +6,7 @@
 
 use poem::error::ResponseError;
 use poem::http::StatusCode;
-use poem::{Response, Result};
+use poem::Response;
 use serde_json::{json, Value};
 
 use crate::error::{Error, FieldError};
@@ -138,8 +138,97 @@ pub fn envelope(
         .body(body.to_string())
 }
 
-/// Shorthand for handlers.
-pub type ApiResult<T> = Result<T>;
+/// The error side of every operation: any failure, carried to [`super::frame`] as a
+/// `poem::Error` so that the envelope (with the request's correlation id) is built in one
+/// place. Its only other job is to describe the error responses in the OpenAPI document.
+pub struct ApiError(pub poem::Error);
+
+pub type ApiResult<T> = std::result::Result<T, ApiError>;
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        ApiError(e.into())
+    }
+}
+
+impl From<poem::Error> for ApiError {
+    fn from(e: poem::Error) -> Self {
+        ApiError(e)
+    }
+}
+
+impl From<ApiError> for poem::Error {
+    fn from(e: ApiError) -> Self {
+        e.0
+    }
+}
+
+/// One broken field rule.
+#[derive(poem_openapi::Object)]
+pub struct ValidationDetail {
+    pub field: String,
+    pub message: String,
+    /// The offending value, when there is one.
+    pub value: Option<serde_json::Value>,
+}
+
+/// The error envelope of every non-2xx response.
+#[derive(poem_openapi::Object)]
+#[oai(rename_all = "camelCase")]
+pub struct ErrorBody {
+    /// Always false.
+    pub success: bool,
+    /// A human-readable message.
+    pub error: String,
+    /// VALIDATION_ERROR, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, CONFLICT, LEASE_LOST,
+    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, UNAVAILABLE or INTERNAL_ERROR.
+    pub code: String,
+    pub timestamp: String,
+    pub correlation_id: String,
+    /// Present for validation errors only.
+    #[oai(skip_serializing_if_is_none)]
+    pub validation_details: Option<Vec<ValidationDetail>>,
+}
+
+impl poem_openapi::ApiResponse for ApiError {
+    fn meta() -> poem_openapi::registry::MetaResponses {
+        use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses};
+        use poem_openapi::types::Type;
+        let statuses: [(u16, &'static str); 11] = [
+            (400, "Malformed JSON, a wrong type, or a broken field rule"),
+            (401, "Missing or invalid credentials"),
+            (403, "The credentials lack the right"),
+            (404, "Not found (or not visible to these credentials)"),
+            (405, "Method not allowed"),
+            (409, "A state conflict (CONFLICT) or not the lease holder (LEASE_LOST)"),
+            (413, "Request body too large"),
+            (415, "Request body is not JSON"),
+            (422, "A task that does not fit its task type"),
+            (429, "Rate limit reached"),
+            (503, "Shutting down or storage unavailable"),
+        ];
+        MetaResponses {
+            responses: statuses
+                .into_iter()
+                .map(|(status, description)| MetaResponse {
+                    description,
+                    status: Some(status),
+                    status_range: None,
+                    content: vec![MetaMediaType {
+                        content_type: "application/json; charset=utf-8",
+                        schema: ErrorBody::schema_ref(),
+                    }],
+                    headers: vec![],
+                })
+                .collect(),
+        }
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        use poem_openapi::types::Type;
+        ErrorBody::register(registry);
+    }
+}
 
 pub fn validation(details: Vec<FieldError>) -> poem::Error {
     Error::Validation(details).into()

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use poem::Result;
+use super::error::ApiResult as Result;
 use poem_openapi::param::Path;
 use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use poem::Result;
+use super::error::ApiResult as Result;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use agentq::api::types::{CreateTask, CreateProject, Text};
+use agentq::api::types::{CreateProject, CreateTask, Text};
 use agentq::api::validate;
 use agentq::lease::{self, LeaseError};
 use agentq::model::{render_template, template_placeholders, Rules, Task, TaskStatus};
@@ -16,7 +16,8 @@ fn json_value() -> impl Strategy<Value = Value> {
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
         any::<i64>().prop_map(Value::from),
-        any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+        any::<f64>()
+            .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
         ".{0,20}".prop_map(Value::String),
     ];
     leaf.prop_recursive(4, 64, 8, |inner| {
@@ -45,7 +46,8 @@ fn json_value() -> impl Strategy<Value = Value> {
 fn name_ok(s: &str) -> bool {
     !s.is_empty()
         && s.chars().count() <= 100
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 proptest! {

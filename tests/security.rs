@@ -53,35 +53,115 @@ async fn role_by_endpoint_matrix() {
         let (p, t, x, l) = (&f.project, &f.type_id, &f.task, &f.leased);
         let probes: Vec<Probe> = vec![
             ("GET", "/api/projects".into(), None, all),
-            ("POST", "/api/projects".into(), Some(json!({"name": format!("new{n}"), "description": "d"})), producers),
+            (
+                "POST",
+                "/api/projects".into(),
+                Some(json!({"name": format!("new{n}"), "description": "d"})),
+                producers,
+            ),
             ("GET", format!("/api/projects/{p}"), None, all),
-            ("PUT", format!("/api/projects/{p}"), Some(json!({"description": "x"})), producers),
+            (
+                "PUT",
+                format!("/api/projects/{p}"),
+                Some(json!({"description": "x"})),
+                producers,
+            ),
             ("GET", format!("/api/projects/{p}/stats"), None, all),
             ("GET", format!("/api/projects/{p}/task-types"), None, all),
-            ("POST", format!("/api/projects/{p}/task-types"), Some(json!({"name": "t2"})), producers),
+            (
+                "POST",
+                format!("/api/projects/{p}/task-types"),
+                Some(json!({"name": "t2"})),
+                producers,
+            ),
             ("GET", format!("/api/task-types/{t}"), None, all),
-            ("PUT", format!("/api/task-types/{t}"), Some(json!({"maxRetries": 1})), producers),
+            (
+                "PUT",
+                format!("/api/task-types/{t}"),
+                Some(json!({"maxRetries": 1})),
+                producers,
+            ),
             ("GET", format!("/api/projects/{p}/tasks"), None, all),
-            ("POST", format!("/api/projects/{p}/tasks"), Some(json!({"instructions": "x"})), producers),
-            ("POST", format!("/api/projects/{p}/tasks/bulk"), Some(json!({"tasks": [{"instructions": "x"}]})), producers),
+            (
+                "POST",
+                format!("/api/projects/{p}/tasks"),
+                Some(json!({"instructions": "x"})),
+                producers,
+            ),
+            (
+                "POST",
+                format!("/api/projects/{p}/tasks/bulk"),
+                Some(json!({"tasks": [{"instructions": "x"}]})),
+                producers,
+            ),
             ("GET", format!("/api/tasks/{x}"), None, all),
-            ("PUT", format!("/api/tasks/{x}"), Some(json!({"priority": 9})), producers),
+            (
+                "PUT",
+                format!("/api/tasks/{x}"),
+                Some(json!({"priority": 9})),
+                producers,
+            ),
             ("GET", format!("/api/tasks/{x}/attempts"), None, all),
             ("GET", format!("/api/projects/{p}/agents"), None, all),
-            ("GET", format!("/api/projects/{p}/peek-next-task"), None, all),
-            ("POST", format!("/api/agents/worker/next-task"), Some(json!({"projectId": p})), agents),
-            ("POST", format!("/api/tasks/{l}/progress"), Some(json!({"agentName": "worker", "current": 1, "total": 2})), agents),
-            ("POST", format!("/api/tasks/{l}/extend-lease"), Some(json!({"agentName": "worker", "extensionMinutes": 5})), agents),
-            ("POST", format!("/api/tasks/{l}/complete"), Some(json!({"agentName": "worker", "result": "ok"})), agents),
-            ("POST", format!("/api/tasks/{x}/fail"), Some(json!({"agentName": "worker", "error": "e"})), agents),
-            ("POST", format!("/api/projects/{p}/cleanup-leases"), None, producers),
+            (
+                "GET",
+                format!("/api/projects/{p}/peek-next-task"),
+                None,
+                all,
+            ),
+            (
+                "POST",
+                "/api/agents/worker/next-task".into(),
+                Some(json!({"projectId": p})),
+                agents,
+            ),
+            (
+                "POST",
+                format!("/api/tasks/{l}/progress"),
+                Some(json!({"agentName": "worker", "current": 1, "total": 2})),
+                agents,
+            ),
+            (
+                "POST",
+                format!("/api/tasks/{l}/extend-lease"),
+                Some(json!({"agentName": "worker", "extensionMinutes": 5})),
+                agents,
+            ),
+            (
+                "POST",
+                format!("/api/tasks/{l}/complete"),
+                Some(json!({"agentName": "worker", "result": "ok"})),
+                agents,
+            ),
+            (
+                "POST",
+                format!("/api/tasks/{x}/fail"),
+                Some(json!({"agentName": "worker", "error": "e"})),
+                agents,
+            ),
+            (
+                "POST",
+                format!("/api/projects/{p}/cleanup-leases"),
+                None,
+                producers,
+            ),
             ("POST", format!("/api/tasks/{x}/cancel"), None, producers),
             ("POST", format!("/api/tasks/{x}/retry"), None, producers),
             ("DELETE", format!("/api/tasks/{x}"), None, producers),
             ("DELETE", format!("/api/task-types/{t}"), None, producers),
             ("GET", "/api/keys".into(), None, admins),
-            ("POST", "/api/keys".into(), Some(json!({"name": "k", "role": "viewer"})), admins),
-            ("POST", "/api/auth/login".into(), Some(json!({"agentName": "worker", "projectId": p})), all),
+            (
+                "POST",
+                "/api/keys".into(),
+                Some(json!({"name": "k", "role": "viewer"})),
+                admins,
+            ),
+            (
+                "POST",
+                "/api/auth/login".into(),
+                Some(json!({"agentName": "worker", "projectId": p})),
+                all,
+            ),
             ("DELETE", format!("/api/projects/{p}"), None, producers),
         ];
         for (method, path, body, allowed) in probes {
@@ -121,18 +201,35 @@ async fn requests_without_valid_credentials_get_401() {
     assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"));
     assert!(r.body["correlationId"].is_string());
     let bad = client_with_key("aq_00000000000000000000000000000000_nope");
-    assert_eq!(app.call_with(&bad, "GET", "/api/projects", None).await.status, 401);
+    assert_eq!(
+        app.call_with(&bad, "GET", "/api/projects", None)
+            .await
+            .status,
+        401
+    );
     let bearer = reqwest::Client::new()
         .get(format!("{}/api/projects", app.base))
         .bearer_auth(&app.admin_key)
         .send()
         .await
         .unwrap();
-    assert_eq!(bearer.status().as_u16(), 200, "Authorization: Bearer works too");
+    assert_eq!(
+        bearer.status().as_u16(),
+        200,
+        "Authorization: Bearer works too"
+    );
     for public in ["/health", "/api/openapi.json"] {
-        assert_eq!(app.call_with(&anon, "GET", public, None).await.status, 200, "{public}");
+        assert_eq!(
+            app.call_with(&anon, "GET", public, None).await.status,
+            200,
+            "{public}"
+        );
     }
-    let docs = anon.get(format!("{}/api/docs", app.base)).send().await.unwrap();
+    let docs = anon
+        .get(format!("{}/api/docs", app.base))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(docs.status().as_u16(), 200);
 }
 
@@ -148,7 +245,10 @@ async fn a_scoped_key_sees_only_its_projects() {
         let c = c.clone();
         async move { app.call_with(&c, "GET", &path, None).await }
     };
-    assert_eq!(get(format!("/api/projects/{}", a.project)).await.status, 200);
+    assert_eq!(
+        get(format!("/api/projects/{}", a.project)).await.status,
+        200
+    );
     for path in [
         format!("/api/projects/{}", b.project),
         "/api/projects/beta".to_string(),
@@ -168,22 +268,46 @@ async fn a_scoped_key_sees_only_its_projects() {
     assert_eq!(list.body["pagination"]["total"], 1);
     assert_eq!(list.data()[0]["name"], "alpha");
     for (method, path, body) in [
-        ("POST", format!("/api/projects/{}/tasks", b.project), json!({"instructions": "x"})),
-        ("PUT", format!("/api/tasks/{}", b.task), json!({"priority": 1})),
+        (
+            "POST",
+            format!("/api/projects/{}/tasks", b.project),
+            json!({"instructions": "x"}),
+        ),
+        (
+            "PUT",
+            format!("/api/tasks/{}", b.task),
+            json!({"priority": 1}),
+        ),
         ("POST", format!("/api/tasks/{}/cancel", b.task), json!({})),
-        ("DELETE", format!("/api/task-types/{}", b.type_id), json!({})),
-        ("PUT", "/api/projects/beta".to_string(), json!({"description": "x"})),
+        (
+            "DELETE",
+            format!("/api/task-types/{}", b.type_id),
+            json!({}),
+        ),
+        (
+            "PUT",
+            "/api/projects/beta".to_string(),
+            json!({"description": "x"}),
+        ),
     ] {
         let r = app.call_with(&c, method, &path, Some(body)).await;
         assert_eq!(r.status, 404, "{method} {path}");
     }
     // A scoped key cannot make projects or keys.
     let r = app
-        .call_with(&c, "POST", "/api/projects", Some(json!({"name": "gamma", "description": "d"})))
+        .call_with(
+            &c,
+            "POST",
+            "/api/projects",
+            Some(json!({"name": "gamma", "description": "d"})),
+        )
         .await;
     assert_eq!(r.status, 403);
     // Nothing in beta changed.
-    assert_eq!(app.get(&format!("/api/tasks/{}", b.task)).await.data()["status"], "queued");
+    assert_eq!(
+        app.get(&format!("/api/tasks/{}", b.task)).await.data()["status"],
+        "queued"
+    );
 }
 
 #[tokio::test]
@@ -192,9 +316,17 @@ async fn revoking_a_key_stops_it_and_its_sessions_at_once() {
     let f = fixture(&app, "p").await;
     let (id, key) = app.key("agent", None).await;
     let c = client_with_key(&key);
-    assert_eq!(app.call_with(&c, "GET", "/api/projects", None).await.status, 200);
+    assert_eq!(
+        app.call_with(&c, "GET", "/api/projects", None).await.status,
+        200
+    );
     let login = app
-        .call_with(&c, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": f.project})))
+        .call_with(
+            &c,
+            "POST",
+            "/api/auth/login",
+            Some(json!({"agentName": "a1", "projectId": f.project})),
+        )
         .await;
     let token = login.data()["token"].as_str().unwrap().to_string();
     let s = reqwest::Client::new();
@@ -206,10 +338,18 @@ async fn revoking_a_key_stops_it_and_its_sessions_at_once() {
     };
     assert_eq!(sess(&s).await.unwrap().status().as_u16(), 200);
     assert_eq!(app.delete(&format!("/api/keys/{id}")).await.status, 200);
-    assert_eq!(app.call_with(&c, "GET", "/api/projects", None).await.status, 401);
+    assert_eq!(
+        app.call_with(&c, "GET", "/api/projects", None).await.status,
+        401
+    );
     assert_eq!(sess(&s).await.unwrap().status().as_u16(), 401);
     let keys = app.get("/api/keys").await;
-    assert!(!keys.data().as_array().unwrap().iter().any(|k| k["id"] == id.as_str()));
+    assert!(!keys
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == id.as_str()));
     assert_eq!(app.delete(&format!("/api/keys/{id}")).await.status, 404);
 }
 
@@ -217,7 +357,10 @@ async fn revoking_a_key_stops_it_and_its_sessions_at_once() {
 async fn keys_are_shown_once_and_never_stored_in_clear() {
     let app = spawn_app().await;
     let r = app
-        .post("/api/keys", json!({"name": "ci", "role": "viewer", "projects": null}))
+        .post(
+            "/api/keys",
+            json!({"name": "ci", "role": "viewer", "projects": null}),
+        )
         .await;
     assert_eq!(r.status, 201);
     let key = r.data()["key"].as_str().unwrap().to_string();
@@ -234,7 +377,10 @@ async fn keys_are_shown_once_and_never_stored_in_clear() {
         assert_eq!(app.post("/api/keys", bad).await.status, 400);
     }
     let r = app
-        .post("/api/keys", json!({"name": "x", "role": "viewer", "projects": ["nope"]}))
+        .post(
+            "/api/keys",
+            json!({"name": "x", "role": "viewer", "projects": ["nope"]}),
+        )
         .await;
     assert_eq!(r.status, 404);
     // The file holds no clear key either.
@@ -256,7 +402,10 @@ async fn keys_are_shown_once_and_never_stored_in_clear() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(app.delete(&format!("/api/keys/{admin_id}")).await.status, 409);
+    assert_eq!(
+        app.delete(&format!("/api/keys/{admin_id}")).await.status,
+        409
+    );
 }
 
 #[tokio::test]
@@ -267,14 +416,22 @@ async fn sessions_bind_agent_and_project_and_expire() {
     let (_, key) = app.key("agent", None).await;
     let c = client_with_key(&key);
     let r = app
-        .call_with(&c, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": "alpha"})))
+        .call_with(
+            &c,
+            "POST",
+            "/api/auth/login",
+            Some(json!({"agentName": "a1", "projectId": "alpha"})),
+        )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let token = r.data()["token"].as_str().unwrap().to_string();
     let expires = r.data()["expiresAt"].as_str().unwrap().to_string();
     let mut h = reqwest::header::HeaderMap::new();
     h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let s = reqwest::Client::builder().default_headers(h).build().unwrap();
+    let s = reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap();
 
     let info = app.call_with(&s, "GET", "/api/auth/session", None).await;
     assert_eq!(info.data()["agentName"], "a1");
@@ -283,21 +440,41 @@ async fn sessions_bind_agent_and_project_and_expire() {
 
     // Acting as another agent: 403. As itself: fine. Another project: not there.
     let r = app
-        .call_with(&s, "POST", "/api/agents/a2/next-task", Some(json!({"projectId": a.project})))
+        .call_with(
+            &s,
+            "POST",
+            "/api/agents/a2/next-task",
+            Some(json!({"projectId": a.project})),
+        )
         .await;
     assert_eq!((r.status, r.code()), (403, "FORBIDDEN"));
     let r = app
-        .call_with(&s, "POST", "/api/agents/a1/next-task", Some(json!({"projectId": a.project})))
+        .call_with(
+            &s,
+            "POST",
+            "/api/agents/a1/next-task",
+            Some(json!({"projectId": a.project})),
+        )
         .await;
     assert_eq!(r.status, 200);
     let held = r.data()["task"]["id"].as_str().unwrap().to_string();
     let r = app
-        .call_with(&s, "POST", &format!("/api/tasks/{held}/complete"), Some(json!({"agentName": "other"})))
+        .call_with(
+            &s,
+            "POST",
+            &format!("/api/tasks/{held}/complete"),
+            Some(json!({"agentName": "other"})),
+        )
         .await;
     assert_eq!(r.status, 403);
     // The agent name of extend-lease may come from the session.
     let r = app
-        .call_with(&s, "POST", &format!("/api/tasks/{held}/extend-lease"), Some(json!({"extensionMinutes": 5})))
+        .call_with(
+            &s,
+            "POST",
+            &format!("/api/tasks/{held}/extend-lease"),
+            Some(json!({"extensionMinutes": 5})),
+        )
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let r = app
@@ -305,13 +482,23 @@ async fn sessions_bind_agent_and_project_and_expire() {
         .await;
     assert_eq!(r.status, 404);
     let r = app
-        .call_with(&s, "POST", "/api/auth/login", Some(json!({"agentName": "a1", "projectId": "alpha"})))
+        .call_with(
+            &s,
+            "POST",
+            "/api/auth/login",
+            Some(json!({"agentName": "a1", "projectId": "alpha"})),
+        )
         .await;
     assert_eq!(r.status, 403, "sessions do not log in");
 
     // Extend, then expire.
     let r = app
-        .call_with(&s, "PUT", "/api/auth/session", Some(json!({"extendBy": 3600})))
+        .call_with(
+            &s,
+            "PUT",
+            "/api/auth/session",
+            Some(json!({"extendBy": 3600})),
+        )
         .await;
     assert!(r.data()["expiresAt"].as_str().unwrap() > expires.as_str());
     let r = app
@@ -319,9 +506,19 @@ async fn sessions_bind_agent_and_project_and_expire() {
         .await;
     assert_eq!(r.status, 400);
     app.advance(25 * 3600 * 1000 - 1).await;
-    assert_eq!(app.call_with(&s, "GET", "/api/auth/session", None).await.status, 200);
+    assert_eq!(
+        app.call_with(&s, "GET", "/api/auth/session", None)
+            .await
+            .status,
+        200
+    );
     app.advance(1).await;
-    assert_eq!(app.call_with(&s, "GET", "/api/auth/session", None).await.status, 401);
+    assert_eq!(
+        app.call_with(&s, "GET", "/api/auth/session", None)
+            .await
+            .status,
+        401
+    );
     // The sweep removed it from storage.
     let server = app.server.as_ref().unwrap();
     assert!(server
@@ -336,7 +533,10 @@ async fn logout_ends_the_session() {
     let app = spawn_app().await;
     let f = fixture(&app, "p").await;
     let r = app
-        .post("/api/auth/login", json!({"agentName": "a", "projectId": f.project}))
+        .post(
+            "/api/auth/login",
+            json!({"agentName": "a", "projectId": f.project}),
+        )
         .await;
     let token = r.data()["token"].as_str().unwrap().to_string();
     let s = reqwest::Client::new();
@@ -366,14 +566,28 @@ async fn rate_limit_lets_exactly_n_through_then_429() {
         let r = app.get("/api/projects").await;
         assert_eq!(r.status, 200);
         assert_eq!(r.headers["x-ratelimit-limit"], "5");
-        assert_eq!(r.headers["x-ratelimit-remaining"], (4 - i).to_string().as_str());
-        assert!(r.headers["x-ratelimit-reset"].to_str().unwrap().parse::<u64>().unwrap() > 1_700_000_000);
+        assert_eq!(
+            r.headers["x-ratelimit-remaining"],
+            (4 - i).to_string().as_str()
+        );
+        assert!(
+            r.headers["x-ratelimit-reset"]
+                .to_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+                > 1_700_000_000
+        );
     }
     let r = app.get("/api/projects").await;
     assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"));
     assert_eq!(r.headers["x-ratelimit-remaining"], "0");
     assert!(r.headers.contains_key("retry-after"));
-    assert_eq!(app.get("/health").await.status, 200, "/health is never limited");
+    assert_eq!(
+        app.get("/health").await.status,
+        200,
+        "/health is never limited"
+    );
 }
 
 #[tokio::test]
@@ -384,7 +598,11 @@ async fn failed_authentication_is_throttled_per_address() {
     let mut statuses = Vec::new();
     for i in 0..(agentq::auth::AUTH_FAILURES_PER_MINUTE + 1) {
         let bad = client_with_key(&format!("aq_{:032x}_{}", i, "0".repeat(64)));
-        statuses.push(app.call_with(&bad, "GET", "/api/projects", None).await.status);
+        statuses.push(
+            app.call_with(&bad, "GET", "/api/projects", None)
+                .await
+                .status,
+        );
     }
     assert!(statuses[..statuses.len() - 1].iter().all(|s| *s == 401));
     assert_eq!(*statuses.last().unwrap(), 429);

@@ -200,7 +200,10 @@ impl poem_openapi::ApiResponse for ApiError {
             (403, "The credentials lack the right"),
             (404, "Not found (or not visible to these credentials)"),
             (405, "Method not allowed"),
-            (409, "A state conflict (CONFLICT) or not the lease holder (LEASE_LOST)"),
+            (
+                409,
+                "A state conflict (CONFLICT) or not the lease holder (LEASE_LOST)",
+            ),
             (413, "Request body too large"),
             (415, "Request body is not JSON"),
             (422, "A task that does not fit its task type"),

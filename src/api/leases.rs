@@ -215,7 +215,12 @@ impl LeasesApi {
         let mut c = Check::default();
         let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());
         let Some(agent) = b.agent_name.map(String::from).or(session_agent) else {
-            return Err(Error::validation("agentName", "required without a session").into());
+            // No agent name and no session: the caller cannot be the lease holder.
+            return Err(Error::LeaseLost(format!(
+                "task {}: name the holder in agentName (or use a session)",
+                id.0
+            ))
+            .into());
         };
         auth.caller().require_agent(&agent)?;
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");

@@ -9,6 +9,7 @@ pub mod access;
 pub mod error;
 pub mod leases;
 pub mod projects;
+pub mod spec;
 pub mod tasks;
 pub mod types;
 pub mod validate;
@@ -135,14 +136,22 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
     )
     .description("A durable, fast task queue for AI agents.");
     let ui = service.swagger_ui();
-    let spec = service.spec_endpoint();
+    let spec = Arc::new(spec::Spec::build(&service.spec()));
+    let document = spec.json.clone();
     let max = opts.max_body_bytes;
     let auth = state.auth.clone();
     let route = Route::new()
         .nest("/api/docs", ui)
-        .at("/api/openapi.json", spec)
+        .at(
+            "/api/openapi.json",
+            poem::endpoint::make_sync(move |_| {
+                Response::builder()
+                    .content_type("application/json; charset=utf-8")
+                    .body(document.clone())
+            }),
+        )
         .nest("/", service)
-        .around(move |ep, req| frame(ep, req, max, auth.clone()));
+        .around(move |ep, req| frame(ep, req, max, auth.clone(), spec.clone()));
     let cors = opts.cors_origin.as_ref().map(|o| {
         Cors::new()
             .allow_origin(o.as_str())
@@ -178,7 +187,9 @@ async fn frame<E: Endpoint>(
     mut req: Request,
     max_body: usize,
     auth: Arc<Authenticator>,
+    spec: Arc<spec::Spec>,
 ) -> poem::Result<Response> {
+    let path = req.uri().path().to_string();
     let cid = req
         .headers()
         .get("x-correlation-id")
@@ -193,17 +204,19 @@ async fn frame<E: Endpoint>(
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
         let writes = matches!(*req.method(), Method::POST | Method::PUT);
+        let posts = *req.method() == Method::POST;
         match declared {
             Some(n) if n > max_body => return Err(error::PayloadTooLarge(max_body).into()),
-            // An empty POST/PUT body reads as `{}`: bodies whose fields are all optional
-            // (cancel) may be left out, and a missing required field is named in the 400.
-            Some(0) if writes => {
+            // An empty POST body reads as `{}`: bodies whose fields are all optional (cancel)
+            // may be left out, and a missing required field is named in the 400. A PUT needs
+            // its body.
+            Some(0) if posts => {
                 req.headers_mut().remove(header::CONTENT_LENGTH);
                 req.set_body("{}");
             }
             Some(_) => {}
             None if !req.headers().contains_key(header::TRANSFER_ENCODING) => {
-                if writes {
+                if posts {
                     req.set_body("{}");
                 }
             }
@@ -237,7 +250,16 @@ async fn frame<E: Endpoint>(
         Ok(resp) => resp,
         Err(e) => error::error_response(&e, &cid),
     };
+    let resp_status = resp.status();
     let h = resp.headers_mut();
+    if resp_status == StatusCode::METHOD_NOT_ALLOWED {
+        if let Some(allow) = spec
+            .allowed(&path)
+            .and_then(|a| HeaderValue::from_str(&a).ok())
+        {
+            h.insert(header::ALLOW, allow);
+        }
+    }
     if let Some(r) = rate {
         h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));

@@ -56,6 +56,9 @@ impl TasksApi {
         let mut c = Check::default();
         let mut statuses = Vec::new();
         if let Some(s) = status.0.as_deref() {
+            if s.trim().is_empty() {
+                c.fail("status", "must name at least one status", s);
+            }
             for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
                 match TaskStatus::parse(part) {
                     Some(st) if !statuses.contains(&st) => statuses.push(st),

@@ -342,13 +342,6 @@ fn task_variables(c: &mut Check, prefix: &str, vars: &BTreeMap<String, String>) 
         );
     }
     for (k, v) in vars {
-        if k.is_empty() || k.len() > MAX_NAME {
-            c.fail(
-                &format!("{prefix}variables"),
-                "variable names must be 1-100 characters",
-                k.as_str(),
-            );
-        }
         if v.chars().count() > MAX_VARIABLE_VALUE {
             c.fail(
                 &format!("{prefix}variables.{k}"),

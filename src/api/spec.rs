@@ -1,0 +1,378 @@
+//! The OpenAPI document as served: poem-openapi's document of the operations, completed with
+//! what the derive cannot say.
+//!
+//! 1. Optional fields of responses are `null` when absent, so every non-required property is
+//!    marked `nullable`.
+//! 2. The field rules that `validate` enforces (lengths, patterns, ranges, enumerations) are
+//!    written into the schemas from the same constants, so a client (or a fuzzer) reading the
+//!    document knows exactly what is accepted. `validate` stays the one place that enforces
+//!    them, with field-by-field messages.
+//! 3. The route table for the `Allow` header of 405 answers.
+
+use serde_json::{json, Map, Value};
+
+use super::validate::*;
+
+const NAME_PATTERN: &str = "^[A-Za-z0-9_-]+$";
+const VARIABLE_PATTERN: &str = "^[A-Za-z][A-Za-z0-9_]*$";
+const TOKEN_PATTERN: &str = "^[0-9a-f]{32}$";
+const STATUS_LIST_PATTERN: &str =
+    "^(queued|running|completed|failed|cancelled)(,(queued|running|completed|failed|cancelled))*$";
+/// RFC 3339 date-time, as `time` parses it.
+const DATE_TIME_PATTERN: &str =
+    "^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|1[0-9]|2[0-8])T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\\.[0-9]{1,9})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$";
+
+fn name(max: usize) -> Value {
+    json!({"minLength": 1, "maxLength": max, "pattern": NAME_PATTERN})
+}
+
+fn text(max: usize) -> Value {
+    json!({"maxLength": max})
+}
+
+fn int(min: i64, max: i64) -> Value {
+    json!({"minimum": min, "maximum": max})
+}
+
+fn num(min: f64, max: f64) -> Value {
+    json!({"minimum": min, "maximum": max})
+}
+
+fn one_of(values: &[&str]) -> Value {
+    json!({"enum": values})
+}
+
+fn uuid() -> Value {
+    json!({"format": "uuid", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"})
+}
+
+fn date_time() -> Value {
+    json!({"pattern": DATE_TIME_PATTERN})
+}
+
+/// (schema, property, constraints) for request bodies.
+fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
+    let agent = name(MAX_AGENT_NAME);
+    let token = json!({"pattern": TOKEN_PATTERN});
+    let type_vars = json!({
+        "maxItems": MAX_TYPE_VARIABLES,
+        "items": {"type": "string", "maxLength": MAX_NAME, "pattern": VARIABLE_PATTERN}
+    });
+    let task_vars = json!({
+        "maxProperties": MAX_TASK_VARIABLES,
+        "additionalProperties": {"type": "string", "maxLength": MAX_VARIABLE_VALUE}
+    });
+    let duplicate = one_of(&["allow", "ignore", "fail"]);
+    let mut rules = vec![
+        ("CreateProject", "name", name(MAX_NAME)),
+        ("CreateProject", "description", text(MAX_DESCRIPTION)),
+        ("CreateProject", "instructions", text(MAX_INSTRUCTIONS)),
+        ("UpdateProject", "name", name(MAX_NAME)),
+        ("UpdateProject", "description", text(MAX_DESCRIPTION)),
+        ("UpdateProject", "instructions", text(MAX_INSTRUCTIONS)),
+        ("UpdateProject", "status", one_of(&["active", "closed"])),
+        ("ConfigIn", "defaultMaxRetries", int(0, 10)),
+        ("ConfigIn", "defaultLeaseDurationMinutes", int(1, 1440)),
+        ("ConfigIn", "reaperIntervalMinutes", int(1, 60)),
+        ("CreateTask", "id", name(MAX_NAME)),
+        ("CreateTask", "typeId", uuid()),
+        ("CreateTask", "instructions", text(MAX_INSTRUCTIONS)),
+        ("CreateTask", "variables", task_vars.clone()),
+        ("CreateTask", "batchId", text(MAX_BATCH_ID)),
+        ("CreateTask", "priority", int(0, MAX_PRIORITY)),
+        ("CreateTask", "notBefore", date_time()),
+        ("BulkCreate", "tasks", json!({"maxItems": MAX_BULK})),
+        ("BulkCreate", "batchId", text(MAX_BATCH_ID)),
+        ("UpdateTask", "instructions", text(MAX_INSTRUCTIONS)),
+        ("UpdateTask", "variables", task_vars),
+        ("UpdateTask", "priority", int(0, MAX_PRIORITY)),
+        ("UpdateTask", "notBefore", date_time()),
+        ("UpdateTask", "batchId", text(MAX_BATCH_ID)),
+        ("NextTaskIn", "typeIds", json!({"items": uuid()})),
+        ("NextTaskIn", "waitSeconds", num(0.0, MAX_WAIT_SECONDS)),
+        ("CompleteIn", "agentName", agent.clone()),
+        ("CompleteIn", "result", text(MAX_RESULT)),
+        ("CompleteIn", "outputs", json!({"type": "object"})),
+        ("CompleteIn", "leaseToken", token.clone()),
+        ("FailIn", "agentName", agent.clone()),
+        ("FailIn", "error", text(MAX_ERROR)),
+        ("FailIn", "leaseToken", token.clone()),
+        ("ExtendIn", "agentName", agent.clone()),
+        ("ExtendIn", "extensionMinutes", num(0.1, 1440.0)),
+        ("ExtendIn", "leaseToken", token.clone()),
+        ("ProgressIn", "agentName", agent.clone()),
+        ("ProgressIn", "current", json!({"minimum": 0})),
+        ("ProgressIn", "total", json!({"minimum": 0})),
+        ("ProgressIn", "message", text(MAX_PROGRESS_MESSAGE)),
+        ("ProgressIn", "leaseToken", token),
+        ("CancelIn", "reason", text(MAX_REASON)),
+        ("CreateKeyIn", "name", name(MAX_NAME)),
+        (
+            "CreateKeyIn",
+            "role",
+            one_of(&["admin", "producer", "agent", "viewer"]),
+        ),
+        ("CreateKeyIn", "projects", json!({"minItems": 1})),
+        ("LoginIn", "agentName", agent),
+        (
+            "ExtendSessionIn",
+            "extendBy",
+            int(1, crate::auth::MAX_SESSION_EXTEND_SECS),
+        ),
+    ];
+    for schema in ["CreateTaskType", "UpdateTaskType"] {
+        rules.extend([
+            (schema, "name", name(MAX_NAME)),
+            (schema, "template", text(MAX_TEMPLATE)),
+            (schema, "variables", type_vars.clone()),
+            (schema, "duplicateHandling", duplicate.clone()),
+            (schema, "maxRetries", int(0, 10)),
+            (schema, "leaseDurationMinutes", num(0.1, 1440.0)),
+            (schema, "retryDelaySeconds", num(0.0, 86_400.0)),
+            (schema, "backoffMultiplier", num(1.0, 10.0)),
+        ]);
+    }
+    rules
+}
+
+/// Request bodies: they refuse unknown fields (`deny_unknown_fields`).
+const REQUEST_SCHEMAS: &[&str] = &[
+    "CreateProject",
+    "UpdateProject",
+    "ConfigIn",
+    "CreateTaskType",
+    "UpdateTaskType",
+    "CreateTask",
+    "BulkCreate",
+    "UpdateTask",
+    "NextTaskIn",
+    "CompleteIn",
+    "FailIn",
+    "ExtendIn",
+    "ProgressIn",
+    "CancelIn",
+    "CreateKeyIn",
+    "LoginIn",
+    "ExtendSessionIn",
+];
+
+/// Operations whose body may be left out (it is read as `{}`).
+const OPTIONAL_BODIES: &[&str] = &["/api/tasks/{taskId}/cancel"];
+
+/// (parameter name, constraints) for path and query parameters, wherever they appear.
+fn param_rules() -> Vec<(&'static str, Value)> {
+    vec![
+        ("agentName", name(MAX_AGENT_NAME)),
+        ("limit", int(1, MAX_LIMIT as i64)),
+        ("offset", json!({"minimum": 0})),
+        ("typeId", uuid()),
+        ("createdAfter", date_time()),
+        ("createdBefore", date_time()),
+        ("sort", one_of(&["createdAt", "updatedAt", "priority"])),
+        ("order", one_of(&["asc", "desc"])),
+        (
+            "cursor",
+            json!({"pattern": "^(k-?[0-9]{1,19}\\.[0-9]{1,20}|o[0-9]{1,18})$"}),
+        ),
+    ]
+}
+
+fn merge(target: &mut Value, extra: &Value) {
+    // In OpenAPI 3.0 a nullable enumeration must list null itself.
+    let nullable = target.get("nullable") == Some(&Value::Bool(true));
+    if let (Some(t), Some(e)) = (target.as_object_mut(), extra.as_object()) {
+        if let (true, Some(Value::Array(values))) = (nullable, e.get("enum")) {
+            let mut values = values.clone();
+            values.push(Value::Null);
+            t.insert("enum".into(), Value::Array(values));
+            let rest: Map<String, Value> = e
+                .iter()
+                .filter(|(k, _)| *k != "enum")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            return merge(target, &Value::Object(rest));
+        }
+        for (k, v) in e {
+            match (t.get_mut(k), v) {
+                (Some(existing @ Value::Object(_)), Value::Object(_)) => merge(existing, v),
+                _ => {
+                    t.insert(k.clone(), v.clone());
+                }
+            }
+        }
+    }
+}
+
+/// Marks every optional property nullable (wrapping `$ref`s in `allOf`).
+fn nullable_optionals(schema: &mut Map<String, Value>) {
+    let required: Vec<String> = schema
+        .get("required")
+        .and_then(Value::as_array)
+        .map(|r| {
+            r.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (name, prop) in props.iter_mut() {
+        if required.contains(name) {
+            continue;
+        }
+        if let Some(r) = prop.get("$ref").cloned() {
+            *prop = json!({"allOf": [{"$ref": r}], "nullable": true});
+        } else if let Some(o) = prop.as_object_mut() {
+            o.insert("nullable".into(), Value::Bool(true));
+        }
+    }
+}
+
+/// The served document and the route table.
+pub struct Spec {
+    pub json: String,
+    routes: Vec<(Vec<String>, Vec<String>)>,
+}
+
+impl Spec {
+    pub fn build(generated: &str) -> Spec {
+        let mut doc: Value = serde_json::from_str(generated).expect("poem-openapi emits JSON");
+        if let Some(schemas) = doc
+            .pointer_mut("/components/schemas")
+            .and_then(Value::as_object_mut)
+        {
+            for s in schemas.values_mut().filter_map(Value::as_object_mut) {
+                nullable_optionals(s);
+            }
+            for name in REQUEST_SCHEMAS {
+                if let Some(s) = schemas.get_mut(*name).and_then(Value::as_object_mut) {
+                    s.insert("additionalProperties".into(), Value::Bool(false));
+                }
+            }
+            // Bulk items with a broken field rule are reported in `errors`, not refused: the
+            // items are documented with their types but without the rules.
+            if let Some(mut item) = schemas.get("CreateTask").cloned() {
+                if let Some(o) = item.as_object_mut() {
+                    o.insert(
+                        "description".into(),
+                        "A task of a bulk request. Field rules are those of CreateTask; an item that breaks one is reported in `errors` by index.".into(),
+                    );
+                }
+                schemas.insert("BulkTask".into(), item);
+                if let Some(items) = schemas
+                    .get_mut("BulkCreate")
+                    .and_then(|b| b.pointer_mut("/properties/tasks/items"))
+                {
+                    *items = json!({"$ref": "#/components/schemas/BulkTask"});
+                }
+            }
+            for (schema, prop, rule) in body_rules() {
+                if let Some(p) = schemas
+                    .get_mut(schema)
+                    .and_then(|s| s.pointer_mut(&format!("/properties/{prop}")))
+                {
+                    merge(p, &rule);
+                }
+            }
+            // A task needs instructions unless its type has a template.
+            if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {
+                o.insert(
+                    "anyOf".into(),
+                    json!([{"required": ["instructions"]}, {"required": ["typeId"]}]),
+                );
+            }
+        }
+        let rules = param_rules();
+        let mut routes = Vec::new();
+        if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+            for (path, item) in paths.iter_mut() {
+                let mut methods = Vec::new();
+                if let Some(ops) = item.as_object_mut() {
+                    for (method, op) in ops.iter_mut() {
+                        methods.push(method.to_uppercase());
+                        let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut)
+                        else {
+                            continue;
+                        };
+                        for p in params {
+                            let Some(n) = p.get("name").and_then(Value::as_str).map(String::from)
+                            else {
+                                continue;
+                            };
+                            if n == "status" && path.ends_with("/tasks") {
+                                merge(p, &json!({"schema": {"pattern": STATUS_LIST_PATTERN}}));
+                            } else if n == "status" {
+                                merge(p, &json!({"schema": one_of(&["active", "closed", "all"])}));
+                            }
+                            if let Some((_, rule)) = rules.iter().find(|(r, _)| *r == n) {
+                                merge(p, &json!({"schema": rule}));
+                            }
+                        }
+                    }
+                }
+                if OPTIONAL_BODIES.contains(&path.as_str()) {
+                    if let Some(body) = item
+                        .pointer_mut("/post/requestBody")
+                        .and_then(Value::as_object_mut)
+                    {
+                        body.insert("required".into(), Value::Bool(false));
+                    }
+                }
+                let segs = path.split('/').map(String::from).collect();
+                routes.push((segs, methods));
+            }
+        }
+        Spec {
+            json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
+            routes,
+        }
+    }
+
+    /// The methods a path supports (for `Allow`), or None for an unknown path.
+    pub fn allowed(&self, path: &str) -> Option<String> {
+        let segs: Vec<&str> = path.split('/').collect();
+        self.routes
+            .iter()
+            .find(|(pattern, _)| {
+                pattern.len() == segs.len()
+                    && pattern
+                        .iter()
+                        .zip(&segs)
+                        .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+            })
+            .map(|(_, m)| m.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn optionals_become_nullable_and_rules_apply() {
+        let generated = json!({
+            "paths": {"/api/x/{id}": {"get": {"parameters": [{"name": "limit", "in": "query", "schema": {"type": "integer"}}]}, "post": {}}},
+            "components": {"schemas": {
+                "CreateProject": {"type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "instructions": {"type": "string"}, "config": {"$ref": "#/components/schemas/ConfigIn"}
+                }}
+            }}
+        });
+        let spec = Spec::build(&generated.to_string());
+        let doc: Value = serde_json::from_str(&spec.json).unwrap();
+        let p = &doc["components"]["schemas"]["CreateProject"]["properties"];
+        assert_eq!(p["name"]["maxLength"], 100);
+        assert!(p["name"].get("nullable").is_none());
+        assert_eq!(p["instructions"]["nullable"], true);
+        assert_eq!(
+            p["config"]["allOf"][0]["$ref"],
+            "#/components/schemas/ConfigIn"
+        );
+        assert_eq!(p["config"]["nullable"], true);
+        let limit = &doc["paths"]["/api/x/{id}"]["get"]["parameters"][0]["schema"];
+        assert_eq!(limit["maximum"], 1000);
+        assert_eq!(spec.allowed("/api/x/abc").as_deref(), Some("GET, POST"));
+        assert_eq!(spec.allowed("/api/y"), None);
+    }
+}

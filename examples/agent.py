@@ -1,8 +1,9 @@
 """A minimal agentq agent in Python, using only `requests`.
 
     pip install requests
-    python examples/agent.py [BASE_URL] [PROJECT] [AGENT]
+    AGENTQ_KEY=<an agent or admin key> python examples/agent.py [BASE_URL] [PROJECT] [AGENT]
 """
+import os
 import sys
 
 import requests
@@ -12,6 +13,7 @@ project = sys.argv[2] if len(sys.argv) > 2 else "demo"
 agent = sys.argv[3] if len(sys.argv) > 3 else "python-agent"
 
 session = requests.Session()  # keep-alive
+session.headers["X-API-Key"] = os.environ["AGENTQ_KEY"]
 while True:
     # Long-poll: answered as soon as a task appears, or after 20 s with none.
     reply = session.post(

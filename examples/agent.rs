@@ -1,7 +1,8 @@
 //! A minimal agent: ask for work, do it, report it, repeat.
 //!
 //! Run a server (`cargo run --release -- serve`), create a project named `demo` with a few
-//! tasks (see the README), then: `cargo run --example agent -- [BASE_URL] [PROJECT] [AGENT]`.
+//! tasks (see the README), then:
+//! `AGENTQ_KEY=<an agent or admin key> cargo run --example agent -- [BASE_URL] [PROJECT] [AGENT]`.
 
 use serde_json::{json, Value};
 
@@ -13,7 +14,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|| "http://127.0.0.1:3000".into());
     let project = args.next().unwrap_or_else(|| "demo".into());
     let agent = args.next().unwrap_or_else(|| "rust-agent".into());
-    let client = reqwest::Client::new();
+    let key = std::env::var("AGENTQ_KEY").map_err(|_| "set AGENTQ_KEY to an API key")?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("x-api-key", key.parse()?);
+    let client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()?;
     loop {
         // Long-poll: the server answers as soon as a task appears, or after 20 s with none.
         let reply: Value = client

@@ -36,8 +36,12 @@ use crate::store::{access, Store};
 pub const ARGON2_CONCURRENCY: usize = 2;
 /// How long a verified key stays in the cache.
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
-/// Failed authentications allowed per client address and minute.
+/// Failed authentications allowed per client address and minute before the address is slowed.
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 60;
+/// Past that, each attempt from the address with a credential not verified recently waits
+/// this long, one at a time: guessing runs at about one try a second per address, and the
+/// answer stays the honest one (401 for a bad credential).
+pub const AUTH_TARPIT: Duration = Duration::from_secs(1);
 /// `last_used_at` / `last_activity` are written at most this often per key or session.
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest `extendBy` of a session, in seconds (30 days).
@@ -271,8 +275,6 @@ pub enum AuthError {
     Missing,
     #[error("invalid or expired credentials")]
     Invalid,
-    #[error("too many failed authentication attempts from this address")]
-    Throttled(RateInfo),
     #[error("{0}")]
     Store(Error),
 }
@@ -283,6 +285,7 @@ pub struct Authenticator {
     argon: Semaphore,
     touched: Mutex<HashMap<u128, Instant>>,
     pub failures: Limiter<IpAddr>,
+    tarpits: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
     pub limiter: Limiter<u128>,
     pub session_ttl_ms: i64,
 }
@@ -295,6 +298,7 @@ impl Authenticator {
             argon: Semaphore::new(ARGON2_CONCURRENCY),
             touched: Mutex::new(HashMap::new()),
             failures: Limiter::new(AUTH_FAILURES_PER_MINUTE),
+            tarpits: Mutex::new(HashMap::new()),
             limiter: Limiter::new(rate_limit_per_minute),
             session_ttl_ms,
         }
@@ -343,6 +347,21 @@ impl Authenticator {
             .write(move |w| access::bootstrap_admin(w, id, hash, foreign))
             .await?;
         Ok((created && generated).then_some(text))
+    }
+
+    /// Slows an address that failed too often: one attempt at a time, [`AUTH_TARPIT`] each.
+    /// Returns the guard to hold while the attempt is verified.
+    pub async fn tarpit(&self, ip: IpAddr) -> tokio::sync::OwnedMutexGuard<()> {
+        let lane = {
+            let mut map = self.tarpits.lock().unwrap_or_else(|e| e.into_inner());
+            if map.len() > 10_000 {
+                map.retain(|_, m| Arc::strong_count(m) > 1);
+            }
+            map.entry(ip).or_default().clone()
+        };
+        let guard = lane.lock_owned().await;
+        tokio::time::sleep(AUTH_TARPIT).await;
+        guard
     }
 
     /// A credential verified recently (no storage, no argon2).

@@ -317,11 +317,10 @@ async fn authenticate(
     let caller = match auth.cached(cred) {
         Some(c) => c,
         None => {
-            let throttle = auth.failures.check(ip, false);
-            if !throttle.allowed {
-                *rate = Some(throttle);
-                return Err(error::RateLimited(AuthError::Throttled(throttle).to_string()).into());
-            }
+            let _slowed = match auth.failures.check(ip, false).allowed {
+                true => None,
+                false => Some(auth.tarpit(ip).await),
+            };
             match auth.authenticate(cred).await {
                 Ok(c) => c,
                 Err(AuthError::Store(e)) => return Err(e.into()),

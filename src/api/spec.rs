@@ -279,7 +279,10 @@ impl Spec {
             if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {
                 o.insert(
                     "anyOf".into(),
-                    json!([{"required": ["instructions"]}, {"required": ["typeId"]}]),
+                    json!([
+                        {"required": ["instructions"], "properties": {"instructions": {"type": "string"}}},
+                        {"required": ["typeId"], "properties": {"typeId": {"type": "string"}}}
+                    ]),
                 );
             }
         }

@@ -11,12 +11,15 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{watch, Notify};
 
 use crate::model::Millis;
+use crate::telemetry::{self, TaskEvent};
 
 /// What one committed batch changed that someone may be waiting for.
 #[derive(Debug, Default)]
 pub struct Effects {
     pub ready_projects: Vec<u128>,
     pub earliest_timer: Option<Millis>,
+    /// Task transitions by project, for the counters.
+    pub events: HashMap<(u128, TaskEvent), u64>,
 }
 
 impl Effects {
@@ -69,6 +72,9 @@ impl Hub {
 
     /// Called by the writer after a commit.
     pub fn publish(&self, fx: Effects) {
+        if !fx.events.is_empty() {
+            telemetry::publish_events(&fx.events);
+        }
         if !fx.ready_projects.is_empty() {
             let map = self.projects.lock().unwrap_or_else(|e| e.into_inner());
             for p in fx.ready_projects {

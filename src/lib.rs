@@ -9,6 +9,7 @@
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
+//! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
 //! - [`time`]: the injected clock and the wire format of instants.
 //! - [`error`]: the domain error every layer returns.
 
@@ -21,6 +22,7 @@ pub mod model;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod time;
 
 pub use server::{run, Config, Server};

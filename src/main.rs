@@ -12,8 +12,21 @@ use clap::{Parser, Subcommand};
     about = "A durable, fast task queue for AI agents"
 )]
 struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "AGENTQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Log level: error, warn, info, debug (one line per request) or trace. RUST_LOG, when
+    /// set, takes precedence and allows per-module filters.
+    #[arg(long, global = true, env = "AGENTQ_LOG_LEVEL", default_value = "info")]
+    log_level: String,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -54,13 +67,23 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
+        Ok(f) => f,
+        Err(_) => match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("agentq: invalid --log-level {}: {e}", cli.log_level);
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let Command::Serve(args) = cli.command;
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes;

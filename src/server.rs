@@ -103,6 +103,8 @@ impl Server {
                 )
             })?;
         let state = Arc::new(State {
+            metrics: crate::telemetry::install(),
+            totals: Default::default(),
             store: store.clone(),
             auth: auth.clone(),
             started: Instant::now(),

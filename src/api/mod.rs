@@ -26,6 +26,8 @@ use poem_openapi::{OpenApi, OpenApiService, Tags};
 use crate::auth::{AuthError, Authenticator, Caller, RateInfo, Right};
 use crate::model::Project;
 use crate::store::Store;
+use crate::telemetry::{self, RequestTotals};
+use metrics_exporter_prometheus::PrometheusHandle;
 use types::*;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,6 +37,8 @@ pub struct State {
     pub store: Arc<Store>,
     pub auth: Arc<Authenticator>,
     pub started: Instant,
+    pub metrics: PrometheusHandle,
+    pub totals: RequestTotals,
 }
 
 impl State {
@@ -139,8 +143,21 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
     let spec = Arc::new(spec::Spec::build(&service.spec()));
     let document = spec.json.clone();
     let max = opts.max_body_bytes;
-    let auth = state.auth.clone();
+    let frame_state = state.clone();
+    let (m_state, j_state) = (state.clone(), state.clone());
     let route = Route::new()
+        .at(
+            "/metrics",
+            poem::endpoint::make_sync(move |_| {
+                Response::builder()
+                    .content_type("text/plain; version=0.0.4; charset=utf-8")
+                    .body(telemetry::render(&m_state.metrics, &m_state.store))
+            }),
+        )
+        .at(
+            "/metrics/json",
+            poem::endpoint::make_sync(move |_| metrics_json(&j_state)),
+        )
         .nest("/api/docs", ui)
         .at(
             "/api/openapi.json",
@@ -151,7 +168,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
             }),
         )
         .nest("/", service)
-        .around(move |ep, req| frame(ep, req, max, auth.clone(), spec.clone()));
+        .around(move |ep, req| frame(ep, req, max, frame_state.clone(), spec.clone()));
     let cors = opts.cors_origin.as_ref().map(|o| {
         Cors::new()
             .allow_origin(o.as_str())
@@ -186,10 +203,13 @@ async fn frame<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
     max_body: usize,
-    auth: Arc<Authenticator>,
+    state: Arc<State>,
     spec: Arc<spec::Spec>,
 ) -> poem::Result<Response> {
+    let started = Instant::now();
+    let auth = &state.auth;
     let path = req.uri().path().to_string();
+    let method = req.method().clone();
     let cid = req
         .headers()
         .get("x-correlation-id")
@@ -230,7 +250,7 @@ async fn frame<E: Endpoint>(
             }
         }
         if !is_public(req.uri().path()) {
-            let caller = authenticate(&req, &auth, &mut rate).await?;
+            let caller = authenticate(&req, auth, &mut rate).await?;
             req.extensions_mut().insert(caller);
         }
         if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
@@ -277,7 +297,54 @@ async fn frame<E: Endpoint>(
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    let status = resp_status.as_u16();
+    let elapsed = started.elapsed();
+    let route = spec.template(&path);
+    telemetry::http_request(method.as_str(), route, status, elapsed.as_secs_f64());
+    state.totals.record(status, elapsed.as_micros() as u64);
+    match status {
+        429 => telemetry::rate_limited(),
+        401 => telemetry::auth_failed(),
+        _ => {}
+    }
+    tracing::debug!(
+        method = %method,
+        route,
+        status,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        correlation_id = %cid,
+        "request"
+    );
     Ok(resp)
+}
+
+/// The seed's `/metrics/json` body.
+fn metrics_json(state: &State) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let total = state.totals.total.load(Relaxed);
+    let errors = state.totals.errors.load(Relaxed);
+    let micros = state.totals.micros.load(Relaxed);
+    let uptime = state.started.elapsed().as_secs_f64();
+    let (rss, cpu_secs) = telemetry::process_usage();
+    let sessions = state.store.session_count().unwrap_or(0);
+    let body = serde_json::json!({
+        "success": true,
+        "data": {
+            "requests_total": total,
+            "requests_success": total - errors,
+            "requests_error": errors,
+            "response_time_avg": if total == 0 { 0.0 } else { micros as f64 / total as f64 / 1000.0 },
+            "active_sessions": sessions,
+            "system": {
+                "memory_usage": rss as f64 / 1_048_576.0,
+                "cpu_usage": if uptime > 0.0 { cpu_secs / uptime * 100.0 } else { 0.0 },
+                "uptime": uptime.floor() as u64,
+            }
+        }
+    });
+    Response::builder()
+        .content_type("application/json; charset=utf-8")
+        .body(body.to_string())
 }
 
 /// Paths anyone may call without credentials.

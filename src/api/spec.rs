@@ -232,7 +232,8 @@ fn nullable_optionals(schema: &mut Map<String, Value>) {
 /// The served document and the route table.
 pub struct Spec {
     pub json: String,
-    routes: Vec<(Vec<String>, Vec<String>)>,
+    /// (path segments, methods, the path template as a metrics label).
+    routes: Vec<(Vec<String>, Vec<String>, &'static str)>,
 }
 
 impl Spec {
@@ -323,7 +324,9 @@ impl Spec {
                     }
                 }
                 let segs = path.split('/').map(String::from).collect();
-                routes.push((segs, methods));
+                // A fixed set, made once per process start: leaking gives `'static` labels.
+                let label: &'static str = Box::leak(path.clone().into_boxed_str());
+                routes.push((segs, methods, label));
             }
         }
         Spec {
@@ -332,19 +335,31 @@ impl Spec {
         }
     }
 
+    fn find(&self, path: &str) -> Option<&(Vec<String>, Vec<String>, &'static str)> {
+        let segs: Vec<&str> = path.split('/').collect();
+        self.routes.iter().find(|(pattern, _, _)| {
+            pattern.len() == segs.len()
+                && pattern
+                    .iter()
+                    .zip(&segs)
+                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        })
+    }
+
     /// The methods a path supports (for `Allow`), or None for an unknown path.
     pub fn allowed(&self, path: &str) -> Option<String> {
-        let segs: Vec<&str> = path.split('/').collect();
-        self.routes
-            .iter()
-            .find(|(pattern, _)| {
-                pattern.len() == segs.len()
-                    && pattern
-                        .iter()
-                        .zip(&segs)
-                        .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
-            })
-            .map(|(_, m)| m.join(", "))
+        self.find(path).map(|(_, m, _)| m.join(", "))
+    }
+
+    /// The route template of a path, for metrics labels (never the raw path).
+    pub fn template(&self, path: &str) -> &'static str {
+        match path {
+            "/metrics" => "/metrics",
+            "/metrics/json" => "/metrics/json",
+            "/api/openapi.json" => "/api/openapi.json",
+            p if p == "/api/docs" || p.starts_with("/api/docs/") => "/api/docs",
+            p => self.find(p).map_or("unmatched", |r| r.2),
+        }
     }
 }
 

@@ -207,6 +207,18 @@ impl Store {
         Ok(out)
     }
 
+    /// Live sessions (expired ones not yet swept are not counted).
+    pub fn session_count(&self) -> Result<u64> {
+        let txn = self.begin_read()?;
+        let now = self.clock.now();
+        let mut n = 0;
+        for r in txn.open_table(SESSION_EXPIRY)?.range((now + 1, 0u128)..)? {
+            r?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     pub fn bootstrap_key_id(&self) -> Result<Option<u128>> {
         let txn = self.begin_read()?;
         let meta = txn.open_table(META)?;

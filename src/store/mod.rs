@@ -69,6 +69,13 @@ impl W<'_, '_> {
     /// Writes a task through [`Tables::put_task`] and records who must be woken.
     pub fn put_task(&mut self, old: Option<&Task>, new: Option<&Task>) -> Result<()> {
         self.t.put_task(old, new)?;
+        let mut events = Vec::new();
+        crate::telemetry::task_events(old, new, &mut events);
+        if let Some(project) = new.or(old).map(|t| t.project_id) {
+            for e in events {
+                *self.fx.events.entry((project, e)).or_default() += 1;
+            }
+        }
         if let Some(n) = new {
             let was_ready = old.is_some_and(is_ready);
             if is_ready(n) && !was_ready {
@@ -250,6 +257,7 @@ fn writer_loop(
 }
 
 fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_seq: &mut u64) {
+    let started = std::time::Instant::now();
     let seq_before = *next_seq;
     let mut fx = Effects::default();
     let mut replies = Vec::with_capacity(jobs.len());
@@ -283,6 +291,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
         fx = Effects::default();
     }
     let n = replies.len();
+    crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
     for reply in replies {
         reply(outcome.clone());
     }

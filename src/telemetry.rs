@@ -1,0 +1,219 @@
+//! Metrics: what agentq counts, and the two ways to read it (`/metrics`, `/metrics/json`).
+//!
+//! Counters and histograms are recorded where things happen (the HTTP frame, the writer, the
+//! auth layer) through the `metrics` facade; gauges that mirror stored state (tasks by status,
+//! active leases, database size) are set from the store when `/metrics` is scraped, so they
+//! cost nothing between scrapes and are exact when read. The Prometheus recorder is installed
+//! once per process.
+//!
+//! Names follow Prometheus conventions: `agentq_` prefix, base units (seconds, bytes), `_total`
+//! on counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::model::{Outcome, Task, TaskStatus};
+use crate::store::Store;
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let latency = [
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ];
+            let batch = [
+                1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
+            ];
+            PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("agentq_http_request_duration_seconds".into()),
+                    &latency,
+                )
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("agentq_storage_commit_duration_seconds".into()),
+                        &latency,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("agentq_storage_commit_batch_size".into()),
+                        &batch,
+                    )
+                })
+                .expect("bucket lists are not empty")
+                .install_recorder()
+                .unwrap_or_else(|_| {
+                    // Another recorder is installed (an embedding program's): keep ours local.
+                    PrometheusBuilder::new().build_recorder().handle()
+                })
+        })
+        .clone()
+}
+
+/// Request totals for `/metrics/json`.
+#[derive(Default)]
+pub struct RequestTotals {
+    pub total: AtomicU64,
+    pub errors: AtomicU64,
+    pub micros: AtomicU64,
+}
+
+impl RequestTotals {
+    pub fn record(&self, status: u16, micros: u64) {
+        self.total.fetch_add(1, Ordering::Relaxed);
+        if status >= 400 {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        self.micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// Records one HTTP request.
+pub fn http_request(method: &str, route: &'static str, status: u16, seconds: f64) {
+    counter!(
+        "agentq_http_requests_total",
+        "method" => method.to_string(),
+        "route" => route,
+        "status" => status.to_string()
+    )
+    .increment(1);
+    histogram!(
+        "agentq_http_request_duration_seconds",
+        "method" => method.to_string(),
+        "route" => route
+    )
+    .record(seconds);
+}
+
+pub fn commit(seconds: f64, batch: usize) {
+    histogram!("agentq_storage_commit_duration_seconds").record(seconds);
+    histogram!("agentq_storage_commit_batch_size").record(batch as f64);
+}
+
+pub fn rate_limited() {
+    counter!("agentq_rate_limited_total").increment(1);
+}
+
+pub fn auth_failed() {
+    counter!("agentq_auth_failures_total").increment(1);
+}
+
+/// What one task transition counts as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskEvent {
+    Created,
+    Claimed,
+    Completed,
+    Failed,
+    Retried,
+    LeaseExpired,
+    Cancelled,
+}
+
+impl TaskEvent {
+    fn metric(self) -> &'static str {
+        match self {
+            TaskEvent::Created => "agentq_tasks_created_total",
+            TaskEvent::Claimed => "agentq_tasks_claimed_total",
+            TaskEvent::Completed => "agentq_tasks_completed_total",
+            TaskEvent::Failed => "agentq_tasks_failed_total",
+            TaskEvent::Retried => "agentq_tasks_retried_total",
+            TaskEvent::LeaseExpired => "agentq_tasks_lease_expired_total",
+            TaskEvent::Cancelled => "agentq_tasks_cancelled_total",
+        }
+    }
+}
+
+/// The events a row change means (deletions count as nothing).
+pub fn task_events(old: Option<&Task>, new: Option<&Task>, out: &mut Vec<TaskEvent>) {
+    let Some(n) = new else { return };
+    let Some(o) = old else {
+        out.push(TaskEvent::Created);
+        return;
+    };
+    if o.status == n.status {
+        return;
+    }
+    let timed_out = o.status == TaskStatus::Running
+        && n.attempts
+            .last()
+            .is_some_and(|a| a.outcome == Outcome::Timeout);
+    if timed_out {
+        out.push(TaskEvent::LeaseExpired);
+    }
+    out.push(match n.status {
+        TaskStatus::Running => TaskEvent::Claimed,
+        TaskStatus::Completed => TaskEvent::Completed,
+        TaskStatus::Failed => TaskEvent::Failed,
+        TaskStatus::Cancelled => TaskEvent::Cancelled,
+        TaskStatus::Queued => TaskEvent::Retried,
+    });
+}
+
+/// Adds a committed batch's task events to the counters.
+pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
+    for ((project, event), n) in events {
+        counter!(event.metric(), "project" => uuid::Uuid::from_u128(*project).to_string())
+            .increment(*n);
+    }
+}
+
+/// Sets the gauges that mirror stored state, then renders the Prometheus text.
+pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
+    if let Ok(r) = store.read() {
+        if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
+            for (p, s) in projects {
+                let id = uuid::Uuid::from_u128(p.id).to_string();
+                for status in TaskStatus::ALL {
+                    gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
+                        .set(s.get(status) as f64);
+                }
+                gauge!("agentq_active_leases", "project" => id).set(s.running as f64);
+            }
+        }
+    }
+    gauge!("agentq_long_poll_waiters").set(store.hub.waiters() as f64);
+    gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
+    gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    handle.run_upkeep();
+    handle.render()
+}
+
+/// Resident memory and CPU seconds of this process (Linux; zeros elsewhere).
+pub fn process_usage() -> (u64, f64) {
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024);
+    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let rest = &s[s.rfind(')')? + 2..];
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+            Some(ticks as f64 / 100.0)
+        })
+        .unwrap_or(0.0);
+    (rss, cpu)
+}
+
+/// When the process started, for uptime.
+pub fn started() -> Instant {
+    static STARTED: OnceLock<Instant> = OnceLock::new();
+    *STARTED.get_or_init(Instant::now)
+}

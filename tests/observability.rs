@@ -1,0 +1,102 @@
+//! `/metrics` and `/metrics/json`.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
+    let app = spawn_app().await;
+    let p = app.project("obs").await;
+    let id = app.task(&p, json!({"instructions": "x"})).await;
+    let t = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(t["id"], id.as_str());
+    app.post(
+        &format!("/api/tasks/{id}/complete"),
+        json!({"agentName": "a"}),
+    )
+    .await;
+    let anon = reqwest::Client::new();
+    let r = anon
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    for needle in [
+        r#"agentq_http_requests_total{method="POST",route="/api/projects",status="201"}"#,
+        r#"route="/api/tasks/{taskId}/complete""#,
+        r#"route="/api/agents/{agentName}/next-task""#,
+        "agentq_http_request_duration_seconds_bucket",
+        &format!(r#"agentq_tasks_created_total{{project="{p}"}} 1"#),
+        &format!(r#"agentq_tasks_claimed_total{{project="{p}"}} 1"#),
+        &format!(r#"agentq_tasks_completed_total{{project="{p}"}} 1"#),
+        &format!(r#"agentq_tasks{{project="{p}",status="completed"}} 1"#),
+        &format!(r#"agentq_active_leases{{project="{p}"}} 0"#),
+        "agentq_storage_commit_duration_seconds_bucket",
+        "agentq_storage_commit_batch_size_bucket",
+        "agentq_storage_size_bytes",
+        "agentq_long_poll_waiters",
+        "agentq_build_info{version=",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in\n{text}");
+    }
+    assert!(
+        !text.contains(&format!("/api/tasks/{id}")),
+        "raw ids never become labels"
+    );
+}
+
+#[tokio::test]
+async fn lease_expiry_and_auth_failures_are_counted() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("obs2").await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
+        .await;
+    app.task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
+    app.next("a", json!({"projectId": p})).await;
+    app.advance(60_000).await;
+    let bad = client_with_key("aq_00000000000000000000000000000001_nope");
+    app.call_with(&bad, "GET", "/api/projects", None).await;
+    let text = reqwest::get(format!("{}/metrics", app.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains(&format!(
+        r#"agentq_tasks_lease_expired_total{{project="{p}"}} 1"#
+    )));
+    assert!(text.contains(&format!(r#"agentq_tasks_retried_total{{project="{p}"}} 1"#)));
+    assert!(text.contains("agentq_auth_failures_total"));
+}
+
+#[tokio::test]
+async fn json_metrics_follow_the_seed() {
+    let app = spawn_app().await;
+    app.get("/api/projects").await;
+    let v: serde_json::Value = reqwest::get(format!("{}/metrics/json", app.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["success"], true);
+    let d = &v["data"];
+    assert!(d["requests_total"].as_u64().unwrap() >= 1);
+    assert!(d["requests_success"].is_u64());
+    assert!(d["requests_error"].is_u64());
+    assert!(d["response_time_avg"].is_number());
+    assert!(d["active_sessions"].is_u64());
+    assert!(d["system"]["memory_usage"].as_f64().unwrap() > 0.0);
+    assert!(d["system"]["cpu_usage"].is_number());
+    assert!(d["system"]["uptime"].is_u64());
+}

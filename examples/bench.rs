@@ -6,8 +6,10 @@
 //! ```
 //!
 //! Without `--url` it starts `target/release/agentq serve` on a temporary database as a
-//! separate process. The client is a single-threaded tokio runtime (one core), one keep-alive
-//! connection per agent. It prints a table and one machine-readable `BENCH {json}` line.
+//! separate process, with keys on (rate limit off); with `--url` give an admin key with
+//! `--key`. Producers use the admin key; agents use an `agent` key made for the run. The client
+//! is a single-threaded tokio runtime (one core), one keep-alive connection per agent. It
+//! prints a table and one machine-readable `BENCH {json}` line.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -21,6 +23,7 @@ struct Opts {
     tasks: usize,
     backlog: usize,
     url: Option<String>,
+    key: Option<String>,
     ceiling_secs: f64,
     wake_samples: usize,
 }
@@ -31,6 +34,7 @@ fn parse_opts() -> Opts {
         tasks: 20_000,
         backlog: 1_000_000,
         url: None,
+        key: None,
         ceiling_secs: 5.0,
         wake_samples: 200,
     };
@@ -43,6 +47,7 @@ fn parse_opts() -> Opts {
             "--tasks" => o.tasks = v.parse().expect("--tasks N"),
             "--backlog" => o.backlog = v.parse().expect("--backlog N"),
             "--url" => o.url = Some(v),
+            "--key" => o.key = Some(v),
             "--ceiling-secs" => o.ceiling_secs = v.parse().expect("--ceiling-secs S"),
             "--wake-samples" => o.wake_samples = v.parse().expect("--wake-samples N"),
             other => panic!("unknown option {other}"),
@@ -57,6 +62,18 @@ struct Target {
     child: Option<Child>,
     db: Option<std::path::PathBuf>,
     _dir: Option<tempfile::TempDir>,
+}
+
+const BENCH_ADMIN_KEY: &str = "bench-admin-key-not-secret";
+
+fn keyed_client(key: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("x-api-key", key.parse().expect("a header-safe key"));
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .default_headers(h)
+        .build()
+        .unwrap()
 }
 
 fn server_binary() -> std::path::PathBuf {
@@ -81,6 +98,12 @@ fn spawn_server(db: &std::path::Path) -> (Child, String) {
         .args(["serve", "--db"])
         .arg(db)
         .args(["--bind", &format!("127.0.0.1:{port}")])
+        .args([
+            "--admin-key",
+            BENCH_ADMIN_KEY,
+            "--rate-limit-per-minute",
+            "0",
+        ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
@@ -268,14 +291,20 @@ async fn ceiling(c: &reqwest::Client, base: &str, agents: usize, secs: f64) -> f
 }
 
 /// Waiters long-poll; tasks are created one at a time; time from create to delivery.
-async fn wakeup(c: &reqwest::Client, base: &str, project: &str, samples: usize) -> Vec<u32> {
+async fn wakeup(
+    c: &reqwest::Client,
+    agents: &reqwest::Client,
+    base: &str,
+    project: &str,
+    samples: usize,
+) -> Vec<u32> {
     let waiters = 16;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
     for w in 0..waiters {
         let (c, base, project, tx, stop) = (
-            c.clone(),
+            agents.clone(),
             base.to_string(),
             project.to_string(),
             tx.clone(),
@@ -353,10 +382,8 @@ fn main() {
 }
 
 async fn run(o: Opts) {
-    let client = reqwest::Client::builder()
-        .pool_max_idle_per_host(1024)
-        .build()
-        .unwrap();
+    let admin_key = o.key.clone().unwrap_or_else(|| BENCH_ADMIN_KEY.to_string());
+    let client = keyed_client(&admin_key);
     let mut target = match &o.url {
         Some(u) => Target {
             base: u.trim_end_matches('/').to_string(),
@@ -385,6 +412,15 @@ async fn run(o: Opts) {
         o.agents, o.tasks, o.backlog, cores, base
     );
 
+    // Agents work with a key of the agent role, as a fleet would.
+    let agent_key: Value = post(
+        c,
+        format!("{base}/api/keys"),
+        &json!({"name": format!("bench-{}", std::process::id()), "role": "agent"}),
+    )
+    .await;
+    let agent_client = keyed_client(agent_key["data"]["key"].as_str().expect("agent key"));
+    let ac = &agent_client;
     let ceiling = ceiling(c, &base, o.agents, o.ceiling_secs).await;
     println!("HTTP ceiling (GET /health):        {ceiling:>10.0} req/s");
 
@@ -413,7 +449,7 @@ async fn run(o: Opts) {
     // Agent cycle.
     let p = mk_project(format!("cycle-{run_id}")).await;
     bulk_create(c, &base, &p, None, o.tasks, 4).await;
-    let mut cy = agent_cycle(c, &base, &p, o.agents, None).await;
+    let mut cy = agent_cycle(ac, &base, &p, o.agents, None).await;
     assert_eq!(cy.cycles, o.tasks, "every task completed once");
     let cycle_rate = cy.cycles as f64 / cy.secs;
     let (n50, n99) = (pct(&mut cy.next, 0.50), pct(&mut cy.next, 0.99));
@@ -453,7 +489,7 @@ async fn run(o: Opts) {
             t.elapsed().as_secs_f64()
         );
         bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
-        let mut cy = agent_cycle(c, &base, &p, o.agents, Some(vec![work])).await;
+        let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work])).await;
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
         let p99 = pct(&mut cy.next, 0.99);
@@ -468,7 +504,7 @@ async fn run(o: Opts) {
 
     // Long-poll wake-up.
     let p = mk_project(format!("wake-{run_id}")).await;
-    let mut lat = wakeup(c, &base, &p, o.wake_samples).await;
+    let mut lat = wakeup(c, ac, &base, &p, o.wake_samples).await;
     let (w50, w99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
     println!("long-poll wake-up:                 p50 {w50:.2} ms  p99 {w99:.2} ms");
 
@@ -482,7 +518,7 @@ async fn run(o: Opts) {
         bulk_create(c, &base, &p, None, 100, 1).await;
         for a in 0..50 {
             post(
-                c,
+                ac,
                 format!("{base}/api/agents/idle-{a}/next-task"),
                 &json!({"projectId": p}),
             )

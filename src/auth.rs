@@ -286,6 +286,9 @@ pub struct Authenticator {
     touched: Mutex<HashMap<u128, Instant>>,
     pub failures: Limiter<IpAddr>,
     tarpits: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// One verification per presented credential at a time: a fleet starting with one new
+    /// key pays argon2 once, not once per connection.
+    verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     pub limiter: Limiter<u128>,
     pub session_ttl_ms: i64,
 }
@@ -299,6 +302,7 @@ impl Authenticator {
             touched: Mutex::new(HashMap::new()),
             failures: Limiter::new(AUTH_FAILURES_PER_MINUTE),
             tarpits: Mutex::new(HashMap::new()),
+            verifying: Mutex::new(HashMap::new()),
             limiter: Limiter::new(rate_limit_per_minute),
             session_ttl_ms,
         }
@@ -387,15 +391,27 @@ impl Authenticator {
             return self.session_caller(credential).await;
         }
         let d = digest(credential);
+        let lane = {
+            let mut map = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(d).or_default().clone()
+        };
+        let result = {
+            let _turn = lane.lock().await;
+            match self.cached(credential) {
+                Some(c) => Ok(c),
+                None => self.verify_key(credential, d).await,
+            }
+        };
         {
-            let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(c) = cache.get(&d).filter(|c| c.until > Instant::now()) {
-                let caller = c.caller.clone();
-                drop(cache);
-                self.touch_key(caller.key_id);
-                return Ok(caller);
+            let mut map = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+            if Arc::strong_count(&lane) <= 2 {
+                map.remove(&d);
             }
         }
+        result
+    }
+
+    async fn verify_key(&self, credential: &str, d: [u8; 32]) -> Result<Arc<Caller>, AuthError> {
         let id = match key_id_of(credential) {
             Some(id) => id,
             None => match self.store.bootstrap_key_id().map_err(AuthError::Store)? {

@@ -66,15 +66,22 @@ async fn lease_expiry_and_auth_failures_are_counted() {
     app.advance(60_000).await;
     let bad = client_with_key("aq_00000000000000000000000000000001_nope");
     app.call_with(&bad, "GET", "/api/projects", None).await;
-    let text = reqwest::get(format!("{}/metrics", app.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(text.contains(&format!(
-        r#"agentq_tasks_lease_expired_total{{project="{p}"}} 1"#
-    )));
+    // The reaper's counters are published just after its commit: look for up to 2 s.
+    let want = format!(r#"agentq_tasks_lease_expired_total{{project="{p}"}} 1"#);
+    let mut text = String::new();
+    for _ in 0..200 {
+        text = reqwest::get(format!("{}/metrics", app.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains(&want) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(text.contains(&want), "{text}");
     assert!(text.contains(&format!(r#"agentq_tasks_retried_total{{project="{p}"}} 1"#)));
     assert!(text.contains("agentq_auth_failures_total"));
 }

@@ -76,8 +76,9 @@ pub struct CreateKeyIn {
     pub projects: Option<Vec<Text>>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct KeyOut {
     pub id: String,
     pub name: String,
@@ -87,6 +88,7 @@ pub struct KeyOut {
     pub last_used_at: Option<String>,
     /// The key itself: shown once, in the answer that created it.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<String>,
 }
 
@@ -111,16 +113,18 @@ pub struct LoginIn {
     pub project_id: Text,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct LoginOut {
     pub session_id: String,
     pub token: String,
     pub expires_at: String,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct SessionOut {
     pub session_id: String,
     pub agent_name: String,
@@ -137,8 +141,9 @@ pub struct ExtendSessionIn {
     pub extend_by: i64,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct LoggedOut {
     pub logged_out: bool,
 }

@@ -39,7 +39,7 @@ impl LeasesApi {
         auth: Auth,
         #[oai(name = "agentName")] agent: Path<String>,
         body: Json<NextTaskIn>,
-    ) -> Result<Json<NextTaskOut>> {
+    ) -> Result<Fast<NextTaskOut>> {
         auth.caller().require_agent(&agent.0)?;
         let agent = agent.0;
         let mut c = Check::default();
@@ -74,7 +74,7 @@ impl LeasesApi {
                 })
                 .await?;
             if let Claim::Task(t, _) = claim {
-                return Ok(Json(NextTaskOut {
+                return Ok(Fast(NextTaskOut {
                     success: true,
                     error: None,
                     data: NextTaskData {
@@ -92,7 +92,7 @@ impl LeasesApi {
                 _ = hub.shutting_down() => break,
             }
         }
-        Ok(Json(NextTaskOut {
+        Ok(Fast(NextTaskOut {
             success: false,
             error: Some(NO_TASK.to_string()),
             data: NextTaskData {

@@ -20,7 +20,6 @@ use std::time::Instant;
 use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::middleware::Cors;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
-use poem_openapi::payload::Json;
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::auth::{AuthError, Authenticator, Caller, RateInfo, Right};
@@ -106,7 +105,7 @@ impl SystemApi {
                 size_bytes: store.size_bytes(),
             },
         };
-        let env = Json(Envelope {
+        let env = Fast(Envelope {
             success: healthy,
             data: out,
         });
@@ -184,6 +183,20 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
     route.with_if(cors.is_some(), cors.unwrap_or_default())
 }
 
+/// A fresh correlation id: a per-process random prefix and a counter (unique within the
+/// process, no system call per request).
+fn new_correlation_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    static PREFIX: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    format!(
+        "{prefix:016x}-{:010x}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
 /// A correlation id attached to the request.
 #[derive(Clone)]
 pub struct CorrelationId(pub String);
@@ -214,7 +227,7 @@ async fn frame<E: Endpoint>(
         .headers()
         .get("x-correlation-id")
         .and_then(valid_correlation_id)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        .unwrap_or_else(new_correlation_id);
     req.extensions_mut().insert(CorrelationId(cid.clone()));
     let mut rate: Option<RateInfo> = None;
     let result = async {

@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use poem_openapi::payload::Json;
 use std::borrow::Cow;
 
 use poem_openapi::registry::MetaSchemaRef;
@@ -76,17 +75,74 @@ pub fn vars_plain(v: Vars) -> BTreeMap<String, String> {
     v.into_iter().map(|(k, v)| (k, v.0)).collect()
 }
 
+/// A JSON response body serialized straight from the struct with serde (poem-openapi's
+/// `Json` builds a `serde_json::Value` tree first). The schema is the type's own, and field
+/// names and optional fields are declared identically for both derives.
+pub struct Fast<T>(pub T);
+
+impl<T: Type> poem_openapi::payload::Payload for Fast<T> {
+    const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
+
+    fn check_content_type(content_type: &str) -> bool {
+        content_type.starts_with("application/json")
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        T::schema_ref()
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        T::register(registry);
+    }
+}
+
+impl<T: serde::Serialize + Send> poem::IntoResponse for Fast<T> {
+    fn into_response(self) -> poem::Response {
+        match serde_json::to_vec(&self.0) {
+            Ok(body) => poem::Response::builder()
+                .content_type("application/json; charset=utf-8")
+                .body(body),
+            Err(_) => poem::Response::builder()
+                .status(poem::http::StatusCode::INTERNAL_SERVER_ERROR)
+                .finish(),
+        }
+    }
+}
+
+impl<T: Type + serde::Serialize + Send> ApiResponse for Fast<T> {
+    fn meta() -> poem_openapi::registry::MetaResponses {
+        use poem_openapi::payload::Payload;
+        poem_openapi::registry::MetaResponses {
+            responses: vec![poem_openapi::registry::MetaResponse {
+                description: "",
+                status: Some(200),
+                status_range: None,
+                content: vec![poem_openapi::registry::MetaMediaType {
+                    content_type: Self::CONTENT_TYPE,
+                    schema: Self::schema_ref(),
+                }],
+                headers: vec![],
+            }],
+        }
+    }
+
+    fn register(registry: &mut poem_openapi::registry::Registry) {
+        T::register(registry);
+    }
+}
+
 // ---------------------------------------------------------------- envelopes
 
 /// `{"success": true, "data": ...}`
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct Envelope<T: ParseFromJSON + ToJSON> {
     pub success: bool,
     pub data: T,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct Pagination {
     pub total: u64,
     pub limit: u64,
@@ -95,7 +151,7 @@ pub struct Pagination {
 }
 
 /// A list: `{"success": true, "data": [...], "pagination": {...}}`
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
     pub success: bool,
     pub data: Vec<T>,
@@ -103,23 +159,23 @@ pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
 }
 
 #[derive(ApiResponse)]
-pub enum Reply<T: ParseFromJSON + ToJSON + Send + Sync> {
+pub enum Reply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     #[oai(status = 200)]
-    Ok(Json<Envelope<T>>),
+    Ok(Fast<Envelope<T>>),
     #[oai(status = 201)]
-    Created(Json<Envelope<T>>),
+    Created(Fast<Envelope<T>>),
 }
 
-impl<T: ParseFromJSON + ToJSON + Send + Sync> Reply<T> {
+impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
     pub fn ok(data: T) -> Self {
-        Reply::Ok(Json(Envelope {
+        Reply::Ok(Fast(Envelope {
             success: true,
             data,
         }))
     }
 
     pub fn created(data: T) -> Self {
-        Reply::Created(Json(Envelope {
+        Reply::Created(Fast(Envelope {
             success: true,
             data,
         }))
@@ -127,12 +183,12 @@ impl<T: ParseFromJSON + ToJSON + Send + Sync> Reply<T> {
 }
 
 #[derive(ApiResponse)]
-pub enum ListReply<T: ParseFromJSON + ToJSON + Send + Sync> {
+pub enum ListReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     #[oai(status = 200)]
-    Ok(Json<ListEnvelope<T>>),
+    Ok(Fast<ListEnvelope<T>>),
 }
 
-impl<T: ParseFromJSON + ToJSON + Send + Sync> ListReply<T> {
+impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> ListReply<T> {
     pub fn new(
         data: Vec<T>,
         total: u64,
@@ -140,7 +196,7 @@ impl<T: ParseFromJSON + ToJSON + Send + Sync> ListReply<T> {
         offset: usize,
         next: Option<String>,
     ) -> Self {
-        ListReply::Ok(Json(ListEnvelope {
+        ListReply::Ok(Fast(ListEnvelope {
             success: true,
             data,
             pagination: Pagination {
@@ -154,7 +210,7 @@ impl<T: ParseFromJSON + ToJSON + Send + Sync> ListReply<T> {
 }
 
 /// Data of deletions.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct Deleted {
     pub deleted: bool,
     pub id: String,
@@ -194,16 +250,18 @@ pub struct UpdateProject {
     pub config: Option<ConfigIn>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ConfigOut {
     pub default_max_retries: u32,
     pub default_lease_duration_minutes: u32,
     pub reaper_interval_minutes: u32,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct StatsOut {
     pub total_tasks: u64,
     pub queued_tasks: u64,
@@ -226,8 +284,9 @@ impl From<Stats> for StatsOut {
     }
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProjectOut {
     pub id: String,
     pub name: String,
@@ -260,16 +319,18 @@ impl ProjectOut {
     }
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProjectRef {
     pub id: String,
     pub name: String,
     pub stats: StatsOut,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProjectStatsOut {
     pub project: ProjectRef,
     pub queue_depth: u64,
@@ -305,8 +366,9 @@ pub struct UpdateTaskType {
     pub backoff_multiplier: Option<f64>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TaskTypeOut {
     pub id: String,
     pub project_id: String,
@@ -365,15 +427,17 @@ pub struct BulkCreate {
     pub batch_id: Option<Text>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct BulkError {
     pub index: u64,
     pub error: String,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct BulkOut {
     pub tasks_created: u64,
     pub created_tasks: Vec<TaskOut>,
@@ -390,16 +454,18 @@ pub struct UpdateTask {
     pub batch_id: Option<Text>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct ProgressOut {
     pub current: i64,
     pub total: i64,
     pub message: Option<String>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct AttemptOut {
     pub attempt: u32,
     pub agent_name: String,
@@ -422,8 +488,9 @@ impl From<Attempt> for AttemptOut {
     }
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct TaskOut {
     pub id: String,
     pub project_id: String,
@@ -439,12 +506,14 @@ pub struct TaskOut {
     pub lease_expires_at: Option<String>,
     /// Present only in next-task answers: names this one lease.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub lease_token: Option<String>,
     pub retry_count: u32,
     pub max_retries: u32,
     pub result: Option<String>,
     /// Left out of list items.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub outputs: Option<serde_json::Value>,
     pub error: Option<String>,
     pub progress: Option<ProgressOut>,
@@ -456,6 +525,7 @@ pub struct TaskOut {
     pub updated_at: String,
     /// Left out of list items; see `GET /api/tasks/{id}/attempts`.
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub attempts: Option<Vec<AttemptOut>>,
 }
 
@@ -536,18 +606,20 @@ pub struct NextTaskIn {
     pub wait_seconds: Option<f64>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct NextTaskData {
     pub task: Option<TaskOut>,
     pub agent_name: String,
 }
 
 /// The seed's next-task body; `success: false` with `task: null` when nothing is available.
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 pub struct NextTaskOut {
     pub success: bool,
     #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub data: NextTaskData,
 }
@@ -570,10 +642,12 @@ pub struct FailIn {
     pub lease_token: Option<Text>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct FailOut {
     #[oai(flatten)]
+    #[serde(flatten)]
     pub task: TaskOut,
     pub will_retry: bool,
 }
@@ -602,8 +676,9 @@ pub struct CancelIn {
     pub reason: Option<Text>,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct AgentOut {
     pub agent_name: String,
     pub task_id: String,
@@ -612,15 +687,17 @@ pub struct AgentOut {
     pub status: String,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct PeekOut {
     pub project_id: String,
     pub tasks_available: u64,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct CleanupOut {
     pub reclaimed_tasks: u64,
     pub cleaned_agents: u64,
@@ -628,8 +705,9 @@ pub struct CleanupOut {
 
 // ---------------------------------------------------------------- operations
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct StorageOut {
     pub healthy: bool,
     pub provider: String,
@@ -637,8 +715,9 @@ pub struct StorageOut {
     pub size_bytes: u64,
 }
 
-#[derive(Object)]
+#[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 pub struct HealthOut {
     pub status: String,
     pub timestamp: String,
@@ -650,7 +729,7 @@ pub struct HealthOut {
 #[derive(ApiResponse)]
 pub enum HealthReply {
     #[oai(status = 200)]
-    Ok(Json<Envelope<HealthOut>>),
+    Ok(Fast<Envelope<HealthOut>>),
     #[oai(status = 503)]
-    Unhealthy(Json<Envelope<HealthOut>>),
+    Unhealthy(Fast<Envelope<HealthOut>>),
 }

@@ -292,12 +292,14 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
     }
     let n = replies.len();
     crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+    // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees
+    // its own transition counted.
+    hub.publish(fx);
     for reply in replies {
         reply(outcome.clone());
     }
     // Jobs that never ran (begin_write failed) were dropped: their callers see ShuttingDown.
     tracing::trace!(batch = n, "write batch committed");
-    hub.publish(fx);
 }
 
 #[cfg(test)]

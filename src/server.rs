@@ -33,6 +33,8 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     /// Lifetime of a new session.
     pub session_ttl: Duration,
+    /// Size of the database page cache.
+    pub cache_bytes: usize,
 }
 
 impl Config {
@@ -46,6 +48,7 @@ impl Config {
             admin_key: None,
             rate_limit_per_minute: 6000,
             session_ttl: Duration::from_secs(24 * 3600),
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -75,7 +78,7 @@ pub struct Server {
 impl Server {
     /// Opens the database, binds, and starts serving and the scheduler in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let store = Store::open(&config.db, config.clock.clone())?;
+        let store = Store::open_with_cache(&config.db, config.clock.clone(), config.cache_bytes)?;
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.rate_limit_per_minute,

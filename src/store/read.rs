@@ -106,10 +106,21 @@ impl Reader {
 
     pub fn stats(&self, project: u128) -> Result<Stats> {
         Ok(self
-            .table(STATS)?
-            .get(project)?
+            .table(INDEX)?
+            .get(ix::stats(project).as_slice())?
             .map(|v| Stats::from_bytes(v.value()))
             .unwrap_or_default())
+    }
+
+    /// Index entries under `prefix`, in key order (the iterator borrows nothing).
+    fn index_range(
+        &self,
+        from: Vec<u8>,
+        to_inclusive: Vec<u8>,
+    ) -> Result<redb::Range<'static, &'static [u8], &'static [u8]>> {
+        Ok(self
+            .table(INDEX)?
+            .range::<&[u8]>(from.as_slice()..=to_inclusive.as_slice())?)
     }
 
     /// Projects in creation order, filtered by status (None = all), with the total.
@@ -186,12 +197,14 @@ impl Reader {
     /// The running tasks of a project, one per agent, by agent name.
     pub fn leases(&self, project: u128) -> Result<Vec<Task>> {
         let mut out = Vec::new();
-        for r in self.table(AGENT_LEASES)?.range((project, "")..)? {
-            let (k, v) = r?;
-            if k.value().0 != project {
-                break;
-            }
-            if let Some(t) = self.task_by_seq(v.value())? {
+        let prefix = ix::K::new(ix::AGENT).u128(project).0;
+        let end = ix::end_of(&prefix);
+        for r in self
+            .table(INDEX)?
+            .range::<&[u8]>(prefix.as_slice()..end.as_slice())?
+        {
+            let (_, v) = r?;
+            if let Some(t) = self.task_by_seq(ix::u64_at(v.value(), 0))? {
                 out.push(t);
             }
         }
@@ -203,11 +216,12 @@ impl Reader {
         let stats = self.stats(project)?;
         let mut due = 0u64;
         let tasks = self.table(TASKS)?;
-        for r in self
-            .table(DELAYED)?
-            .range((i64::MIN, 0u64)..=(now, u64::MAX))?
-        {
-            let seq = r?.0.value().1;
+        let due_keys = self.index_range(
+            vec![ix::DELAYED],
+            ix::K::new(ix::DELAYED).i64(now).u64(u64::MAX).0,
+        )?;
+        for r in due_keys {
+            let seq = ix::seq_of(r?.0.value());
             if let Some(v) = tasks.get(seq)? {
                 let t: Task = decode(v.value())?;
                 due += (t.project_id == project) as u64;
@@ -219,8 +233,18 @@ impl Reader {
     /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a
     /// session expiry.
     pub fn next_timer(&self) -> Result<Option<Millis>> {
-        let lease = self.table(LEASES)?.first()?.map(|(k, _)| k.value().0);
-        let delay = self.table(DELAYED)?.first()?.map(|(k, _)| k.value().0);
+        let first_time = |kind: u8| -> Result<Option<Millis>> {
+            let mut it = self.index_range(vec![kind], ix::end_of(&[kind]))?;
+            match it.next() {
+                Some(r) => {
+                    let k = r?.0.value().to_vec();
+                    Ok((k.first() == Some(&kind)).then(|| ix::i64_at(&k, 1)))
+                }
+                None => Ok(None),
+            }
+        };
+        let lease = first_time(ix::LEASES)?;
+        let delay = first_time(ix::DELAYED)?;
         let session = super::access::next_session_expiry(&self.txn)?;
         Ok([lease, delay, session].into_iter().flatten().min())
     }
@@ -275,13 +299,17 @@ impl Reader {
                 return Ok(out);
             }
             if q.statuses.is_empty() {
-                let it = self
-                    .table(BY_PROJECT)?
-                    .range((project, a.0, a.1)..=(project, b.0, b.1))?
-                    .map(|r| {
-                        r.map(|(k, _)| (k.value().1, k.value().2))
-                            .map_err(Error::from)
-                    });
+                let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
+                let at = 17;
+                let lo = ix::K::new(ix::BY_PROJECT).u128(project).i64(a.0).u64(a.1).0;
+                let hi = prefix.i64(b.0).u64(b.1).0;
+                let it = self.index_range(lo, hi)?.map(move |r| {
+                    r.map(|(k, _)| {
+                        let k = k.value();
+                        (ix::i64_at(k, at), ix::u64_at(k, at + 8))
+                    })
+                    .map_err(Error::from)
+                });
                 out.push(if q.desc {
                     Box::new(it.rev())
                 } else {
@@ -290,13 +318,26 @@ impl Reader {
             } else {
                 for s in &q.statuses {
                     let c = s.code();
-                    let it = self
-                        .table(BY_STATUS)?
-                        .range((project, c, a.0, a.1)..=(project, c, b.0, b.1))?
-                        .map(|r| {
-                            r.map(|(k, _)| (k.value().2, k.value().3))
-                                .map_err(Error::from)
-                        });
+                    let at = 18;
+                    let lo = ix::K::new(ix::BY_STATUS)
+                        .u128(project)
+                        .u8(c)
+                        .i64(a.0)
+                        .u64(a.1)
+                        .0;
+                    let hi = ix::K::new(ix::BY_STATUS)
+                        .u128(project)
+                        .u8(c)
+                        .i64(b.0)
+                        .u64(b.1)
+                        .0;
+                    let it = self.index_range(lo, hi)?.map(move |r| {
+                        r.map(|(k, _)| {
+                            let k = k.value();
+                            (ix::i64_at(k, at), ix::u64_at(k, at + 8))
+                        })
+                        .map_err(Error::from)
+                    });
                     out.push(if q.desc {
                         Box::new(it.rev())
                     } else {

@@ -1,16 +1,14 @@
 //! The storage layout: every redb table, its key and what it indexes, in one place.
 //!
-//! Rows are postcard-encoded domain structs; index tables map composite keys to `()` (or a
-//! seq) so that every lookup on a request path, in the reaper and at start-up is a B-tree
-//! seek, never a scan of all tasks.
+//! Rows are postcard-encoded domain structs; every index lives in the INDEX table under
+//! ordered byte keys (see [`ix`]), so that every lookup on a request path, in the reaper and
+//! at start-up is a B-tree seek, never a scan of all tasks.
 //!
-//! Invariant: for every task row, exactly the index entries that [`IndexKeys::of`] derives
-//! from it exist, and the project's STATS equal the rows it counts. [`Tables::put_task`] is
-//! the only code that writes task rows, and it keeps both in step by diffing old and new.
+//! Invariant: for every task row, exactly the index entries that [`index_entries`] derives
+//! from it exist, and the project's counters equal the rows they count. [`Tables::put_task`]
+//! is the only code that writes task rows, and it keeps both in step by diffing old and new.
 
-use redb::{
-    MultimapTable, MultimapTableDefinition, ReadableTable, Table, TableDefinition, WriteTransaction,
-};
+use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use crate::error::Result;
 use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
@@ -35,25 +33,12 @@ pub const TYPE_NAMES: TableDefinition<(u128, &str), u128> = TableDefinition::new
 pub const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 /// task id (client-supplied or UUIDv7) → seq.
 pub const TASK_IDS: TableDefinition<&str, u64> = TableDefinition::new("task_ids");
-/// (project, createdAt, seq): listing a project's tasks by creation time.
-pub const BY_PROJECT: TableDefinition<(u128, i64, u64), ()> = TableDefinition::new("by_project");
-/// (project, status code, createdAt, seq): listing by status and creation time.
-pub const BY_STATUS: TableDefinition<(u128, u8, i64, u64), ()> = TableDefinition::new("by_status");
-/// (project, 10 - priority, seq): queued tasks available now. First key = next task.
-pub const READY: TableDefinition<(u128, u8, u64), ()> = TableDefinition::new("ready");
-/// (project, type id or 0, 10 - priority, seq): the same, per type, for `typeIds`.
-pub const READY_TYPE: TableDefinition<(u128, u128, u8, u64), ()> =
-    TableDefinition::new("ready_by_type");
-/// (notBefore, seq): queued tasks waiting for their time. First key = next promotion.
-pub const DELAYED: TableDefinition<(i64, u64), ()> = TableDefinition::new("delayed");
-/// (leaseExpiresAt, seq): running tasks. First key = next lease to expire.
-pub const LEASES: TableDefinition<(i64, u64), ()> = TableDefinition::new("leases");
-/// (project, agent name) → seq of the task the agent holds in the project (resume).
-pub const AGENT_LEASES: TableDefinition<(u128, &str), u64> = TableDefinition::new("agent_leases");
-/// (type id, hash of canonical variables) → seqs: duplicate detection.
-pub const DUPES: MultimapTableDefinition<(u128, u128), u64> =
-    MultimapTableDefinition::new("duplicates");
-
+/// Every index and the per-project counters, in one table of byte-string keys (see [`ix`]).
+///
+/// One table rather than one per index because a durable commit costs roughly in proportion to
+/// the number of B-trees it touched: measured here, 20 writes into 7 tables commit in ~750 µs,
+/// into 1 table in ~230 µs. A claim or a complete now touches two trees (TASKS and INDEX).
+pub const INDEX: TableDefinition<&[u8], &[u8]> = TableDefinition::new("index");
 /// key id → ApiKey (with the argon2id hash of its secret).
 pub const KEYS: TableDefinition<u128, &[u8]> = TableDefinition::new("api_keys");
 /// BLAKE2s-256 of a session token → Session.
@@ -73,31 +58,151 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     Ok(postcard::from_bytes(bytes)?)
 }
 
-/// The index entries one task row implies.
-#[derive(Debug, PartialEq)]
-pub struct IndexKeys<'a> {
-    by_status: (u128, u8, i64, u64),
-    ready: Option<(u128, u8, u64)>,
-    ready_type: Option<(u128, u128, u8, u64)>,
-    delayed: Option<(i64, u64)>,
-    lease: Option<(i64, u64)>,
-    agent: Option<(u128, &'a str)>,
-}
+/// Index keys: one kind byte, then fixed-width big-endian fields, so that byte order is the
+/// order of the fields (i64 times with the sign bit flipped). Values are empty unless noted.
+pub mod ix {
+    pub const BY_PROJECT: u8 = 1;
+    pub const BY_STATUS: u8 = 2;
+    pub const READY: u8 = 3;
+    pub const READY_TYPE: u8 = 4;
+    pub const DELAYED: u8 = 5;
+    pub const LEASES: u8 = 6;
+    pub const AGENT: u8 = 7;
+    pub const DUPES: u8 = 8;
+    pub const STATS: u8 = 9;
 
-impl<'a> IndexKeys<'a> {
-    pub fn of(t: &'a Task) -> Self {
-        let queued = t.status == TaskStatus::Queued;
-        let ready = queued && !t.delayed;
-        let prio = 10u8.saturating_sub(t.priority);
-        IndexKeys {
-            by_status: (t.project_id, t.status.code(), t.created_at, t.seq),
-            ready: ready.then_some((t.project_id, prio, t.seq)),
-            ready_type: ready.then_some((t.project_id, t.type_id.unwrap_or(0), prio, t.seq)),
-            delayed: (queued && t.delayed).then(|| (t.not_before.unwrap_or(0), t.seq)),
-            lease: t.lease.as_ref().map(|l| (l.expires_at, t.seq)),
-            agent: t.lease.as_ref().map(|l| (t.project_id, l.agent.as_str())),
+    /// A key under construction.
+    pub struct K(pub Vec<u8>);
+
+    impl K {
+        pub fn new(kind: u8) -> K {
+            let mut v = Vec::with_capacity(48);
+            v.push(kind);
+            K(v)
+        }
+        pub fn u128(mut self, x: u128) -> K {
+            self.0.extend_from_slice(&x.to_be_bytes());
+            self
+        }
+        pub fn u64(mut self, x: u64) -> K {
+            self.0.extend_from_slice(&x.to_be_bytes());
+            self
+        }
+        pub fn i64(mut self, x: i64) -> K {
+            self.0
+                .extend_from_slice(&((x as u64) ^ (1 << 63)).to_be_bytes());
+            self
+        }
+        pub fn u8(mut self, x: u8) -> K {
+            self.0.push(x);
+            self
+        }
+        pub fn bytes(mut self, b: &[u8]) -> K {
+            self.0.extend_from_slice(b);
+            self
         }
     }
+
+    /// (project, createdAt, seq): a project's tasks by creation time.
+    pub fn by_project(p: u128, created: i64, seq: u64) -> Vec<u8> {
+        K::new(BY_PROJECT).u128(p).i64(created).u64(seq).0
+    }
+    /// (project, status, createdAt, seq): by status and creation time.
+    pub fn by_status(p: u128, status: u8, created: i64, seq: u64) -> Vec<u8> {
+        K::new(BY_STATUS).u128(p).u8(status).i64(created).u64(seq).0
+    }
+    /// (project, 10 - priority, seq): queued tasks available now; the first is the next.
+    pub fn ready(p: u128, prio_inv: u8, seq: u64) -> Vec<u8> {
+        K::new(READY).u128(p).u8(prio_inv).u64(seq).0
+    }
+    /// (project, type or 0, 10 - priority, seq): the same per type, for `typeIds`.
+    pub fn ready_type(p: u128, ty: u128, prio_inv: u8, seq: u64) -> Vec<u8> {
+        K::new(READY_TYPE).u128(p).u128(ty).u8(prio_inv).u64(seq).0
+    }
+    /// (notBefore, seq): queued tasks waiting for their time.
+    pub fn delayed(at: i64, seq: u64) -> Vec<u8> {
+        K::new(DELAYED).i64(at).u64(seq).0
+    }
+    /// (leaseExpiresAt, seq): running tasks; the first expires next.
+    pub fn lease(at: i64, seq: u64) -> Vec<u8> {
+        K::new(LEASES).i64(at).u64(seq).0
+    }
+    /// (project, agent name) → seq (8 bytes): the task an agent holds.
+    pub fn agent(p: u128, agent: &str) -> Vec<u8> {
+        K::new(AGENT).u128(p).bytes(agent.as_bytes()).0
+    }
+    /// (type, hash of canonical variables, seq): duplicate detection.
+    pub fn dupe(ty: u128, hash: u128, seq: u64) -> Vec<u8> {
+        K::new(DUPES).u128(ty).u128(hash).u64(seq).0
+    }
+    /// project → Stats (56 bytes).
+    pub fn stats(p: u128) -> Vec<u8> {
+        K::new(STATS).u128(p).0
+    }
+
+    /// The smallest key after every key that starts with `prefix`.
+    pub fn end_of(prefix: &[u8]) -> Vec<u8> {
+        let mut e = prefix.to_vec();
+        while let Some(last) = e.pop() {
+            if last < u8::MAX {
+                e.push(last + 1);
+                return e;
+            }
+        }
+        vec![u8::MAX; 64]
+    }
+
+    /// The u64 at byte `at`.
+    pub fn u64_at(k: &[u8], at: usize) -> u64 {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&k[at..at + 8]);
+        u64::from_be_bytes(b)
+    }
+
+    /// The i64 at byte `at`.
+    pub fn i64_at(k: &[u8], at: usize) -> i64 {
+        (u64_at(k, at) ^ (1 << 63)) as i64
+    }
+
+    /// The seq that ends a task index key.
+    pub fn seq_of(k: &[u8]) -> u64 {
+        u64_at(k, k.len() - 8)
+    }
+}
+
+/// The index entries (key, value) one task row implies.
+pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let queued = t.status == TaskStatus::Queued;
+    let ready = queued && !t.delayed;
+    let prio = 10u8.saturating_sub(t.priority);
+    let mut e = Vec::with_capacity(7);
+    e.push((ix::by_project(t.project_id, t.created_at, t.seq), vec![]));
+    e.push((
+        ix::by_status(t.project_id, t.status.code(), t.created_at, t.seq),
+        vec![],
+    ));
+    if ready {
+        e.push((ix::ready(t.project_id, prio, t.seq), vec![]));
+        e.push((
+            ix::ready_type(t.project_id, t.type_id.unwrap_or(0), prio, t.seq),
+            vec![],
+        ));
+    }
+    if queued && t.delayed {
+        e.push((ix::delayed(t.not_before.unwrap_or(0), t.seq), vec![]));
+    }
+    if let Some(l) = &t.lease {
+        e.push((ix::lease(l.expires_at, t.seq), vec![]));
+        e.push((
+            ix::agent(t.project_id, &l.agent),
+            t.seq.to_be_bytes().to_vec(),
+        ));
+    }
+    if let Some(ty) = t.type_id {
+        let h = crate::model::variables_hash(&t.variables);
+        e.push((ix::dupe(ty, h, t.seq), vec![]));
+    }
+    e
 }
 
 /// Every table, opened once per write transaction (one batch of the writer).
@@ -110,14 +215,7 @@ pub struct Tables<'txn> {
     pub type_names: Table<'txn, (u128, &'static str), u128>,
     pub tasks: Table<'txn, u64, &'static [u8]>,
     pub task_ids: Table<'txn, &'static str, u64>,
-    pub by_project: Table<'txn, (u128, i64, u64), ()>,
-    pub by_status: Table<'txn, (u128, u8, i64, u64), ()>,
-    pub ready: Table<'txn, (u128, u8, u64), ()>,
-    pub ready_type: Table<'txn, (u128, u128, u8, u64), ()>,
-    pub delayed: Table<'txn, (i64, u64), ()>,
-    pub leases: Table<'txn, (i64, u64), ()>,
-    pub agent_leases: Table<'txn, (u128, &'static str), u64>,
-    pub dupes: MultimapTable<'txn, (u128, u128), u64>,
+    pub index: Table<'txn, &'static [u8], &'static [u8]>,
     pub keys: Table<'txn, u128, &'static [u8]>,
     pub sessions: Table<'txn, [u8; 32], &'static [u8]>,
     pub sessions_by_key: Table<'txn, (u128, u128), [u8; 32]>,
@@ -135,14 +233,7 @@ impl<'txn> Tables<'txn> {
             type_names: txn.open_table(TYPE_NAMES)?,
             tasks: txn.open_table(TASKS)?,
             task_ids: txn.open_table(TASK_IDS)?,
-            by_project: txn.open_table(BY_PROJECT)?,
-            by_status: txn.open_table(BY_STATUS)?,
-            ready: txn.open_table(READY)?,
-            ready_type: txn.open_table(READY_TYPE)?,
-            delayed: txn.open_table(DELAYED)?,
-            leases: txn.open_table(LEASES)?,
-            agent_leases: txn.open_table(AGENT_LEASES)?,
-            dupes: txn.open_multimap_table(DUPES)?,
+            index: txn.open_table(INDEX)?,
             keys: txn.open_table(KEYS)?,
             sessions: txn.open_table(SESSIONS)?,
             sessions_by_key: txn.open_table(SESSIONS_BY_KEY)?,
@@ -168,10 +259,49 @@ impl<'txn> Tables<'txn> {
 
     pub fn stats(&self, project: u128) -> Result<Stats> {
         Ok(self
-            .stats
-            .get(project)?
+            .index
+            .get(ix::stats(project).as_slice())?
             .map(|v| Stats::from_bytes(v.value()))
             .unwrap_or_default())
+    }
+
+    pub fn put_stats(&mut self, project: u128, stats: Stats) -> Result<()> {
+        self.index
+            .insert(ix::stats(project).as_slice(), stats.to_bytes().as_slice())?;
+        Ok(())
+    }
+
+    /// Keys under `prefix`, in order, starting at `from` (inclusive) if given.
+    pub fn keys_from(&self, prefix: &[u8], from: &[u8]) -> Result<Vec<Vec<u8>>> {
+        let end = ix::end_of(prefix);
+        let mut out = Vec::new();
+        for r in self.index.range::<&[u8]>(from..end.as_slice())? {
+            out.push(r?.0.value().to_vec());
+        }
+        Ok(out)
+    }
+
+    /// Seqs of a time-ordered index (DELAYED or LEASES) whose time is `<= now`, oldest first.
+    pub fn due(&self, kind: u8, now: i64, limit: usize) -> Result<Vec<u64>> {
+        let start = [kind];
+        let end = ix::K::new(kind).i64(now).u64(u64::MAX).0;
+        let mut out = Vec::new();
+        for r in self.index.range::<&[u8]>(&start[..]..=end.as_slice())? {
+            if out.len() >= limit {
+                break;
+            }
+            out.push(ix::seq_of(r?.0.value()));
+        }
+        Ok(out)
+    }
+
+    /// The first key under `prefix`, if any.
+    pub fn first_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>> {
+        let end = ix::end_of(prefix);
+        match self.index.range::<&[u8]>(prefix..end.as_slice())?.next() {
+            Some(r) => Ok(Some(r?.0.value().to_vec())),
+            None => Ok(None),
+        }
     }
 
     pub fn task_type(&self, id: u128) -> Result<Option<TaskType>> {
@@ -244,76 +374,24 @@ impl<'txn> Tables<'txn> {
             (_, Some(t)) | (Some(t), None) => (t.project_id, t.seq),
             (None, None) => return Ok(()),
         };
-        let before = old.map(IndexKeys::of);
-        let after = new.map(IndexKeys::of);
-        macro_rules! sync {
-            ($table:ident, $field:ident) => {{
-                let o = before.as_ref().and_then(|k| k.$field);
-                let n = after.as_ref().and_then(|k| k.$field);
-                if o != n {
-                    if let Some(k) = o {
-                        self.$table.remove(k)?;
-                    }
-                    if let Some(k) = n {
-                        self.$table.insert(k, ())?;
-                    }
-                }
-            }};
-        }
-        sync!(ready, ready);
-        sync!(ready_type, ready_type);
-        sync!(delayed, delayed);
-        sync!(leases, lease);
-        let (o, n) = (
-            before.as_ref().map(|k| k.by_status),
-            after.as_ref().map(|k| k.by_status),
-        );
-        if o != n {
-            if let Some(k) = o {
-                self.by_status.remove(k)?;
-            }
-            if let Some(k) = n {
-                self.by_status.insert(k, ())?;
+        let before = old.map(index_entries).unwrap_or_default();
+        let after = new.map(index_entries).unwrap_or_default();
+        for (k, v) in &before {
+            if !after.iter().any(|(k2, v2)| k2 == k && v2 == v) {
+                self.index.remove(k.as_slice())?;
             }
         }
-        let (o, n) = (
-            before.as_ref().and_then(|k| k.agent),
-            after.as_ref().and_then(|k| k.agent),
-        );
-        if o != n {
-            if let Some(k) = o {
-                self.agent_leases.remove(k)?;
-            }
-            if let Some(k) = n {
-                self.agent_leases.insert(k, seq)?;
+        for (k, v) in &after {
+            if !before.iter().any(|(k2, v2)| k2 == k && v2 == v) {
+                self.index.insert(k.as_slice(), v.as_slice())?;
             }
         }
         match (old, new) {
             (None, Some(t)) => {
                 self.task_ids.insert(t.id.as_str(), t.seq)?;
-                self.by_project
-                    .insert((t.project_id, t.created_at, t.seq), ())?;
-                if let Some(ty) = t.type_id {
-                    let h = crate::model::variables_hash(&t.variables);
-                    self.dupes.insert((ty, h), t.seq)?;
-                }
             }
             (Some(t), None) => {
                 self.task_ids.remove(t.id.as_str())?;
-                self.by_project
-                    .remove((t.project_id, t.created_at, t.seq))?;
-                if let Some(ty) = t.type_id {
-                    let h = crate::model::variables_hash(&t.variables);
-                    self.dupes.remove((ty, h), t.seq)?;
-                }
-            }
-            (Some(o), Some(n)) if o.variables != n.variables => {
-                if let Some(ty) = o.type_id {
-                    self.dupes
-                        .remove((ty, crate::model::variables_hash(&o.variables)), o.seq)?;
-                    self.dupes
-                        .insert((ty, crate::model::variables_hash(&n.variables)), n.seq)?;
-                }
             }
             _ => {}
         }
@@ -330,8 +408,35 @@ impl<'txn> Tables<'txn> {
         if so != sn {
             let mut stats = self.stats(project)?;
             stats.apply(so, sn);
-            self.stats.insert(project, stats.to_bytes().as_slice())?;
+            self.put_stats(project, stats)?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ix;
+
+    #[test]
+    fn index_keys_sort_like_their_fields() {
+        let mut times = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
+        let keys: Vec<Vec<u8>> = times.iter().map(|t| ix::lease(*t, 3)).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted, "i64 times keep their order");
+        times.reverse();
+        for t in times {
+            assert_eq!(ix::i64_at(&ix::lease(t, 9), 1), t);
+            assert_eq!(ix::seq_of(&ix::lease(t, 9)), 9);
+        }
+        // Priority before age: a higher priority (smaller 10 - p) wins over an older task.
+        assert!(ix::ready(1, 0, 99) < ix::ready(1, 5, 1));
+        assert!(ix::ready(1, 5, 1) < ix::ready(1, 5, 2));
+        assert!(
+            ix::ready(1, 10, 1) < ix::ready(2, 0, 0),
+            "projects never interleave"
+        );
+        assert_eq!(ix::end_of(&[3, 255]), vec![4]);
     }
 }

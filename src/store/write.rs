@@ -6,10 +6,10 @@
 
 use std::collections::BTreeMap;
 
-use redb::{ReadableMultimapTable, ReadableTable};
+use redb::ReadableTable;
 use uuid::Uuid;
 
-use super::tables::Tables;
+use super::tables::{ix, Tables};
 use super::W;
 use crate::error::{Error, FieldError, Result};
 use crate::lease::{self, Completion};
@@ -91,8 +91,7 @@ pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
     w.t.put_project(&project)?;
     w.t.project_names
         .insert(project.name.as_str(), project.id)?;
-    w.t.stats
-        .insert(project.id, Stats::default().to_bytes().as_slice())?;
+    w.t.put_stats(project.id, Stats::default())?;
     Ok((project, Stats::default()))
 }
 
@@ -151,11 +150,12 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 /// Deletes a project with its task types, tasks and leases. Returns the project id.
 pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
     let p = resolve_project(w.t, key)?;
+    let prefix = ix::K::new(ix::BY_PROJECT).u128(p.id).0;
     let seqs: Vec<u64> =
-        w.t.by_project
-            .range((p.id, i64::MIN, 0)..=(p.id, i64::MAX, u64::MAX))?
-            .map(|r| r.map(|(k, _)| k.value().2))
-            .collect::<Result<_, _>>()?;
+        w.t.keys_from(&prefix, &prefix)?
+            .iter()
+            .map(|k| ix::seq_of(k))
+            .collect();
     for seq in seqs {
         if let Some(task) = w.t.task(seq)? {
             w.t.put_task(Some(&task), None)?;
@@ -172,7 +172,7 @@ pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
         w.t.type_names.remove((p.id, name.as_str()))?;
         w.t.types.remove(id)?;
     }
-    w.t.stats.remove(p.id)?;
+    w.t.index.remove(ix::stats(p.id).as_slice())?;
     w.t.project_names.remove(p.name.as_str())?;
     w.t.projects.remove(p.id)?;
     Ok(p.id)
@@ -453,11 +453,15 @@ fn find_duplicate(
     type_id: u128,
     vars: &BTreeMap<String, String>,
 ) -> Result<Option<Task>> {
+    let prefix = ix::K::new(ix::DUPES)
+        .u128(type_id)
+        .u128(variables_hash(vars))
+        .0;
     let seqs: Vec<u64> = t
-        .dupes
-        .get((type_id, variables_hash(vars)))?
-        .map(|r| r.map(|v| v.value()))
-        .collect::<Result<_, _>>()?;
+        .keys_from(&prefix, &prefix)?
+        .iter()
+        .map(|k| ix::seq_of(k))
+        .collect();
     for seq in seqs {
         if let Some(task) = t.task(seq)? {
             if task.variables == *vars {
@@ -549,7 +553,11 @@ pub fn next_task(
     type_ids: Option<&[u128]>,
 ) -> Result<Claim> {
     let p = resolve_project(w.t, project_key)?;
-    if let Some(seq) = w.t.agent_leases.get((p.id, agent))?.map(|v| v.value()) {
+    let held =
+        w.t.index
+            .get(ix::agent(p.id, agent).as_slice())?
+            .map(|v| ix::u64_at(v.value(), 0));
+    if let Some(seq) = held {
         if let Some(task) = w.t.task(seq)? {
             return Ok(Claim::Task(Box::new(task), false));
         }
@@ -559,31 +567,24 @@ pub fn next_task(
     }
     promote_due(w, TIMER_BATCH)?;
     let best: Option<u64> = match type_ids {
-        None => match w
-            .t
-            .ready
-            .range((p.id, 0u8, 0u64)..=(p.id, u8::MAX, u64::MAX))?
-            .next()
-        {
-            Some(r) => Some(r?.0.value().2),
-            None => None,
-        },
+        None => {
+            w.t.first_key(&ix::K::new(ix::READY).u128(p.id).0)?
+                .map(|k| ix::seq_of(&k))
+        }
         Some(ids) => {
-            let mut best: Option<(u8, u64)> = None;
+            // Keys of one project and kind order by (10 - priority, seq): the smallest key
+            // over the listed types is the best task.
+            let mut best: Option<Vec<u8>> = None;
             for &ty in ids {
-                let first =
-                    w.t.ready_type
-                        .range((p.id, ty, 0u8, 0u64)..=(p.id, ty, u8::MAX, u64::MAX))?
-                        .next();
-                if let Some(r) = first {
-                    let k = r?.0.value();
-                    let cand = (k.2, k.3);
-                    if best.is_none_or(|b| cand < b) {
-                        best = Some(cand);
+                let prefix = ix::K::new(ix::READY_TYPE).u128(p.id).u128(ty).0;
+                if let Some(k) = w.t.first_key(&prefix)? {
+                    let rank = k[prefix.len()..].to_vec();
+                    if best.as_ref().is_none_or(|b| rank < *b) {
+                        best = Some(rank);
                     }
                 }
             }
-            best.map(|b| b.1)
+            best.map(|r| ix::seq_of(&r))
         }
     };
     let Some(seq) = best else {
@@ -684,12 +685,7 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
 pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
-    let due: Vec<u64> =
-        w.t.delayed
-            .range((i64::MIN, 0u64)..=(w.now, u64::MAX))?
-            .take(limit)
-            .map(|r| r.map(|(k, _)| k.value().1))
-            .collect::<Result<_, _>>()?;
+    let due = w.t.due(ix::DELAYED, w.now, limit)?;
     let n = due.len();
     for seq in due {
         if let Some(old) = w.t.task(seq)? {
@@ -712,14 +708,8 @@ pub struct Reclaimed {
 
 /// Reclaims up to `limit` expired leases, optionally of one project only.
 pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result<Vec<Reclaimed>> {
-    let mut expired = Vec::new();
-    for r in w.t.leases.range((i64::MIN, 0u64)..=(w.now, u64::MAX))? {
-        let seq = r?.0.value().1;
-        expired.push(seq);
-        if project.is_none() && expired.len() >= limit {
-            break;
-        }
-    }
+    let cap = if project.is_none() { limit } else { usize::MAX };
+    let expired = w.t.due(ix::LEASES, w.now, cap)?;
     let mut out = Vec::new();
     for seq in expired {
         let Some(old) = w.t.task(seq)? else { continue };

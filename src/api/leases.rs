@@ -25,6 +25,28 @@ pub struct LeasesApi(pub Arc<State>);
 
 const NO_TASK: &str = "No tasks available for assignment";
 
+/// The seed's next-task body: the leased (or resumed) task, or the no-task answer.
+fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
+    match claim {
+        Claim::Task(t, _) => Fast(NextTaskOut {
+            success: true,
+            error: None,
+            data: NextTaskData {
+                task: Some(TaskOut::new(*t, View::Leased)),
+                agent_name: agent,
+            },
+        }),
+        Claim::None => Fast(NextTaskOut {
+            success: false,
+            error: Some(NO_TASK.to_string()),
+            data: NextTaskData {
+                task: None,
+                agent_name: agent,
+            },
+        }),
+    }
+}
+
 #[OpenApi]
 impl LeasesApi {
     /// Resume the agent's current task in the project, or lease the best available one.
@@ -54,9 +76,20 @@ impl LeasesApi {
         });
         c.finish(())?;
         let store = &self.0.store;
+        let caller = auth.caller();
+        if wait <= 0.0 && !caller.scoped() {
+            // The common poll: no scope to check and no notifier to wait on, so the write
+            // resolves the project itself (404 if it does not exist).
+            caller.require(Right::Work)?;
+            let (key, name, ids) = (body.0.project_id.0.clone(), agent.clone(), type_ids);
+            let claim = store
+                .write(move |w| write::next_task(w, &key, &name, ids.as_deref()))
+                .await?;
+            return Ok(next_task_answer(claim, agent));
+        }
         let project = self
             .0
-            .project_for(auth.caller(), Right::Work, &body.0.project_id)?;
+            .project_for(caller, Right::Work, &body.0.project_id)?;
         let hub = store.hub.clone();
         let notify = hub.project(project.id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
@@ -73,15 +106,8 @@ impl LeasesApi {
                     write::next_task(w, &crate::api::types::uuid_str(pid), &name, ids.as_deref())
                 })
                 .await?;
-            if let Claim::Task(t, _) = claim {
-                return Ok(Fast(NextTaskOut {
-                    success: true,
-                    error: None,
-                    data: NextTaskData {
-                        task: Some(TaskOut::new(*t, View::Leased)),
-                        agent_name: agent,
-                    },
-                }));
+            if let Claim::Task(..) = claim {
+                return Ok(next_task_answer(claim, agent));
             }
             if wait <= 0.0 || tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
                 break;
@@ -92,14 +118,7 @@ impl LeasesApi {
                 _ = hub.shutting_down() => break,
             }
         }
-        Ok(Fast(NextTaskOut {
-            success: false,
-            error: Some(NO_TASK.to_string()),
-            data: NextTaskData {
-                task: None,
-                agent_name: agent,
-            },
-        }))
+        Ok(next_task_answer(Claim::None, agent))
     }
 
     /// Complete a task (holder only). Repeating the same complete is answered 200.

@@ -608,10 +608,20 @@ pub fn next_task(
 fn holder_op<T>(
     w: &mut W,
     id: &str,
+    needs_rules: bool,
     f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
 ) -> Result<(Task, T)> {
     let old = task_by_id(w.t, id)?;
-    let rules = rules_for(w.t, &old)?;
+    // Only fail needs the back-off rules: the others skip reading the project and type.
+    let rules = if needs_rules {
+        rules_for(w.t, &old)?
+    } else {
+        Rules {
+            lease_ms: 0,
+            retry_delay_seconds: 0.0,
+            backoff_multiplier: 1.0,
+        }
+    };
     let mut task = old.clone();
     let out = f(&mut task, &rules, w.now)?;
     if task != old {
@@ -628,7 +638,7 @@ pub fn complete(
     result: Option<String>,
     outputs: Option<String>,
 ) -> Result<(Task, Completion)> {
-    holder_op(w, id, |t, _, now| {
+    holder_op(w, id, false, |t, _, now| {
         Ok(lease::complete(t, agent, token, result, outputs, now)?)
     })
 }
@@ -641,13 +651,13 @@ pub fn fail(
     error: String,
     can_retry: bool,
 ) -> Result<(Task, bool)> {
-    holder_op(w, id, |t, rules, now| {
+    holder_op(w, id, true, |t, rules, now| {
         Ok(lease::fail(t, agent, token, error, can_retry, rules, now)?)
     })
 }
 
 pub fn extend(w: &mut W, id: &str, agent: &str, token: Option<u128>, ms: i64) -> Result<Task> {
-    holder_op(w, id, |t, _, now| {
+    holder_op(w, id, false, |t, _, now| {
         Ok(lease::extend(t, agent, token, ms, now)?)
     })
     .map(|r| r.0)
@@ -660,14 +670,14 @@ pub fn progress(
     token: Option<u128>,
     p: Progress,
 ) -> Result<Task> {
-    holder_op(w, id, |t, _, now| {
+    holder_op(w, id, false, |t, _, now| {
         Ok(lease::progress(t, agent, token, p, now)?)
     })
     .map(|r| r.0)
 }
 
 pub fn cancel(w: &mut W, id: &str, reason: Option<String>) -> Result<Task> {
-    holder_op(w, id, |t, _, now| Ok(lease::cancel(t, reason, now)?)).map(|r| r.0)
+    holder_op(w, id, false, |t, _, now| Ok(lease::cancel(t, reason, now)?)).map(|r| r.0)
 }
 
 pub fn retry(w: &mut W, id: &str) -> Result<Task> {
@@ -680,7 +690,7 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
             )));
         }
     }
-    holder_op(w, id, |t, _, now| Ok(lease::retry(t, now)?)).map(|r| r.0)
+    holder_op(w, id, false, |t, _, now| Ok(lease::retry(t, now)?)).map(|r| r.0)
 }
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.

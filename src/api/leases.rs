@@ -375,9 +375,8 @@ impl LeasesApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<ListReply<AgentOut>> {
-        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
+        let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
-        let p = r.project(&id.0)?;
         let data: Vec<AgentOut> = r
             .leases(p.id)?
             .into_iter()
@@ -407,9 +406,8 @@ impl LeasesApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<Reply<PeekOut>> {
-        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
+        let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
-        let p = r.project(&id.0)?;
         let n = if p.status == crate::model::ProjectStatus::Closed {
             0
         } else {

@@ -52,7 +52,7 @@ impl TasksApi {
         /// `pagination.nextCursor` of the previous page.
         cursor: Query<Option<String>>,
     ) -> Result<ListReply<TaskOut>> {
-        self.0.project_for(auth.caller(), Right::Read, &id.0)?;
+        let project = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let mut c = Check::default();
         let mut statuses = Vec::new();
         if let Some(s) = status.0.as_deref() {
@@ -120,13 +120,9 @@ impl TasksApi {
             cursor,
         };
         let store = self.0.store.clone();
-        let page = tokio::task::spawn_blocking(move || {
-            let r = store.read()?;
-            let p = r.project(&id.0)?;
-            r.list_tasks(p.id, &q)
-        })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+        let page = tokio::task::spawn_blocking(move || store.read()?.list_tasks(project.id, &q))
+            .await
+            .map_err(|e| Error::Storage(e.to_string()))??;
         let data = page
             .tasks
             .into_iter()

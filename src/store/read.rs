@@ -298,10 +298,19 @@ impl Reader {
             if a > b {
                 return Ok(out);
             }
-            if q.statuses.is_empty() {
-                let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
-                let at = 17;
-                let lo = ix::K::new(ix::BY_PROJECT).u128(project).i64(a.0).u64(a.1).0;
+            // Each source is one index range: a prefix (project, or project and status)
+            // followed by (createdAt, seq), which the iterator yields.
+            let prefixes: Vec<ix::K> = if q.statuses.is_empty() {
+                vec![ix::K::new(ix::BY_PROJECT).u128(project)]
+            } else {
+                q.statuses
+                    .iter()
+                    .map(|s| ix::K::new(ix::BY_STATUS).u128(project).u8(s.code()))
+                    .collect()
+            };
+            for prefix in prefixes {
+                let at = prefix.0.len();
+                let lo = ix::K(prefix.0.clone()).i64(a.0).u64(a.1).0;
                 let hi = prefix.i64(b.0).u64(b.1).0;
                 let it = self.index_range(lo, hi)?.map(move |r| {
                     r.map(|(k, _)| {
@@ -315,35 +324,6 @@ impl Reader {
                 } else {
                     Box::new(it)
                 });
-            } else {
-                for s in &q.statuses {
-                    let c = s.code();
-                    let at = 18;
-                    let lo = ix::K::new(ix::BY_STATUS)
-                        .u128(project)
-                        .u8(c)
-                        .i64(a.0)
-                        .u64(a.1)
-                        .0;
-                    let hi = ix::K::new(ix::BY_STATUS)
-                        .u128(project)
-                        .u8(c)
-                        .i64(b.0)
-                        .u64(b.1)
-                        .0;
-                    let it = self.index_range(lo, hi)?.map(move |r| {
-                        r.map(|(k, _)| {
-                            let k = k.value();
-                            (ix::i64_at(k, at), ix::u64_at(k, at + 8))
-                        })
-                        .map_err(Error::from)
-                    });
-                    out.push(if q.desc {
-                        Box::new(it.rev())
-                    } else {
-                        Box::new(it)
-                    });
-                }
             }
             Ok(out)
         };

@@ -610,3 +610,60 @@ async fn failed_authentication_is_slowed_per_address() {
     // A key verified before still works from the same address, at once.
     assert_eq!(app.get("/api/projects").await.status, 200);
 }
+
+#[tokio::test]
+async fn hostile_bodies_and_headers_get_4xx_never_5xx() {
+    let app = spawn_app().await;
+    let f = fixture(&app, "hostile").await;
+    // JSON nested far deeper than serde_json's recursion limit.
+    let deep = format!("{}1{}", "[".repeat(5000), "]".repeat(5000));
+    let body = format!(r#"{{"agentName": "worker", "outputs": {{"x": {deep}}}}}"#);
+    let r = app
+        .client
+        .post(format!("{}/api/tasks/{}/complete", app.base, f.leased))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // A header far over hyper's limit is refused before any handler.
+    let r = app
+        .client
+        .get(format!("{}/api/projects", app.base))
+        .header("x-padding", "a".repeat(512 * 1024))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    // Strings over their limits, wrong content type, garbage bytes.
+    let long = "x".repeat(10_001);
+    let r = app
+        .post(
+            &format!("/api/projects/{}/tasks", f.project),
+            json!({"instructions": long}),
+        )
+        .await;
+    assert_eq!(r.status, 400);
+    let r = app
+        .client
+        .post(format!("{}/api/projects", app.base))
+        .header("content-type", "text/plain")
+        .body("name=x")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_client_error());
+    let r = app
+        .client
+        .post(format!("{}/api/projects", app.base))
+        .header("content-type", "application/json")
+        .body(vec![0xff, 0xfe, 0x00, 0x7b])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    // Nothing changed.
+    assert_eq!(app.stats(&f.project).await["totalTasks"], 2);
+}

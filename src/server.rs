@@ -9,7 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem::listener::{Acceptor, Listener, TcpListener};
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
+use poem::web::{LocalAddr, RemoteAddr};
 use tokio::sync::oneshot;
 
 use crate::api::{self, HttpOptions, State};
@@ -91,10 +92,12 @@ impl Server {
                 return Err(StartError::Bootstrap(e));
             }
         };
-        let acceptor = TcpListener::bind(config.bind.clone())
-            .into_acceptor()
-            .await
-            .map_err(|e| StartError::Bind(config.bind.clone(), e))?;
+        let acceptor = NoDelay(
+            TcpListener::bind(config.bind.clone())
+                .into_acceptor()
+                .await
+                .map_err(|e| StartError::Bind(config.bind.clone(), e))?,
+        );
         let addr = acceptor
             .local_addr()
             .first()
@@ -152,6 +155,26 @@ impl Server {
         let _ = (&mut self.done).await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+}
+
+/// Accepts TCP connections with Nagle's algorithm off: every answer is one small write that
+/// an agent is waiting for, so it must leave at once.
+struct NoDelay(TcpAcceptor);
+
+impl Acceptor for NoDelay {
+    type Io = tokio::net::TcpStream;
+
+    fn local_addr(&self) -> Vec<LocalAddr> {
+        self.0.local_addr()
+    }
+
+    async fn accept(
+        &mut self,
+    ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
+        let accepted = self.0.accept().await?;
+        let _ = accepted.0.set_nodelay(true);
+        Ok(accepted)
     }
 }
 

@@ -273,7 +273,6 @@ pub fn promote(task: &mut Task, now: Millis) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeMap;
 
     const RULES: Rules = Rules {
         lease_ms: 60_000,
@@ -283,31 +282,8 @@ mod tests {
 
     fn queued(max_retries: u32) -> Task {
         Task {
-            seq: 1,
-            id: "t1".into(),
-            project_id: 1,
-            type_id: None,
-            instructions: "do it".into(),
-            variables: BTreeMap::new(),
-            batch_id: None,
-            priority: 5,
-            not_before: None,
-            delayed: false,
-            status: TaskStatus::Queued,
-            lease: None,
-            retry_count: 0,
             max_retries,
-            result: None,
-            outputs: None,
-            error: None,
-            progress: None,
-            started_at: None,
-            completed_at: None,
-            cancelled_at: None,
-            cancel_reason: None,
-            created_at: 0,
-            updated_at: 0,
-            attempts: vec![],
+            ..Task::queued(1, "t1".into(), 1, 0)
         }
     }
 

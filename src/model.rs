@@ -386,6 +386,40 @@ pub struct Session {
     pub last_activity: Millis,
 }
 
+impl Task {
+    /// A new queued task with no history: what creation stores before the fields a request
+    /// sets (type, instructions, variables, batch, priority, `notBefore`, retries).
+    pub fn queued(seq: u64, id: String, project_id: u128, now: Millis) -> Task {
+        Task {
+            seq,
+            id,
+            project_id,
+            type_id: None,
+            instructions: String::new(),
+            variables: BTreeMap::new(),
+            batch_id: None,
+            priority: 5,
+            not_before: None,
+            delayed: false,
+            status: TaskStatus::Queued,
+            lease: None,
+            retry_count: 0,
+            max_retries: 0,
+            result: None,
+            outputs: None,
+            error: None,
+            progress: None,
+            started_at: None,
+            completed_at: None,
+            cancelled_at: None,
+            cancel_reason: None,
+            created_at: now,
+            updated_at: now,
+            attempts: Vec::new(),
+        }
+    }
+}
+
 /// Renders a template: every `{{name}}` is replaced by the variable's value. Placeholders
 /// without a value are left as they are (creation has already checked they all have one).
 pub fn render_template(template: &str, vars: &BTreeMap<String, String>) -> String {

@@ -163,31 +163,8 @@ struct Model {
 
 fn new_task(max_retries: u32) -> Task {
     Task {
-        seq: 1,
-        id: "t".into(),
-        project_id: 1,
-        type_id: None,
-        instructions: "x".into(),
-        variables: BTreeMap::new(),
-        batch_id: None,
-        priority: 5,
-        not_before: None,
-        delayed: false,
-        status: TaskStatus::Queued,
-        lease: None,
-        retry_count: 0,
         max_retries,
-        result: None,
-        outputs: None,
-        error: None,
-        progress: None,
-        started_at: None,
-        completed_at: None,
-        cancelled_at: None,
-        cancel_reason: None,
-        created_at: 0,
-        updated_at: 0,
-        attempts: vec![],
+        ..Task::queued(1, "t".into(), 1, 0)
     }
 }
 

@@ -232,7 +232,3 @@ impl poem_openapi::ApiResponse for ApiError {
         ErrorBody::register(registry);
     }
 }
-
-pub fn validation(details: Vec<FieldError>) -> poem::Error {
-    Error::Validation(details).into()
-}

@@ -112,14 +112,6 @@ impl Check {
             Err(Error::Validation(self.0))
         }
     }
-
-    pub fn into_message(self) -> Option<String> {
-        if self.0.is_empty() {
-            None
-        } else {
-            Some(Error::Validation(self.0).to_string())
-        }
-    }
 }
 
 pub fn agent_name(name: &str) -> Result<(), Error> {

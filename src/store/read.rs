@@ -1,6 +1,6 @@
 //! Read queries on one MVCC snapshot. Nothing here writes or waits for the writer.
 
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, ReadableTableMetadata};
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use uuid::Uuid;
 
 use super::tables::*;
@@ -247,10 +247,6 @@ impl Reader {
         let delay = first_time(ix::DELAYED)?;
         let session = super::access::next_session_expiry(&self.txn)?;
         Ok([lease, delay, session].into_iter().flatten().min())
-    }
-
-    pub fn task_count(&self) -> Result<u64> {
-        Ok(self.table(TASKS)?.len()?)
     }
 
     /// Lists a project's tasks. Creation order walks an index from the cursor; the other

@@ -271,11 +271,11 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
-    /// Keys under `prefix`, in order, starting at `from` (inclusive) if given.
-    pub fn keys_from(&self, prefix: &[u8], from: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// Keys under `prefix`, in order.
+    pub fn keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
         let end = ix::end_of(prefix);
         let mut out = Vec::new();
-        for r in self.index.range::<&[u8]>(from..end.as_slice())? {
+        for r in self.index.range::<&[u8]>(prefix..end.as_slice())? {
             out.push(r?.0.value().to_vec());
         }
         Ok(out)

@@ -151,11 +151,7 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
     let p = resolve_project(w.t, key)?;
     let prefix = ix::K::new(ix::BY_PROJECT).u128(p.id).0;
-    let seqs: Vec<u64> =
-        w.t.keys_from(&prefix, &prefix)?
-            .iter()
-            .map(|k| ix::seq_of(k))
-            .collect();
+    let seqs: Vec<u64> = w.t.keys(&prefix)?.iter().map(|k| ix::seq_of(k)).collect();
     for seq in seqs {
         if let Some(task) = w.t.task(seq)? {
             w.t.put_task(Some(&task), None)?;
@@ -413,11 +409,6 @@ fn create_one(
     let seq = w.alloc_seq();
     let delayed = n.not_before.is_some_and(|t| t > w.now);
     let task = Task {
-        seq,
-        id: n
-            .id
-            .unwrap_or_else(|| Uuid::now_v7().hyphenated().to_string()),
-        project_id: p.id,
         type_id: ty.as_ref().map(|t| t.id),
         instructions,
         variables: n.variables,
@@ -425,24 +416,16 @@ fn create_one(
         priority: n.priority.unwrap_or(5),
         not_before: n.not_before,
         delayed,
-        status: TaskStatus::Queued,
-        lease: None,
-        retry_count: 0,
         max_retries: ty
             .as_ref()
             .and_then(|t| t.max_retries)
             .unwrap_or(p.config.default_max_retries),
-        result: None,
-        outputs: None,
-        error: None,
-        progress: None,
-        started_at: None,
-        completed_at: None,
-        cancelled_at: None,
-        cancel_reason: None,
-        created_at: w.now,
-        updated_at: w.now,
-        attempts: Vec::new(),
+        ..Task::queued(
+            seq,
+            n.id.unwrap_or_else(|| Uuid::now_v7().hyphenated().to_string()),
+            p.id,
+            w.now,
+        )
     };
     w.put_task(None, Some(&task))?;
     Ok((task, true))
@@ -457,11 +440,7 @@ fn find_duplicate(
         .u128(type_id)
         .u128(variables_hash(vars))
         .0;
-    let seqs: Vec<u64> = t
-        .keys_from(&prefix, &prefix)?
-        .iter()
-        .map(|k| ix::seq_of(k))
-        .collect();
+    let seqs: Vec<u64> = t.keys(&prefix)?.iter().map(|k| ix::seq_of(k)).collect();
     for seq in seqs {
         if let Some(task) = t.task(seq)? {
             if task.variables == *vars {

@@ -10,6 +10,7 @@
 //! `--key`. Producers use the admin key; agents use an `agent` key made for the run. The client
 //! is a single-threaded tokio runtime (one core), one keep-alive connection per agent. It
 //! prints a table and one machine-readable `BENCH {json}` line.
+//! `AGENTQ_BIN=path` measures another agentq build instead of `target/release/agentq`.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -77,6 +78,10 @@ fn keyed_client(key: &str) -> reqwest::Client {
 }
 
 fn server_binary() -> std::path::PathBuf {
+    // AGENTQ_BIN names another build to measure (to compare two builds on one machine).
+    if let Some(bin) = std::env::var_os("AGENTQ_BIN") {
+        return bin.into();
+    }
     let exe = std::env::current_exe().unwrap();
     // target/release/examples/bench -> target/release/agentq
     let bin = exe.parent().unwrap().parent().unwrap().join("agentq");
@@ -260,7 +265,8 @@ async fn agent_cycle(
     }
 }
 
-async fn ceiling(c: &reqwest::Client, base: &str, agents: usize, secs: f64) -> f64 {
+/// Requests/s of `GET /health`, and how many were made.
+async fn ceiling(c: &reqwest::Client, base: &str, agents: usize, secs: f64) -> (f64, usize) {
     let stop = Arc::new(AtomicBool::new(false));
     let count = Arc::new(AtomicUsize::new(0));
     let mut hs = Vec::new();
@@ -287,7 +293,7 @@ async fn ceiling(c: &reqwest::Client, base: &str, agents: usize, secs: f64) -> f
     for h in hs {
         h.await.unwrap();
     }
-    n as f64 / el
+    (n as f64 / el, count.load(Ordering::Relaxed))
 }
 
 /// Waiters long-poll; tasks are created one at a time; time from create to delivery.
@@ -421,8 +427,23 @@ async fn run(o: Opts) {
     .await;
     let agent_client = keyed_client(agent_key["data"]["key"].as_str().expect("agent key"));
     let ac = &agent_client;
-    let ceiling = ceiling(c, &base, o.agents, o.ceiling_secs).await;
+    let server_pid = target.child.as_ref().map(Child::id);
+    let cpu_ticks = || {
+        let server = server_pid.and_then(proc_stat).map(|(t, _)| t);
+        let client = proc_stat(std::process::id()).map(|(t, _)| t);
+        (server, client)
+    };
+    let (s0, c0) = cpu_ticks();
+    let (ceiling, health_n) = ceiling(c, &base, o.agents, o.ceiling_secs).await;
+    let (s1, c1) = cpu_ticks();
     println!("HTTP ceiling (GET /health):        {ceiling:>10.0} req/s");
+    // CPU time per unit of work is steadier than a rate on a shared VM: it does not move
+    // when a neighbour takes the other core. /proc counts in USER_HZ (100) ticks.
+    let cpu_per =
+        |a: Option<u64>, b: Option<u64>, n: usize| Some((b? - a?) as f64 * 10_000.0 / n as f64);
+    if let (Some(s), Some(cl)) = (cpu_per(s0, s1, health_n), cpu_per(c0, c1, health_n)) {
+        println!("  CPU per request: server {s:.0} µs, client {cl:.0} µs");
+    }
 
     let run_id = std::process::id();
     let mk_project = |name: String| {
@@ -449,7 +470,11 @@ async fn run(o: Opts) {
     // Agent cycle.
     let p = mk_project(format!("cycle-{run_id}")).await;
     bulk_create(c, &base, &p, None, o.tasks, 4).await;
+    let (s0, c0) = cpu_ticks();
     let mut cy = agent_cycle(ac, &base, &p, o.agents, None).await;
+    let (s1, c1) = cpu_ticks();
+    let server_us = cpu_per(s0, s1, o.tasks);
+    let client_us = cpu_per(c0, c1, o.tasks);
     assert_eq!(cy.cycles, o.tasks, "every task completed once");
     let cycle_rate = cy.cycles as f64 / cy.secs;
     let (n50, n99) = (pct(&mut cy.next, 0.50), pct(&mut cy.next, 0.99));
@@ -462,6 +487,9 @@ async fn run(o: Opts) {
     );
     println!("  next-task  p50 {n50:.2} ms  p99 {n99:.2} ms  max {nmax:.2} ms");
     println!("  complete   p50 {c50:.2} ms  p99 {c99:.2} ms  max {cmax:.2} ms");
+    if let (Some(s), Some(cl)) = (server_us, client_us) {
+        println!("  CPU per cycle: server {s:.0} µs, client {cl:.0} µs");
+    }
 
     // The same cycle beside a backlog of another type.
     let mut backlog_rate = None;
@@ -573,6 +601,8 @@ async fn run(o: Opts) {
         "cycle_vs_half_ceiling": (cycle_rate / (ceiling / 2.0) * 100.0).round() / 100.0,
         "next_p50_ms": n50, "next_p99_ms": n99, "next_max_ms": nmax,
         "complete_p50_ms": c50, "complete_p99_ms": c99, "complete_max_ms": cmax,
+        "server_cpu_us_per_cycle": server_us.map(f64::round),
+        "client_cpu_us_per_cycle": client_us.map(f64::round),
         "backlog_cycles_per_s": backlog_rate.map(f64::round),
         "backlog_next_p99_ms": backlog_next_p99,
         "wake_p50_ms": w50, "wake_p99_ms": w99,

@@ -5,6 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc instead of glibc malloc: the request path allocates small short-lived buffers on
+/// several threads, where glibc spent ~15% of server CPU (docs/BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "agentq",
@@ -65,7 +70,7 @@ struct ServeArgs {
     session_ttl_seconds: u64,
     /// Database page cache, in MiB. More keeps more of a large database in memory (faster
     /// claims beside a big backlog, larger resident set).
-    #[arg(long, env = "AGENTQ_CACHE_MIB", default_value_t = 128,
+    #[arg(long, env = "AGENTQ_CACHE_MIB", default_value_t = 96,
           value_parser = clap::value_parser!(u64).range(8..=65_536))]
     cache_mib: u64,
 }

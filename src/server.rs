@@ -116,13 +116,17 @@ impl Server {
             started: Instant::now(),
         });
         let app = api::app(
-            state,
+            state.clone(),
             &HttpOptions {
                 max_body_bytes: config.max_body_bytes,
                 cors_origin: config.cors_origin.clone(),
             },
         );
         tokio::spawn(crate::scheduler::run(store.clone()));
+        tokio::spawn(crate::telemetry::upkeep(
+            state.metrics.clone(),
+            store.hub.clone(),
+        ));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hub = store.hub.clone();
         let done = tokio::spawn(async move {

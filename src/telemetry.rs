@@ -59,6 +59,21 @@ pub fn install() -> PrometheusHandle {
         .clone()
 }
 
+/// How often histogram samples are folded into their buckets when nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Folds recorded histogram samples into their buckets every few seconds until shutdown.
+/// The exporter keeps raw samples until a render or an upkeep; without this, a server that is
+/// never scraped would hold every request's duration in memory.
+pub async fn upkeep(handle: PrometheusHandle, hub: std::sync::Arc<crate::hub::Hub>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
+            _ = hub.shutting_down() => return,
+        }
+    }
+}
+
 /// Request totals for `/metrics/json`.
 #[derive(Default)]
 pub struct RequestTotals {

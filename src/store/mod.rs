@@ -35,7 +35,7 @@ use tables::{Tables, SCHEMA_VERSION};
 /// Default size of redb's page cache (read cache and write buffer together). The hot pages
 /// of the queue fit easily; redb's own default (1 GiB) lets a large database grow the
 /// resident set far past what a queue needs. Measured trade-off in docs/BENCHMARKS.md.
-pub const DEFAULT_CACHE_BYTES: usize = 128 * 1024 * 1024;
+pub const DEFAULT_CACHE_BYTES: usize = 96 * 1024 * 1024;
 
 /// The most operations one write transaction takes.
 pub const MAX_BATCH: usize = 4096;
@@ -293,6 +293,9 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
                 let (f, reply) = job(&mut w);
                 failed |= f;
                 replies.push(reply);
+            }
+            if !failed {
+                tables.flush()?;
             }
         }
         if failed {

@@ -8,6 +8,8 @@
 //! from it exist, and the project's counters equal the rows they count. [`Tables::put_task`]
 //! is the only code that writes task rows, and it keeps both in step by diffing old and new.
 
+use std::collections::HashMap;
+
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use crate::error::Result;
@@ -23,8 +25,6 @@ pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub const PROJECTS: TableDefinition<u128, &[u8]> = TableDefinition::new("projects");
 /// project name → project id (names are unique).
 pub const PROJECT_NAMES: TableDefinition<&str, u128> = TableDefinition::new("project_names");
-/// project id → Stats (56 bytes of little-endian counters).
-pub const STATS: TableDefinition<u128, &[u8]> = TableDefinition::new("project_stats");
 /// type id → TaskType.
 pub const TYPES: TableDefinition<u128, &[u8]> = TableDefinition::new("task_types");
 /// (project id, type name) → type id: unique names and the per-project listing.
@@ -210,7 +210,6 @@ pub struct Tables<'txn> {
     pub meta: Table<'txn, &'static str, u64>,
     pub projects: Table<'txn, u128, &'static [u8]>,
     pub project_names: Table<'txn, &'static str, u128>,
-    pub stats: Table<'txn, u128, &'static [u8]>,
     pub types: Table<'txn, u128, &'static [u8]>,
     pub type_names: Table<'txn, (u128, &'static str), u128>,
     pub tasks: Table<'txn, u64, &'static [u8]>,
@@ -220,6 +219,9 @@ pub struct Tables<'txn> {
     pub sessions: Table<'txn, [u8; 32], &'static [u8]>,
     pub sessions_by_key: Table<'txn, (u128, u128), [u8; 32]>,
     pub session_expiry: Table<'txn, (i64, u128), [u8; 32]>,
+    /// Project counters changed in this batch, written once by [`Tables::flush`] rather than
+    /// read and rewritten on every transition (a claim and a complete each move a counter).
+    stats: HashMap<u128, Option<Stats>>,
 }
 
 impl<'txn> Tables<'txn> {
@@ -228,7 +230,6 @@ impl<'txn> Tables<'txn> {
             meta: txn.open_table(META)?,
             projects: txn.open_table(PROJECTS)?,
             project_names: txn.open_table(PROJECT_NAMES)?,
-            stats: txn.open_table(STATS)?,
             types: txn.open_table(TYPES)?,
             type_names: txn.open_table(TYPE_NAMES)?,
             tasks: txn.open_table(TASKS)?,
@@ -238,6 +239,7 @@ impl<'txn> Tables<'txn> {
             sessions: txn.open_table(SESSIONS)?,
             sessions_by_key: txn.open_table(SESSIONS_BY_KEY)?,
             session_expiry: txn.open_table(SESSION_EXPIRY)?,
+            stats: HashMap::new(),
         })
     }
 
@@ -258,6 +260,9 @@ impl<'txn> Tables<'txn> {
     }
 
     pub fn stats(&self, project: u128) -> Result<Stats> {
+        if let Some(pending) = self.stats.get(&project) {
+            return Ok(pending.unwrap_or_default());
+        }
         Ok(self
             .index
             .get(ix::stats(project).as_slice())?
@@ -265,9 +270,24 @@ impl<'txn> Tables<'txn> {
             .unwrap_or_default())
     }
 
-    pub fn put_stats(&mut self, project: u128, stats: Stats) -> Result<()> {
-        self.index
-            .insert(ix::stats(project).as_slice(), stats.to_bytes().as_slice())?;
+    pub fn put_stats(&mut self, project: u128, stats: Stats) {
+        self.stats.insert(project, Some(stats));
+    }
+
+    /// Removes a (deleted) project's counters.
+    pub fn drop_stats(&mut self, project: u128) {
+        self.stats.insert(project, None);
+    }
+
+    /// Writes what the batch left pending. The writer calls it once, before commit.
+    pub fn flush(&mut self) -> Result<()> {
+        for (project, stats) in std::mem::take(&mut self.stats) {
+            let key = ix::stats(project);
+            match stats {
+                Some(s) => self.index.insert(key.as_slice(), s.to_bytes().as_slice())?,
+                None => self.index.remove(key.as_slice())?,
+            };
+        }
         Ok(())
     }
 
@@ -408,7 +428,7 @@ impl<'txn> Tables<'txn> {
         if so != sn {
             let mut stats = self.stats(project)?;
             stats.apply(so, sn);
-            self.put_stats(project, stats)?;
+            self.put_stats(project, stats);
         }
         Ok(())
     }

@@ -91,7 +91,7 @@ pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
     w.t.put_project(&project)?;
     w.t.project_names
         .insert(project.name.as_str(), project.id)?;
-    w.t.put_stats(project.id, Stats::default())?;
+    w.t.put_stats(project.id, Stats::default());
     Ok((project, Stats::default()))
 }
 
@@ -168,7 +168,7 @@ pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
         w.t.type_names.remove((p.id, name.as_str()))?;
         w.t.types.remove(id)?;
     }
-    w.t.index.remove(ix::stats(p.id).as_slice())?;
+    w.t.drop_stats(p.id);
     w.t.project_names.remove(p.name.as_str())?;
     w.t.projects.remove(p.id)?;
     Ok(p.id)

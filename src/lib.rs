@@ -11,12 +11,14 @@
 //! - [`server`]: configuration, start-up and graceful shutdown.
 //! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
 //! - [`time`]: the injected clock and the wire format of instants.
+//! - [`ids`]: task ids and lease tokens without a system call each.
 //! - [`error`]: the domain error every layer returns.
 
 pub mod api;
 pub mod auth;
 pub mod error;
 pub mod hub;
+pub mod ids;
 pub mod lease;
 pub mod model;
 pub mod scheduler;

@@ -422,7 +422,7 @@ fn create_one(
             .unwrap_or(p.config.default_max_retries),
         ..Task::queued(
             seq,
-            n.id.unwrap_or_else(|| Uuid::now_v7().hyphenated().to_string()),
+            n.id.unwrap_or_else(|| crate::ids::task_id().hyphenated().to_string()),
             p.id,
             w.now,
         )
@@ -578,7 +578,7 @@ pub fn next_task(
     };
     let rules = Rules::resolve(&p, ty.as_ref());
     let mut task = old.clone();
-    lease::claim(&mut task, agent, Uuid::new_v4().as_u128(), &rules, w.now);
+    lease::claim(&mut task, agent, crate::ids::lease_token(), &rules, w.now);
     w.put_task(Some(&old), Some(&task))?;
     Ok(Claim::Task(Box::new(task), true))
 }

@@ -143,8 +143,7 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
 }
 
 async fn post(c: &reqwest::Client, url: String, body: &Value) -> Value {
-    let r = c.post(url).json(body).send().await.expect("request");
-    r.json().await.expect("json")
+    post_typed(c, &url, serde_json::to_vec(body).unwrap()).await
 }
 
 #[derive(serde::Deserialize)]

@@ -9,6 +9,8 @@ use std::cell::RefCell;
 
 use uuid::{Builder, Uuid};
 
+use crate::time::{Clock, SystemClock};
+
 const POOL_BYTES: usize = 1024;
 
 struct Pool {
@@ -44,9 +46,7 @@ fn random<const N: usize>() -> [u8; N] {
 /// in the same millisecond are not ordered among themselves; tasks are ordered by their
 /// storage sequence number, never by id.
 pub fn task_id() -> Uuid {
-    let ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let ms = SystemClock.now().max(0) as u64;
     Builder::from_unix_timestamp_millis(ms, &random::<10>()).into_uuid()
 }
 
@@ -80,10 +80,7 @@ mod tests {
 
     #[test]
     fn task_ids_carry_the_current_time() {
-        let before = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as u64;
+        let before = SystemClock.now() as u64;
         let (secs, nanos) = task_id().get_timestamp().unwrap().to_unix();
         let ms = secs * 1000 + u64::from(nanos) / 1_000_000;
         assert!(ms >= before && ms <= before + 60_000);

@@ -70,7 +70,8 @@ struct ServeArgs {
     session_ttl_seconds: u64,
     /// Database page cache, in MiB. More keeps more of a large database in memory (faster
     /// claims beside a big backlog, larger resident set).
-    #[arg(long, env = "AGENTQ_CACHE_MIB", default_value_t = 96,
+    #[arg(long, env = "AGENTQ_CACHE_MIB",
+          default_value_t = (agentq::store::DEFAULT_CACHE_BYTES >> 20) as u64,
           value_parser = clap::value_parser!(u64).range(8..=65_536))]
     cache_mib: u64,
 }

@@ -13,7 +13,10 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
-use metrics::{counter, gauge, histogram};
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Counter,
+    Histogram, Unit,
+};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::model::{Outcome, Task, TaskStatus};
@@ -51,12 +54,76 @@ pub fn install() -> PrometheusHandle {
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
+                .map(|handle| {
+                    describe();
+                    handle
+                })
                 .unwrap_or_else(|_| {
                     // Another recorder is installed (an embedding program's): keep ours local.
                     PrometheusBuilder::new().build_recorder().handle()
                 })
         })
         .clone()
+}
+
+/// HELP and unit of every series, and the process-wide counters at zero, so that a scrape
+/// shows every series from the start (an absent counter cannot be alerted on).
+fn describe() {
+    describe_counter!(
+        "agentq_http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        "agentq_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from request received to response ready, by method and route template."
+    );
+    describe_histogram!(
+        "agentq_storage_commit_duration_seconds",
+        Unit::Seconds,
+        "Wall time of one durable write batch: its operations and the commit (fsync)."
+    );
+    describe_histogram!(
+        "agentq_storage_commit_batch_size",
+        Unit::Count,
+        "Write operations committed together in one durable commit."
+    );
+    describe_gauge!(
+        "agentq_storage_size_bytes",
+        Unit::Bytes,
+        "Size of the database file."
+    );
+    describe_gauge!(
+        "agentq_long_poll_waiters",
+        "Requests waiting in next-task with waitSeconds."
+    );
+    describe_gauge!("agentq_tasks", "Tasks stored, by project and status.");
+    describe_gauge!(
+        "agentq_active_leases",
+        "Tasks running under a lease, by project."
+    );
+    describe_gauge!(
+        "agentq_build_info",
+        "Always 1; the version label names the build."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the agentq process."
+    );
+    describe_counter!(
+        "agentq_rate_limited_total",
+        "Requests refused with 429 by the per-key rate limit."
+    );
+    describe_counter!(
+        "agentq_auth_failures_total",
+        "Requests refused with 401 (missing, unknown or revoked key or session)."
+    );
+    for event in TaskEvent::ALL {
+        describe_counter!(event.metric(), event.help());
+    }
+    counter!("agentq_rate_limited_total").increment(0);
+    counter!("agentq_auth_failures_total").increment(0);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
@@ -92,21 +159,45 @@ impl RequestTotals {
     }
 }
 
+/// A request series: method, route template (by address and length: templates are statics,
+/// so this is exact and cheaper than hashing the text) and status.
+type SeriesKey = (poem::http::Method, (usize, usize), u16);
+
+thread_local! {
+    /// Handles of the request series this worker thread has seen, so that a request costs one
+    /// small map lookup rather than building labelled keys and looking them up in the registry.
+    static HTTP_SERIES: std::cell::RefCell<HashMap<SeriesKey, (Counter, Histogram)>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
 /// Records one HTTP request.
-pub fn http_request(method: &str, route: &'static str, status: u16, seconds: f64) {
-    counter!(
-        "agentq_http_requests_total",
-        "method" => method.to_string(),
-        "route" => route,
-        "status" => status.to_string()
-    )
-    .increment(1);
-    histogram!(
-        "agentq_http_request_duration_seconds",
-        "method" => method.to_string(),
-        "route" => route
-    )
-    .record(seconds);
+pub fn http_request(method: &poem::http::Method, route: &'static str, status: u16, seconds: f64) {
+    HTTP_SERIES.with(|series| {
+        let mut series = series.borrow_mut();
+        let (count, duration) = series
+            .entry((
+                method.clone(),
+                (route.as_ptr() as usize, route.len()),
+                status,
+            ))
+            .or_insert_with(|| {
+                (
+                    counter!(
+                        "agentq_http_requests_total",
+                        "method" => method.to_string(),
+                        "route" => route,
+                        "status" => status.to_string()
+                    ),
+                    histogram!(
+                        "agentq_http_request_duration_seconds",
+                        "method" => method.to_string(),
+                        "route" => route
+                    ),
+                )
+            });
+        count.increment(1);
+        duration.record(seconds);
+    });
 }
 
 pub fn commit(seconds: f64, batch: usize) {
@@ -135,6 +226,28 @@ pub enum TaskEvent {
 }
 
 impl TaskEvent {
+    pub const ALL: [TaskEvent; 7] = [
+        TaskEvent::Created,
+        TaskEvent::Claimed,
+        TaskEvent::Completed,
+        TaskEvent::Failed,
+        TaskEvent::Retried,
+        TaskEvent::LeaseExpired,
+        TaskEvent::Cancelled,
+    ];
+
+    fn help(self) -> &'static str {
+        match self {
+            TaskEvent::Created => "Tasks created, by project.",
+            TaskEvent::Claimed => "Tasks handed to an agent under a lease, by project.",
+            TaskEvent::Completed => "Tasks completed by their agent, by project.",
+            TaskEvent::Failed => "Tasks failed for good (no retries left), by project.",
+            TaskEvent::Retried => "Failed or expired attempts put back in the queue, by project.",
+            TaskEvent::LeaseExpired => "Leases that ran out before the agent answered, by project.",
+            TaskEvent::Cancelled => "Tasks cancelled, by project.",
+        }
+    }
+
     fn metric(self) -> &'static str {
         match self {
             TaskEvent::Created => "agentq_tasks_created_total",
@@ -188,6 +301,10 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
             for (p, s) in projects {
                 let id = uuid::Uuid::from_u128(p.id).to_string();
+                // Every project shows every counter, at zero until its first event.
+                for event in TaskEvent::ALL {
+                    counter!(event.metric(), "project" => id.clone()).increment(0);
+                }
                 for status in TaskStatus::ALL {
                     gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
                         .set(s.get(status) as f64);
@@ -197,6 +314,7 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
         }
     }
     gauge!("agentq_long_poll_waiters").set(store.hub.waiters() as f64);
+    gauge!("process_resident_memory_bytes").set(process_usage().0 as f64);
     gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();

@@ -44,6 +44,13 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
         "agentq_storage_size_bytes",
         "agentq_long_poll_waiters",
         "agentq_build_info{version=",
+        "process_resident_memory_bytes ",
+        "# HELP agentq_tasks_lease_expired_total ",
+        "# HELP agentq_storage_commit_duration_seconds ",
+        // Series that have seen no event yet are there, at zero, so they can be alerted on.
+        &format!(r#"agentq_tasks_failed_total{{project="{p}"}} 0"#),
+        &format!(r#"agentq_tasks_cancelled_total{{project="{p}"}} 0"#),
+        "agentq_rate_limited_total ",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }

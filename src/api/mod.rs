@@ -313,7 +313,7 @@ async fn frame<E: Endpoint>(
     let status = resp_status.as_u16();
     let elapsed = started.elapsed();
     let route = spec.template(&path);
-    telemetry::http_request(method.as_str(), route, status, elapsed.as_secs_f64());
+    telemetry::http_request(&method, route, status, elapsed.as_secs_f64());
     state.totals.record(status, elapsed.as_micros() as u64);
     match status {
         429 => telemetry::rate_limited(),

@@ -54,10 +54,7 @@ pub fn install() -> PrometheusHandle {
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
-                .map(|handle| {
-                    describe();
-                    handle
-                })
+                .inspect(|_| describe())
                 .unwrap_or_else(|_| {
                     // Another recorder is installed (an embedding program's): keep ours local.
                     PrometheusBuilder::new().build_recorder().handle()

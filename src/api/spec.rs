@@ -336,12 +336,14 @@ impl Spec {
     }
 
     fn find(&self, path: &str) -> Option<&(Vec<String>, Vec<String>, &'static str)> {
-        let segs: Vec<&str> = path.split('/').collect();
+        // Called for every request (the metrics label): no allocation, and only routes with
+        // the path's number of segments are compared.
+        let n = path.split('/').count();
         self.routes.iter().find(|(pattern, _, _)| {
-            pattern.len() == segs.len()
+            pattern.len() == n
                 && pattern
                     .iter()
-                    .zip(&segs)
+                    .zip(path.split('/'))
                     .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
         })
     }

@@ -395,4 +395,25 @@ mod tests {
         assert_eq!(spec.allowed("/api/x/abc").as_deref(), Some("GET, POST"));
         assert_eq!(spec.allowed("/api/y"), None);
     }
+
+    #[test]
+    fn paths_map_to_their_route_template() {
+        let generated = json!({"paths": {
+            "/api/tasks/{taskId}": {"get": {}},
+            "/api/tasks/{taskId}/complete": {"post": {}},
+            "/health": {"get": {}}
+        }});
+        let spec = Spec::build(&generated.to_string());
+        assert_eq!(spec.template("/api/tasks/abc"), "/api/tasks/{taskId}");
+        assert_eq!(
+            spec.template("/api/tasks/abc/complete"),
+            "/api/tasks/{taskId}/complete"
+        );
+        assert_eq!(spec.template("/health"), "/health");
+        assert_eq!(spec.template("/metrics"), "/metrics");
+        // An empty segment does not fill a parameter; extra or missing segments do not match.
+        assert_eq!(spec.template("/api/tasks/"), "unmatched");
+        assert_eq!(spec.template("/api/tasks/abc/complete/x"), "unmatched");
+        assert_eq!(spec.template("/api/tasks"), "unmatched");
+    }
 }

@@ -566,6 +566,7 @@ async fn run(o: Opts) {
     // The same cycle beside a backlog of another type.
     let mut backlog_rate = None;
     let mut backlog_next_p99 = None;
+    let mut backlog_server_us = None;
     if o.backlog > 0 {
         let p = mk_project(format!("backlog-{run_id}")).await;
         let mk_type = |name: &str| {
@@ -589,7 +590,9 @@ async fn run(o: Opts) {
             t.elapsed().as_secs_f64()
         );
         bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
+        let (s0, c0) = cpu_ticks();
         let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work])).await;
+        let (s1, c1) = cpu_ticks();
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
         let p99 = pct(&mut cy.next, 0.99);
@@ -598,6 +601,10 @@ async fn run(o: Opts) {
             o.backlog,
             100.0 * rate / cycle_rate
         );
+        if let (Some(s), Some(cl)) = (cpu_per(s0, s1, o.tasks), cpu_per(c0, c1, o.tasks)) {
+            println!("  CPU per cycle: server {s:.0} µs, client {cl:.0} µs");
+            backlog_server_us = Some(s);
+        }
         backlog_rate = Some(rate);
         backlog_next_p99 = Some(p99);
     }
@@ -677,6 +684,7 @@ async fn run(o: Opts) {
         "client_cpu_us_per_cycle": client_us.map(f64::round),
         "backlog_cycles_per_s": backlog_rate.map(f64::round),
         "backlog_next_p99_ms": backlog_next_p99,
+        "backlog_server_cpu_us_per_cycle": backlog_server_us.map(f64::round),
         "wake_p50_ms": w50, "wake_p99_ms": w99,
         "idle_cpu_pct": idle_cpu,
         "rss_mib": rss_mib,

@@ -156,9 +156,9 @@ impl RequestTotals {
     }
 }
 
-/// A request series: method, route template (by address and length: templates are statics,
-/// so this is exact and cheaper than hashing the text) and status.
-type SeriesKey = (poem::http::Method, (usize, usize), u16);
+/// A request series: method label, route template (by address and length: templates are
+/// statics, so this is exact and cheaper than hashing the text) and status.
+type SeriesKey = (&'static str, (usize, usize), u16);
 
 thread_local! {
     /// Handles of the request series this worker thread has seen, so that a request costs one
@@ -167,27 +167,40 @@ thread_local! {
         std::cell::RefCell::new(HashMap::new());
 }
 
+/// The `method` label: the standard methods by name, any other token as `OTHER`, so that a
+/// client inventing methods cannot create series without bound.
+fn method_label(method: &poem::http::Method) -> &'static str {
+    use poem::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "OTHER",
+    }
+}
+
 /// Records one HTTP request.
 pub fn http_request(method: &poem::http::Method, route: &'static str, status: u16, seconds: f64) {
+    let method = method_label(method);
     HTTP_SERIES.with(|series| {
         let mut series = series.borrow_mut();
         let (count, duration) = series
-            .entry((
-                method.clone(),
-                (route.as_ptr() as usize, route.len()),
-                status,
-            ))
+            .entry((method, (route.as_ptr() as usize, route.len()), status))
             .or_insert_with(|| {
                 (
                     counter!(
                         "agentq_http_requests_total",
-                        "method" => method.to_string(),
+                        "method" => method,
                         "route" => route,
                         "status" => status.to_string()
                     ),
                     histogram!(
                         "agentq_http_request_duration_seconds",
-                        "method" => method.to_string(),
+                        "method" => method,
                         "route" => route
                     ),
                 )

@@ -18,6 +18,11 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
     )
     .await;
     let anon = reqwest::Client::new();
+    let invented = reqwest::Method::from_bytes(b"BREW").unwrap();
+    anon.request(invented, format!("{}/health", app.base))
+        .send()
+        .await
+        .unwrap();
     let r = anon
         .get(format!("{}/metrics", app.base))
         .send()
@@ -57,6 +62,10 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
     assert!(
         !text.contains(&format!("/api/tasks/{id}")),
         "raw ids never become labels"
+    );
+    assert!(
+        text.contains(r#"method="OTHER""#) && !text.contains("BREW"),
+        "invented methods share one label"
     );
 }
 

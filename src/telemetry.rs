@@ -156,9 +156,8 @@ impl RequestTotals {
     }
 }
 
-/// A request series: method label, route template (by address and length: templates are
-/// statics, so this is exact and cheaper than hashing the text) and status.
-type SeriesKey = (&'static str, (usize, usize), u16);
+/// A request series: method label, route template and status.
+type SeriesKey = (&'static str, &'static str, u16);
 
 thread_local! {
     /// Handles of the request series this worker thread has seen, so that a request costs one
@@ -188,23 +187,21 @@ pub fn http_request(method: &poem::http::Method, route: &'static str, status: u1
     let method = method_label(method);
     HTTP_SERIES.with(|series| {
         let mut series = series.borrow_mut();
-        let (count, duration) = series
-            .entry((method, (route.as_ptr() as usize, route.len()), status))
-            .or_insert_with(|| {
-                (
-                    counter!(
-                        "agentq_http_requests_total",
-                        "method" => method,
-                        "route" => route,
-                        "status" => status.to_string()
-                    ),
-                    histogram!(
-                        "agentq_http_request_duration_seconds",
-                        "method" => method,
-                        "route" => route
-                    ),
-                )
-            });
+        let (count, duration) = series.entry((method, route, status)).or_insert_with(|| {
+            (
+                counter!(
+                    "agentq_http_requests_total",
+                    "method" => method,
+                    "route" => route,
+                    "status" => status.to_string()
+                ),
+                histogram!(
+                    "agentq_http_request_duration_seconds",
+                    "method" => method,
+                    "route" => route
+                ),
+            )
+        });
         count.increment(1);
         duration.record(seconds);
     });
@@ -324,7 +321,7 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
         }
     }
     gauge!("agentq_long_poll_waiters").set(store.hub.waiters() as f64);
-    gauge!("process_resident_memory_bytes").set(process_usage().0 as f64);
+    gauge!("process_resident_memory_bytes").set(resident_bytes() as f64);
     gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();
@@ -333,7 +330,12 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
 
 /// Resident memory and CPU seconds of this process (Linux; zeros elsewhere).
 pub fn process_usage() -> (u64, f64) {
-    let rss = std::fs::read_to_string("/proc/self/status")
+    (resident_bytes(), cpu_seconds())
+}
+
+/// Resident memory of this process (Linux; 0 elsewhere).
+pub fn resident_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
@@ -341,8 +343,12 @@ pub fn process_usage() -> (u64, f64) {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|v| v.parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024);
-    let cpu = std::fs::read_to_string("/proc/self/stat")
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// CPU seconds (user plus system) this process has used (Linux; 0 elsewhere).
+fn cpu_seconds() -> f64 {
+    std::fs::read_to_string("/proc/self/stat")
         .ok()
         .and_then(|s| {
             let rest = &s[s.rfind(')')? + 2..];
@@ -350,6 +356,5 @@ pub fn process_usage() -> (u64, f64) {
             let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
             Some(ticks as f64 / 100.0)
         })
-        .unwrap_or(0.0);
-    (rss, cpu)
+        .unwrap_or(0.0)
 }

@@ -19,43 +19,35 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// The agentq benchmark: real HTTP on loopback against a release server, with keys on.
+#[derive(clap::Parser)]
+#[command(name = "bench")]
 struct Opts {
+    /// Agents looping next-task → complete, one keep-alive connection each.
+    #[arg(long, default_value_t = 64)]
     agents: usize,
+    /// Tasks the agents drain in each cycle phase.
+    #[arg(long, default_value_t = 20_000)]
     tasks: usize,
+    /// Tasks of another type queued beside the agents for the backlog phase (0 skips it).
+    #[arg(long, default_value_t = 1_000_000)]
     backlog: usize,
+    /// Measure a running server instead of starting one (give an admin key with --key).
+    #[arg(long)]
     url: Option<String>,
+    /// The admin key for --url.
+    #[arg(long)]
     key: Option<String>,
+    /// Seconds of GET /health for the HTTP ceiling.
+    #[arg(long, default_value_t = 5.0)]
     ceiling_secs: f64,
+    /// Tasks created one at a time for the long-poll wake-up figure.
+    #[arg(long, default_value_t = 200)]
     wake_samples: usize,
 }
 
 fn parse_opts() -> Opts {
-    let mut o = Opts {
-        agents: 64,
-        tasks: 20_000,
-        backlog: 1_000_000,
-        url: None,
-        key: None,
-        ceiling_secs: 5.0,
-        wake_samples: 200,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut i = 0;
-    while i < args.len() {
-        let v = args.get(i + 1).cloned().unwrap_or_default();
-        match args[i].as_str() {
-            "--agents" => o.agents = v.parse().expect("--agents N"),
-            "--tasks" => o.tasks = v.parse().expect("--tasks N"),
-            "--backlog" => o.backlog = v.parse().expect("--backlog N"),
-            "--url" => o.url = Some(v),
-            "--key" => o.key = Some(v),
-            "--ceiling-secs" => o.ceiling_secs = v.parse().expect("--ceiling-secs S"),
-            "--wake-samples" => o.wake_samples = v.parse().expect("--wake-samples N"),
-            other => panic!("unknown option {other}"),
-        }
-        i += 2;
-    }
-    o
+    <Opts as clap::Parser>::parse()
 }
 
 struct Target {

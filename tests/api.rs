@@ -889,6 +889,29 @@ async fn not_before_holds_a_task_back() {
     assert_eq!(r.status, 400);
 }
 
+/// A claim promotes delayed tasks whose time has come itself, without waiting for the
+/// scheduler: here the clock moves without waking it.
+#[tokio::test]
+async fn a_claim_finds_a_delayed_task_that_came_due() {
+    let app = spawn_with_manual_clock().await;
+    let clock = app.clock.clone().unwrap();
+    let p = app.project("p").await;
+    // An empty queue first, so the writer has looked and found no delayed task at all.
+    assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+    for (agent, delay) in [("a", 30_000), ("b", 60_000)] {
+        let at = agentq::time::format(agentq::time::Clock::now(clock.as_ref()) + delay);
+        let id = app
+            .task(&p, json!({"instructions": "x", "notBefore": at}))
+            .await;
+        assert_eq!(app.next(agent, json!({"projectId": p})).await, Value::Null);
+        clock.advance(delay);
+        assert_eq!(
+            app.next(agent, json!({"projectId": p})).await["id"],
+            id.as_str()
+        );
+    }
+}
+
 #[tokio::test]
 async fn extend_lease_and_progress_for_the_holder() {
     let app = spawn_with_manual_clock().await;

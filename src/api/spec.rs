@@ -9,6 +9,8 @@
 //!    them, with field-by-field messages.
 //! 3. The route table for the `Allow` header of 405 answers.
 
+use std::collections::HashMap;
+
 use serde_json::{json, Map, Value};
 
 use super::validate::*;
@@ -234,6 +236,16 @@ pub struct Spec {
     pub json: String,
     /// (path segments, methods, the path template as a metrics label).
     routes: Vec<(Vec<String>, Vec<String>, &'static str)>,
+    /// Indices into `routes` by segment count, then by last segment (see [`Shape`]).
+    shapes: Vec<Shape>,
+}
+
+/// The routes of one segment count: those ending in a fixed segment, by that segment, and
+/// those ending in a parameter. Each list is in `routes` order.
+#[derive(Default)]
+struct Shape {
+    by_last: HashMap<String, Vec<usize>>,
+    param_last: Vec<usize>,
 }
 
 impl Spec {
@@ -323,29 +335,58 @@ impl Spec {
                         body.insert("required".into(), Value::Bool(false));
                     }
                 }
-                let segs = path.split('/').map(String::from).collect();
+                let segs: Vec<String> = path.split('/').map(String::from).collect();
                 // A fixed set, made once per process start: leaking gives `'static` labels.
                 let label: &'static str = Box::leak(path.clone().into_boxed_str());
                 routes.push((segs, methods, label));
             }
         }
+        let mut shapes: Vec<Shape> = Vec::new();
+        for (i, (segs, _, _)) in routes.iter().enumerate() {
+            if shapes.len() <= segs.len() {
+                shapes.resize_with(segs.len() + 1, Shape::default);
+            }
+            let shape = &mut shapes[segs.len()];
+            match segs.last() {
+                Some(last) if !last.starts_with('{') => {
+                    shape.by_last.entry(last.clone()).or_default().push(i)
+                }
+                _ => shape.param_last.push(i),
+            }
+        }
         Spec {
             json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
             routes,
+            shapes,
         }
     }
 
     fn find(&self, path: &str) -> Option<&(Vec<String>, Vec<String>, &'static str)> {
-        // Called for every request (the metrics label): no allocation, and only routes with
-        // the path's number of segments are compared.
-        let n = path.split('/').count();
-        self.routes.iter().find(|(pattern, _, _)| {
-            pattern.len() == n
-                && pattern
-                    .iter()
-                    .zip(path.split('/'))
-                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
-        })
+        // Called for every request (the metrics label): no allocation, and only the routes
+        // with the path's segment count and last segment are compared, in table order.
+        let shape = self.shapes.get(path.split('/').count())?;
+        let last = path.rsplit('/').next().unwrap_or("");
+        let fixed = shape.by_last.get(last).map_or(&[][..], Vec::as_slice);
+        let (mut a, mut b) = (fixed.iter().peekable(), shape.param_last.iter().peekable());
+        let matches = |i: usize| {
+            let (pattern, _, _) = &self.routes[i];
+            pattern
+                .iter()
+                .zip(path.split('/'))
+                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+        };
+        loop {
+            let i = match (a.peek(), b.peek()) {
+                (Some(&&x), Some(&&y)) if x < y => a.next(),
+                (Some(_), None) => a.next(),
+                (_, Some(_)) => b.next(),
+                (None, None) => return None,
+            };
+            let i = *i.expect("peeked");
+            if matches(i) {
+                return Some(&self.routes[i]);
+            }
+        }
     }
 
     /// The methods a path supports (for `Allow`), or None for an unknown path.
@@ -401,6 +442,8 @@ mod tests {
         let generated = json!({"paths": {
             "/api/tasks/{taskId}": {"get": {}},
             "/api/tasks/{taskId}/complete": {"post": {}},
+            "/api/tasks/{taskId}/{part}": {"get": {}},
+            "/api/tasks/mine/complete": {"post": {}},
             "/health": {"get": {}}
         }});
         let spec = Spec::build(&generated.to_string());
@@ -408,6 +451,15 @@ mod tests {
         assert_eq!(
             spec.template("/api/tasks/abc/complete"),
             "/api/tasks/{taskId}/complete"
+        );
+        assert_eq!(
+            spec.template("/api/tasks/abc/x"),
+            "/api/tasks/{taskId}/{part}"
+        );
+        // Among patterns that both match, the first in table (name) order wins.
+        assert_eq!(
+            spec.template("/api/tasks/mine/complete"),
+            "/api/tasks/mine/complete"
         );
         assert_eq!(spec.template("/health"), "/health");
         assert_eq!(spec.template("/metrics"), "/metrics");

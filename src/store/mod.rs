@@ -56,6 +56,9 @@ pub struct W<'a, 'txn> {
     pub t: &'a mut Tables<'txn>,
     pub now: Millis,
     next_seq: &'a mut u64,
+    /// No DELAYED index entry is due before this time, so a claim can skip looking for tasks
+    /// to promote. A lower bound: [`Millis::MIN`] means "unknown, look".
+    delayed_from: &'a mut Millis,
     fx: &'a mut Effects,
 }
 
@@ -69,6 +72,17 @@ impl W<'_, '_> {
     /// Asks the scheduler to wake at `at` (if that is earlier than it planned).
     pub fn timer(&mut self, at: Millis) {
         self.fx.timer(at);
+    }
+
+    /// Whether a delayed task may be due now (false means certainly none is).
+    pub fn delayed_may_be_due(&self) -> bool {
+        *self.delayed_from <= self.now
+    }
+
+    /// Records the time of the earliest delayed task left after a promotion pass
+    /// (`None`: there is none).
+    pub fn set_delayed_from(&mut self, at: Option<Millis>) {
+        *self.delayed_from = at.unwrap_or(Millis::MAX);
     }
 
     /// Writes a task through [`Tables::put_task`] and records who must be woken.
@@ -92,7 +106,9 @@ impl W<'_, '_> {
                 }
             }
             if n.status == crate::model::TaskStatus::Queued && n.delayed {
-                self.fx.timer(n.not_before.unwrap_or(0));
+                let at = n.not_before.unwrap_or(0);
+                self.fx.timer(at);
+                *self.delayed_from = (*self.delayed_from).min(at);
             }
         }
         Ok(())
@@ -251,6 +267,7 @@ fn writer_loop(
     mut next_seq: u64,
 ) {
     let mut stopping = false;
+    let mut delayed_from = Millis::MIN;
     while !stopping {
         let Ok(first) = rx.recv() else { break };
         let mut jobs = Vec::new();
@@ -268,12 +285,19 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        run_batch(db, jobs, hub, clock, &mut next_seq);
+        run_batch(db, jobs, hub, clock, &mut next_seq, &mut delayed_from);
     }
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
 }
 
-fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_seq: &mut u64) {
+fn run_batch(
+    db: &Database,
+    jobs: Vec<Job>,
+    hub: &Hub,
+    clock: &dyn Clock,
+    next_seq: &mut u64,
+    delayed_from: &mut Millis,
+) {
     let started = std::time::Instant::now();
     let seq_before = *next_seq;
     let mut fx = Effects::default();
@@ -287,6 +311,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
                 t: &mut tables,
                 now: clock.now(),
                 next_seq,
+                delayed_from,
                 fx: &mut fx,
             };
             for job in jobs {
@@ -308,6 +333,8 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, next_s
     if let Err(e) = &outcome {
         tracing::error!(error = %e, batch = replies.len(), "write batch failed; nothing committed");
         *next_seq = seq_before;
+        // The batch's promotions were rolled back with it: look again next time.
+        *delayed_from = Millis::MIN;
         fx = Effects::default();
     }
     let n = replies.len();

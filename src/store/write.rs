@@ -674,6 +674,9 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
 pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
+    if !w.delayed_may_be_due() {
+        return Ok(0);
+    }
     let due = w.t.due(ix::DELAYED, w.now, limit)?;
     let n = due.len();
     for seq in due {
@@ -684,6 +687,8 @@ pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
             }
         }
     }
+    let next = w.t.first_key(&[ix::DELAYED])?;
+    w.set_delayed_from(next.map(|k| ix::i64_at(&k, 1)));
     Ok(n)
 }
 

@@ -71,6 +71,32 @@ async fn tasks_leases_and_attempts_survive_a_restart() {
     );
 }
 
+/// After a restart the reaper still reclaims a lease taken before it, and not early.
+#[tokio::test]
+async fn a_lease_taken_before_a_restart_expires_after_it() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
+    app.next("a", json!({"projectId": p})).await;
+    let app = app.restart().await;
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    assert_eq!(stats.data()["activeAgents"], 1);
+    app.advance(59_999).await;
+    let t = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(t.data()["status"], "running");
+    app.advance(1).await;
+    let t = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(t.data()["status"], "queued");
+    assert_eq!(t.data()["attempts"][0]["outcome"], "timeout");
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    assert_eq!(stats.data()["activeAgents"], 0);
+}
+
 const ADMIN_KEY: &str = "test-admin-key-for-the-binary";
 
 fn agentq_bin() -> &'static str {

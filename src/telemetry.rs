@@ -9,7 +9,7 @@
 //! Names follow Prometheus conventions: `agentq_` prefix, base units (seconds, bytes), `_total`
 //! on counters.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -303,11 +303,17 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
 }
 
 /// Sets the gauges that mirror stored state, then renders the Prometheus text.
+///
+/// Series of deleted projects are left out: the exporter cannot unregister a series, and a
+/// deleted project's gauges would otherwise report its last task counts forever.
 pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
+    let mut live: Option<HashSet<String>> = None;
     if let Ok(r) = store.read() {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
+            let live = live.insert(HashSet::with_capacity(projects.len()));
             for (p, s) in projects {
                 let id = uuid::Uuid::from_u128(p.id).to_string();
+                live.insert(id.clone());
                 // Every project shows every counter, at zero until its first event.
                 for event in TaskEvent::ALL {
                     counter!(event.metric(), "project" => id.clone()).increment(0);
@@ -325,7 +331,32 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
     gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();
-    handle.render()
+    let text = handle.render();
+    match live {
+        Some(live) => without_dead_projects(text, &live),
+        None => text,
+    }
+}
+
+/// Drops the sample lines labelled with a project that is not in `live`.
+fn without_dead_projects(text: String, live: &HashSet<String>) -> String {
+    const LABEL: &str = "project=\"";
+    let dead = |line: &str| {
+        line.find(LABEL).is_some_and(|at| {
+            let rest = &line[at + LABEL.len()..];
+            rest.find('"')
+                .is_some_and(|end| !live.contains(&rest[..end]))
+        })
+    };
+    if !text.lines().any(dead) {
+        return text;
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines().filter(|l| !dead(l)) {
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// Resident memory and CPU seconds of this process (Linux; zeros elsewhere).
@@ -357,4 +388,27 @@ fn cpu_seconds() -> f64 {
             Some(ticks as f64 / 100.0)
         })
         .unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_of_dead_projects_are_dropped() {
+        let text = "# HELP agentq_tasks Tasks by status.\n\
+                    agentq_tasks{project=\"a\",status=\"queued\"} 3\n\
+                    agentq_tasks{project=\"b\",status=\"queued\"} 5\n\
+                    agentq_long_poll_waiters 0\n";
+        let live: HashSet<String> = ["a".to_string()].into();
+        let kept = without_dead_projects(text.to_string(), &live);
+        assert_eq!(
+            kept,
+            "# HELP agentq_tasks Tasks by status.\n\
+             agentq_tasks{project=\"a\",status=\"queued\"} 3\n\
+             agentq_long_poll_waiters 0\n"
+        );
+        let all: HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        assert_eq!(without_dead_projects(text.to_string(), &all), text);
+    }
 }

@@ -69,6 +69,41 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
     );
 }
 
+/// A deleted project's series leave `/metrics`: its gauges would otherwise show its last task
+/// counts forever (and fire queue-depth alerts for a queue that no longer exists).
+#[tokio::test]
+async fn a_deleted_project_leaves_the_metrics() {
+    let app = spawn_app().await;
+    let gone = app.project("gone").await;
+    let kept = app.project("kept").await;
+    app.task(&gone, json!({"instructions": "x"})).await;
+    app.task(&kept, json!({"instructions": "x"})).await;
+    let scrape = || async {
+        let r = reqwest::Client::new()
+            .get(format!("{}/metrics", app.base))
+            .send()
+            .await
+            .unwrap();
+        r.text().await.unwrap()
+    };
+    let queued = |p: &str| format!(r#"agentq_tasks{{project="{p}",status="queued"}} 1"#);
+    let text = scrape().await;
+    assert!(text.contains(&queued(&gone)) && text.contains(&queued(&kept)));
+    assert_eq!(
+        app.delete(&format!("/api/projects/{gone}")).await.status,
+        200
+    );
+    let text = scrape().await;
+    assert!(
+        !text.contains(&gone),
+        "a deleted project's series remain:\n{text}"
+    );
+    assert!(text.contains(&queued(&kept)));
+    assert!(text.contains(&format!(
+        r#"agentq_tasks_created_total{{project="{kept}"}} 1"#
+    )));
+}
+
 #[tokio::test]
 async fn lease_expiry_and_auth_failures_are_counted() {
     let app = spawn_with_manual_clock().await;

@@ -42,6 +42,9 @@ pub struct Hub {
     timer_deadline: AtomicI64,
     shutdown: watch::Sender<bool>,
     waiters: AtomicUsize,
+    /// When the first committed lease expires (`i64::MAX`: none). The writer keeps the leases
+    /// in memory and sets this after each batch; the scheduler sleeps until it.
+    first_lease: AtomicI64,
 }
 
 impl Default for Hub {
@@ -52,6 +55,7 @@ impl Default for Hub {
             timer_deadline: AtomicI64::new(i64::MAX),
             shutdown: watch::channel(false).0,
             waiters: AtomicUsize::new(0),
+            first_lease: AtomicI64::new(i64::MAX),
         }
     }
 }
@@ -88,6 +92,15 @@ impl Hub {
                 self.timer.notify_one();
             }
         }
+    }
+
+    pub fn set_first_lease(&self, at: Option<Millis>) {
+        self.first_lease
+            .store(at.unwrap_or(i64::MAX), Ordering::Release);
+    }
+
+    pub fn first_lease(&self) -> Option<Millis> {
+        Some(self.first_lease.load(Ordering::Acquire)).filter(|at| *at != i64::MAX)
     }
 
     pub fn set_timer_deadline(&self, at: Millis) {

@@ -1,9 +1,10 @@
 //! The scheduler (reaper): reclaims expired leases, releases delayed tasks on time, and
 //! removes expired sessions.
 //!
-//! It sleeps until the earliest timer in the database (the first key of the LEASES, DELAYED or
-//! SESSION_EXPIRY index), or until the writer reports an earlier one, or shutdown. An idle server with leases
-//! outstanding therefore wakes only when something is due: there are no periodic scans.
+//! It sleeps until the earliest timer (the first lease expiry, kept by the writer's lease
+//! cache, or the first key of the DELAYED or SESSION_EXPIRY index), or until the writer
+//! reports an earlier one, or shutdown. An idle server with leases outstanding therefore wakes
+//! only when something is due: there are no periodic scans.
 //! Invariant: a lease is reclaimed only once `now >= leaseExpiresAt` (checked again inside the
 //! write by `lease::reclaim`), so no lease is ever reclaimed early; it is reclaimed within
 //! milliseconds of expiry, well inside the project's `reaperIntervalMinutes`.
@@ -26,7 +27,7 @@ pub async fn run(store: Arc<Store>) {
         if hub.is_shutting_down() {
             return;
         }
-        let next = match store.read().and_then(|r| r.next_timer()) {
+        let next = match store.next_timer() {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(error = %e, "scheduler could not read timers");

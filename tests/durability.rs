@@ -71,7 +71,20 @@ async fn tasks_leases_and_attempts_survive_a_restart() {
     );
 }
 
-/// After a restart the reaper still reclaims a lease taken before it, and not early.
+async fn active_agents(app: &TestApp, p: &str) -> Value {
+    let s = app.get(&format!("/api/projects/{p}/stats")).await;
+    let agents = app.get(&format!("/api/projects/{p}/agents")).await;
+    let n = s.data()["activeAgents"].clone();
+    assert_eq!(
+        n,
+        agents.data().as_array().unwrap().len(),
+        "stats and agents agree"
+    );
+    n
+}
+
+/// Leases live in the writer's memory and are loaded again at start-up: after a restart the
+/// reaper still reclaims an expired lease, and not before it expires.
 #[tokio::test]
 async fn a_lease_taken_before_a_restart_expires_after_it() {
     let app = spawn_with_manual_clock().await;
@@ -84,8 +97,7 @@ async fn a_lease_taken_before_a_restart_expires_after_it() {
         .await;
     app.next("a", json!({"projectId": p})).await;
     let app = app.restart().await;
-    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
-    assert_eq!(stats.data()["activeAgents"], 1);
+    assert_eq!(active_agents(&app, &p).await, 1);
     app.advance(59_999).await;
     let t = app.get(&format!("/api/tasks/{id}")).await;
     assert_eq!(t.data()["status"], "running");
@@ -93,8 +105,95 @@ async fn a_lease_taken_before_a_restart_expires_after_it() {
     let t = app.get(&format!("/api/tasks/{id}")).await;
     assert_eq!(t.data()["status"], "queued");
     assert_eq!(t.data()["attempts"][0]["outcome"], "timeout");
-    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
-    assert_eq!(stats.data()["activeAgents"], 0);
+    assert_eq!(active_agents(&app, &p).await, 0);
+}
+
+/// A file written by schema 1 (leases in LEASES and AGENT index entries) is migrated at
+/// start-up: the held task, its expiry and the listing of leases all carry over.
+#[tokio::test]
+async fn a_schema_1_file_is_migrated_with_its_leases() {
+    use agentq::store::tables::{ix, INDEX, META};
+    use redb::{ReadableDatabase, ReadableTable};
+
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let ty = app
+        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": ty, "instructions": "x"}))
+        .await;
+    app.task(&p, json!({"typeId": ty, "instructions": "y"}))
+        .await;
+    let lease = app.next("agent-a", json!({"projectId": p})).await;
+    let app = app
+        .restart_after(|file| {
+            // Rewrite the running task's entries the way schema 1 kept them.
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut index = txn.open_table(INDEX).unwrap();
+                let running: Vec<(Vec<u8>, Vec<u8>)> = index
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap())
+                    .filter(|(k, v)| k.value()[0] == ix::BY_STATUS && !v.value().is_empty())
+                    .map(|(k, v)| (k.value().to_vec(), v.value().to_vec()))
+                    .collect();
+                assert_eq!(running.len(), 1, "one lease is held");
+                let (key, value) = &running[0];
+                let (expires, agent) = ix::parse_lease_value(value).unwrap();
+                let (expires, agent) = (expires, agent.to_string());
+                let seq = ix::seq_of(key);
+                let project = u128::from_be_bytes(key[1..17].try_into().unwrap());
+                index.insert(key.as_slice(), &[][..]).unwrap();
+                let lease_key = ix::K::new(ix::LEASES).i64(expires).u64(seq).0;
+                index.insert(lease_key.as_slice(), &[][..]).unwrap();
+                let agent_key = ix::K::new(ix::AGENT)
+                    .u128(project)
+                    .bytes(agent.as_bytes())
+                    .0;
+                index
+                    .insert(agent_key.as_slice(), &seq.to_be_bytes()[..])
+                    .unwrap();
+                txn.open_table(META)
+                    .unwrap()
+                    .insert("schema_version", 1)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        })
+        .await;
+    // The same agent resumes its lease; another agent gets the other task.
+    let resumed = app.next("agent-a", json!({"projectId": p})).await;
+    assert_eq!(resumed["id"], id.as_str());
+    assert_eq!(resumed["leaseToken"], lease["leaseToken"]);
+    assert_ne!(
+        app.next("agent-b", json!({"projectId": p})).await["id"],
+        id.as_str()
+    );
+    assert_eq!(active_agents(&app, &p).await, 2);
+    // The lease still expires on time.
+    app.advance(60_000).await;
+    let t = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(t.data()["status"], "queued");
+    assert_eq!(active_agents(&app, &p).await, 0);
+    app.next("agent-c", json!({"projectId": p})).await;
+    // No schema 1 entries are left, and the file says schema 2.
+    let app = app
+        .restart_after(|file| {
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_read().unwrap();
+            let index = txn.open_table(INDEX).unwrap();
+            for r in index.iter().unwrap() {
+                let kind = r.unwrap().0.value()[0];
+                assert!(kind != ix::LEASES && kind != ix::AGENT, "kind {kind} left");
+            }
+            let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
+            assert_eq!(v.map(|v| v.value()), Some(2));
+        })
+        .await;
+    assert_eq!(active_agents(&app, &p).await, 1);
 }
 
 const ADMIN_KEY: &str = "test-admin-key-for-the-binary";

@@ -15,6 +15,7 @@
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 
 pub mod access;
+pub mod leases;
 pub mod read;
 pub mod tables;
 pub mod write;
@@ -30,6 +31,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
 use crate::model::{Millis, Task};
 use crate::time::Clock;
+use leases::Leases;
 use tables::{Tables, SCHEMA_VERSION};
 
 /// Default size of redb's page cache (read cache and write buffer together). The hot pages
@@ -149,8 +151,11 @@ impl Store {
                 other => OpenError::Io(path.to_path_buf(), other.to_string()),
             })?;
         let next_seq = init_schema(&db, path)?;
+        let leases =
+            Leases::load_db(&db).map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?;
         let db = Arc::new(db);
         let hub = Arc::new(Hub::default());
+        hub.set_first_lease(leases.first_expiry());
         let (tx, rx) = mpsc::channel();
         let writer = {
             let db = db.clone();
@@ -158,7 +163,7 @@ impl Store {
             let clock = clock.clone();
             std::thread::Builder::new()
                 .name("agentq-writer".into())
-                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), next_seq))
+                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), next_seq, leases))
                 .map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?
         };
         Ok(Arc::new(Store {
@@ -199,6 +204,13 @@ impl Store {
         reply_rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
+    /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a session
+    /// expiry.
+    pub fn next_timer(&self) -> Result<Option<Millis>> {
+        let stored = self.read()?.next_timer()?;
+        Ok(stored.into_iter().chain(self.hub.first_lease()).min())
+    }
+
     /// A read snapshot. Cheap; never waits for the writer.
     pub fn read(&self) -> Result<read::Reader> {
         Ok(read::Reader::new(self.db.begin_read()?))
@@ -228,15 +240,16 @@ pub enum OpenError {
     Io(PathBuf, String),
 }
 
-/// Creates every table, records the schema version on a new file, refuses a newer one, and
-/// returns the next task seq.
+/// Creates every table, records the schema version on a new file, refuses a newer one,
+/// migrates an older one, and returns the next task seq.
 fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
     let io = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
     let run = || -> Result<Result<u64, OpenError>> {
         let txn = db.begin_write()?;
         let next_seq;
+        let mut leases = Leases::default();
         {
-            let mut t = Tables::open(&txn)?;
+            let mut t = Tables::open(&txn, &mut leases)?;
             let version = t.meta.get("schema_version")?.map(|v| v.value());
             match version {
                 Some(v) if v > SCHEMA_VERSION => {
@@ -245,6 +258,15 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
                         v,
                         SCHEMA_VERSION,
                     )))
+                }
+                Some(1) => {
+                    let moved = tables::migrate_v1(&mut t)?;
+                    t.meta.insert("schema_version", SCHEMA_VERSION)?;
+                    tracing::info!(
+                        database = %path.display(),
+                        leases = moved,
+                        "database migrated from schema 1 to {SCHEMA_VERSION}"
+                    );
                 }
                 Some(_) => {}
                 None => {
@@ -265,6 +287,7 @@ fn writer_loop(
     hub: &Hub,
     clock: &dyn Clock,
     mut next_seq: u64,
+    mut leases: Leases,
 ) {
     let mut stopping = false;
     let mut delayed_from = Millis::MIN;
@@ -285,19 +308,26 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        run_batch(db, jobs, hub, clock, &mut next_seq, &mut delayed_from);
+        let mut state = WriterState {
+            next_seq: &mut next_seq,
+            delayed_from: &mut delayed_from,
+            leases: &mut leases,
+        };
+        run_batch(db, jobs, hub, clock, &mut state);
     }
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
 }
 
-fn run_batch(
-    db: &Database,
-    jobs: Vec<Job>,
-    hub: &Hub,
-    clock: &dyn Clock,
-    next_seq: &mut u64,
-    delayed_from: &mut Millis,
-) {
+/// What the writer keeps between batches.
+struct WriterState<'a> {
+    next_seq: &'a mut u64,
+    delayed_from: &'a mut Millis,
+    leases: &'a mut Leases,
+}
+
+fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &mut WriterState) {
+    let next_seq = &mut *st.next_seq;
+    let delayed_from = &mut *st.delayed_from;
     let started = std::time::Instant::now();
     let seq_before = *next_seq;
     let mut fx = Effects::default();
@@ -306,7 +336,7 @@ fn run_batch(
         let txn = db.begin_write()?;
         let mut failed = false;
         {
-            let mut tables = Tables::open(&txn)?;
+            let mut tables = Tables::open(&txn, st.leases)?;
             let mut w = W {
                 t: &mut tables,
                 now: clock.now(),
@@ -335,10 +365,16 @@ fn run_batch(
         *next_seq = seq_before;
         // The batch's promotions were rolled back with it: look again next time.
         *delayed_from = Millis::MIN;
+        // So were its lease changes: reload the cache from what is committed.
+        match Leases::load_db(db) {
+            Ok(l) => *st.leases = l,
+            Err(e) => tracing::error!(error = %e, "could not reload leases after a failed batch"),
+        }
         fx = Effects::default();
     }
     let n = replies.len();
     crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+    hub.set_first_lease(st.leases.first_expiry());
     // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees
     // its own transition counted.
     hub.publish(fx);

@@ -197,17 +197,27 @@ impl Reader {
     /// The running tasks of a project, one per agent, by agent name.
     pub fn leases(&self, project: u128) -> Result<Vec<Task>> {
         let mut out = Vec::new();
-        let prefix = ix::K::new(ix::AGENT).u128(project).0;
+        let prefix = ix::K::new(ix::BY_STATUS)
+            .u128(project)
+            .u8(TaskStatus::Running.code())
+            .0;
         let end = ix::end_of(&prefix);
         for r in self
             .table(INDEX)?
             .range::<&[u8]>(prefix.as_slice()..end.as_slice())?
         {
-            let (_, v) = r?;
-            if let Some(t) = self.task_by_seq(ix::u64_at(v.value(), 0))? {
+            let (k, v) = r?;
+            if ix::parse_lease_value(v.value()).is_none() {
+                continue;
+            }
+            if let Some(t) = self.task_by_seq(ix::seq_of(k.value()))? {
                 out.push(t);
             }
         }
+        out.sort_by(|a, b| {
+            let agent = |t: &Task| t.lease.as_ref().map(|l| l.agent.clone());
+            agent(a).cmp(&agent(b))
+        });
         Ok(out)
     }
 
@@ -230,8 +240,8 @@ impl Reader {
         Ok(stats.queued.saturating_sub(stats.delayed) + due)
     }
 
-    /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a
-    /// session expiry.
+    /// The earliest stored timer: a delayed task's `notBefore` or a session expiry. Lease
+    /// expiries are in the writer's memory: [`super::Store::next_timer`] adds them.
     pub fn next_timer(&self) -> Result<Option<Millis>> {
         let first_time = |kind: u8| -> Result<Option<Millis>> {
             let mut it = self.index_range(vec![kind], ix::end_of(&[kind]))?;
@@ -243,10 +253,9 @@ impl Reader {
                 None => Ok(None),
             }
         };
-        let lease = first_time(ix::LEASES)?;
         let delay = first_time(ix::DELAYED)?;
         let session = super::access::next_session_expiry(&self.txn)?;
-        Ok([lease, delay, session].into_iter().flatten().min())
+        Ok([delay, session].into_iter().flatten().min())
     }
 
     /// Lists a project's tasks. Creation order walks an index from the cursor; the other

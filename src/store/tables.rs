@@ -12,12 +12,17 @@ use std::collections::HashMap;
 
 use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
+use super::leases::Leases;
 use crate::error::Result;
 use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
 
 /// The on-disk schema version. Bump on any change of tables or row encoding; a file with a
 /// newer version is refused at start-up.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// History: 1 kept LEASES and AGENT index entries; 2 keeps a running task's lease (expiry and
+/// agent) in the value of its BY_STATUS entry and the lookups in memory
+/// ([`super::leases::Leases`]). [`migrate_v1`] turns a version 1 file into version 2.
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// `"schema_version"`, `"next_seq"`.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -66,7 +71,9 @@ pub mod ix {
     pub const READY: u8 = 3;
     pub const READY_TYPE: u8 = 4;
     pub const DELAYED: u8 = 5;
+    /// Schema 1 only (removed by the migration to 2): (leaseExpiresAt, seq).
     pub const LEASES: u8 = 6;
+    /// Schema 1 only (removed by the migration to 2): (project, agent name) → seq.
     pub const AGENT: u8 = 7;
     pub const DUPES: u8 = 8;
     pub const STATS: u8 = 9;
@@ -107,7 +114,8 @@ pub mod ix {
     pub fn by_project(p: u128, created: i64, seq: u64) -> Vec<u8> {
         K::new(BY_PROJECT).u128(p).i64(created).u64(seq).0
     }
-    /// (project, status, createdAt, seq): by status and creation time.
+    /// (project, status, createdAt, seq): by status and creation time. The value is empty,
+    /// or for a task holding a lease (status running) its [`lease_value`].
     pub fn by_status(p: u128, status: u8, created: i64, seq: u64) -> Vec<u8> {
         K::new(BY_STATUS).u128(p).u8(status).i64(created).u64(seq).0
     }
@@ -123,13 +131,20 @@ pub mod ix {
     pub fn delayed(at: i64, seq: u64) -> Vec<u8> {
         K::new(DELAYED).i64(at).u64(seq).0
     }
-    /// (leaseExpiresAt, seq): running tasks; the first expires next.
-    pub fn lease(at: i64, seq: u64) -> Vec<u8> {
-        K::new(LEASES).i64(at).u64(seq).0
+    /// A lease in a BY_STATUS value: leaseExpiresAt (8 bytes, as in keys), then the agent name.
+    pub fn lease_value(expires: i64, agent: &str) -> Vec<u8> {
+        K(Vec::with_capacity(8 + agent.len()))
+            .i64(expires)
+            .bytes(agent.as_bytes())
+            .0
     }
-    /// (project, agent name) → seq (8 bytes): the task an agent holds.
-    pub fn agent(p: u128, agent: &str) -> Vec<u8> {
-        K::new(AGENT).u128(p).bytes(agent.as_bytes()).0
+    /// The (leaseExpiresAt, agent) of a BY_STATUS value, if it holds a lease.
+    pub fn parse_lease_value(v: &[u8]) -> Option<(i64, &str)> {
+        if v.len() < 8 {
+            return None;
+        }
+        let agent = std::str::from_utf8(&v[8..]).ok()?;
+        Some((i64_at(v, 0), agent))
     }
     /// (type, hash of canonical variables, seq): duplicate detection.
     pub fn dupe(ty: u128, hash: u128, seq: u64) -> Vec<u8> {
@@ -179,7 +194,10 @@ pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
     e.push((ix::by_project(t.project_id, t.created_at, t.seq), vec![]));
     e.push((
         ix::by_status(t.project_id, t.status.code(), t.created_at, t.seq),
-        vec![],
+        t.lease
+            .as_ref()
+            .map(|l| ix::lease_value(l.expires_at, &l.agent))
+            .unwrap_or_default(),
     ));
     if ready {
         e.push((ix::ready(t.project_id, prio, t.seq), vec![]));
@@ -191,13 +209,6 @@ pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
     if queued && t.delayed {
         e.push((ix::delayed(t.not_before.unwrap_or(0), t.seq), vec![]));
     }
-    if let Some(l) = &t.lease {
-        e.push((ix::lease(l.expires_at, t.seq), vec![]));
-        e.push((
-            ix::agent(t.project_id, &l.agent),
-            t.seq.to_be_bytes().to_vec(),
-        ));
-    }
     if let Some(ty) = t.type_id {
         let h = crate::model::variables_hash(&t.variables);
         e.push((ix::dupe(ty, h, t.seq), vec![]));
@@ -205,7 +216,8 @@ pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
     e
 }
 
-/// Every table, opened once per write transaction (one batch of the writer).
+/// Every table, opened once per write transaction (one batch of the writer), and the
+/// writer's lease cache, which [`Tables::put_task`] keeps in step with the rows.
 pub struct Tables<'txn> {
     pub meta: Table<'txn, &'static str, u64>,
     pub projects: Table<'txn, u128, &'static [u8]>,
@@ -219,13 +231,14 @@ pub struct Tables<'txn> {
     pub sessions: Table<'txn, [u8; 32], &'static [u8]>,
     pub sessions_by_key: Table<'txn, (u128, u128), [u8; 32]>,
     pub session_expiry: Table<'txn, (i64, u128), [u8; 32]>,
+    pub leases: &'txn mut Leases,
     /// Project counters changed in this batch, written once by [`Tables::flush`] rather than
     /// read and rewritten on every transition (a claim and a complete each move a counter).
     stats: HashMap<u128, Option<Stats>>,
 }
 
 impl<'txn> Tables<'txn> {
-    pub fn open(txn: &'txn WriteTransaction) -> Result<Self> {
+    pub fn open(txn: &'txn WriteTransaction, leases: &'txn mut Leases) -> Result<Self> {
         Ok(Tables {
             meta: txn.open_table(META)?,
             projects: txn.open_table(PROJECTS)?,
@@ -239,6 +252,7 @@ impl<'txn> Tables<'txn> {
             sessions: txn.open_table(SESSIONS)?,
             sessions_by_key: txn.open_table(SESSIONS_BY_KEY)?,
             session_expiry: txn.open_table(SESSION_EXPIRY)?,
+            leases,
             stats: HashMap::new(),
         })
     }
@@ -396,8 +410,9 @@ impl<'txn> Tables<'txn> {
         };
         let before = old.map(index_entries).unwrap_or_default();
         let after = new.map(index_entries).unwrap_or_default();
-        for (k, v) in &before {
-            if !after.iter().any(|(k2, v2)| k2 == k && v2 == v) {
+        for (k, _) in &before {
+            // A key that stays with a new value is overwritten by the insert below.
+            if !after.iter().any(|(k2, _)| k2 == k) {
                 self.index.remove(k.as_slice())?;
             }
         }
@@ -423,6 +438,7 @@ impl<'txn> Tables<'txn> {
                 self.tasks.remove(seq)?;
             }
         }
+        self.leases.apply(old, new);
         let so = old.map(|t| (t.status, t.status == TaskStatus::Queued && t.delayed));
         let sn = new.map(|t| (t.status, t.status == TaskStatus::Queued && t.delayed));
         if so != sn {
@@ -434,6 +450,39 @@ impl<'txn> Tables<'txn> {
     }
 }
 
+/// Turns a schema 1 file into schema 2 inside the caller's transaction: each leased task's
+/// lease moves into the value of its BY_STATUS entry, and the LEASES and AGENT entries go.
+/// Returns the number of leases moved.
+pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
+    let leased: Vec<u64> = t
+        .keys(&[ix::LEASES])?
+        .iter()
+        .map(|k| ix::seq_of(k))
+        .collect();
+    for seq in &leased {
+        if let Some(task) = t.task(*seq)? {
+            if let Some(l) = &task.lease {
+                let key = ix::by_status(
+                    task.project_id,
+                    task.status.code(),
+                    task.created_at,
+                    task.seq,
+                );
+                t.index.insert(
+                    key.as_slice(),
+                    ix::lease_value(l.expires_at, &l.agent).as_slice(),
+                )?;
+            }
+        }
+    }
+    for kind in [ix::LEASES, ix::AGENT] {
+        for k in t.keys(&[kind])? {
+            t.index.remove(k.as_slice())?;
+        }
+    }
+    Ok(leased.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::ix;
@@ -441,14 +490,16 @@ mod tests {
     #[test]
     fn index_keys_sort_like_their_fields() {
         let mut times = [i64::MIN, -5, -1, 0, 1, 7, i64::MAX];
-        let keys: Vec<Vec<u8>> = times.iter().map(|t| ix::lease(*t, 3)).collect();
+        let keys: Vec<Vec<u8>> = times.iter().map(|t| ix::delayed(*t, 3)).collect();
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted, "i64 times keep their order");
         times.reverse();
         for t in times {
-            assert_eq!(ix::i64_at(&ix::lease(t, 9), 1), t);
-            assert_eq!(ix::seq_of(&ix::lease(t, 9)), 9);
+            assert_eq!(ix::i64_at(&ix::delayed(t, 9), 1), t);
+            assert_eq!(ix::seq_of(&ix::delayed(t, 9)), 9);
+            let v = ix::lease_value(t, "agent-1");
+            assert_eq!(ix::parse_lease_value(&v), Some((t, "agent-1")));
         }
         // Priority before age: a higher priority (smaller 10 - p) wins over an older task.
         assert!(ix::ready(1, 0, 99) < ix::ready(1, 5, 1));
@@ -458,5 +509,6 @@ mod tests {
             "projects never interleave"
         );
         assert_eq!(ix::end_of(&[3, 255]), vec![4]);
+        assert_eq!(ix::parse_lease_value(&[]), None, "no lease");
     }
 }

@@ -532,11 +532,7 @@ pub fn next_task(
     type_ids: Option<&[u128]>,
 ) -> Result<Claim> {
     let p = resolve_project(w.t, project_key)?;
-    let held =
-        w.t.index
-            .get(ix::agent(p.id, agent).as_slice())?
-            .map(|v| ix::u64_at(v.value(), 0));
-    if let Some(seq) = held {
+    if let Some(seq) = w.t.leases.held(p.id, agent) {
         if let Some(task) = w.t.task(seq)? {
             return Ok(Claim::Task(Box::new(task), false));
         }
@@ -703,7 +699,7 @@ pub struct Reclaimed {
 /// Reclaims up to `limit` expired leases, optionally of one project only.
 pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result<Vec<Reclaimed>> {
     let cap = if project.is_none() { limit } else { usize::MAX };
-    let expired = w.t.due(ix::LEASES, w.now, cap)?;
+    let expired = w.t.leases.due(w.now, cap);
     let mut out = Vec::new();
     for seq in expired {
         let Some(old) = w.t.task(seq)? else { continue };

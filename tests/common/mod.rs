@@ -205,8 +205,6 @@ impl TestApp {
         for _ in 0..200 {
             let pending = server
                 .store
-                .read()
-                .unwrap()
                 .next_timer()
                 .unwrap()
                 .is_some_and(|t| t <= clock.now());
@@ -218,9 +216,15 @@ impl TestApp {
     }
 
     /// Stops the server gracefully and starts a new one on the same database file.
-    pub async fn restart(mut self) -> TestApp {
+    pub async fn restart(self) -> TestApp {
+        self.restart_after(|_| {}).await
+    }
+
+    /// Stops the server, hands the database file to `edit`, and starts again on it.
+    pub async fn restart_after(mut self, edit: impl FnOnce(&std::path::Path)) -> TestApp {
         let server = self.server.take().unwrap();
         server.stop().await;
+        edit(&self.dir.path().join("agentq.redb"));
         start_with_key(self.dir, self.clock, Some(self.admin_key), |_| {}).await
     }
 }

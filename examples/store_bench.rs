@@ -1,0 +1,160 @@
+//! The storage path alone: agents loop next-task → complete straight against the store, with
+//! no HTTP, so that a change to the writer, the tables or the encoding can be compared with
+//! less noise than the full benchmark allows.
+//!
+//! ```sh
+//! cargo run --release --example store_bench -- [--agents 64] [--tasks 50000] [--rounds 5]
+//! ```
+//!
+//! Each round drains `--tasks` tasks on a fresh database in a temporary directory (full
+//! durability, the default page cache) and prints cycles/s and CPU time per cycle: of the
+//! whole process and of the writer thread alone. One `STORE-BENCH {json}` line per round.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use agentq::model::ProjectConfig;
+use agentq::store::write::{self, Claim, NewProject, NewTask};
+use agentq::store::Store;
+use agentq::time::SystemClock;
+
+#[derive(clap::Parser)]
+#[command(name = "store_bench")]
+struct Opts {
+    /// Agents looping next-task → complete.
+    #[arg(long, default_value_t = 64)]
+    agents: usize,
+    /// Tasks drained per round.
+    #[arg(long, default_value_t = 50_000)]
+    tasks: usize,
+    /// Rounds, each on a fresh database.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+}
+
+/// CPU seconds of this process, and of its thread named `agentq-writer` (Linux).
+fn cpu_seconds() -> (f64, f64) {
+    let ticks = |stat: &str| -> Option<f64> {
+        let rest = &stat[stat.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let t = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some(t as f64 / 100.0)
+    };
+    let process = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| ticks(&s))
+        .unwrap_or(0.0);
+    let mut writer = 0.0;
+    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+        for t in dir.flatten() {
+            let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
+            if comm.trim() == "agentq-writer" {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                writer = ticks(&stat).unwrap_or(0.0);
+            }
+        }
+    }
+    (process, writer)
+}
+
+async fn round(o: &Opts) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("store-bench.redb"), Arc::new(SystemClock)).unwrap();
+    let (project, _) = store
+        .write(|w| {
+            write::create_project(
+                w,
+                NewProject {
+                    name: "bench".into(),
+                    description: String::new(),
+                    instructions: None,
+                    config: ProjectConfig::default(),
+                },
+            )
+        })
+        .await
+        .unwrap();
+    let pid = uuid::Uuid::from_u128(project.id).to_string();
+    for chunk in (0..o.tasks).collect::<Vec<_>>().chunks(1000) {
+        let tasks: Vec<NewTask> = chunk
+            .iter()
+            .map(|i| NewTask {
+                instructions: Some(format!("task {i}")),
+                ..NewTask::default()
+            })
+            .collect();
+        let key = pid.clone();
+        store
+            .write(move |w| write::create_tasks(w, &key, tasks))
+            .await
+            .unwrap();
+    }
+    let (cpu0, writer0) = cpu_seconds();
+    let started = Instant::now();
+    let mut agents = Vec::new();
+    for a in 0..o.agents {
+        let store = store.clone();
+        let key = pid.clone();
+        agents.push(tokio::spawn(async move {
+            let agent = format!("agent-{a}");
+            let mut done = 0u64;
+            loop {
+                let (k, name) = (key.clone(), agent.clone());
+                let claim = store
+                    .write(move |w| write::next_task(w, &k, &name, None))
+                    .await
+                    .unwrap();
+                let Claim::Task(task, _) = claim else { break };
+                let token = task.lease.as_ref().map(|l| l.token);
+                let name = agent.clone();
+                store
+                    .write(move |w| write::complete(w, &task.id, &name, token, None, None))
+                    .await
+                    .unwrap();
+                done += 1;
+            }
+            done
+        }));
+    }
+    let mut cycles = 0u64;
+    for a in agents {
+        cycles += a.await.unwrap();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let (cpu1, writer1) = cpu_seconds();
+    store.close();
+    assert_eq!(
+        cycles as usize, o.tasks,
+        "every task completed exactly once"
+    );
+    let per = |s: f64| (s * 1e6 / cycles as f64 * 10.0).round() / 10.0;
+    serde_json::json!({
+        "agents": o.agents,
+        "tasks": o.tasks,
+        "cycles_per_s": (cycles as f64 / secs).round(),
+        "cpu_us_per_cycle": per(cpu1 - cpu0),
+        "writer_cpu_us_per_cycle": per(writer1 - writer0),
+    })
+}
+
+fn main() {
+    let o = <Opts as clap::Parser>::parse();
+    // One core for the agents, as in the HTTP benchmark; the writer has its own thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!(
+        "agentq store bench: {} agents, {} tasks per round, {cores} cores",
+        o.agents, o.tasks
+    );
+    for _ in 0..o.rounds {
+        let r = rt.block_on(round(&o));
+        println!(
+            "{:>8} cycles/s   CPU per cycle: process {:>5} µs, writer {:>5} µs",
+            r["cycles_per_s"], r["cpu_us_per_cycle"], r["writer_cpu_us_per_cycle"]
+        );
+        println!("STORE-BENCH {r}");
+    }
+}

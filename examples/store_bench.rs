@@ -18,6 +18,10 @@ use agentq::store::write::{self, Claim, NewProject, NewTask};
 use agentq::store::Store;
 use agentq::time::SystemClock;
 
+/// The server's allocator, so the writer's costs are the server's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(clap::Parser)]
 #[command(name = "store_bench")]
 struct Opts {
@@ -139,8 +143,11 @@ async fn round(o: &Opts) -> serde_json::Value {
 
 fn main() {
     let o = <Opts as clap::Parser>::parse();
-    // One core for the agents, as in the HTTP benchmark; the writer has its own thread.
-    let rt = tokio::runtime::Builder::new_current_thread()
+    // One thread for the agents, as in the HTTP benchmark; the writer has its own. A
+    // multi-thread runtime (of one worker) like the server's: the writer's replies wake it
+    // only when it sleeps, where a current-thread runtime would take a syscall per reply.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();

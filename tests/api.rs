@@ -700,6 +700,17 @@ async fn type_ids_restrict_what_an_agent_takes() {
         .next("y", json!({"projectId": p, "typeIds": [b, a]}))
         .await;
     assert_eq!(got["id"], ta.as_str());
+    // An untyped task has no type among any `typeIds`, not even the nil UUID.
+    let untyped = app.task(&p, json!({"instructions": "u"})).await;
+    let nil = "00000000-0000-0000-0000-000000000000";
+    let got = app
+        .next("z", json!({"projectId": p, "typeIds": [nil, a, b]}))
+        .await;
+    assert_eq!(got, Value::Null);
+    assert_eq!(
+        app.next("z", json!({"projectId": p})).await["id"],
+        untyped.as_str()
+    );
 }
 
 #[tokio::test]

@@ -125,6 +125,7 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
         .await;
     app.task(&p, json!({"typeId": ty, "instructions": "y"}))
         .await;
+    let untyped = app.task(&p, json!({"instructions": "u"})).await;
     let lease = app.next("agent-a", json!({"projectId": p})).await;
     let app = app
         .restart_after(|file| {
@@ -156,6 +157,32 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
                 index
                     .insert(agent_key.as_slice(), &seq.to_be_bytes()[..])
                     .unwrap();
+                // Schema 1 also filed untyped ready tasks under type 0 in READY_TYPE.
+                let ready: Vec<Vec<u8>> = index
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap().0.value().to_vec())
+                    .filter(|k| k[0] == ix::READY)
+                    .collect();
+                let tasks = txn.open_table(agentq::store::tables::TASKS).unwrap();
+                let mut untyped_entries = 0;
+                for k in ready {
+                    let seq = ix::seq_of(&k);
+                    let row = tasks.get(seq).unwrap().unwrap();
+                    let task: agentq::model::Task =
+                        agentq::store::tables::decode(row.value()).unwrap();
+                    if task.type_id.is_none() {
+                        let v1 = ix::K::new(ix::READY_TYPE)
+                            .u128(task.project_id)
+                            .u128(0)
+                            .u8(k[17])
+                            .u64(seq)
+                            .0;
+                        index.insert(v1.as_slice(), &[][..]).unwrap();
+                        untyped_entries += 1;
+                    }
+                }
+                assert_eq!(untyped_entries, 1);
                 txn.open_table(META)
                     .unwrap()
                     .insert("schema_version", 1)
@@ -173,6 +200,12 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
         id.as_str()
     );
     assert_eq!(active_agents(&app, &p).await, 2);
+    // The untyped task's old type-0 entry is gone: `typeIds` never match an untyped task.
+    let nil = "00000000-0000-0000-0000-000000000000";
+    let none = app
+        .next("agent-n", json!({"projectId": p, "typeIds": [nil]}))
+        .await;
+    assert_eq!(none, Value::Null);
     // The lease still expires on time.
     app.advance(60_000).await;
     let t = app.get(&format!("/api/tasks/{id}")).await;
@@ -186,14 +219,25 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
             let txn = db.begin_read().unwrap();
             let index = txn.open_table(INDEX).unwrap();
             for r in index.iter().unwrap() {
-                let kind = r.unwrap().0.value()[0];
+                let key = r.unwrap().0.value().to_vec();
+                let kind = key[0];
                 assert!(kind != ix::LEASES && kind != ix::AGENT, "kind {kind} left");
+                assert!(
+                    kind != ix::READY_TYPE || key[17..33] != [0u8; 16],
+                    "an untyped task left in READY_TYPE"
+                );
             }
             let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
             assert_eq!(v.map(|v| v.value()), Some(2));
         })
         .await;
     assert_eq!(active_agents(&app, &p).await, 1);
+    // The untyped task is still handed out to a claim without `typeIds`.
+    let mut got = Vec::new();
+    for agent in ["agent-d", "agent-e"] {
+        got.push(app.next(agent, json!({"projectId": p})).await["id"].clone());
+    }
+    assert!(got.contains(&json!(untyped)), "{got:?}");
 }
 
 const ADMIN_KEY: &str = "test-admin-key-for-the-binary";

@@ -21,7 +21,7 @@ use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
 ///
 /// History: 1 kept LEASES and AGENT index entries; 2 keeps a running task's lease (expiry and
 /// agent) in the value of its BY_STATUS entry and the lookups in memory
-/// ([`super::leases::Leases`]). [`migrate_v1`] turns a version 1 file into version 2.
+/// ([`super::leases::Leases`]), and no READY_TYPE entries for untyped tasks. [`migrate_v1`] turns a version 1 file into version 2.
 pub const SCHEMA_VERSION: u64 = 2;
 
 /// `"schema_version"`, `"next_seq"`.
@@ -123,7 +123,8 @@ pub mod ix {
     pub fn ready(p: u128, prio_inv: u8, seq: u64) -> Vec<u8> {
         K::new(READY).u128(p).u8(prio_inv).u64(seq).0
     }
-    /// (project, type or 0, 10 - priority, seq): the same per type, for `typeIds`.
+    /// (project, type, 10 - priority, seq): the same for typed tasks, per type, for `typeIds`.
+    /// (Schema 1 also kept untyped tasks here, under type 0.)
     pub fn ready_type(p: u128, ty: u128, prio_inv: u8, seq: u64) -> Vec<u8> {
         K::new(READY_TYPE).u128(p).u128(ty).u8(prio_inv).u64(seq).0
     }
@@ -201,10 +202,9 @@ pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
     ));
     if ready {
         e.push((ix::ready(t.project_id, prio, t.seq), vec![]));
-        e.push((
-            ix::ready_type(t.project_id, t.type_id.unwrap_or(0), prio, t.seq),
-            vec![],
-        ));
+        if let Some(ty) = t.type_id {
+            e.push((ix::ready_type(t.project_id, ty, prio, t.seq), vec![]));
+        }
     }
     if queued && t.delayed {
         e.push((ix::delayed(t.not_before.unwrap_or(0), t.seq), vec![]));
@@ -451,7 +451,8 @@ impl<'txn> Tables<'txn> {
 }
 
 /// Turns a schema 1 file into schema 2 inside the caller's transaction: each leased task's
-/// lease moves into the value of its BY_STATUS entry, and the LEASES and AGENT entries go.
+/// lease moves into the value of its BY_STATUS entry, the LEASES and AGENT entries go, and so
+/// do the READY_TYPE entries of untyped tasks.
 /// Returns the number of leases moved.
 pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
     let leased: Vec<u64> = t
@@ -475,10 +476,21 @@ pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
             }
         }
     }
+    let mut stale: Vec<Vec<u8>> = Vec::new();
     for kind in [ix::LEASES, ix::AGENT] {
-        for k in t.keys(&[kind])? {
-            t.index.remove(k.as_slice())?;
-        }
+        stale.extend(t.keys(&[kind])?);
+    }
+    // Untyped tasks' READY_TYPE entries (type 0): no claim with `typeIds` may match them.
+    let projects: Vec<u128> = t
+        .projects
+        .iter()?
+        .map(|r| r.map(|(k, _)| k.value()))
+        .collect::<std::result::Result<_, _>>()?;
+    for p in projects {
+        stale.extend(t.keys(&ix::K::new(ix::READY_TYPE).u128(p).u128(0).0)?);
+    }
+    for k in stale {
+        t.index.remove(k.as_slice())?;
     }
     Ok(leased.len())
 }

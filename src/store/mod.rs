@@ -247,6 +247,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
     let run = || -> Result<Result<u64, OpenError>> {
         let txn = db.begin_write()?;
         let next_seq;
+        let mut migrated = None;
         let mut leases = Leases::default();
         {
             let mut t = Tables::open(&txn, &mut leases)?;
@@ -260,13 +261,8 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
                     )))
                 }
                 Some(1) => {
-                    let moved = tables::migrate_v1(&mut t)?;
+                    migrated = Some(tables::migrate_v1(&mut t)?);
                     t.meta.insert("schema_version", SCHEMA_VERSION)?;
-                    tracing::info!(
-                        database = %path.display(),
-                        leases = moved,
-                        "database migrated from schema 1 to {SCHEMA_VERSION}"
-                    );
                 }
                 Some(_) => {}
                 None => {
@@ -276,6 +272,13 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
             next_seq = t.tasks.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
         }
         txn.commit()?;
+        if let Some(leases) = migrated {
+            tracing::info!(
+                database = %path.display(),
+                leases,
+                "database migrated from schema 1 to {SCHEMA_VERSION}"
+            );
+        }
         Ok(Ok(next_seq))
     };
     run().map_err(io)?

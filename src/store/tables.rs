@@ -21,7 +21,8 @@ use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
 ///
 /// History: 1 kept LEASES and AGENT index entries; 2 keeps a running task's lease (expiry and
 /// agent) in the value of its BY_STATUS entry and the lookups in memory
-/// ([`super::leases::Leases`]), and no READY_TYPE entries for untyped tasks. [`migrate_v1`] turns a version 1 file into version 2.
+/// ([`super::leases::Leases`]), and no READY_TYPE entries for untyped tasks. [`migrate_v1`]
+/// turns a version 1 file into version 2.
 pub const SCHEMA_VERSION: u64 = 2;
 
 /// `"schema_version"`, `"next_seq"`.

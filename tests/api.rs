@@ -1080,12 +1080,7 @@ async fn long_poll_times_out_with_the_no_task_answer() {
 async fn cleanup_leases_reclaims_expired_leases_now() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
-        .await;
-    let id = app
-        .task(&p, json!({"typeId": ty, "instructions": "x"}))
-        .await;
+    let (_, id) = app.minute_task(&p).await;
     app.next("a", json!({"projectId": p})).await;
     let r = app
         .post(&format!("/api/projects/{p}/cleanup-leases"), json!({}))

@@ -89,12 +89,7 @@ async fn active_agents(app: &TestApp, p: &str) -> Value {
 async fn a_lease_taken_before_a_restart_expires_after_it() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
-        .await;
-    let id = app
-        .task(&p, json!({"typeId": ty, "instructions": "x"}))
-        .await;
+    let (_, id) = app.minute_task(&p).await;
     app.next("a", json!({"projectId": p})).await;
     let app = app.restart().await;
     assert_eq!(active_agents(&app, &p).await, 1);
@@ -117,12 +112,7 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
 
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
-        .await;
-    let id = app
-        .task(&p, json!({"typeId": ty, "instructions": "x"}))
-        .await;
+    let (ty, id) = app.minute_task(&p).await;
     app.task(&p, json!({"typeId": ty, "instructions": "y"}))
         .await;
     let untyped = app.task(&p, json!({"instructions": "u"})).await;

@@ -91,12 +91,7 @@ async fn an_earlier_lease_wakes_the_sleeping_reaper() {
 async fn extend_keeps_the_reaper_away() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("p").await;
-    let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
-        .await;
-    let id = app
-        .task(&p, json!({"typeId": ty, "instructions": "x"}))
-        .await;
+    let (_, id) = app.minute_task(&p).await;
     app.next("a", json!({"projectId": p})).await;
     app.advance(50_000).await;
     app.post(

@@ -108,11 +108,7 @@ async fn a_deleted_project_leaves_the_metrics() {
 async fn lease_expiry_and_auth_failures_are_counted() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("obs2").await;
-    let ty = app
-        .task_type(&p, json!({"name": "t", "leaseDurationMinutes": 1}))
-        .await;
-    app.task(&p, json!({"typeId": ty, "instructions": "x"}))
-        .await;
+    app.minute_task(&p).await;
     app.next("a", json!({"projectId": p})).await;
     app.advance(60_000).await;
     let bad = client_with_key("aq_00000000000000000000000000000001_nope");

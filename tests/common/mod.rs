@@ -191,6 +191,17 @@ impl TestApp {
         r.data()["task"].clone()
     }
 
+    /// A task type "t" whose leases last one minute, and one task of it: (type id, task id).
+    pub async fn minute_task(&self, project: &str) -> (String, String) {
+        let ty = self
+            .task_type(project, json!({"name": "t", "leaseDurationMinutes": 1}))
+            .await;
+        let id = self
+            .task(project, json!({"typeId": ty, "instructions": "x"}))
+            .await;
+        (ty, id)
+    }
+
     pub async fn stats(&self, project: &str) -> Value {
         self.get(&format!("/api/projects/{project}")).await.data()["stats"].clone()
     }

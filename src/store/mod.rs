@@ -428,3 +428,70 @@ mod tests {
         assert_eq!(v.map(|v| v.value()), Some(SCHEMA_VERSION));
     }
 }
+
+#[cfg(test)]
+mod batch_tests {
+    use super::write::{self, Claim, NewProject, NewTask};
+    use super::*;
+    use crate::time::SystemClock;
+
+    fn claim(
+        rt: &tokio::runtime::Runtime,
+        store: &Store,
+        project: &str,
+        agent: &str,
+    ) -> Option<String> {
+        let (p, a) = (project.to_string(), agent.to_string());
+        match rt
+            .block_on(store.write(move |w| write::next_task(w, &p, &a, None)))
+            .unwrap()
+        {
+            Claim::Task(t, _) => Some(t.id),
+            Claim::None => None,
+        }
+    }
+
+    /// A batch that fails after a claim rolls the claim back, in the file and in the writer's
+    /// lease cache: the agent holds nothing, and the task goes to the next agent that asks.
+    #[test]
+    fn a_failed_batch_leaves_no_lease_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| {
+                write::create_project(
+                    w,
+                    NewProject {
+                        name: "p".into(),
+                        description: String::new(),
+                        instructions: None,
+                        config: Default::default(),
+                    },
+                )
+            }))
+            .unwrap();
+        let pid = uuid::Uuid::from_u128(project.id).to_string();
+        let key = pid.clone();
+        let task = NewTask {
+            instructions: Some("x".into()),
+            ..NewTask::default()
+        };
+        rt.block_on(store.write(move |w| write::create_tasks(w, &key, vec![task])))
+            .unwrap();
+        let key = pid.clone();
+        let failed = rt.block_on(store.write(move |w| {
+            write::next_task(w, &key, "a", None)?;
+            Err::<(), _>(Error::Storage("injected after the claim".into()))
+        }));
+        assert!(matches!(failed, Err(Error::Storage(_))));
+        assert_eq!(store.hub.first_lease(), None, "no lease is outstanding");
+        let b = claim(&rt, &store, &pid, "b");
+        assert!(b.is_some(), "the task is still queued");
+        assert_eq!(claim(&rt, &store, &pid, "a"), None, "agent a holds nothing");
+        assert_eq!(claim(&rt, &store, &pid, "b"), b, "agent b resumes its task");
+        store.close();
+    }
+}

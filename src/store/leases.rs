@@ -18,7 +18,7 @@ use super::tables::{ix, INDEX, PROJECTS};
 use crate::error::Result;
 use crate::model::{Millis, Task, TaskStatus};
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq)]
 pub struct Leases {
     /// project → agent → seq of the task the agent holds.
     by_agent: HashMap<u128, HashMap<String, u64>>,

@@ -1,0 +1,264 @@
+//! The store under random operations, restarts included: after every step the index holds
+//! exactly the entries the task rows imply, the counters equal the rows, and the writer's
+//! in-memory lease cache equals the leases the committed rows hold.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use agentq::model::{Millis, ProjectConfig, Stats, Task, TaskStatus};
+use agentq::store::leases::Leases;
+use agentq::store::tables::{decode, index_entries, ix, INDEX, PROJECTS, TASKS};
+use agentq::store::write::{self, NewProject, NewTask};
+use agentq::store::Store;
+use agentq::time::{Clock, ManualClock};
+use proptest::prelude::*;
+use redb::ReadableTable;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Create { typed: bool, priority: u8 },
+    Claim { agent: usize, typed_only: bool },
+    Complete { agent: usize },
+    Fail { agent: usize },
+    Extend { agent: usize },
+    Advance { ms: i64 },
+    Restart,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        3 => (any::<bool>(), 0u8..=10).prop_map(|(typed, priority)| Op::Create { typed, priority }),
+        4 => (0usize..4, any::<bool>()).prop_map(|(agent, typed_only)| Op::Claim { agent, typed_only }),
+        2 => (0usize..4).prop_map(|agent| Op::Complete { agent }),
+        1 => (0usize..4).prop_map(|agent| Op::Fail { agent }),
+        1 => (0usize..4).prop_map(|agent| Op::Extend { agent }),
+        1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000)].prop_map(|ms| Op::Advance { ms }),
+        1 => Just(Op::Restart),
+    ]
+}
+
+struct World {
+    rt: tokio::runtime::Runtime,
+    dir: tempfile::TempDir,
+    clock: Arc<ManualClock>,
+    store: Option<Arc<Store>>,
+    project: u128,
+    ty: u128,
+}
+
+impl World {
+    fn new() -> World {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+        let store = Store::open(&dir.path().join("m.redb"), clock.clone()).unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| {
+                write::create_project(
+                    w,
+                    NewProject {
+                        name: "p".into(),
+                        description: String::new(),
+                        instructions: None,
+                        config: ProjectConfig {
+                            default_max_retries: 1,
+                            default_lease_duration_minutes: 1,
+                            reaper_interval_minutes: 1,
+                        },
+                    },
+                )
+            }))
+            .unwrap();
+        let key = uuid::Uuid::from_u128(project.id).to_string();
+        let ty = rt
+            .block_on(store.write(move |w| {
+                write::create_type(
+                    w,
+                    &key,
+                    write::NewTaskType {
+                        name: "t".into(),
+                        template: None,
+                        variables: vec![],
+                        duplicate_handling: agentq::model::DuplicateHandling::Allow,
+                        max_retries: Some(1),
+                        lease_duration_minutes: Some(1.0),
+                        retry_delay_seconds: 20.0,
+                        backoff_multiplier: 2.0,
+                    },
+                )
+            }))
+            .unwrap();
+        World {
+            rt,
+            dir,
+            clock,
+            store: Some(store),
+            project: project.id,
+            ty: ty.id,
+        }
+    }
+
+    fn store(&self) -> &Store {
+        self.store.as_ref().expect("open")
+    }
+
+    fn key(&self) -> String {
+        uuid::Uuid::from_u128(self.project).to_string()
+    }
+
+    /// Runs one operation; refusals (lease lost, nothing to claim) are part of the game.
+    fn apply(&mut self, op: &Op) {
+        let (key, ty, project) = (self.key(), self.ty, self.project);
+        let agent = |a: &usize| format!("agent-{a}");
+        let result: agentq::error::Result<()> = match op.clone() {
+            Op::Create { typed, priority } => {
+                let task = NewTask {
+                    type_id: typed.then_some(ty),
+                    instructions: Some("x".into()),
+                    priority: Some(priority),
+                    ..NewTask::default()
+                };
+                self.rt
+                    .block_on(
+                        self.store()
+                            .write(move |w| write::create_tasks(w, &key, vec![task])),
+                    )
+                    .map(|_| ())
+            }
+            Op::Claim {
+                agent: a,
+                typed_only,
+            } => {
+                let name = agent(&a);
+                self.rt
+                    .block_on(self.store().write(move |w| {
+                        let types = [ty];
+                        write::next_task(w, &key, &name, typed_only.then_some(&types[..]))
+                    }))
+                    .map(|_| ())
+            }
+            Op::Complete { agent: a } | Op::Fail { agent: a } | Op::Extend { agent: a } => {
+                let name = agent(&a);
+                let op = op.clone();
+                self.rt.block_on(self.store().write(move |w| {
+                    let Some(seq) = w.t.leases.held(project, &name) else {
+                        return Ok(());
+                    };
+                    let Some(t) = w.t.task(seq)? else {
+                        return Ok(());
+                    };
+                    match op {
+                        Op::Complete { .. } => {
+                            write::complete(w, &t.id, &name, None, None, None).map(|_| ())
+                        }
+                        Op::Fail { .. } => {
+                            write::fail(w, &t.id, &name, None, "e".into(), true).map(|_| ())
+                        }
+                        _ => write::extend(w, &t.id, &name, None, 60_000).map(|_| ()),
+                    }
+                }))
+            }
+            Op::Advance { ms } => {
+                self.clock.advance(ms);
+                self.rt.block_on(self.store().write(|w| {
+                    write::promote_due(w, 1000)?;
+                    write::reclaim_expired(w, None, 1000)?;
+                    Ok(())
+                }))
+            }
+            Op::Restart => {
+                let old = self.store.take().expect("open");
+                old.close();
+                drop(old);
+                let path = self.dir.path().join("m.redb");
+                self.store = Some(Store::open(&path, self.clock.clone()).unwrap());
+                Ok(())
+            }
+        };
+        if let Err(e) = result {
+            assert!(
+                !matches!(e, agentq::error::Error::Storage(_)),
+                "storage error on {op:?}: {e}"
+            );
+        }
+    }
+
+    /// Index entries, counters and the lease cache against the committed rows.
+    fn check(&self) {
+        let txn = self.store().begin_read().unwrap();
+        let tasks: Vec<Task> = txn
+            .open_table(TASKS)
+            .unwrap()
+            .iter()
+            .unwrap()
+            .map(|r| decode(r.unwrap().1.value()).unwrap())
+            .collect();
+        let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
+        let mut counts = Stats::default();
+        for t in &tasks {
+            expected.extend(index_entries(t));
+            counts.total += 1;
+            match t.status {
+                TaskStatus::Queued => counts.queued += 1,
+                TaskStatus::Running => counts.running += 1,
+                TaskStatus::Completed => counts.completed += 1,
+                TaskStatus::Failed => counts.failed += 1,
+                TaskStatus::Cancelled => counts.cancelled += 1,
+            }
+            counts.delayed += (t.status == TaskStatus::Queued && t.delayed) as u64;
+            assert_eq!(t.lease.is_some(), t.status == TaskStatus::Running, "{t:?}");
+        }
+        let index = txn.open_table(INDEX).unwrap();
+        let mut stored: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
+        let mut stats = None;
+        for r in index.iter().unwrap() {
+            let (k, v) = r.unwrap();
+            let (k, v) = (k.value().to_vec(), v.value().to_vec());
+            if k[0] == ix::STATS {
+                stats = Some(Stats::from_bytes(&v));
+            } else {
+                stored.insert((k, v));
+            }
+        }
+        assert_eq!(stored, expected, "index entries equal what the rows imply");
+        assert_eq!(stats.unwrap_or_default(), counts, "counters equal the rows");
+        let committed = Leases::load(&txn.open_table(PROJECTS).unwrap(), &index).unwrap();
+        let cache = self
+            .rt
+            .block_on(self.store().write(|w| Ok(w.t.leases.clone())))
+            .unwrap();
+        assert_eq!(
+            cache, committed,
+            "the lease cache equals the committed leases"
+        );
+        let first: Option<Millis> = tasks
+            .iter()
+            .filter_map(|t| t.lease.as_ref().map(|l| l.expires_at))
+            .min();
+        assert_eq!(self.store().hub.first_lease(), first);
+        let now = self.clock.now();
+        let held = tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Running)
+            .count();
+        assert_eq!(committed.len(), held);
+        assert!(committed.due(now, usize::MAX).len() <= held);
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_index_counters_and_lease_cache_follow_the_rows(ops in prop::collection::vec(op(), 1..60)) {
+        let mut world = World::new();
+        for op in &ops {
+            world.apply(op);
+            world.check();
+        }
+        world.store().close();
+    }
+}

@@ -214,10 +214,10 @@ impl Reader {
                 out.push(t);
             }
         }
-        out.sort_by(|a, b| {
-            let agent = |t: &Task| t.lease.as_ref().map(|l| l.agent.clone());
-            agent(a).cmp(&agent(b))
-        });
+        fn agent(t: &Task) -> Option<&str> {
+            t.lease.as_ref().map(|l| l.agent.as_str())
+        }
+        out.sort_by(|a, b| agent(a).cmp(&agent(b)));
         Ok(out)
     }
 

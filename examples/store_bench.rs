@@ -13,9 +13,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentq::model::ProjectConfig;
 use agentq::store::write::{self, Claim, NewProject, NewTask};
 use agentq::store::Store;
+use agentq::telemetry::{cpu_seconds, stat_cpu_seconds};
 use agentq::time::SystemClock;
 
 /// The server's allocator, so the writer's costs are the server's.
@@ -37,24 +37,15 @@ struct Opts {
 }
 
 /// CPU seconds of this process, and of its thread named `agentq-writer` (Linux).
-fn cpu_seconds() -> (f64, f64) {
-    let ticks = |stat: &str| -> Option<f64> {
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let t = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        Some(t as f64 / 100.0)
-    };
-    let process = std::fs::read_to_string("/proc/self/stat")
-        .ok()
-        .and_then(|s| ticks(&s))
-        .unwrap_or(0.0);
+fn process_and_writer_cpu() -> (f64, f64) {
+    let process = cpu_seconds();
     let mut writer = 0.0;
     if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
         for t in dir.flatten() {
             let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
             if comm.trim() == "agentq-writer" {
                 let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                writer = ticks(&stat).unwrap_or(0.0);
+                writer = stat_cpu_seconds(&stat).unwrap_or(0.0);
             }
         }
     }
@@ -65,17 +56,7 @@ async fn round(o: &Opts) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(&dir.path().join("store-bench.redb"), Arc::new(SystemClock)).unwrap();
     let (project, _) = store
-        .write(|w| {
-            write::create_project(
-                w,
-                NewProject {
-                    name: "bench".into(),
-                    description: String::new(),
-                    instructions: None,
-                    config: ProjectConfig::default(),
-                },
-            )
-        })
+        .write(|w| write::create_project(w, NewProject::named("bench")))
         .await
         .unwrap();
     let pid = uuid::Uuid::from_u128(project.id).to_string();
@@ -93,7 +74,7 @@ async fn round(o: &Opts) -> serde_json::Value {
             .await
             .unwrap();
     }
-    let (cpu0, writer0) = cpu_seconds();
+    let (cpu0, writer0) = process_and_writer_cpu();
     let started = Instant::now();
     let mut agents = Vec::new();
     for a in 0..o.agents {
@@ -125,7 +106,7 @@ async fn round(o: &Opts) -> serde_json::Value {
         cycles += a.await.unwrap();
     }
     let secs = started.elapsed().as_secs_f64();
-    let (cpu1, writer1) = cpu_seconds();
+    let (cpu1, writer1) = process_and_writer_cpu();
     store.close();
     assert_eq!(
         cycles as usize, o.tasks,

@@ -378,16 +378,20 @@ pub fn resident_bytes() -> u64 {
 }
 
 /// CPU seconds (user plus system) this process has used (Linux; 0 elsewhere).
-fn cpu_seconds() -> f64 {
+pub fn cpu_seconds() -> f64 {
     std::fs::read_to_string("/proc/self/stat")
         .ok()
-        .and_then(|s| {
-            let rest = &s[s.rfind(')')? + 2..];
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-            Some(ticks as f64 / 100.0)
-        })
+        .and_then(|s| stat_cpu_seconds(&s))
         .unwrap_or(0.0)
+}
+
+/// The CPU seconds (user plus system) in the text of a `/proc/.../stat` file, of a process or
+/// of one of its threads.
+pub fn stat_cpu_seconds(stat: &str) -> Option<f64> {
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
 }
 
 #[cfg(test)]

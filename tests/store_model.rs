@@ -57,19 +57,16 @@ impl World {
         let store = Store::open(&dir.path().join("m.redb"), clock.clone()).unwrap();
         let (project, _) = rt
             .block_on(store.write(|w| {
-                write::create_project(
-                    w,
-                    NewProject {
-                        name: "p".into(),
-                        description: String::new(),
-                        instructions: None,
-                        config: ProjectConfig {
-                            default_max_retries: 1,
-                            default_lease_duration_minutes: 1,
-                            reaper_interval_minutes: 1,
-                        },
-                    },
-                )
+                let config = ProjectConfig {
+                    default_max_retries: 1,
+                    default_lease_duration_minutes: 1,
+                    reaper_interval_minutes: 1,
+                };
+                let project = NewProject {
+                    config,
+                    ..NewProject::named("p")
+                };
+                write::create_project(w, project)
             }))
             .unwrap();
         let key = uuid::Uuid::from_u128(project.id).to_string();

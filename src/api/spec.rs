@@ -240,8 +240,9 @@ pub struct Spec {
     shapes: Vec<Shape>,
 }
 
-/// The routes of one segment count: those ending in a fixed segment, by that segment, and
-/// those ending in a parameter. Each list is in `routes` order.
+/// The routes of one segment count that a path may match, by the path's last segment: the
+/// routes ending in that fixed segment or in a parameter (`by_last`), or, for any other last
+/// segment, those ending in a parameter (`param_last`). Each list is in `routes` order.
 #[derive(Default)]
 struct Shape {
     by_last: HashMap<String, Vec<usize>>,
@@ -349,9 +350,17 @@ impl Spec {
             let shape = &mut shapes[segs.len()];
             match segs.last() {
                 Some(last) if !last.starts_with('{') => {
-                    shape.by_last.entry(last.clone()).or_default().push(i)
+                    // Later parameter routes join this list below; earlier ones now.
+                    let list = shape.by_last.entry(last.clone()).or_default();
+                    if list.is_empty() {
+                        list.extend(&shape.param_last);
+                    }
+                    list.push(i);
                 }
-                _ => shape.param_last.push(i),
+                _ => {
+                    shape.param_last.push(i);
+                    shape.by_last.values_mut().for_each(|list| list.push(i));
+                }
             }
         }
         Spec {
@@ -366,27 +375,16 @@ impl Spec {
         // with the path's segment count and last segment are compared, in table order.
         let shape = self.shapes.get(path.split('/').count())?;
         let last = path.rsplit('/').next().unwrap_or("");
-        let fixed = shape.by_last.get(last).map_or(&[][..], Vec::as_slice);
-        let (mut a, mut b) = (fixed.iter().peekable(), shape.param_last.iter().peekable());
-        let matches = |i: usize| {
-            let (pattern, _, _) = &self.routes[i];
-            pattern
-                .iter()
-                .zip(path.split('/'))
-                .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
-        };
-        loop {
-            let i = match (a.peek(), b.peek()) {
-                (Some(&&x), Some(&&y)) if x < y => a.next(),
-                (Some(_), None) => a.next(),
-                (_, Some(_)) => b.next(),
-                (None, None) => return None,
-            };
-            let i = *i.expect("peeked");
-            if matches(i) {
-                return Some(&self.routes[i]);
-            }
-        }
+        let candidates = shape.by_last.get(last).unwrap_or(&shape.param_last);
+        candidates
+            .iter()
+            .map(|&i| &self.routes[i])
+            .find(|(pattern, _, _)| {
+                pattern
+                    .iter()
+                    .zip(path.split('/'))
+                    .all(|(p, s)| p == s || (p.starts_with('{') && !s.is_empty()))
+            })
     }
 
     /// The methods a path supports (for `Allow`), or None for an unknown path.

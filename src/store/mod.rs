@@ -150,12 +150,10 @@ impl Store {
                 redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
                 other => OpenError::Io(path.to_path_buf(), other.to_string()),
             })?;
-        let next_seq = init_schema(&db, path)?;
-        let leases =
-            Leases::load_db(&db).map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?;
+        let state = init_schema(&db, path)?;
         let db = Arc::new(db);
         let hub = Arc::new(Hub::default());
-        hub.set_first_lease(leases.first_expiry());
+        hub.set_first_lease(state.leases.first_expiry());
         let (tx, rx) = mpsc::channel();
         let writer = {
             let db = db.clone();
@@ -163,7 +161,7 @@ impl Store {
             let clock = clock.clone();
             std::thread::Builder::new()
                 .name("agentq-writer".into())
-                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), next_seq, leases))
+                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), state))
                 .map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?
         };
         Ok(Arc::new(Store {
@@ -241,10 +239,11 @@ pub enum OpenError {
 }
 
 /// Creates every table, records the schema version on a new file, refuses a newer one,
-/// migrates an older one, and returns the next task seq.
-fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
+/// migrates an older one, and returns what the writer starts from: the next task seq and the
+/// leases held.
+fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
     let io = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
-    let run = || -> Result<Result<u64, OpenError>> {
+    let run = || -> Result<Result<WriterState, OpenError>> {
         let txn = db.begin_write()?;
         let next_seq;
         let mut migrated = None;
@@ -270,16 +269,21 @@ fn init_schema(db: &Database, path: &Path) -> Result<u64, OpenError> {
                 }
             }
             next_seq = t.tasks.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
+            *t.leases = Leases::load(&t.projects, &t.index)?;
         }
         txn.commit()?;
-        if let Some(leases) = migrated {
+        if let Some(moved) = migrated {
             tracing::info!(
                 database = %path.display(),
-                leases,
+                leases = moved,
                 "database migrated from schema 1 to {SCHEMA_VERSION}"
             );
         }
-        Ok(Ok(next_seq))
+        Ok(Ok(WriterState {
+            next_seq,
+            delayed_from: Millis::MIN,
+            leases,
+        }))
     };
     run().map_err(io)?
 }
@@ -289,11 +293,9 @@ fn writer_loop(
     rx: mpsc::Receiver<Msg>,
     hub: &Hub,
     clock: &dyn Clock,
-    mut next_seq: u64,
-    mut leases: Leases,
+    mut state: WriterState,
 ) {
     let mut stopping = false;
-    let mut delayed_from = Millis::MIN;
     while !stopping {
         let Ok(first) = rx.recv() else { break };
         let mut jobs = Vec::new();
@@ -311,40 +313,34 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        let mut state = WriterState {
-            next_seq: &mut next_seq,
-            delayed_from: &mut delayed_from,
-            leases: &mut leases,
-        };
         run_batch(db, jobs, hub, clock, &mut state);
     }
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
 }
 
 /// What the writer keeps between batches.
-struct WriterState<'a> {
-    next_seq: &'a mut u64,
-    delayed_from: &'a mut Millis,
-    leases: &'a mut Leases,
+struct WriterState {
+    next_seq: u64,
+    /// See [`W::delayed_may_be_due`].
+    delayed_from: Millis,
+    leases: Leases,
 }
 
 fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &mut WriterState) {
-    let next_seq = &mut *st.next_seq;
-    let delayed_from = &mut *st.delayed_from;
     let started = std::time::Instant::now();
-    let seq_before = *next_seq;
+    let seq_before = st.next_seq;
     let mut fx = Effects::default();
     let mut replies = Vec::with_capacity(jobs.len());
     let outcome: Result<()> = (|| {
         let txn = db.begin_write()?;
         let mut failed = false;
         {
-            let mut tables = Tables::open(&txn, st.leases)?;
+            let mut tables = Tables::open(&txn, &mut st.leases)?;
             let mut w = W {
                 t: &mut tables,
                 now: clock.now(),
-                next_seq,
-                delayed_from,
+                next_seq: &mut st.next_seq,
+                delayed_from: &mut st.delayed_from,
                 fx: &mut fx,
             };
             for job in jobs {
@@ -365,12 +361,12 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
     })();
     if let Err(e) = &outcome {
         tracing::error!(error = %e, batch = replies.len(), "write batch failed; nothing committed");
-        *next_seq = seq_before;
+        st.next_seq = seq_before;
         // The batch's promotions were rolled back with it: look again next time.
-        *delayed_from = Millis::MIN;
+        st.delayed_from = Millis::MIN;
         // So were its lease changes: reload the cache from what is committed.
         match Leases::load_db(db) {
-            Ok(l) => *st.leases = l,
+            Ok(l) => st.leases = l,
             Err(e) => tracing::error!(error = %e, "could not reload leases after a failed batch"),
         }
         fx = Effects::default();
@@ -461,17 +457,7 @@ mod batch_tests {
             .build()
             .unwrap();
         let (project, _) = rt
-            .block_on(store.write(|w| {
-                write::create_project(
-                    w,
-                    NewProject {
-                        name: "p".into(),
-                        description: String::new(),
-                        instructions: None,
-                        config: Default::default(),
-                    },
-                )
-            }))
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
             .unwrap();
         let pid = uuid::Uuid::from_u128(project.id).to_string();
         let key = pid.clone();

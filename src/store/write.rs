@@ -71,6 +71,18 @@ pub struct NewProject {
     pub config: ProjectConfig,
 }
 
+impl NewProject {
+    /// A project with a name only: no description or instructions, the default config.
+    pub fn named(name: &str) -> Self {
+        NewProject {
+            name: name.to_string(),
+            description: String::new(),
+            instructions: None,
+            config: ProjectConfig::default(),
+        }
+    }
+}
+
 pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
     if w.t.project_id_by_name(&p.name)?.is_some() {
         return Err(Error::Conflict(format!(

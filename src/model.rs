@@ -108,8 +108,7 @@ impl Stats {
     }
 
     pub fn to_bytes(self) -> [u8; 56] {
-        let mut out = [0u8; 56];
-        for (i, v) in [
+        u64s_to_bytes([
             self.total,
             self.queued,
             self.running,
@@ -117,32 +116,95 @@ impl Stats {
             self.failed,
             self.cancelled,
             self.delayed,
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            out[i * 8..i * 8 + 8].copy_from_slice(&v.to_le_bytes());
-        }
-        out
+        ])
     }
 
     pub fn from_bytes(b: &[u8]) -> Stats {
-        let f = |i: usize| {
-            b.get(i * 8..i * 8 + 8)
-                .and_then(|s| s.try_into().ok())
-                .map(u64::from_le_bytes)
-                .unwrap_or(0)
-        };
+        let [total, queued, running, completed, failed, cancelled, delayed] = u64s_from_bytes(b);
         Stats {
-            total: f(0),
-            queued: f(1),
-            running: f(2),
-            completed: f(3),
-            failed: f(4),
-            cancelled: f(5),
-            delayed: f(6),
+            total,
+            queued,
+            running,
+            completed,
+            failed,
+            cancelled,
+            delayed,
         }
     }
+}
+
+/// What a project's tasks did in one minute: tasks that ended `completed` or `failed` then,
+/// and the summed run time (start of the last attempt to completion) of the completed ones.
+/// Kept per minute so that "the last hour" is 60 small rows, whatever the traffic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Activity {
+    pub completed: u64,
+    pub failed: u64,
+    pub completed_run_ms: u64,
+}
+
+impl Activity {
+    /// The activity of one task's move from `old` to `new`, and the minute it belongs to;
+    /// `None` when the move neither completed nor finally failed the task.
+    pub fn of(old: Option<&Task>, new: Option<&Task>) -> Option<(i64, Activity)> {
+        let new = new?;
+        if old.is_some_and(|o| o.status == new.status) {
+            return None;
+        }
+        let at = new.completed_at.unwrap_or(new.updated_at);
+        let activity = match new.status {
+            TaskStatus::Completed => Activity {
+                completed: 1,
+                completed_run_ms: at.saturating_sub(new.started_at.unwrap_or(at)).max(0) as u64,
+                ..Activity::default()
+            },
+            TaskStatus::Failed => Activity {
+                failed: 1,
+                ..Activity::default()
+            },
+            _ => return None,
+        };
+        Some((at.div_euclid(60_000), activity))
+    }
+
+    pub fn add(&mut self, other: Activity) {
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.completed_run_ms += other.completed_run_ms;
+    }
+
+    pub fn to_bytes(self) -> [u8; 24] {
+        u64s_to_bytes([self.completed, self.failed, self.completed_run_ms])
+    }
+
+    pub fn from_bytes(b: &[u8]) -> Activity {
+        let [completed, failed, completed_run_ms] = u64s_from_bytes(b);
+        Activity {
+            completed,
+            failed,
+            completed_run_ms,
+        }
+    }
+}
+
+/// `N` little-endian u64s, as the fixed-width counter rows store them.
+fn u64s_to_bytes<const N: usize, const B: usize>(values: [u64; N]) -> [u8; B] {
+    const { assert!(B == N * 8) };
+    let mut out = [0u8; B];
+    for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// The inverse of [`u64s_to_bytes`]; a short row reads as zeros past its end.
+fn u64s_from_bytes<const N: usize>(b: &[u8]) -> [u64; N] {
+    std::array::from_fn(|i| {
+        b.get(i * 8..i * 8 + 8)
+            .and_then(|s| s.try_into().ok())
+            .map(u64::from_le_bytes)
+            .unwrap_or(0)
+    })
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]

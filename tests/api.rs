@@ -1097,3 +1097,76 @@ async fn cleanup_leases_reclaims_expired_leases_now() {
     assert_eq!(t.data()["status"], "queued");
     assert_eq!(t.data()["attempts"][0]["outcome"], "timeout");
 }
+
+#[tokio::test]
+async fn stats_report_the_last_hours_activity() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let once = app
+        .task_type(&p, json!({"name": "once", "maxRetries": 0}))
+        .await;
+    let again = app
+        .task_type(&p, json!({"name": "again", "maxRetries": 2}))
+        .await;
+    async fn activity(app: &TestApp, p: &str) -> Value {
+        let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+        stats.data()["recentActivity"].clone()
+    }
+    assert_eq!(
+        activity(&app, &p).await,
+        json!({"tasksCompletedLastHour": 0, "tasksFailedLastHour": 0, "averageTaskDuration": null})
+    );
+    for _ in 0..3 {
+        app.task(&p, json!({"typeId": once, "instructions": "x"}))
+            .await;
+    }
+    app.task(&p, json!({"typeId": again, "instructions": "x"}))
+        .await;
+    // Two completions that ran 2 s and 4 s, one final failure, one failure that retries.
+    for (agent, run_ms) in [("a", 2_000), ("b", 4_000)] {
+        let t = app
+            .next(agent, json!({"projectId": p, "typeIds": [once]}))
+            .await;
+        app.advance(run_ms).await;
+        let r = app
+            .post(
+                &format!("/api/tasks/{}/complete", t["id"].as_str().unwrap()),
+                json!({"agentName": agent}),
+            )
+            .await;
+        assert_eq!(r.status, 200);
+    }
+    for (agent, ty, retries) in [("c", &once, false), ("d", &again, true)] {
+        let t = app
+            .next(agent, json!({"projectId": p, "typeIds": [ty]}))
+            .await;
+        let r = app
+            .post(
+                &format!("/api/tasks/{}/fail", t["id"].as_str().unwrap()),
+                json!({"agentName": agent, "error": "e"}),
+            )
+            .await;
+        assert_eq!(r.data()["willRetry"], retries);
+    }
+    let expected =
+        json!({"tasksCompletedLastHour": 2, "tasksFailedLastHour": 1, "averageTaskDuration": 3.0});
+    assert_eq!(activity(&app, &p).await, expected);
+    let app = app.restart().await;
+    assert_eq!(
+        activity(&app, &p).await,
+        expected,
+        "activity survives a restart"
+    );
+    app.advance(58 * 60_000).await;
+    assert_eq!(
+        activity(&app, &p).await,
+        expected,
+        "58 minutes later: still in the hour"
+    );
+    app.advance(2 * 60_000).await;
+    assert_eq!(
+        activity(&app, &p).await,
+        json!({"tasksCompletedLastHour": 0, "tasksFailedLastHour": 0, "averageTaskDuration": null}),
+        "an hour later the window has moved on"
+    );
+}

@@ -2,12 +2,12 @@
 //! exactly the entries the task rows imply, the counters equal the rows, and the writer's
 //! in-memory lease cache equals the leases the committed rows hold.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use agentq::model::{Millis, ProjectConfig, Stats, Task, TaskStatus};
+use agentq::model::{Activity, Millis, ProjectConfig, Stats, Task, TaskStatus};
 use agentq::store::leases::Leases;
-use agentq::store::tables::{decode, index_entries, ix, INDEX, PROJECTS, TASKS};
+use agentq::store::tables::{decode, index_entries, ix, ACTIVITY_MINUTES, INDEX, PROJECTS, TASKS};
 use agentq::store::write::{self, NewProject, NewTask};
 use agentq::store::Store;
 use agentq::time::{Clock, ManualClock};
@@ -32,7 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0usize..4).prop_map(|agent| Op::Complete { agent }),
         1 => (0usize..4).prop_map(|agent| Op::Fail { agent }),
         1 => (0usize..4).prop_map(|agent| Op::Extend { agent }),
-        1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000)].prop_map(|ms| Op::Advance { ms }),
+        1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000), Just(1_800_000)].prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Restart),
     ]
 }
@@ -211,18 +211,42 @@ impl World {
         let index = txn.open_table(INDEX).unwrap();
         let mut stored: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut stats = None;
+        let mut activity: BTreeMap<i64, Activity> = BTreeMap::new();
+        let projects = txn.open_table(PROJECTS).unwrap();
         for r in index.iter().unwrap() {
             let (k, v) = r.unwrap();
             let (k, v) = (k.value().to_vec(), v.value().to_vec());
             if k[0] == ix::STATS {
                 stats = Some(Stats::from_bytes(&v));
+            } else if k[0] == ix::ACTIVITY {
+                let project = u128::from_be_bytes(k[1..17].try_into().unwrap());
+                assert!(
+                    projects.get(project).unwrap().is_some(),
+                    "activity of a deleted project is kept"
+                );
+                activity.insert(ix::i64_at(&k, 17), Activity::from_bytes(&v));
             } else {
                 stored.insert((k, v));
             }
         }
         assert_eq!(stored, expected, "index entries equal what the rows imply");
         assert_eq!(stats.unwrap_or_default(), counts, "counters equal the rows");
-        let committed = Leases::load(&txn.open_table(PROJECTS).unwrap(), &index).unwrap();
+        // Tasks here never leave `completed` or `failed`, and the clock only goes forward, so
+        // the activity rows are what the finished rows imply, for the minutes still kept.
+        let mut implied: BTreeMap<i64, Activity> = BTreeMap::new();
+        for t in &tasks {
+            if let Some((minute, a)) = Activity::of(None, Some(t)) {
+                implied.entry(minute).or_default().add(a);
+            }
+        }
+        if let Some(&last) = implied.keys().last() {
+            implied.retain(|m, _| *m > last - ACTIVITY_MINUTES);
+        }
+        assert_eq!(
+            activity, implied,
+            "activity equals what the finished rows imply"
+        );
+        let committed = Leases::load(&projects, &index).unwrap();
         let cache = self
             .rt
             .block_on(self.store().write(|w| Ok(w.t.leases.clone())))

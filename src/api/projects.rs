@@ -140,7 +140,7 @@ impl ProjectsApi {
         }))
     }
 
-    /// Exact counters, queue depth and active agents.
+    /// Exact counters, queue depth, active agents and the last hour's activity.
     #[oai(
         path = "/api/projects/:projectId/stats",
         method = "get",
@@ -155,6 +155,7 @@ impl ProjectsApi {
         let r = self.0.store.read()?;
         let s = r.stats(p.id)?;
         let active = r.leases(p.id)?.len() as u64;
+        let activity = r.recent_activity(p.id, self.0.store.clock.now())?;
         Ok(Reply::ok(ProjectStatsOut {
             project: ProjectRef {
                 id: uuid_str(p.id),
@@ -163,6 +164,7 @@ impl ProjectsApi {
             },
             queue_depth: s.queued,
             active_agents: active,
+            recent_activity: activity.into(),
         }))
     }
 

@@ -10,7 +10,7 @@ use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{ApiResponse, Object};
 use uuid::Uuid;
 
-use crate::model::{Attempt, Project, Stats, Task, TaskType};
+use crate::model::{Activity, Attempt, Project, Stats, Task, TaskType};
 use crate::time::format;
 
 /// A request string that must be a JSON string: poem-openapi's `String` would also take a
@@ -335,6 +335,34 @@ pub struct ProjectStatsOut {
     pub project: ProjectRef,
     pub queue_depth: u64,
     pub active_agents: u64,
+    pub recent_activity: RecentActivityOut,
+}
+
+/// The last hour (the current minute and the 59 before it).
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct RecentActivityOut {
+    /// Tasks that completed.
+    pub tasks_completed_last_hour: u64,
+    /// Tasks that failed for good (retries exhausted, or a failure that does not retry).
+    pub tasks_failed_last_hour: u64,
+    /// Mean seconds from the start of a completed task's last attempt to its completion;
+    /// null when none completed.
+    pub average_task_duration: Option<f64>,
+}
+
+impl From<Activity> for RecentActivityOut {
+    fn from(a: Activity) -> Self {
+        RecentActivityOut {
+            tasks_completed_last_hour: a.completed,
+            tasks_failed_last_hour: a.failed,
+            average_task_duration: (a.completed > 0).then(|| {
+                let ms = a.completed_run_ms as f64 / a.completed as f64;
+                ms.round() / 1000.0
+            }),
+        }
+    }
 }
 
 // ---------------------------------------------------------------- task types

@@ -480,4 +480,52 @@ mod batch_tests {
         assert_eq!(claim(&rt, &store, &pid, "b"), b, "agent b resumes its task");
         store.close();
     }
+
+    /// Deleting a project deletes its activity rows with it: those already stored, and those
+    /// of the batch that deletes it.
+    #[test]
+    fn a_deleted_project_leaves_no_activity_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
+            .unwrap();
+        let pid = uuid::Uuid::from_u128(project.id).to_string();
+        let activity_rows = |store: &Store| {
+            let txn = store.begin_read().unwrap();
+            let index = txn.open_table(tables::INDEX).unwrap();
+            let from = [tables::ix::ACTIVITY];
+            let to = [tables::ix::ACTIVITY + 1];
+            index.range::<&[u8]>(&from[..]..&to[..]).unwrap().count()
+        };
+        let key = pid.clone();
+        let tasks = (0..2)
+            .map(|_| NewTask {
+                instructions: Some("x".into()),
+                ..NewTask::default()
+            })
+            .collect();
+        rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks)))
+            .unwrap();
+        let first = claim(&rt, &store, &pid, "a").unwrap();
+        let second = claim(&rt, &store, &pid, "b").unwrap();
+        rt.block_on(store.write(move |w| write::complete(w, &first, "a", None, None, None)))
+            .unwrap();
+        assert_eq!(activity_rows(&store), 1, "a completion is counted");
+        let key = pid.clone();
+        rt.block_on(store.write(move |w| {
+            write::complete(w, &second, "b", None, None, None)?;
+            write::delete_project(w, &key)
+        }))
+        .unwrap();
+        assert_eq!(
+            activity_rows(&store),
+            0,
+            "the project's activity went with it"
+        );
+        store.close();
+    }
 }

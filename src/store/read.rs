@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::tables::*;
 use crate::error::{Error, Result};
-use crate::model::{Millis, Project, ProjectStatus, Stats, Task, TaskStatus, TaskType};
+use crate::model::{Activity, Millis, Project, ProjectStatus, Stats, Task, TaskStatus, TaskType};
 
 pub struct Reader {
     txn: ReadTransaction,
@@ -110,6 +110,20 @@ impl Reader {
             .get(ix::stats(project).as_slice())?
             .map(|v| Stats::from_bytes(v.value()))
             .unwrap_or_default())
+    }
+
+    /// What the project's tasks did in the hour up to `now`: its last 60 minutes, the current
+    /// one included.
+    pub fn recent_activity(&self, project: u128, now: Millis) -> Result<Activity> {
+        let minute = now.div_euclid(60_000);
+        let mut sum = Activity::default();
+        for r in self.index_range(
+            ix::activity(project, minute - 59),
+            ix::activity(project, minute),
+        )? {
+            sum.add(Activity::from_bytes(r?.1.value()));
+        }
+        Ok(sum)
     }
 
     /// Index entries under `prefix`, in key order (the iterator borrows nothing).

@@ -14,7 +14,7 @@ use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
 
 use super::leases::Leases;
 use crate::error::Result;
-use crate::model::{ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
+use crate::model::{Activity, ApiKey, Project, Session, Stats, Task, TaskStatus, TaskType};
 
 /// The on-disk schema version. Bump on any change of tables or row encoding; a file with a
 /// newer version is refused at start-up.
@@ -78,6 +78,7 @@ pub mod ix {
     pub const AGENT: u8 = 7;
     pub const DUPES: u8 = 8;
     pub const STATS: u8 = 9;
+    pub const ACTIVITY: u8 = 10;
 
     /// A key under construction.
     pub struct K(pub Vec<u8>);
@@ -155,6 +156,11 @@ pub mod ix {
     /// project → Stats (56 bytes).
     pub fn stats(p: u128) -> Vec<u8> {
         K::new(STATS).u128(p).0
+    }
+    /// (project, minute since the epoch) → Activity (24 bytes): what the project's tasks did
+    /// in that minute. Only the last hour's minutes are kept.
+    pub fn activity(p: u128, minute: i64) -> Vec<u8> {
+        K::new(ACTIVITY).u128(p).i64(minute).0
     }
 
     /// The smallest key after every key that starts with `prefix`.
@@ -236,7 +242,14 @@ pub struct Tables<'txn> {
     /// Project counters changed in this batch, written once by [`Tables::flush`] rather than
     /// read and rewritten on every transition (a claim and a complete each move a counter).
     stats: HashMap<u128, Option<Stats>>,
+    /// Activity of this batch by (project, minute), added to the stored rows by
+    /// [`Tables::flush`].
+    activity: HashMap<(u128, i64), Activity>,
 }
+
+/// How many minutes of activity a project keeps: the hour `/stats` reports, and one more so
+/// that the oldest reported minute is never pruned while it is being read.
+pub const ACTIVITY_MINUTES: i64 = 61;
 
 impl<'txn> Tables<'txn> {
     pub fn open(txn: &'txn WriteTransaction, leases: &'txn mut Leases) -> Result<Self> {
@@ -255,6 +268,7 @@ impl<'txn> Tables<'txn> {
             session_expiry: txn.open_table(SESSION_EXPIRY)?,
             leases,
             stats: HashMap::new(),
+            activity: HashMap::new(),
         })
     }
 
@@ -289,9 +303,14 @@ impl<'txn> Tables<'txn> {
         self.stats.insert(project, Some(stats));
     }
 
-    /// Removes a (deleted) project's counters.
-    pub fn drop_stats(&mut self, project: u128) {
+    /// Removes a (deleted) project's counters and activity.
+    pub fn drop_counters(&mut self, project: u128) -> Result<()> {
         self.stats.insert(project, None);
+        self.activity.retain(|(p, _), _| *p != project);
+        for k in self.keys(&ix::K::new(ix::ACTIVITY).u128(project).0)? {
+            self.index.remove(k.as_slice())?;
+        }
+        Ok(())
     }
 
     /// Writes what the batch left pending. The writer calls it once, before commit.
@@ -302,6 +321,31 @@ impl<'txn> Tables<'txn> {
                 Some(s) => self.index.insert(key.as_slice(), s.to_bytes().as_slice())?,
                 None => self.index.remove(key.as_slice())?,
             };
+        }
+        for ((project, minute), delta) in std::mem::take(&mut self.activity) {
+            let key = ix::activity(project, minute);
+            let stored = self
+                .index
+                .get(key.as_slice())?
+                .map(|v| Activity::from_bytes(v.value()));
+            if stored.is_none() {
+                // A project's first activity in a new minute: forget the minutes that have
+                // left the window (a seek, at most once a minute per project).
+                let from = ix::K::new(ix::ACTIVITY).u128(project).0;
+                let to = ix::activity(project, minute - ACTIVITY_MINUTES + 1);
+                let old: Vec<Vec<u8>> = self
+                    .index
+                    .range::<&[u8]>(from.as_slice()..to.as_slice())?
+                    .map(|r| r.map(|(k, _)| k.value().to_vec()))
+                    .collect::<std::result::Result<_, _>>()?;
+                for k in old {
+                    self.index.remove(k.as_slice())?;
+                }
+            }
+            let mut total = stored.unwrap_or_default();
+            total.add(delta);
+            self.index
+                .insert(key.as_slice(), total.to_bytes().as_slice())?;
         }
         Ok(())
     }
@@ -440,6 +484,9 @@ impl<'txn> Tables<'txn> {
             }
         }
         self.leases.apply(old, new);
+        if let Some((minute, a)) = Activity::of(old, new) {
+            self.activity.entry((project, minute)).or_default().add(a);
+        }
         let so = old.map(|t| (t.status, t.status == TaskStatus::Queued && t.delayed));
         let sn = new.map(|t| (t.status, t.status == TaskStatus::Queued && t.delayed));
         if so != sn {

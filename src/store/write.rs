@@ -180,7 +180,7 @@ pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
         w.t.type_names.remove((p.id, name.as_str()))?;
         w.t.types.remove(id)?;
     }
-    w.t.drop_stats(p.id);
+    w.t.drop_counters(p.id)?;
     w.t.project_names.remove(p.name.as_str())?;
     w.t.projects.remove(p.id)?;
     Ok(p.id)

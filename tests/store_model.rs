@@ -271,7 +271,11 @@ impl World {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+    // 48 cases in CI; AGENTQ_MODEL_CASES=N for a deeper run.
+    #![proptest_config(ProptestConfig {
+        cases: std::env::var("AGENTQ_MODEL_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(48),
+        ..ProptestConfig::default()
+    })]
 
     #[test]
     fn the_index_counters_and_lease_cache_follow_the_rows(ops in prop::collection::vec(op(), 1..60)) {

@@ -154,7 +154,6 @@ impl ProjectsApi {
         let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let s = r.stats(p.id)?;
-        let active = r.leases(p.id)?.len() as u64;
         let activity = r.recent_activity(p.id, self.0.store.clock.now())?;
         Ok(Reply::ok(ProjectStatsOut {
             project: ProjectRef {
@@ -163,7 +162,9 @@ impl ProjectsApi {
                 stats: s.into(),
             },
             queue_depth: s.queued,
-            active_agents: active,
+            // An agent holds at most one lease per project (next-task resumes the one it
+            // holds), and every running task is held: so the running count, kept exact.
+            active_agents: s.running,
             recent_activity: activity.into(),
         }))
     }

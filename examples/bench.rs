@@ -44,6 +44,9 @@ struct Opts {
     /// Tasks created one at a time for the long-poll wake-up figure.
     #[arg(long, default_value_t = 200)]
     wake_samples: usize,
+    /// Agents long-polling (waitSeconds) for those tasks.
+    #[arg(long, default_value_t = 16)]
+    waiters: usize,
 }
 
 fn parse_opts() -> Opts {
@@ -362,8 +365,8 @@ async fn wakeup(
     base: &str,
     project: &str,
     samples: usize,
+    waiters: usize,
 ) -> Vec<u32> {
-    let waiters = 16;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
     let stop = Arc::new(AtomicBool::new(false));
     let mut hs = Vec::new();
@@ -603,9 +606,20 @@ async fn run(o: Opts) {
 
     // Long-poll wake-up.
     let p = mk_project(format!("wake-{run_id}")).await;
-    let mut lat = wakeup(c, ac, &base, &p, o.wake_samples).await;
+    let (s0, _) = cpu_ticks();
+    let mut lat = wakeup(c, ac, &base, &p, o.wake_samples, o.waiters).await;
+    let (s1, _) = cpu_ticks();
     let (w50, w99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
-    println!("long-poll wake-up:                 p50 {w50:.2} ms  p99 {w99:.2} ms");
+    println!(
+        "long-poll wake-up ({} waiters):    p50 {w50:.2} ms  p99 {w99:.2} ms",
+        o.waiters
+    );
+    // Everything the server did while tasks were trickling in, per task delivered: with
+    // many waiters this shows whether one task wakes one waiter or all of them.
+    let wake_server_us = cpu_per(s0, s1, o.wake_samples);
+    if let Some(s) = wake_server_us {
+        println!("  server CPU per task delivered: {s:.0} µs");
+    }
 
     // Idle CPU with leases outstanding, RSS, then start-up time on this database.
     let mut idle_cpu = None;
@@ -678,6 +692,8 @@ async fn run(o: Opts) {
         "backlog_next_p99_ms": backlog_next_p99,
         "backlog_server_cpu_us_per_cycle": backlog_server_us.map(f64::round),
         "wake_p50_ms": w50, "wake_p99_ms": w99,
+        "waiters": o.waiters,
+        "wake_server_cpu_us_per_task": wake_server_us.map(f64::round),
         "idle_cpu_pct": idle_cpu,
         "rss_mib": rss_mib,
         "startup_ms": startup_ms,

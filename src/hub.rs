@@ -1,10 +1,12 @@
 //! Wake-ups between the writer, long-polling agents, the scheduler and shutdown.
 //!
-//! The writer reports, after each commit, which projects gained available tasks and the
-//! earliest new timer (lease expiry or `notBefore`). Long-pollers wait on their project's
-//! [`Notify`]; the scheduler waits on [`Hub::timer`]. Nothing here polls.
+//! The writer reports, after each commit, how many tasks became available per project and
+//! task type, and the earliest new timer (lease expiry or `notBefore`). Long-pollers wait in
+//! their project's queue ([`Hub::wait_for`]); each task that became available wakes the
+//! longest-waiting poller that would accept it, one per task, not every poller of the
+//! project. The scheduler waits on [`Hub::timer`]. Nothing here polls.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -16,17 +18,16 @@ use crate::telemetry::{self, TaskEvent};
 /// What one committed batch changed that someone may be waiting for.
 #[derive(Debug, Default)]
 pub struct Effects {
-    pub ready_projects: Vec<u128>,
+    /// Tasks that became available to claim, by project and task type (None: untyped).
+    pub ready: HashMap<(u128, Option<u128>), usize>,
     pub earliest_timer: Option<Millis>,
     /// Task transitions by project, for the counters.
     pub events: HashMap<(u128, TaskEvent), u64>,
 }
 
 impl Effects {
-    pub fn ready(&mut self, project: u128) {
-        if self.ready_projects.last() != Some(&project) {
-            self.ready_projects.push(project);
-        }
+    pub fn ready(&mut self, project: u128, type_id: Option<u128>) {
+        *self.ready.entry((project, type_id)).or_default() += 1;
     }
 
     pub fn timer(&mut self, at: Millis) {
@@ -35,7 +36,8 @@ impl Effects {
 }
 
 pub struct Hub {
-    projects: Mutex<HashMap<u128, Arc<Notify>>>,
+    /// Long-pollers by project, longest waiting first.
+    waiting: Mutex<HashMap<u128, VecDeque<Arc<Waiter>>>>,
     /// Wakes the scheduler (reaper) when a timer earlier than its deadline appears.
     pub timer: Notify,
     /// The instant the scheduler currently sleeps until (`i64::MAX` when it has nothing).
@@ -50,7 +52,7 @@ pub struct Hub {
 impl Default for Hub {
     fn default() -> Self {
         Hub {
-            projects: Mutex::default(),
+            waiting: Mutex::default(),
             timer: Notify::new(),
             timer_deadline: AtomicI64::new(i64::MAX),
             shutdown: watch::channel(false).0,
@@ -61,16 +63,63 @@ impl Default for Hub {
 }
 
 impl Hub {
-    /// The notifier long-pollers of `project` wait on.
-    pub fn project(&self, project: u128) -> Arc<Notify> {
-        let mut map = self.projects.lock().unwrap_or_else(|e| e.into_inner());
-        map.entry(project).or_default().clone()
+    /// Queues a long-poller of `project` that accepts tasks of `types` (None: any task).
+    /// Take the ticket *before* looking for a task, so that a task made available between
+    /// the look and the wait still wakes it.
+    pub fn wait_for(self: &Arc<Self>, project: u128, types: Option<&[u128]>) -> Ticket {
+        let waiter = Arc::new(Waiter {
+            types: types.map(Box::from),
+            wake: Notify::new(),
+            woken_for: Mutex::new(None),
+        });
+        self.lock_waiting()
+            .entry(project)
+            .or_default()
+            .push_back(waiter.clone());
+        Ticket {
+            hub: self.clone(),
+            project,
+            waiter,
+            used: false,
+        }
     }
 
+    fn lock_waiting(&self) -> std::sync::MutexGuard<'_, HashMap<u128, VecDeque<Arc<Waiter>>>> {
+        self.waiting.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Wakes up to `n` of the project's pollers that accept a task of `type_id`, longest
+    /// waiting first, and takes them out of the queue.
+    fn wake(
+        waiting: &mut HashMap<u128, VecDeque<Arc<Waiter>>>,
+        project: u128,
+        type_id: Option<u128>,
+        mut n: usize,
+    ) {
+        let Some(queue) = waiting.get_mut(&project) else {
+            return;
+        };
+        queue.retain(|w| {
+            if n == 0 || !w.accepts(type_id) {
+                return true;
+            }
+            n -= 1;
+            *w.woken_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(type_id);
+            w.wake.notify_one();
+            false
+        });
+        if queue.is_empty() {
+            waiting.remove(&project);
+        }
+    }
+
+    /// Wakes every poller of a deleted project (their next look answers 404).
     pub fn forget_project(&self, project: u128) {
-        let mut map = self.projects.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.remove(&project) {
-            n.notify_waiters();
+        if let Some(queue) = self.lock_waiting().remove(&project) {
+            for w in queue {
+                *w.woken_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(None);
+                w.wake.notify_one();
+            }
         }
     }
 
@@ -79,11 +128,11 @@ impl Hub {
         if !fx.events.is_empty() {
             telemetry::publish_events(&fx.events);
         }
-        if !fx.ready_projects.is_empty() {
-            let map = self.projects.lock().unwrap_or_else(|e| e.into_inner());
-            for p in fx.ready_projects {
-                if let Some(n) = map.get(&p) {
-                    n.notify_waiters();
+        if !fx.ready.is_empty() {
+            let mut waiting = self.lock_waiting();
+            if !waiting.is_empty() {
+                for ((project, type_id), n) in fx.ready {
+                    Self::wake(&mut waiting, project, type_id, n);
                 }
             }
         }
@@ -138,5 +187,162 @@ pub struct WaiterGuard(Arc<Hub>);
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
         self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One long-poller in its project's queue.
+struct Waiter {
+    /// The task types it accepts (None: any task, typed or not).
+    types: Option<Box<[u128]>>,
+    wake: Notify,
+    /// Set, under the hub's lock, when a task of this type (None: untyped) woke it.
+    woken_for: Mutex<Option<Option<u128>>>,
+}
+
+impl Waiter {
+    fn accepts(&self, type_id: Option<u128>) -> bool {
+        match (&self.types, type_id) {
+            (None, _) => true,
+            (Some(types), Some(t)) => types.contains(&t),
+            (Some(_), None) => false,
+        }
+    }
+}
+
+/// A long-poller's place in its project's queue, from [`Hub::wait_for`]. Dropping it leaves
+/// the queue. A poller that was woken but goes without looking again (it found a task
+/// anyway, timed out, or its client left) passes the wake-up on to the next poller that
+/// accepts the task, so that no available task waits for a poller's deadline.
+pub struct Ticket {
+    hub: Arc<Hub>,
+    project: u128,
+    waiter: Arc<Waiter>,
+    /// The wake-up was taken: the poller will look for a task again.
+    used: bool,
+}
+
+impl Ticket {
+    /// Resolves when a task this poller accepts became available (or its project was
+    /// deleted). Look again after it.
+    pub async fn woken(&mut self) {
+        self.waiter.wake.notified().await;
+        self.used = true;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        let mut waiting = self.hub.lock_waiting();
+        let woken_for = self
+            .waiter
+            .woken_for
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        match woken_for {
+            Some(type_id) if !self.used => Hub::wake(&mut waiting, self.project, type_id, 1),
+            Some(_) => {}
+            None => {
+                if let Some(queue) = waiting.get_mut(&self.project) {
+                    queue.retain(|w| !Arc::ptr_eq(w, &self.waiter));
+                    if queue.is_empty() {
+                        waiting.remove(&self.project);
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// Whether the ticket's wake-up is there without waiting (a stored wake-up resolves on
+    /// the first poll; a missing one never will).
+    async fn woken(t: &mut Ticket) -> bool {
+        tokio::time::timeout(Duration::ZERO, t.woken())
+            .await
+            .is_ok()
+    }
+
+    fn ready(hub: &Hub, project: u128, type_id: Option<u128>, n: usize) {
+        let mut fx = Effects::default();
+        for _ in 0..n {
+            fx.ready(project, type_id);
+        }
+        hub.publish(fx);
+    }
+
+    #[tokio::test]
+    async fn each_available_task_wakes_one_poller_the_longest_waiting() {
+        let hub = Arc::new(Hub::default());
+        let mut tickets: Vec<Ticket> = (0..5).map(|_| hub.wait_for(1, None)).collect();
+        let mut other_project = hub.wait_for(2, None);
+        ready(&hub, 1, None, 1);
+        let mut woke = Vec::new();
+        for t in tickets.iter_mut() {
+            woke.push(woken(t).await);
+        }
+        assert_eq!(woke, [true, false, false, false, false]);
+        ready(&hub, 1, Some(7), 2);
+        for (i, t) in tickets.iter_mut().enumerate().skip(1) {
+            assert_eq!(woken(t).await, i <= 2, "poller {i}");
+        }
+        assert!(!woken(&mut other_project).await);
+    }
+
+    #[tokio::test]
+    async fn a_task_wakes_only_a_poller_that_accepts_its_type() {
+        let hub = Arc::new(Hub::default());
+        let mut a = hub.wait_for(1, Some(&[10]));
+        let mut b = hub.wait_for(1, Some(&[20, 30]));
+        let mut any = hub.wait_for(1, None);
+        ready(&hub, 1, Some(30), 1);
+        assert!(!woken(&mut a).await);
+        assert!(woken(&mut b).await);
+        assert!(!woken(&mut any).await);
+        // An untyped task: only a poller without typeIds may take it.
+        ready(&hub, 1, None, 1);
+        assert!(!woken(&mut a).await);
+        assert!(woken(&mut any).await);
+    }
+
+    #[tokio::test]
+    async fn a_wake_up_left_unused_goes_to_the_next_poller() {
+        let hub = Arc::new(Hub::default());
+        let first = hub.wait_for(1, Some(&[10]));
+        let mut untyped_only = hub.wait_for(1, Some(&[20]));
+        let mut second = hub.wait_for(1, None);
+        ready(&hub, 1, Some(10), 1);
+        // The first poller leaves without looking again (it timed out, say).
+        drop(first);
+        assert!(
+            !woken(&mut untyped_only).await,
+            "it does not accept type 10"
+        );
+        assert!(woken(&mut second).await, "the wake-up was passed on");
+        // A wake-up that was used is not passed on.
+        let mut third = hub.wait_for(1, None);
+        drop(second);
+        assert!(!woken(&mut third).await);
+        // A poller that leaves unwoken just leaves the queue.
+        drop(untyped_only);
+        assert_eq!(hub.lock_waiting()[&1].len(), 1, "only the third is queued");
+        ready(&hub, 1, Some(20), 1);
+        assert!(woken(&mut third).await);
+    }
+
+    #[tokio::test]
+    async fn deleting_a_project_wakes_all_its_pollers() {
+        let hub = Arc::new(Hub::default());
+        let mut tickets: Vec<Ticket> = (0..3).map(|_| hub.wait_for(1, Some(&[5]))).collect();
+        hub.forget_project(1);
+        for t in tickets.iter_mut() {
+            assert!(woken(t).await);
+        }
+        drop(tickets);
+        assert!(hub.lock_waiting().is_empty());
     }
 }

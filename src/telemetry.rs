@@ -85,6 +85,10 @@ fn describe() {
         Unit::Count,
         "Write operations committed together in one durable commit."
     );
+    describe_counter!(
+        "agentq_storage_batches_unwritten_total",
+        "Write batches that changed nothing (say, every claim in them found no task) and so were not committed: no fsync."
+    );
     describe_gauge!(
         "agentq_storage_size_bytes",
         Unit::Bytes,
@@ -121,6 +125,7 @@ fn describe() {
     }
     counter!("agentq_rate_limited_total").increment(0);
     counter!("agentq_auth_failures_total").increment(0);
+    counter!("agentq_storage_batches_unwritten_total").increment(0);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
@@ -210,6 +215,11 @@ pub fn http_request(method: &poem::http::Method, route: &'static str, status: u1
 pub fn commit(seconds: f64, batch: usize) {
     histogram!("agentq_storage_commit_duration_seconds").record(seconds);
     histogram!("agentq_storage_commit_batch_size").record(batch as f64);
+}
+
+/// A write batch that changed nothing and was not committed.
+pub fn unwritten_batch() {
+    counter!("agentq_storage_batches_unwritten_total").increment(1);
 }
 
 pub fn rate_limited() {

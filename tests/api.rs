@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 
 fn ids(list: &Value) -> Vec<String> {
     list.as_array()
@@ -1169,4 +1170,77 @@ async fn stats_report_the_last_hours_activity() {
         json!({"tasksCompletedLastHour": 0, "tasksFailedLastHour": 0, "averageTaskDuration": null}),
         "an hour later the window has moved on"
     );
+}
+
+/// A task made available wakes one long-poller that accepts it, not every poller of the
+/// project: the others stay queued, and no claim is tried for them.
+#[tokio::test]
+async fn a_task_wakes_one_long_poller_that_accepts_it() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let a = app.task_type(&p, json!({"name": "a"})).await;
+    let b = app.task_type(&p, json!({"name": "b"})).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Value)>();
+    let mut pollers = Vec::new();
+    let mut poll = |agent: String, types: Option<&String>| {
+        let (client, tx) = (app.client.clone(), tx.clone());
+        let url = format!("{}/api/agents/{agent}/next-task", app.base);
+        let mut body = json!({"projectId": p, "waitSeconds": 30});
+        if let Some(t) = types {
+            body["typeIds"] = json!([t]);
+        }
+        pollers.push(tokio::spawn(async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let _ = tx.send((agent, r.json().await.unwrap()));
+        }));
+    };
+    for i in 0..10 {
+        poll(format!("a{i}"), Some(&a));
+    }
+    poll("b".into(), Some(&b));
+    let server = app.server.as_ref().unwrap();
+    for _ in 0..500 {
+        if server.store.hub.waiters() == 11 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(server.store.hub.waiters(), 11, "all pollers are waiting");
+    let ops = || server.store.batches.operations.load(Ordering::Relaxed);
+    let before = ops();
+    // A task of type b: the poller for b gets it, though ten pollers waited longer.
+    let id = app
+        .task(&p, json!({"typeId": b, "instructions": "x"}))
+        .await;
+    let (agent, r) = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .expect("the b poller was woken")
+        .unwrap();
+    assert_eq!(
+        (agent.as_str(), &r["data"]["task"]["id"]),
+        ("b", &json!(id))
+    );
+    // A task of type a: exactly one of the a pollers gets it.
+    let id = app
+        .task(&p, json!({"typeId": a, "instructions": "x"}))
+        .await;
+    let (agent, r) = rx.recv().await.unwrap();
+    assert!(agent.starts_with('a'));
+    assert_eq!(r["data"]["task"]["id"], id.as_str());
+    // One more claim through the writer, queued after any claim the wake-ups started.
+    assert_eq!(
+        app.next("probe", json!({"projectId": p})).await,
+        Value::Null
+    );
+    // Two creates, two claims and the probe; waking every poller would have tried ten more.
+    assert_eq!(ops() - before, 5, "one claim per task made available");
+    assert_eq!(
+        server.store.hub.waiters(),
+        9,
+        "the other pollers still wait"
+    );
+    assert!(rx.try_recv().is_err());
+    for h in pollers {
+        h.abort();
+    }
 }

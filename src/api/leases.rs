@@ -91,15 +91,13 @@ impl LeasesApi {
             .0
             .project_for(caller, Right::Work, &body.0.project_id)?;
         let hub = store.hub.clone();
-        let notify = hub.project(project.id);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
         loop {
-            // Register interest before looking, so a task created between the look and the
-            // wait still wakes us.
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            // Queue before looking, so a task made available between the look and the wait
+            // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
+            // we got but did not use).
+            let mut ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
             let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
             let claim = store
                 .write(move |w| {
@@ -109,11 +107,12 @@ impl LeasesApi {
             if let Claim::Task(..) = claim {
                 return Ok(next_task_answer(claim, agent));
             }
-            if wait <= 0.0 || tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
+            let Some(ticket) = ticket.as_mut() else { break };
+            if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
                 break;
             }
             tokio::select! {
-                _ = &mut notified => {}
+                _ = ticket.woken() => {}
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = hub.shutting_down() => break,
             }

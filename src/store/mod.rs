@@ -10,7 +10,10 @@
 //!    row, so a refused operation leaves nothing behind and never affects its batch-mates.
 //! 2. A storage error inside any operation aborts the whole batch: nothing is committed and
 //!    every caller in it gets the error, so no half-applied operation is ever made durable.
-//! 3. A caller hears "success" only after the commit returned.
+//! 3. A caller hears "success" only after the commit returned. A batch that changed nothing
+//!    (every claim in it found no task, say) has nothing to make durable: it is not
+//!    committed, which saves the fsync. [`tables::Tracked`] notes every write, and the
+//!    compiler allows no other way to write.
 //!
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 
@@ -21,6 +24,7 @@ pub mod tables;
 pub mod write;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -100,7 +104,7 @@ impl W<'_, '_> {
         if let Some(n) = new {
             let was_ready = old.is_some_and(is_ready);
             if is_ready(n) && !was_ready {
-                self.fx.ready(n.project_id);
+                self.fx.ready(n.project_id, n.type_id);
             }
             if let Some(l) = &n.lease {
                 if old.and_then(|o| o.lease.as_ref()).map(|l| l.expires_at) != Some(l.expires_at) {
@@ -126,6 +130,8 @@ pub struct Store {
     path: PathBuf,
     tx: mpsc::Sender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// How the writer's batches ended.
+    pub batches: Arc<BatchCounts>,
     pub hub: Arc<Hub>,
     pub clock: Arc<dyn Clock>,
 }
@@ -151,6 +157,7 @@ impl Store {
                 other => OpenError::Io(path.to_path_buf(), other.to_string()),
             })?;
         let state = init_schema(&db, path)?;
+        let batches = state.counts.clone();
         let db = Arc::new(db);
         let hub = Arc::new(Hub::default());
         hub.set_first_lease(state.leases.first_expiry());
@@ -169,6 +176,7 @@ impl Store {
             path: path.to_path_buf(),
             tx,
             writer: Mutex::new(Some(writer)),
+            batches,
             hub,
             clock,
         }))
@@ -269,7 +277,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
                 }
             }
             next_seq = t.tasks.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            *t.leases = Leases::load(&t.projects, &t.index)?;
+            *t.leases = Leases::load(&*t.projects, &*t.index)?;
         }
         txn.commit()?;
         if let Some(moved) = migrated {
@@ -280,6 +288,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
             );
         }
         Ok(Ok(WriterState {
+            counts: Arc::default(),
             next_seq,
             delayed_from: Millis::MIN,
             leases,
@@ -318,8 +327,20 @@ fn writer_loop(
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
 }
 
+/// How the writer's batches ended, since the store opened.
+#[derive(Debug, Default)]
+pub struct BatchCounts {
+    pub committed: AtomicU64,
+    /// Batches that changed nothing and were not committed.
+    pub unwritten: AtomicU64,
+    pub failed: AtomicU64,
+    /// Operations run, in batches of any outcome.
+    pub operations: AtomicU64,
+}
+
 /// What the writer keeps between batches.
 struct WriterState {
+    counts: Arc<BatchCounts>,
     next_seq: u64,
     /// See [`W::delayed_may_be_due`].
     delayed_from: Millis,
@@ -331,6 +352,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
     let seq_before = st.next_seq;
     let mut fx = Effects::default();
     let mut replies = Vec::with_capacity(jobs.len());
+    let mut written = false;
     let outcome: Result<()> = (|| {
         let txn = db.begin_write()?;
         let mut failed = false;
@@ -350,13 +372,20 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
             }
             if !failed {
                 tables.flush()?;
+                written = tables.written();
             }
         }
         if failed {
             let _ = txn.abort();
             return Err(Error::Storage("an operation in the batch failed".into()));
         }
-        txn.commit()?;
+        if written {
+            txn.commit()?;
+        } else {
+            // Nothing changed, so nothing needs to become durable: skip the commit's fsync.
+            // (redb commits an empty transaction like any other.)
+            let _ = txn.abort();
+        }
         Ok(())
     })();
     if let Err(e) = &outcome {
@@ -372,7 +401,22 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
         fx = Effects::default();
     }
     let n = replies.len();
-    crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+    let counter = match (&outcome, written) {
+        (Ok(()), false) => {
+            crate::telemetry::unwritten_batch();
+            &st.counts.unwritten
+        }
+        (Ok(()), true) => {
+            crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+            &st.counts.committed
+        }
+        (Err(_), _) => {
+            crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+            &st.counts.failed
+        }
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
     hub.set_first_lease(st.leases.first_expiry());
     // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees
     // its own transition counted.
@@ -478,6 +522,55 @@ mod batch_tests {
         assert!(b.is_some(), "the task is still queued");
         assert_eq!(claim(&rt, &store, &pid, "a"), None, "agent a holds nothing");
         assert_eq!(claim(&rt, &store, &pid, "b"), b, "agent b resumes its task");
+        store.close();
+    }
+
+    /// A batch whose operations changed nothing (a claim on an empty queue, an agent asking
+    /// again for the task it holds) is not committed; one that changed something is, and
+    /// stays committed across a restart.
+    #[test]
+    fn a_batch_that_changed_nothing_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.redb");
+        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let counts = |store: &Store| {
+            let b = &store.batches;
+            (
+                b.committed.load(Ordering::Relaxed),
+                b.unwritten.load(Ordering::Relaxed),
+            )
+        };
+        let (project, _) = rt
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
+            .unwrap();
+        let pid = uuid::Uuid::from_u128(project.id).to_string();
+        assert_eq!(counts(&store), (1, 0));
+        assert_eq!(claim(&rt, &store, &pid, "a"), None);
+        assert_eq!(counts(&store), (1, 1), "an empty claim commits nothing");
+        let key = pid.clone();
+        let task = NewTask {
+            instructions: Some("x".into()),
+            ..NewTask::default()
+        };
+        rt.block_on(store.write(move |w| write::create_tasks(w, &key, vec![task])))
+            .unwrap();
+        let id = claim(&rt, &store, &pid, "a");
+        assert!(id.is_some());
+        assert_eq!(counts(&store), (3, 1), "a create and a claim commit");
+        assert_eq!(claim(&rt, &store, &pid, "a"), id, "resumed");
+        assert_eq!(
+            counts(&store),
+            (3, 2),
+            "resuming the task held writes nothing"
+        );
+        store.close();
+        drop(store);
+        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
+        assert_eq!(claim(&rt, &store, &pid, "a"), id, "the claim was committed");
+        assert_eq!(claim(&rt, &store, &pid, "b"), None);
         store.close();
     }
 

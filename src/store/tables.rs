@@ -8,9 +8,11 @@
 //! from it exist, and the project's counters equal the rows they count. [`Tables::put_task`]
 //! is the only code that writes task rows, and it keeps both in step by diffing old and new.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
+use std::ops::Deref;
 
-use redb::{ReadableTable, Table, TableDefinition, WriteTransaction};
+use redb::{Key, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
 
 use super::leases::Leases;
 use crate::error::Result;
@@ -223,21 +225,66 @@ pub fn index_entries(t: &Task) -> Vec<(Vec<u8>, Vec<u8>)> {
     e
 }
 
+/// A table of the batch's write transaction that notes whether the batch wrote to it.
+///
+/// Reads go to the redb table (through `Deref`); the only ways to change it are
+/// [`Tracked::insert`] and [`Tracked::remove`], because there is no `DerefMut`: the compiler
+/// sees to it that no write escapes the note. A batch that wrote nothing is not committed
+/// (no fsync): see [`Tables::written`].
+pub struct Tracked<'txn, K: Key + 'static, V: Value + 'static> {
+    table: Table<'txn, K, V>,
+    written: bool,
+}
+
+impl<'txn, K: Key + 'static, V: Value + 'static> Tracked<'txn, K, V> {
+    fn open(txn: &'txn WriteTransaction, def: TableDefinition<K, V>) -> Result<Self> {
+        Ok(Tracked {
+            table: txn.open_table(def)?,
+            written: false,
+        })
+    }
+
+    pub fn insert<'k, 'v>(
+        &mut self,
+        key: impl Borrow<K::SelfType<'k>>,
+        value: impl Borrow<V::SelfType<'v>>,
+    ) -> Result<()> {
+        self.written = true;
+        self.table.insert(key, value)?;
+        Ok(())
+    }
+
+    /// Removes `key`; whether it was there.
+    pub fn remove<'k>(&mut self, key: impl Borrow<K::SelfType<'k>>) -> Result<bool> {
+        let found = self.table.remove(key)?.is_some();
+        self.written |= found;
+        Ok(found)
+    }
+}
+
+impl<'txn, K: Key + 'static, V: Value + 'static> Deref for Tracked<'txn, K, V> {
+    type Target = Table<'txn, K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.table
+    }
+}
+
 /// Every table, opened once per write transaction (one batch of the writer), and the
 /// writer's lease cache, which [`Tables::put_task`] keeps in step with the rows.
 pub struct Tables<'txn> {
-    pub meta: Table<'txn, &'static str, u64>,
-    pub projects: Table<'txn, u128, &'static [u8]>,
-    pub project_names: Table<'txn, &'static str, u128>,
-    pub types: Table<'txn, u128, &'static [u8]>,
-    pub type_names: Table<'txn, (u128, &'static str), u128>,
-    pub tasks: Table<'txn, u64, &'static [u8]>,
-    pub task_ids: Table<'txn, &'static str, u64>,
-    pub index: Table<'txn, &'static [u8], &'static [u8]>,
-    pub keys: Table<'txn, u128, &'static [u8]>,
-    pub sessions: Table<'txn, [u8; 32], &'static [u8]>,
-    pub sessions_by_key: Table<'txn, (u128, u128), [u8; 32]>,
-    pub session_expiry: Table<'txn, (i64, u128), [u8; 32]>,
+    pub meta: Tracked<'txn, &'static str, u64>,
+    pub projects: Tracked<'txn, u128, &'static [u8]>,
+    pub project_names: Tracked<'txn, &'static str, u128>,
+    pub types: Tracked<'txn, u128, &'static [u8]>,
+    pub type_names: Tracked<'txn, (u128, &'static str), u128>,
+    pub tasks: Tracked<'txn, u64, &'static [u8]>,
+    pub task_ids: Tracked<'txn, &'static str, u64>,
+    pub index: Tracked<'txn, &'static [u8], &'static [u8]>,
+    pub keys: Tracked<'txn, u128, &'static [u8]>,
+    pub sessions: Tracked<'txn, [u8; 32], &'static [u8]>,
+    pub sessions_by_key: Tracked<'txn, (u128, u128), [u8; 32]>,
+    pub session_expiry: Tracked<'txn, (i64, u128), [u8; 32]>,
     pub leases: &'txn mut Leases,
     /// Project counters changed in this batch, written once by [`Tables::flush`] rather than
     /// read and rewritten on every transition (a claim and a complete each move a counter).
@@ -254,18 +301,18 @@ pub const ACTIVITY_MINUTES: i64 = 61;
 impl<'txn> Tables<'txn> {
     pub fn open(txn: &'txn WriteTransaction, leases: &'txn mut Leases) -> Result<Self> {
         Ok(Tables {
-            meta: txn.open_table(META)?,
-            projects: txn.open_table(PROJECTS)?,
-            project_names: txn.open_table(PROJECT_NAMES)?,
-            types: txn.open_table(TYPES)?,
-            type_names: txn.open_table(TYPE_NAMES)?,
-            tasks: txn.open_table(TASKS)?,
-            task_ids: txn.open_table(TASK_IDS)?,
-            index: txn.open_table(INDEX)?,
-            keys: txn.open_table(KEYS)?,
-            sessions: txn.open_table(SESSIONS)?,
-            sessions_by_key: txn.open_table(SESSIONS_BY_KEY)?,
-            session_expiry: txn.open_table(SESSION_EXPIRY)?,
+            meta: Tracked::open(txn, META)?,
+            projects: Tracked::open(txn, PROJECTS)?,
+            project_names: Tracked::open(txn, PROJECT_NAMES)?,
+            types: Tracked::open(txn, TYPES)?,
+            type_names: Tracked::open(txn, TYPE_NAMES)?,
+            tasks: Tracked::open(txn, TASKS)?,
+            task_ids: Tracked::open(txn, TASK_IDS)?,
+            index: Tracked::open(txn, INDEX)?,
+            keys: Tracked::open(txn, KEYS)?,
+            sessions: Tracked::open(txn, SESSIONS)?,
+            sessions_by_key: Tracked::open(txn, SESSIONS_BY_KEY)?,
+            session_expiry: Tracked::open(txn, SESSION_EXPIRY)?,
             leases,
             stats: HashMap::new(),
             activity: HashMap::new(),
@@ -313,14 +360,33 @@ impl<'txn> Tables<'txn> {
         Ok(())
     }
 
+    /// Whether the batch changed anything (call after [`Tables::flush`]). One that did not,
+    /// say every claim in it found no task, has nothing to make durable and is not committed.
+    pub fn written(&self) -> bool {
+        self.meta.written
+            || self.projects.written
+            || self.project_names.written
+            || self.types.written
+            || self.type_names.written
+            || self.tasks.written
+            || self.task_ids.written
+            || self.index.written
+            || self.keys.written
+            || self.sessions.written
+            || self.sessions_by_key.written
+            || self.session_expiry.written
+    }
+
     /// Writes what the batch left pending. The writer calls it once, before commit.
     pub fn flush(&mut self) -> Result<()> {
         for (project, stats) in std::mem::take(&mut self.stats) {
             let key = ix::stats(project);
             match stats {
                 Some(s) => self.index.insert(key.as_slice(), s.to_bytes().as_slice())?,
-                None => self.index.remove(key.as_slice())?,
-            };
+                None => {
+                    self.index.remove(key.as_slice())?;
+                }
+            }
         }
         for ((project, minute), delta) in std::mem::take(&mut self.activity) {
             let key = ix::activity(project, minute);

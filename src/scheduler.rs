@@ -45,10 +45,16 @@ pub async fn run(store: Arc<Store>) {
                     if swept > 0 {
                         tracing::info!(sessions = swept, "expired sessions removed");
                     }
-                    Ok((promoted, reclaimed))
+                    Ok((promoted + swept, reclaimed))
                 })
                 .await;
             match result {
+                Ok((0, reclaimed)) if reclaimed.is_empty() => {
+                    // A timer looked due but the pass found nothing to do (the clock stepped
+                    // back between the look and the batch). Such a pass commits nothing and
+                    // costs almost nothing, so pause rather than spin on it.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
                 Ok((_, reclaimed)) => {
                     for r in reclaimed {
                         tracing::info!(

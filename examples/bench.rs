@@ -137,6 +137,49 @@ fn pct(v: &mut [u32], p: f64) -> f64 {
     v[i] as f64 / 1000.0
 }
 
+/// The server's commit totals from its own `/metrics`: (commits, operations committed,
+/// seconds spent in commit batches).
+async fn commit_totals(c: &reqwest::Client, base: &str) -> Option<(f64, f64, f64)> {
+    let text = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let value = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    };
+    Some((
+        value("agentq_storage_commit_batch_size_count")?,
+        value("agentq_storage_commit_batch_size_sum")?,
+        value("agentq_storage_commit_duration_seconds_sum")?,
+    ))
+}
+
+/// What the server's metrics say about its commits between two readings over `secs`.
+struct Commits {
+    ops_each: f64,
+    ms_each: f64,
+    writer_busy: f64,
+}
+
+fn commits_between(
+    a: Option<(f64, f64, f64)>,
+    b: Option<(f64, f64, f64)>,
+    secs: f64,
+) -> Option<Commits> {
+    let ((n0, ops0, s0), (n1, ops1, s1)) = (a?, b?);
+    let n = n1 - n0;
+    (n > 0.0).then(|| Commits {
+        ops_each: (ops1 - ops0) / n,
+        ms_each: (s1 - s0) / n * 1000.0,
+        writer_busy: (s1 - s0) / secs,
+    })
+}
+
 async fn post(c: &reqwest::Client, url: String, body: &Value) -> Value {
     post_typed(c, &url, serde_json::to_vec(body).unwrap()).await
 }
@@ -537,9 +580,11 @@ async fn run(o: Opts) {
     // Agent cycle.
     let p = mk_project(format!("cycle-{run_id}")).await;
     bulk_create(c, &base, &p, None, o.tasks, 4).await;
+    let m0 = commit_totals(c, &base).await;
     let (s0, c0) = cpu_ticks();
     let mut cy = agent_cycle(ac, &base, &p, o.agents, None).await;
     let (s1, c1) = cpu_ticks();
+    let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);
     let client_us = cpu_per(c0, c1, o.tasks);
     assert_eq!(cy.cycles, o.tasks, "every task completed once");
@@ -556,6 +601,15 @@ async fn run(o: Opts) {
     println!("  complete   p50 {c50:.2} ms  p99 {c99:.2} ms  max {cmax:.2} ms");
     if let (Some(s), Some(cl)) = (server_us, client_us) {
         println!("  CPU per cycle: server {s:.0} µs, client {cl:.0} µs");
+    }
+    if let Some(m) = &commits {
+        // Read from the server's /metrics, as Prometheus would.
+        println!(
+            "  commits: {:.1} operations each, {:.2} ms each, writer busy {:.0}% of the time",
+            m.ops_each,
+            m.ms_each,
+            m.writer_busy * 100.0
+        );
     }
 
     // The same cycle beside a backlog of another type.
@@ -687,6 +741,9 @@ async fn run(o: Opts) {
         "next_p50_ms": n50, "next_p99_ms": n99, "next_max_ms": nmax,
         "complete_p50_ms": c50, "complete_p99_ms": c99, "complete_max_ms": cmax,
         "server_cpu_us_per_cycle": server_us.map(f64::round),
+        "commit_ops_avg": commits.as_ref().map(|m| (m.ops_each * 10.0).round() / 10.0),
+        "commit_ms_avg": commits.as_ref().map(|m| (m.ms_each * 1000.0).round() / 1000.0),
+        "writer_busy": commits.as_ref().map(|m| (m.writer_busy * 100.0).round() / 100.0),
         "client_cpu_us_per_cycle": client_us.map(f64::round),
         "backlog_cycles_per_s": backlog_rate.map(f64::round),
         "backlog_next_p99_ms": backlog_next_p99,

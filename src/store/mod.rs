@@ -475,6 +475,31 @@ mod batch_tests {
     use super::*;
     use crate::time::SystemClock;
 
+    /// A store on a new file `b.redb` in `dir`, a runtime to drive it, and the id of its one
+    /// project.
+    fn with_project(dir: &tempfile::TempDir) -> (Arc<Store>, tokio::runtime::Runtime, String) {
+        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
+            .unwrap();
+        (store, rt, uuid::Uuid::from_u128(project.id).to_string())
+    }
+
+    fn add_tasks(rt: &tokio::runtime::Runtime, store: &Store, project: &str, n: usize) {
+        let key = project.to_string();
+        let tasks = (0..n)
+            .map(|_| NewTask {
+                instructions: Some("x".into()),
+                ..NewTask::default()
+            })
+            .collect();
+        rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks)))
+            .unwrap();
+    }
+
     fn claim(
         rt: &tokio::runtime::Runtime,
         store: &Store,
@@ -496,21 +521,8 @@ mod batch_tests {
     #[test]
     fn a_failed_batch_leaves_no_lease_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (project, _) = rt
-            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
-            .unwrap();
-        let pid = uuid::Uuid::from_u128(project.id).to_string();
-        let key = pid.clone();
-        let task = NewTask {
-            instructions: Some("x".into()),
-            ..NewTask::default()
-        };
-        rt.block_on(store.write(move |w| write::create_tasks(w, &key, vec![task])))
-            .unwrap();
+        let (store, rt, pid) = with_project(&dir);
+        add_tasks(&rt, &store, &pid, 1);
         let key = pid.clone();
         let failed = rt.block_on(store.write(move |w| {
             write::next_task(w, &key, "a", None)?;
@@ -531,11 +543,7 @@ mod batch_tests {
     #[test]
     fn a_batch_that_changed_nothing_is_not_committed() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.redb");
-        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let (store, rt, pid) = with_project(&dir);
         let counts = |store: &Store| {
             let b = &store.batches;
             (
@@ -543,20 +551,10 @@ mod batch_tests {
                 b.unwritten.load(Ordering::Relaxed),
             )
         };
-        let (project, _) = rt
-            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
-            .unwrap();
-        let pid = uuid::Uuid::from_u128(project.id).to_string();
         assert_eq!(counts(&store), (1, 0));
         assert_eq!(claim(&rt, &store, &pid, "a"), None);
         assert_eq!(counts(&store), (1, 1), "an empty claim commits nothing");
-        let key = pid.clone();
-        let task = NewTask {
-            instructions: Some("x".into()),
-            ..NewTask::default()
-        };
-        rt.block_on(store.write(move |w| write::create_tasks(w, &key, vec![task])))
-            .unwrap();
+        add_tasks(&rt, &store, &pid, 1);
         let id = claim(&rt, &store, &pid, "a");
         assert!(id.is_some());
         assert_eq!(counts(&store), (3, 1), "a create and a claim commit");
@@ -568,7 +566,7 @@ mod batch_tests {
         );
         store.close();
         drop(store);
-        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
+        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
         assert_eq!(claim(&rt, &store, &pid, "a"), id, "the claim was committed");
         assert_eq!(claim(&rt, &store, &pid, "b"), None);
         store.close();
@@ -579,14 +577,7 @@ mod batch_tests {
     #[test]
     fn a_deleted_project_leaves_no_activity_behind() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
-        let (project, _) = rt
-            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
-            .unwrap();
-        let pid = uuid::Uuid::from_u128(project.id).to_string();
+        let (store, rt, pid) = with_project(&dir);
         let activity_rows = |store: &Store| {
             let txn = store.begin_read().unwrap();
             let index = txn.open_table(tables::INDEX).unwrap();
@@ -594,15 +585,7 @@ mod batch_tests {
             let to = [tables::ix::ACTIVITY + 1];
             index.range::<&[u8]>(&from[..]..&to[..]).unwrap().count()
         };
-        let key = pid.clone();
-        let tasks = (0..2)
-            .map(|_| NewTask {
-                instructions: Some("x".into()),
-                ..NewTask::default()
-            })
-            .collect();
-        rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks)))
-            .unwrap();
+        add_tasks(&rt, &store, &pid, 2);
         let first = claim(&rt, &store, &pid, "a").unwrap();
         let second = claim(&rt, &store, &pid, "b").unwrap();
         rt.block_on(store.write(move |w| write::complete(w, &first, "a", None, None, None)))

@@ -313,22 +313,19 @@ mod tests {
     async fn a_wake_up_left_unused_goes_to_the_next_poller() {
         let hub = Arc::new(Hub::default());
         let first = hub.wait_for(1, Some(&[10]));
-        let mut untyped_only = hub.wait_for(1, Some(&[20]));
+        let mut only_20 = hub.wait_for(1, Some(&[20]));
         let mut second = hub.wait_for(1, None);
         ready(&hub, 1, Some(10), 1);
         // The first poller leaves without looking again (it timed out, say).
         drop(first);
-        assert!(
-            !woken(&mut untyped_only).await,
-            "it does not accept type 10"
-        );
+        assert!(!woken(&mut only_20).await, "it does not take type 10");
         assert!(woken(&mut second).await, "the wake-up was passed on");
         // A wake-up that was used is not passed on.
         let mut third = hub.wait_for(1, None);
         drop(second);
         assert!(!woken(&mut third).await);
         // A poller that leaves unwoken just leaves the queue.
-        drop(untyped_only);
+        drop(only_20);
         assert_eq!(hub.lock_waiting()[&1].len(), 1, "only the third is queued");
         ready(&hub, 1, Some(20), 1);
         assert!(woken(&mut third).await);

@@ -1232,8 +1232,13 @@ async fn a_task_wakes_one_long_poller_that_accepts_it() {
         app.next("probe", json!({"projectId": p})).await,
         Value::Null
     );
-    // Two creates, two claims and the probe; waking every poller would have tried ten more.
-    assert_eq!(ops() - before, 5, "one claim per task made available");
+    // Two creates, two claims and the probe (and at most one background "key last used"
+    // update); waking every poller would have tried nine more claims.
+    let ops = ops() - before;
+    assert!(
+        (5..=6).contains(&ops),
+        "{ops} operations: one claim per task made available"
+    );
     assert_eq!(
         server.store.hub.waiters(),
         9,

@@ -56,6 +56,8 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
         &format!(r#"agentq_tasks_failed_total{{project="{p}"}} 0"#),
         &format!(r#"agentq_tasks_cancelled_total{{project="{p}"}} 0"#),
         "agentq_rate_limited_total ",
+        "# HELP agentq_storage_batches_unwritten_total ",
+        "agentq_storage_batches_unwritten_total ",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }

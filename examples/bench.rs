@@ -17,6 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentq::telemetry::{stat_cpu_seconds, status_resident_bytes};
 use serde_json::{json, Value};
 
 /// The agentq benchmark: real HTTP on loopback against a release server, with keys on.
@@ -467,20 +468,14 @@ async fn wakeup(
     lat
 }
 
-fn proc_stat(pid: u32) -> Option<(u64, u64)> {
+/// CPU seconds (user plus system) and resident KiB of process `pid`.
+fn proc_stat(pid: u32) -> Option<(f64, u64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let cpu_ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let rss_kb = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some((cpu_ticks, rss_kb))
+    Some((
+        stat_cpu_seconds(&stat)?,
+        status_resident_bytes(&status)? / 1024,
+    ))
 }
 
 fn main() {
@@ -533,19 +528,19 @@ async fn run(o: Opts) {
     let agent_client = keyed_client(agent_key["data"]["key"].as_str().expect("agent key"));
     let ac = &agent_client;
     let server_pid = target.child.as_ref().map(Child::id);
-    let cpu_ticks = || {
+    let cpu_seconds = || {
         let server = server_pid.and_then(proc_stat).map(|(t, _)| t);
         let client = proc_stat(std::process::id()).map(|(t, _)| t);
         (server, client)
     };
-    let (s0, c0) = cpu_ticks();
+    let (s0, c0) = cpu_seconds();
     let (ceiling, health_n) = ceiling(c, &base, o.agents, o.ceiling_secs).await;
-    let (s1, c1) = cpu_ticks();
+    let (s1, c1) = cpu_seconds();
     println!("HTTP ceiling (GET /health):        {ceiling:>10.0} req/s");
     // CPU time per unit of work is steadier than a rate on a shared VM: it does not move
-    // when a neighbour takes the other core. /proc counts in USER_HZ (100) ticks.
+    // when a neighbour takes the other core. /proc counts in 10 ms ticks.
     let cpu_per =
-        |a: Option<u64>, b: Option<u64>, n: usize| Some((b? - a?) as f64 * 10_000.0 / n as f64);
+        |a: Option<f64>, b: Option<f64>, n: usize| Some((b? - a?) * 1_000_000.0 / n as f64);
     if let (Some(s), Some(cl)) = (cpu_per(s0, s1, health_n), cpu_per(c0, c1, health_n)) {
         println!("  CPU per request: server {s:.0} µs, client {cl:.0} µs");
     }
@@ -568,9 +563,9 @@ async fn run(o: Opts) {
     // Bulk create.
     let p = mk_project(format!("bulk-{run_id}")).await;
     let bulk_n = 100_000;
-    let (s0, c0) = cpu_ticks();
+    let (s0, c0) = cpu_seconds();
     let d = bulk_create(c, &base, &p, None, bulk_n, 4).await;
-    let (s1, c1) = cpu_ticks();
+    let (s1, c1) = cpu_seconds();
     let bulk_rate = bulk_n as f64 / d.as_secs_f64();
     println!("bulk create (1000/request, 4 in flight): {bulk_rate:>8.0} tasks/s");
     if let (Some(s), Some(cl)) = (cpu_per(s0, s1, bulk_n), cpu_per(c0, c1, bulk_n)) {
@@ -581,9 +576,9 @@ async fn run(o: Opts) {
     let p = mk_project(format!("cycle-{run_id}")).await;
     bulk_create(c, &base, &p, None, o.tasks, 4).await;
     let m0 = commit_totals(c, &base).await;
-    let (s0, c0) = cpu_ticks();
+    let (s0, c0) = cpu_seconds();
     let mut cy = agent_cycle(ac, &base, &p, o.agents, None).await;
-    let (s1, c1) = cpu_ticks();
+    let (s1, c1) = cpu_seconds();
     let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);
     let client_us = cpu_per(c0, c1, o.tasks);
@@ -639,9 +634,9 @@ async fn run(o: Opts) {
             t.elapsed().as_secs_f64()
         );
         bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
-        let (s0, c0) = cpu_ticks();
+        let (s0, c0) = cpu_seconds();
         let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work])).await;
-        let (s1, c1) = cpu_ticks();
+        let (s1, c1) = cpu_seconds();
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
         let p99 = pct(&mut cy.next, 0.99);
@@ -660,9 +655,9 @@ async fn run(o: Opts) {
 
     // Long-poll wake-up.
     let p = mk_project(format!("wake-{run_id}")).await;
-    let (s0, _) = cpu_ticks();
+    let (s0, _) = cpu_seconds();
     let mut lat = wakeup(c, ac, &base, &p, o.wake_samples, o.waiters).await;
-    let (s1, _) = cpu_ticks();
+    let (s1, _) = cpu_seconds();
     let (w50, w99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
     println!(
         "long-poll wake-up ({} waiters):    p50 {w50:.2} ms  p99 {w99:.2} ms",
@@ -694,8 +689,7 @@ async fn run(o: Opts) {
         let (t0, _) = proc_stat(pid).unwrap();
         tokio::time::sleep(Duration::from_secs(10)).await;
         let (t1, rss) = proc_stat(pid).unwrap();
-        let ticks = 100.0; // USER_HZ
-        let cpu = (t1 - t0) as f64 / ticks / 10.0 * 100.0;
+        let cpu = (t1 - t0) / 10.0 * 100.0;
         println!("idle CPU, 50 leases outstanding:   {cpu:>9.2} % of one core over 10 s");
         println!(
             "server RSS at the end:             {:>9.1} MiB",

@@ -96,10 +96,7 @@ impl Hub {
         type_id: Option<u128>,
         mut n: usize,
     ) {
-        let Some(queue) = waiting.get_mut(&project) else {
-            return;
-        };
-        queue.retain(|w| {
+        Self::retain_waiting(waiting, project, |w| {
             if n == 0 || !w.accepts(type_id) {
                 return true;
             }
@@ -108,8 +105,19 @@ impl Hub {
             w.wake.notify_one();
             false
         });
-        if queue.is_empty() {
-            waiting.remove(&project);
+    }
+
+    /// Keeps the project's pollers for which `keep` holds, and forgets an emptied queue.
+    fn retain_waiting(
+        waiting: &mut HashMap<u128, VecDeque<Arc<Waiter>>>,
+        project: u128,
+        keep: impl FnMut(&Arc<Waiter>) -> bool,
+    ) {
+        if let Some(queue) = waiting.get_mut(&project) {
+            queue.retain(keep);
+            if queue.is_empty() {
+                waiting.remove(&project);
+            }
         }
     }
 
@@ -242,14 +250,9 @@ impl Drop for Ticket {
         match woken_for {
             Some(type_id) if !self.used => Hub::wake(&mut waiting, self.project, type_id, 1),
             Some(_) => {}
-            None => {
-                if let Some(queue) = waiting.get_mut(&self.project) {
-                    queue.retain(|w| !Arc::ptr_eq(w, &self.waiter));
-                    if queue.is_empty() {
-                        waiting.remove(&self.project);
-                    }
-                }
-            }
+            None => Hub::retain_waiting(&mut waiting, self.project, |w| {
+                !Arc::ptr_eq(w, &self.waiter)
+            }),
         }
     }
 }

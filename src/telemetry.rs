@@ -378,13 +378,20 @@ pub fn process_usage() -> (u64, f64) {
 pub fn resident_bytes() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb * 1024)
+        .and_then(|s| status_resident_bytes(&s))
+        .unwrap_or(0)
+}
+
+/// The resident memory in the text of a `/proc/.../status` file.
+pub fn status_resident_bytes(status: &str) -> Option<u64> {
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 /// CPU seconds (user plus system) this process has used (Linux; 0 elsewhere).

@@ -333,7 +333,6 @@ pub struct BatchCounts {
     pub committed: AtomicU64,
     /// Batches that changed nothing and were not committed.
     pub unwritten: AtomicU64,
-    pub failed: AtomicU64,
     /// Operations run, in batches of any outcome.
     pub operations: AtomicU64,
 }
@@ -401,21 +400,15 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
         fx = Effects::default();
     }
     let n = replies.len();
-    let counter = match (&outcome, written) {
-        (Ok(()), false) => {
-            crate::telemetry::unwritten_batch();
-            &st.counts.unwritten
+    if outcome.is_ok() && !written {
+        crate::telemetry::unwritten_batch();
+        st.counts.unwritten.fetch_add(1, Ordering::Relaxed);
+    } else {
+        crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+        if outcome.is_ok() {
+            st.counts.committed.fetch_add(1, Ordering::Relaxed);
         }
-        (Ok(()), true) => {
-            crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
-            &st.counts.committed
-        }
-        (Err(_), _) => {
-            crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
-            &st.counts.failed
-        }
-    };
-    counter.fetch_add(1, Ordering::Relaxed);
+    }
     st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
     hub.set_first_lease(st.leases.first_expiry());
     // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees

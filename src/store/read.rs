@@ -118,7 +118,7 @@ impl Reader {
         let minute = now.div_euclid(60_000);
         let mut sum = Activity::default();
         for r in self.index_range(
-            ix::activity(project, minute - 59),
+            ix::activity(project, minute - ACTIVITY_REPORTED_MINUTES + 1),
             ix::activity(project, minute),
         )? {
             sum.add(Activity::from_bytes(r?.1.value()));

@@ -294,9 +294,11 @@ pub struct Tables<'txn> {
     activity: HashMap<(u128, i64), Activity>,
 }
 
-/// How many minutes of activity a project keeps: the hour `/stats` reports, and one more so
-/// that the oldest reported minute is never pruned while it is being read.
-pub const ACTIVITY_MINUTES: i64 = 61;
+/// The minutes of activity `/stats` reports: the current one and the 59 before it.
+pub const ACTIVITY_REPORTED_MINUTES: i64 = 60;
+/// How many minutes of activity a project keeps: the reported hour, and one more so that the
+/// oldest reported minute is never pruned while it is being read.
+pub const ACTIVITY_MINUTES: i64 = ACTIVITY_REPORTED_MINUTES + 1;
 
 impl<'txn> Tables<'txn> {
     pub fn open(txn: &'txn WriteTransaction, leases: &'txn mut Leases) -> Result<Self> {
@@ -354,7 +356,18 @@ impl<'txn> Tables<'txn> {
     pub fn drop_counters(&mut self, project: u128) -> Result<()> {
         self.stats.insert(project, None);
         self.activity.retain(|(p, _), _| *p != project);
-        for k in self.keys(&ix::K::new(ix::ACTIVITY).u128(project).0)? {
+        let prefix = ix::K::new(ix::ACTIVITY).u128(project).0;
+        self.remove_index_range(&prefix, &ix::end_of(&prefix))
+    }
+
+    /// Removes the index entries with keys in `from..to`.
+    fn remove_index_range(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
+        let keys: Vec<Vec<u8>> = self
+            .index
+            .range::<&[u8]>(from..to)?
+            .map(|r| r.map(|(k, _)| k.value().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        for k in keys {
             self.index.remove(k.as_slice())?;
         }
         Ok(())
@@ -399,14 +412,7 @@ impl<'txn> Tables<'txn> {
                 // left the window (a seek, at most once a minute per project).
                 let from = ix::K::new(ix::ACTIVITY).u128(project).0;
                 let to = ix::activity(project, minute - ACTIVITY_MINUTES + 1);
-                let old: Vec<Vec<u8>> = self
-                    .index
-                    .range::<&[u8]>(from.as_slice()..to.as_slice())?
-                    .map(|r| r.map(|(k, _)| k.value().to_vec()))
-                    .collect::<std::result::Result<_, _>>()?;
-                for k in old {
-                    self.index.remove(k.as_slice())?;
-                }
+                self.remove_index_range(&from, &to)?;
             }
             let mut total = stored.unwrap_or_default();
             total.add(delta);

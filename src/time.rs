@@ -64,7 +64,8 @@ pub fn format(ms: Millis) -> String {
     put(14, 2, dt.minute() as u32);
     put(17, 2, dt.second() as u32);
     put(20, 3, dt.millisecond() as u32);
-    b.iter().map(|c| *c as char).collect()
+    // One allocation of the final size (collecting chars grew the string several times).
+    String::from_utf8_lossy(&b).into_owned()
 }
 
 /// Parses an RFC 3339 instant (any offset) to Unix milliseconds.

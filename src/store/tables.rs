@@ -59,8 +59,15 @@ pub const SESSION_EXPIRY: TableDefinition<(i64, u128), [u8; 32]> =
     TableDefinition::new("session_expiry");
 
 pub fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
-    Ok(postcard::to_allocvec(value)?)
+    // Sized for a typical task row up front: growing from empty cost ~5 allocations a row.
+    Ok(postcard::to_extend(
+        value,
+        Vec::with_capacity(ENCODE_CAPACITY),
+    )?)
 }
+
+/// The buffer a row is first encoded into (bytes); larger rows grow it.
+const ENCODE_CAPACITY: usize = 512;
 
 pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     Ok(postcard::from_bytes(bytes)?)

@@ -138,12 +138,10 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
                 let seq = ix::seq_of(key);
                 let project = u128::from_be_bytes(key[1..17].try_into().unwrap());
                 index.insert(key.as_slice(), &[][..]).unwrap();
-                let lease_key = ix::K::new(ix::LEASES).i64(expires).u64(seq).0;
+                let lease_key = ix::K::new(ix::LEASES).i64(expires).u64(seq);
                 index.insert(lease_key.as_slice(), &[][..]).unwrap();
-                let agent_key = ix::K::new(ix::AGENT)
-                    .u128(project)
-                    .bytes(agent.as_bytes())
-                    .0;
+                let mut agent_key = ix::K::new(ix::AGENT).u128(project).to_vec();
+                agent_key.extend_from_slice(agent.as_bytes());
                 index
                     .insert(agent_key.as_slice(), &seq.to_be_bytes()[..])
                     .unwrap();
@@ -166,8 +164,7 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
                             .u128(task.project_id)
                             .u128(0)
                             .u8(k[17])
-                            .u64(seq)
-                            .0;
+                            .u64(seq);
                         index.insert(v1.as_slice(), &[][..]).unwrap();
                         untyped_entries += 1;
                     }

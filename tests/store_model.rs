@@ -196,7 +196,7 @@ impl World {
         let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut counts = Stats::default();
         for t in &tasks {
-            expected.extend(index_entries(t));
+            expected.extend(index_entries(t).into_iter().map(|(k, v)| (k.to_vec(), v)));
             counts.total += 1;
             match t.status {
                 TaskStatus::Queued => counts.queued += 1,

@@ -40,8 +40,7 @@ impl Leases {
             let project = p?.0.value();
             let prefix = ix::K::new(ix::BY_STATUS)
                 .u128(project)
-                .u8(TaskStatus::Running.code())
-                .0;
+                .u8(TaskStatus::Running.code());
             let end = ix::end_of(&prefix);
             for r in index.range::<&[u8]>(prefix.as_slice()..end.as_slice())? {
                 let (k, v) = r?;

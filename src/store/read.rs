@@ -118,8 +118,8 @@ impl Reader {
         let minute = now.div_euclid(60_000);
         let mut sum = Activity::default();
         for r in self.index_range(
-            ix::activity(project, minute - ACTIVITY_REPORTED_MINUTES + 1),
-            ix::activity(project, minute),
+            ix::activity(project, minute - ACTIVITY_REPORTED_MINUTES + 1).to_vec(),
+            ix::activity(project, minute).to_vec(),
         )? {
             sum.add(Activity::from_bytes(r?.1.value()));
         }
@@ -213,8 +213,7 @@ impl Reader {
         let mut out = Vec::new();
         let prefix = ix::K::new(ix::BY_STATUS)
             .u128(project)
-            .u8(TaskStatus::Running.code())
-            .0;
+            .u8(TaskStatus::Running.code());
         let end = ix::end_of(&prefix);
         for r in self
             .table(INDEX)?
@@ -242,7 +241,7 @@ impl Reader {
         let tasks = self.table(TASKS)?;
         let due_keys = self.index_range(
             vec![ix::DELAYED],
-            ix::K::new(ix::DELAYED).i64(now).u64(u64::MAX).0,
+            ix::K::new(ix::DELAYED).i64(now).u64(u64::MAX).to_vec(),
         )?;
         for r in due_keys {
             let seq = ix::seq_of(r?.0.value());
@@ -328,9 +327,9 @@ impl Reader {
                     .collect()
             };
             for prefix in prefixes {
-                let at = prefix.0.len();
-                let lo = ix::K(prefix.0.clone()).i64(a.0).u64(a.1).0;
-                let hi = prefix.i64(b.0).u64(b.1).0;
+                let at = prefix.len();
+                let lo = prefix.i64(a.0).u64(a.1).to_vec();
+                let hi = prefix.i64(b.0).u64(b.1).to_vec();
                 let it = self.index_range(lo, hi)?.map(move |r| {
                     r.map(|(k, _)| {
                         let k = k.value();

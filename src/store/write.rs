@@ -162,7 +162,7 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 /// Deletes a project with its task types, tasks and leases. Returns the project id.
 pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
     let p = resolve_project(w.t, key)?;
-    let prefix = ix::K::new(ix::BY_PROJECT).u128(p.id).0;
+    let prefix = ix::K::new(ix::BY_PROJECT).u128(p.id);
     let seqs: Vec<u64> = w.t.keys(&prefix)?.iter().map(|k| ix::seq_of(k)).collect();
     for seq in seqs {
         if let Some(task) = w.t.task(seq)? {
@@ -450,8 +450,7 @@ fn find_duplicate(
 ) -> Result<Option<Task>> {
     let prefix = ix::K::new(ix::DUPES)
         .u128(type_id)
-        .u128(variables_hash(vars))
-        .0;
+        .u128(variables_hash(vars));
     let seqs: Vec<u64> = t.keys(&prefix)?.iter().map(|k| ix::seq_of(k)).collect();
     for seq in seqs {
         if let Some(task) = t.task(seq)? {
@@ -555,7 +554,7 @@ pub fn next_task(
     promote_due(w, TIMER_BATCH)?;
     let best: Option<u64> = match type_ids {
         None => {
-            w.t.first_key(&ix::K::new(ix::READY).u128(p.id).0)?
+            w.t.first_key(&ix::K::new(ix::READY).u128(p.id))?
                 .map(|k| ix::seq_of(&k))
         }
         Some(ids) => {
@@ -563,7 +562,7 @@ pub fn next_task(
             // over the listed types is the best task.
             let mut best: Option<Vec<u8>> = None;
             for &ty in ids {
-                let prefix = ix::K::new(ix::READY_TYPE).u128(p.id).u128(ty).0;
+                let prefix = ix::K::new(ix::READY_TYPE).u128(p.id).u128(ty);
                 if let Some(k) = w.t.first_key(&prefix)? {
                     let rank = k[prefix.len()..].to_vec();
                     if best.as_ref().is_none_or(|b| rank < *b) {

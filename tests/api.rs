@@ -220,6 +220,90 @@ async fn unknown_field_is_named_in_the_error() {
 }
 
 #[tokio::test]
+async fn a_refused_body_names_the_fields_at_fault() {
+    let app = spawn_app().await;
+    let details = |r: &common::Resp| -> Vec<(String, String)> {
+        assert_eq!(
+            (r.status, r.code()),
+            (400, "VALIDATION_ERROR"),
+            "{}",
+            r.body
+        );
+        r.body["validationDetails"]
+            .as_array()
+            .expect("validationDetails")
+            .iter()
+            .map(|d| {
+                let field = d["field"].as_str().unwrap().to_string();
+                (field, d["message"].as_str().unwrap().to_string())
+            })
+            .collect()
+    };
+    // A required field left out (the parser alone would only say "found null").
+    let r = app.post("/api/projects", json!({"name": "a"})).await;
+    assert_eq!(details(&r), [("description".into(), "is required".into())]);
+    assert!(r.body["error"].as_str().unwrap().contains("description"));
+    // Wrong types, nested, and a bulk item by index.
+    let r = app
+        .post(
+            "/api/projects",
+            json!({"name": 5, "description": "d", "config": {"defaultMaxRetries": "3"}}),
+        )
+        .await;
+    assert_eq!(
+        details(&r),
+        [
+            (
+                "config.defaultMaxRetries".into(),
+                "must be an integer, not a string".into()
+            ),
+            ("name".into(), "must be a string, not the integer 5".into())
+        ]
+    );
+    let p = app.project("named").await;
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks/bulk"),
+            json!({"tasks": [{"instructions": "a"}, {"instructions": ["b"]}]}),
+        )
+        .await;
+    assert_eq!(
+        details(&r),
+        [(
+            "tasks[1].instructions".into(),
+            "must be a string, not an array".into()
+        )]
+    );
+    let r = app
+        .post(
+            "/api/agents/a1/next-task",
+            json!({"projectId": p, "waitSeconds": "soon"}),
+        )
+        .await;
+    assert_eq!(
+        details(&r),
+        [(
+            "waitSeconds".into(),
+            "must be a number, not a string".into()
+        )]
+    );
+    // Not JSON at all.
+    let r = app
+        .client
+        .post(format!("{}/api/projects", app.base))
+        .header("content-type", "application/json")
+        .body("{name: a}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["validationDetails"][0]["field"], "body", "{body}");
+    // Nothing was created.
+    assert_eq!(app.stats(&p).await["totalTasks"], 0);
+}
+
+#[tokio::test]
 async fn security_headers_and_generated_correlation_id() {
     let app = spawn_app().await;
     let r = app.get("/health").await;

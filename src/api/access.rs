@@ -6,10 +6,10 @@
 
 use std::sync::Arc;
 
+use super::body::JsonBody;
 use poem::Request;
 use poem_openapi::auth::{ApiKey, Bearer};
 use poem_openapi::param::Path;
-use poem_openapi::payload::Json;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
 use uuid::Uuid;
 
@@ -168,7 +168,11 @@ fn key_admin(c: &Caller) -> Result<(), Error> {
 impl AccessApi {
     /// Create an API key (admin). The key is in the answer, once; only its hash is stored.
     #[oai(path = "/api/keys", method = "post", tag = "ApiTags::Access")]
-    async fn create_key(&self, auth: Auth, body: Json<CreateKeyIn>) -> ApiResult<Reply<KeyOut>> {
+    async fn create_key(
+        &self,
+        auth: Auth,
+        body: JsonBody<CreateKeyIn>,
+    ) -> ApiResult<Reply<KeyOut>> {
         key_admin(auth.caller())?;
         let b = body.0;
         let mut c = Check::default();
@@ -242,7 +246,7 @@ impl AccessApi {
 
     /// Start a session for one agent in one project, with the key's rights.
     #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Access")]
-    async fn login(&self, auth: Auth, body: Json<LoginIn>) -> ApiResult<Reply<LoginOut>> {
+    async fn login(&self, auth: Auth, body: JsonBody<LoginIn>) -> ApiResult<Reply<LoginOut>> {
         let c = auth.caller();
         if c.session.is_some() {
             return Err(Error::Forbidden("log in with an API key, not a session".into()).into());
@@ -299,7 +303,7 @@ impl AccessApi {
     async fn extend_session(
         &self,
         auth: Auth,
-        body: Json<ExtendSessionIn>,
+        body: JsonBody<ExtendSessionIn>,
     ) -> ApiResult<Reply<SessionOut>> {
         let b = auth.caller().session.clone().ok_or_else(no_session)?;
         let mut c = Check::default();

@@ -6,9 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::body::JsonBody;
 use super::error::ApiResult as Result;
 use poem_openapi::param::Path;
-use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
 use super::access::Auth;
@@ -60,7 +60,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "agentName")] agent: Path<String>,
-        body: Json<NextTaskIn>,
+        body: JsonBody<NextTaskIn>,
     ) -> Result<Fast<NextTaskOut>> {
         auth.caller().require_agent(&agent.0)?;
         let agent = agent.0;
@@ -130,7 +130,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<CompleteIn>,
+        body: JsonBody<CompleteIn>,
     ) -> Result<Reply<TaskOut>> {
         self.0.check_task(auth.caller(), Right::Work, &id.0)?;
         auth.caller().require_agent(&body.0.agent_name)?;
@@ -188,7 +188,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<FailIn>,
+        body: JsonBody<FailIn>,
     ) -> Result<Reply<FailOut>> {
         self.0.check_task(auth.caller(), Right::Work, &id.0)?;
         auth.caller().require_agent(&body.0.agent_name)?;
@@ -226,7 +226,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<ExtendIn>,
+        body: JsonBody<ExtendIn>,
     ) -> Result<Reply<TaskOut>> {
         self.0.check_task(auth.caller(), Right::Work, &id.0)?;
         let b = body.0;
@@ -264,7 +264,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<ProgressIn>,
+        body: JsonBody<ProgressIn>,
     ) -> Result<Reply<TaskOut>> {
         self.0.check_task(auth.caller(), Right::Work, &id.0)?;
         auth.caller().require_agent(&body.0.agent_name)?;
@@ -310,7 +310,7 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<CancelIn>,
+        body: JsonBody<CancelIn>,
     ) -> Result<Reply<TaskOut>> {
         self.0
             .check_task(auth.caller(), Right::ManageTasks, &id.0)?;

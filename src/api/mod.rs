@@ -1,12 +1,15 @@
 //! The HTTP layer: the only module that knows about HTTP and JSON.
 //!
 //! Request flow: [`frame`] (correlation id, body limit, error envelope, security headers)
-//! → poem-openapi operation (parses and type-checks the body) → `validate` (field rules)
+//! → poem-openapi operation (parses and type-checks the body; a body that does not parse is
+//! explained field by field, see [`body`] and [`explain`]) → `validate` (field rules)
 //! → `store.write(...)` (one group-committed transaction) or `store.read()` → wire type.
 //! Authentication and authorization will slot into [`frame`], before the operation runs.
 
 pub mod access;
+pub mod body;
 pub mod error;
+pub mod explain;
 pub mod leases;
 pub mod projects;
 pub mod spec;
@@ -275,7 +278,20 @@ async fn frame<E: Endpoint>(
         }
         ep.call(req).await.map(IntoResponse::into_response)
     }
-    .await;
+    .await
+    .map_err(|e| match e.downcast_ref::<body::BodyRefused>() {
+        // Name the fields at fault, which the parser's message does not.
+        Some(refused) => {
+            let fields =
+                explain::explain(&spec, method.as_str(), spec.template(&path), &refused.body);
+            if fields.is_empty() {
+                e
+            } else {
+                crate::error::Error::Validation(fields).into()
+            }
+        }
+        None => e,
+    });
     let mut resp = match result {
         Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
             error::error_response(&poem::Error::from_status(resp.status()), &cid)

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
+use super::body::JsonBody;
 use super::error::ApiResult as Result;
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
 use super::access::Auth;
@@ -58,7 +58,7 @@ impl ProjectsApi {
 
     /// Create a project.
     #[oai(path = "/api/projects", method = "post", tag = "ApiTags::Projects")]
-    async fn create(&self, auth: Auth, body: Json<CreateProject>) -> Result<Reply<ProjectOut>> {
+    async fn create(&self, auth: Auth, body: JsonBody<CreateProject>) -> Result<Reply<ProjectOut>> {
         let caller = auth.caller();
         caller.require(Right::ManageProjects)?;
         if caller.scoped() {
@@ -102,7 +102,7 @@ impl ProjectsApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
-        body: Json<UpdateProject>,
+        body: JsonBody<UpdateProject>,
     ) -> Result<Reply<ProjectOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
@@ -197,7 +197,7 @@ impl ProjectsApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
-        body: Json<CreateTaskType>,
+        body: JsonBody<CreateTaskType>,
     ) -> Result<Reply<TaskTypeOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
@@ -235,7 +235,7 @@ impl ProjectsApi {
         &self,
         auth: Auth,
         #[oai(name = "typeId")] id: Path<String>,
-        body: Json<UpdateTaskType>,
+        body: JsonBody<UpdateTaskType>,
     ) -> Result<Reply<TaskTypeOut>> {
         self.0
             .check_type(auth.caller(), Right::ManageProjects, &id.0)?;

@@ -238,6 +238,10 @@ pub struct Spec {
     routes: Vec<(Vec<String>, Vec<String>, &'static str)>,
     /// Indices into `routes` by segment count, then by last segment (see [`Shape`]).
     shapes: Vec<Shape>,
+    /// The JSON request body schema of each operation, by (method, path template).
+    bodies: HashMap<(String, &'static str), Value>,
+    /// The document's component schemas, which `bodies` refer to.
+    schemas: Map<String, Value>,
 }
 
 /// The routes of one segment count that a path may match, by the path's last segment: the
@@ -302,6 +306,7 @@ impl Spec {
         }
         let rules = param_rules();
         let mut routes = Vec::new();
+        let mut bodies = HashMap::new();
         if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
             for (path, item) in paths.iter_mut() {
                 let mut methods = Vec::new();
@@ -339,6 +344,19 @@ impl Spec {
                 let segs: Vec<String> = path.split('/').map(String::from).collect();
                 // A fixed set, made once per process start: leaking gives `'static` labels.
                 let label: &'static str = Box::leak(path.clone().into_boxed_str());
+                for (method, op) in item.as_object().into_iter().flatten() {
+                    let json_body = op
+                        .pointer("/requestBody/content")
+                        .and_then(Value::as_object)
+                        .and_then(|c| {
+                            c.iter()
+                                .find(|(t, _)| t.starts_with("application/json"))
+                                .and_then(|(_, m)| m.get("schema"))
+                        });
+                    if let Some(schema) = json_body {
+                        bodies.insert((method.to_uppercase(), label), schema.clone());
+                    }
+                }
                 routes.push((segs, methods, label));
             }
         }
@@ -363,10 +381,34 @@ impl Spec {
                 }
             }
         }
+        let schemas = doc
+            .pointer("/components/schemas")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default();
         Spec {
             json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
             routes,
             shapes,
+            bodies,
+            schemas,
+        }
+    }
+
+    /// The JSON body schema of an operation, if it takes one.
+    pub fn body_schema(&self, method: &str, template: &'static str) -> Option<&Value> {
+        self.bodies.get(&(method.to_string(), template))
+    }
+
+    /// `schema` with a `$ref` (or a nullable `allOf` of one) followed to its component.
+    pub fn resolve<'a>(&'a self, schema: &'a Value) -> &'a Value {
+        let reference = schema
+            .get("$ref")
+            .or_else(|| schema.pointer("/allOf/0/$ref"))
+            .and_then(Value::as_str);
+        match reference.and_then(|r| r.strip_prefix("#/components/schemas/")) {
+            Some(name) => self.schemas.get(name).unwrap_or(schema),
+            None => schema,
         }
     }
 

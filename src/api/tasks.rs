@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
+use super::body::JsonBody;
 use super::error::ApiResult as Result;
 use poem_openapi::param::{Path, Query};
-use poem_openapi::payload::Json;
 use poem_openapi::OpenApi;
 
 use super::access::Auth;
@@ -147,7 +147,7 @@ impl TasksApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
-        body: Json<CreateTask>,
+        body: JsonBody<CreateTask>,
     ) -> Result<Reply<TaskOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
@@ -176,7 +176,7 @@ impl TasksApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
-        body: Json<BulkCreate>,
+        body: JsonBody<BulkCreate>,
     ) -> Result<Reply<BulkOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
@@ -254,7 +254,7 @@ impl TasksApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
-        body: Json<UpdateTask>,
+        body: JsonBody<UpdateTask>,
     ) -> Result<Reply<TaskOut>> {
         self.0
             .check_task(auth.caller(), Right::ManageTasks, &id.0)?;

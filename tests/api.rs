@@ -299,6 +299,22 @@ async fn a_refused_body_names_the_fields_at_fault() {
     assert_eq!(r.status().as_u16(), 400);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["validationDetails"][0]["field"], "body", "{body}");
+    // A query parameter that does not parse is named too.
+    let r = app.get(&format!("/api/projects/{p}/tasks?limit=ten")).await;
+    assert_eq!(details(&r), [("limit".into(), "must be an integer".into())]);
+    // A form body (curl -d without a content type) is told what to send.
+    let r = app
+        .client
+        .post(format!("{}/api/projects", app.base))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(r#"{"name": "x", "description": "d"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+    let body: serde_json::Value = r.json().await.unwrap();
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("Content-Type: application/json"), "{error}");
     // Nothing was created.
     assert_eq!(app.stats(&p).await["totalTasks"], 0);
 }

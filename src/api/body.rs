@@ -27,6 +27,17 @@ pub struct BodyRefused {
     pub body: Vec<u8>,
 }
 
+/// A body sent with another content type than JSON (curl's `-d` sends a form type).
+#[derive(Debug, thiserror::Error)]
+#[error("request bodies are JSON: send `Content-Type: application/json` (this request sent `{0}`)")]
+pub struct NotJson(pub String);
+
+impl poem::error::ResponseError for NotJson {
+    fn status(&self) -> StatusCode {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    }
+}
+
 impl poem::error::ResponseError for BodyRefused {
     fn status(&self) -> StatusCode {
         StatusCode::BAD_REQUEST
@@ -111,10 +122,7 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for JsonBody<T> {
             Some(ct) if Self::check_content_type(ct) => {
                 <Self as ParsePayload>::from_request(request, body).await
             }
-            Some(ct) => Err(ContentTypeError::NotSupported {
-                content_type: ct.to_string(),
-            }
-            .into()),
+            Some(ct) => Err(NotJson(ct.to_string()).into()),
             None => Err(ContentTypeError::ExpectContentType.into()),
         }
     }

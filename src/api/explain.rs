@@ -1,4 +1,4 @@
-//! Names the fields of a request body that poem-openapi refused.
+//! Names the fields of a request body, and the parameters, that poem-openapi refused.
 //!
 //! poem-openapi parses a body against the operation's schema but reports a missing or
 //! mistyped field without its name ("Expected input type "string", found null. (occurred
@@ -25,6 +25,38 @@ pub fn explain(spec: &Spec, method: &str, template: &'static str, body: &[u8]) -
         Err(e) => out.push(FieldError::new("body", format!("is not valid JSON ({e})"))),
     }
     out
+}
+
+/// A path or query parameter that did not parse: what it must be, from its schema (the
+/// parser's reason when the schema does not say).
+pub fn param(
+    spec: &Spec,
+    method: &str,
+    template: &'static str,
+    name: &str,
+    reason: &str,
+) -> FieldError {
+    let ty = spec
+        .param_schema(method, template, name)
+        .map(|s| spec.resolve(s))
+        .and_then(|s| s.get("type"))
+        .and_then(Value::as_str);
+    let message = match ty.and_then(expected) {
+        Some(e) => format!("must be {e}"),
+        None => format!("is not valid ({reason})"),
+    };
+    FieldError::new(name, message)
+}
+
+/// How a JSON type reads in a message.
+fn expected(ty: &str) -> Option<&'static str> {
+    Some(match ty {
+        "string" => "a string",
+        "integer" => "an integer",
+        "number" => "a number",
+        "boolean" => "true or false",
+        _ => return None,
+    })
 }
 
 fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<FieldError>) {
@@ -86,15 +118,10 @@ fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<Field
                 _ => v.is_boolean(),
             };
             if !fits {
-                let expected = match t {
-                    "string" => "a string",
-                    "integer" => "an integer",
-                    "number" => "a number",
-                    _ => "true or false",
-                };
+                let e = expected(t).unwrap_or("something else");
                 out.push(FieldError::new(
                     field,
-                    format!("must be {expected}, not {}", kind(v)),
+                    format!("must be {e}, not {}", kind(v)),
                 ));
             }
         }

@@ -279,19 +279,7 @@ async fn frame<E: Endpoint>(
         ep.call(req).await.map(IntoResponse::into_response)
     }
     .await
-    .map_err(|e| match e.downcast_ref::<body::BodyRefused>() {
-        // Name the fields at fault, which the parser's message does not.
-        Some(refused) => {
-            let fields =
-                explain::explain(&spec, method.as_str(), spec.template(&path), &refused.body);
-            if fields.is_empty() {
-                e
-            } else {
-                crate::error::Error::Validation(fields).into()
-            }
-        }
-        None => e,
-    });
+    .map_err(|e| explain_refusal(e, &spec, method.as_str(), &path));
     let mut resp = match result {
         Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
             error::error_response(&poem::Error::from_status(resp.status()), &cid)
@@ -439,6 +427,26 @@ async fn authenticate(
         }
     }
     Ok(caller)
+}
+
+/// A body or parameter the framework refused, as the `validationDetails` of a 400 that
+/// name what is at fault (poem-openapi's messages name the type it expected, not the field).
+fn explain_refusal(e: poem::Error, spec: &spec::Spec, method: &str, path: &str) -> poem::Error {
+    let template = spec.template(path);
+    let fields = if let Some(refused) = e.downcast_ref::<body::BodyRefused>() {
+        explain::explain(spec, method, template, &refused.body)
+    } else if let Some(p) = e.downcast_ref::<poem_openapi::error::ParseParamError>() {
+        vec![explain::param(spec, method, template, p.name, &p.reason)]
+    } else if let Some(p) = e.downcast_ref::<poem_openapi::error::ParsePathError>() {
+        vec![explain::param(spec, method, template, p.name, &p.reason)]
+    } else {
+        Vec::new()
+    };
+    if fields.is_empty() {
+        e
+    } else {
+        crate::error::Error::Validation(fields).into()
+    }
 }
 
 fn is_json(resp: &Response) -> bool {

@@ -240,6 +240,8 @@ pub struct Spec {
     shapes: Vec<Shape>,
     /// The JSON request body schema of each operation, by (method, path template).
     bodies: HashMap<(String, &'static str), Value>,
+    /// The schema of each path and query parameter, by (method, path template, name).
+    params: HashMap<(String, &'static str, String), Value>,
     /// The document's component schemas, which `bodies` refer to.
     schemas: Map<String, Value>,
 }
@@ -307,6 +309,7 @@ impl Spec {
         let rules = param_rules();
         let mut routes = Vec::new();
         let mut bodies = HashMap::new();
+        let mut param_schemas = HashMap::new();
         if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
             for (path, item) in paths.iter_mut() {
                 let mut methods = Vec::new();
@@ -356,6 +359,19 @@ impl Spec {
                     if let Some(schema) = json_body {
                         bodies.insert((method.to_uppercase(), label), schema.clone());
                     }
+                    for p in op
+                        .get("parameters")
+                        .and_then(Value::as_array)
+                        .into_iter()
+                        .flatten()
+                    {
+                        if let (Some(n), Some(schema)) =
+                            (p.get("name").and_then(Value::as_str), p.get("schema"))
+                        {
+                            let key = (method.to_uppercase(), label, n.to_string());
+                            param_schemas.insert(key, schema.clone());
+                        }
+                    }
                 }
                 routes.push((segs, methods, label));
             }
@@ -391,6 +407,7 @@ impl Spec {
             routes,
             shapes,
             bodies,
+            params: param_schemas,
             schemas,
         }
     }
@@ -398,6 +415,12 @@ impl Spec {
     /// The JSON body schema of an operation, if it takes one.
     pub fn body_schema(&self, method: &str, template: &'static str) -> Option<&Value> {
         self.bodies.get(&(method.to_string(), template))
+    }
+
+    /// The schema of a path or query parameter of an operation.
+    pub fn param_schema(&self, method: &str, template: &'static str, name: &str) -> Option<&Value> {
+        self.params
+            .get(&(method.to_string(), template, name.to_string()))
     }
 
     /// `schema` with a `$ref` (or a nullable `allOf` of one) followed to its component.

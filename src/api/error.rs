@@ -138,7 +138,7 @@ pub fn envelope(
         .body(body.to_string())
 }
 
-/// The error side of every operation: any failure, carried to [`super::frame`] as a
+/// The error side of every operation: any failure, carried to `frame` as a
 /// `poem::Error` so that the envelope (with the request's correlation id) is built in one
 /// place. Its only other job is to describe the error responses in the OpenAPI document.
 pub struct ApiError(pub poem::Error);

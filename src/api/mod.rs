@@ -1,10 +1,11 @@
 //! The HTTP layer: the only module that knows about HTTP and JSON.
 //!
-//! Request flow: [`frame`] (correlation id, body limit, error envelope, security headers)
+//! Request flow: `frame` (correlation id, body limit, error envelope, security headers)
 //! → poem-openapi operation (parses and type-checks the body; a body that does not parse is
 //! explained field by field, see [`body`] and [`explain`]) → `validate` (field rules)
 //! → `store.write(...)` (one group-committed transaction) or `store.read()` → wire type.
-//! Authentication and authorization will slot into [`frame`], before the operation runs.
+//! Authentication and rate limits run in `frame`, before the operation; authorization (the
+//! caller's role and projects) in each operation.
 
 pub mod access;
 pub mod body;

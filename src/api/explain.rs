@@ -20,6 +20,10 @@ pub fn explain(spec: &Spec, method: &str, template: &'static str, body: &[u8]) -
     let Some(schema) = spec.body_schema(method, template) else {
         return out;
     };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        out.push(FieldError::new("body", "is required (a JSON object)"));
+        return out;
+    }
     match serde_json::from_slice::<Value>(body) {
         Ok(value) => check(spec, &value, schema, "", &mut out),
         Err(e) => out.push(FieldError::new("body", format!("is not valid JSON ({e})"))),
@@ -215,6 +219,10 @@ mod tests {
         assert_eq!(
             fields("[1]"),
             [("body".into(), "must be an object, not an array".into())]
+        );
+        assert_eq!(
+            fields(""),
+            [("body".into(), "is required (a JSON object)".into())]
         );
         assert_eq!(
             fields("not json"),

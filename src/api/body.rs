@@ -56,7 +56,7 @@ impl<T: Type> Payload for JsonBody<T> {
         };
         ty.eq_ignore_ascii_case("application")
             && (sub.eq_ignore_ascii_case("json")
-                || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+                || sub.len() > 5 && sub.as_bytes()[sub.len() - 5..].eq_ignore_ascii_case(b"+json"))
     }
 
     fn schema_ref() -> MetaSchemaRef {
@@ -125,5 +125,26 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for JsonBody<T> {
             Some(ct) => Err(NotJson(ct.to_string()).into()),
             None => Err(ContentTypeError::ExpectContentType.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types_as_poem_openapi_takes_them() {
+        let ok = |ct| <JsonBody<String> as Payload>::check_content_type(ct);
+        assert!(ok("application/json"));
+        assert!(ok("Application/JSON; charset=utf-8"));
+        assert!(ok("application/problem+json"));
+        assert!(!ok("application/x-www-form-urlencoded"));
+        assert!(!ok("text/json"));
+        assert!(!ok("application/json-seq"));
+        assert!(!ok("+json"));
+        assert!(
+            !ok("application/é+json"),
+            "no panic on a multi-byte subtype"
+        );
     }
 }

@@ -101,8 +101,7 @@ impl Hub {
                 return true;
             }
             n -= 1;
-            *w.woken_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(type_id);
-            w.wake.notify_one();
+            w.wake_for(type_id);
             false
         });
     }
@@ -125,8 +124,7 @@ impl Hub {
     pub fn forget_project(&self, project: u128) {
         if let Some(queue) = self.lock_waiting().remove(&project) {
             for w in queue {
-                *w.woken_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(None);
-                w.wake.notify_one();
+                w.wake_for(None);
             }
         }
     }
@@ -208,6 +206,12 @@ struct Waiter {
 }
 
 impl Waiter {
+    /// Wakes it for a task of `type_id` (None: untyped, or its project was deleted).
+    fn wake_for(&self, type_id: Option<u128>) {
+        *self.woken_for.lock().unwrap_or_else(|e| e.into_inner()) = Some(type_id);
+        self.wake.notify_one();
+    }
+
     fn accepts(&self, type_id: Option<u128>) -> bool {
         match (&self.types, type_id) {
             (None, _) => true,

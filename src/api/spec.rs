@@ -231,6 +231,15 @@ fn nullable_optionals(schema: &mut Map<String, Value>) {
     }
 }
 
+/// The schema of an operation's JSON request body, if it takes one.
+fn json_body_schema(op: &Value) -> Option<&Value> {
+    let content = op.pointer("/requestBody/content")?.as_object()?;
+    content
+        .iter()
+        .find(|(t, _)| t.starts_with("application/json"))
+        .and_then(|(_, m)| m.get("schema"))
+}
+
 /// The served document and the route table.
 pub struct Spec {
     pub json: String,
@@ -312,30 +321,9 @@ impl Spec {
         let mut param_schemas = HashMap::new();
         if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
             for (path, item) in paths.iter_mut() {
-                let mut methods = Vec::new();
-                if let Some(ops) = item.as_object_mut() {
-                    for (method, op) in ops.iter_mut() {
-                        methods.push(method.to_uppercase());
-                        let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut)
-                        else {
-                            continue;
-                        };
-                        for p in params {
-                            let Some(n) = p.get("name").and_then(Value::as_str).map(String::from)
-                            else {
-                                continue;
-                            };
-                            if n == "status" && path.ends_with("/tasks") {
-                                merge(p, &json!({"schema": {"pattern": STATUS_LIST_PATTERN}}));
-                            } else if n == "status" {
-                                merge(p, &json!({"schema": one_of(&["active", "closed", "all"])}));
-                            }
-                            if let Some((_, rule)) = rules.iter().find(|(r, _)| *r == n) {
-                                merge(p, &json!({"schema": rule}));
-                            }
-                        }
-                    }
-                }
+                let segs: Vec<String> = path.split('/').map(String::from).collect();
+                // A fixed set, made once per process start: leaking gives `'static` labels.
+                let label: &'static str = Box::leak(path.clone().into_boxed_str());
                 if OPTIONAL_BODIES.contains(&path.as_str()) {
                     if let Some(body) = item
                         .pointer_mut("/post/requestBody")
@@ -344,34 +332,31 @@ impl Spec {
                         body.insert("required".into(), Value::Bool(false));
                     }
                 }
-                let segs: Vec<String> = path.split('/').map(String::from).collect();
-                // A fixed set, made once per process start: leaking gives `'static` labels.
-                let label: &'static str = Box::leak(path.clone().into_boxed_str());
-                for (method, op) in item.as_object().into_iter().flatten() {
-                    let json_body = op
-                        .pointer("/requestBody/content")
-                        .and_then(Value::as_object)
-                        .and_then(|c| {
-                            c.iter()
-                                .find(|(t, _)| t.starts_with("application/json"))
-                                .and_then(|(_, m)| m.get("schema"))
-                        });
-                    if let Some(schema) = json_body {
-                        bodies.insert((method.to_uppercase(), label), schema.clone());
+                let mut methods = Vec::new();
+                for (method, op) in item.as_object_mut().into_iter().flatten() {
+                    let method = method.to_uppercase();
+                    if let Some(schema) = json_body_schema(op) {
+                        bodies.insert((method.clone(), label), schema.clone());
                     }
-                    for p in op
-                        .get("parameters")
-                        .and_then(Value::as_array)
-                        .into_iter()
-                        .flatten()
-                    {
-                        if let (Some(n), Some(schema)) =
-                            (p.get("name").and_then(Value::as_str), p.get("schema"))
-                        {
-                            let key = (method.to_uppercase(), label, n.to_string());
-                            param_schemas.insert(key, schema.clone());
+                    let params = op.get_mut("parameters").and_then(Value::as_array_mut);
+                    for p in params.into_iter().flatten() {
+                        let Some(n) = p.get("name").and_then(Value::as_str).map(String::from)
+                        else {
+                            continue;
+                        };
+                        if n == "status" && path.ends_with("/tasks") {
+                            merge(p, &json!({"schema": {"pattern": STATUS_LIST_PATTERN}}));
+                        } else if n == "status" {
+                            merge(p, &json!({"schema": one_of(&["active", "closed", "all"])}));
+                        }
+                        if let Some((_, rule)) = rules.iter().find(|(r, _)| *r == n) {
+                            merge(p, &json!({"schema": rule}));
+                        }
+                        if let Some(schema) = p.get("schema") {
+                            param_schemas.insert((method.clone(), label, n), schema.clone());
                         }
                     }
+                    methods.push(method);
                 }
                 routes.push((segs, methods, label));
             }

@@ -121,7 +121,7 @@ pub mod ix {
             self.put(&x.to_be_bytes())
         }
         pub fn i64(self, x: i64) -> K {
-            self.put(&((x as u64) ^ (1 << 63)).to_be_bytes())
+            self.put(&i64_bytes(x))
         }
         pub fn u8(self, x: u8) -> K {
             self.put(&[x])
@@ -189,7 +189,7 @@ pub mod ix {
     /// A lease in a BY_STATUS value: leaseExpiresAt (8 bytes, as in keys), then the agent name.
     pub fn lease_value(expires: i64, agent: &str) -> Vec<u8> {
         let mut v = Vec::with_capacity(8 + agent.len());
-        v.extend_from_slice(&((expires as u64) ^ (1 << 63)).to_be_bytes());
+        v.extend_from_slice(&i64_bytes(expires));
         v.extend_from_slice(agent.as_bytes());
         v
     }
@@ -232,6 +232,12 @@ pub mod ix {
         let mut b = [0u8; 8];
         b.copy_from_slice(&k[at..at + 8]);
         u64::from_be_bytes(b)
+    }
+
+    /// An i64 as key bytes: big-endian with the sign bit flipped, so byte order is numeric
+    /// order.
+    fn i64_bytes(x: i64) -> [u8; 8] {
+        ((x as u64) ^ (1 << 63)).to_be_bytes()
     }
 
     /// The i64 at byte `at`.

@@ -561,6 +561,22 @@ async fn client_task_ids_are_unique_across_the_server() {
         app.get("/api/tasks/job-1").await.data()["projectId"],
         p.as_str()
     );
+    // An id is taken while its task exists: once deleted, it names nothing, and a new task
+    // (in any project) may take it, starting afresh.
+    app.post("/api/tasks/job-1/cancel", json!({})).await;
+    assert_eq!(app.delete("/api/tasks/job-1").await.status, 200);
+    assert_eq!(app.get("/api/tasks/job-1").await.status, 404);
+    app.task(&q, json!({"id": "job-1", "instructions": "y"}))
+        .await;
+    let t = app.get("/api/tasks/job-1").await;
+    assert_eq!(
+        (
+            &t.data()["projectId"],
+            &t.data()["status"],
+            &t.data()["cancelledAt"]
+        ),
+        (&json!(q), &json!("queued"), &json!(null))
+    );
 }
 
 #[tokio::test]

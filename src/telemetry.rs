@@ -121,7 +121,8 @@ fn describe() {
         "Requests refused with 401 (missing, unknown or revoked key or session)."
     );
     for event in TaskEvent::ALL {
-        describe_counter!(event.metric(), event.help());
+        let (name, help) = event.family();
+        describe_counter!(name, help);
     }
     counter!("agentq_rate_limited_total").increment(0);
     counter!("agentq_auth_failures_total").increment(0);
@@ -253,28 +254,39 @@ impl TaskEvent {
         TaskEvent::Cancelled,
     ];
 
-    fn help(self) -> &'static str {
+    /// The counter's name and its help text.
+    fn family(self) -> (&'static str, &'static str) {
         match self {
-            TaskEvent::Created => "Tasks created, by project.",
-            TaskEvent::Claimed => "Tasks handed to an agent under a lease, by project.",
-            TaskEvent::Completed => "Tasks completed by their agent, by project.",
-            TaskEvent::Failed => "Tasks failed for good (no retries left), by project.",
-            TaskEvent::Retried => "Failed or expired attempts put back in the queue, by project.",
-            TaskEvent::LeaseExpired => "Leases that ran out before the agent answered, by project.",
-            TaskEvent::Cancelled => "Tasks cancelled, by project.",
+            TaskEvent::Created => ("agentq_tasks_created_total", "Tasks created, by project."),
+            TaskEvent::Claimed => (
+                "agentq_tasks_claimed_total",
+                "Tasks handed to an agent under a lease, by project.",
+            ),
+            TaskEvent::Completed => (
+                "agentq_tasks_completed_total",
+                "Tasks completed by their agent, by project.",
+            ),
+            TaskEvent::Failed => (
+                "agentq_tasks_failed_total",
+                "Tasks failed for good (no retries left), by project.",
+            ),
+            TaskEvent::Retried => (
+                "agentq_tasks_retried_total",
+                "Failed or expired attempts put back in the queue, by project.",
+            ),
+            TaskEvent::LeaseExpired => (
+                "agentq_tasks_lease_expired_total",
+                "Leases that ran out before the agent answered, by project.",
+            ),
+            TaskEvent::Cancelled => (
+                "agentq_tasks_cancelled_total",
+                "Tasks cancelled, by project.",
+            ),
         }
     }
 
     fn metric(self) -> &'static str {
-        match self {
-            TaskEvent::Created => "agentq_tasks_created_total",
-            TaskEvent::Claimed => "agentq_tasks_claimed_total",
-            TaskEvent::Completed => "agentq_tasks_completed_total",
-            TaskEvent::Failed => "agentq_tasks_failed_total",
-            TaskEvent::Retried => "agentq_tasks_retried_total",
-            TaskEvent::LeaseExpired => "agentq_tasks_lease_expired_total",
-            TaskEvent::Cancelled => "agentq_tasks_cancelled_total",
-        }
+        self.family().0
     }
 }
 

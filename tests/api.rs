@@ -348,6 +348,34 @@ async fn openapi_document_and_ui_are_served() {
     ] {
         assert!(paths.contains_key(p), "missing {p}");
     }
+    // Every operation has an id of its own, and every link names one of them.
+    let ops: Vec<&Value> = paths
+        .values()
+        .flat_map(|item| item.as_object().unwrap().values())
+        .collect();
+    let mut ids: Vec<&str> = ops
+        .iter()
+        .map(|op| op["operationId"].as_str().expect("an operationId"))
+        .collect();
+    ids.sort();
+    let before = ids.len();
+    ids.dedup();
+    assert_eq!(ids.len(), before, "operationIds are unique");
+    let mut links = 0;
+    for op in &ops {
+        for response in op["responses"].as_object().unwrap().values() {
+            for link in response["links"]
+                .as_object()
+                .into_iter()
+                .flat_map(|l| l.values())
+            {
+                let target = link["operationId"].as_str().unwrap();
+                assert!(ids.contains(&target), "a link names {target}");
+                links += 1;
+            }
+        }
+    }
+    assert!(links >= 6, "the lease hand-offs are linked ({links} links)");
     let ui = app
         .client
         .get(format!("{}/api/docs", app.base))
@@ -355,6 +383,51 @@ async fn openapi_document_and_ui_are_served() {
         .await
         .unwrap();
     assert_eq!(ui.status().as_u16(), 200);
+}
+
+/// The document's links say how a next-task answer feeds the holder's calls; following
+/// them literally must complete the task.
+#[tokio::test]
+async fn following_the_next_task_link_completes_the_task() {
+    let app = spawn_app().await;
+    let doc = app.get("/api/openapi.json").await.body;
+    let link = &doc["paths"]["/api/agents/{agentName}/next-task"]["post"]["responses"]["200"]
+        ["links"]["CompleteLeasedTask"];
+    assert_eq!(link["operationId"], "completeTask");
+    let p = app.project("p").await;
+    app.task(&p, json!({"instructions": "x"})).await;
+    let answer = app
+        .post("/api/agents/a-1/next-task", json!({"projectId": p}))
+        .await;
+    assert!(answer.data()["task"].is_object());
+    // The runtime expressions this link uses: the response body by JSON pointer, and the
+    // request's path parameter.
+    let eval = |expr: &Value| -> Value {
+        let e = expr.as_str().unwrap();
+        match e.strip_prefix("$response.body#") {
+            Some(pointer) => answer.body.pointer(pointer).cloned().unwrap(),
+            None => {
+                assert_eq!(e, "$request.path.agentName");
+                json!("a-1")
+            }
+        }
+    };
+    let task = eval(&link["parameters"]["taskId"]);
+    let mut body: serde_json::Map<String, Value> = link["requestBody"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), eval(v)))
+        .collect();
+    body.insert("result".into(), json!("done"));
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", task.as_str().unwrap()),
+            Value::Object(body),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.data()["status"], "completed");
 }
 
 #[tokio::test]

@@ -167,7 +167,12 @@ fn key_admin(c: &Caller) -> Result<(), Error> {
 #[OpenApi]
 impl AccessApi {
     /// Create an API key (admin). The key is in the answer, once; only its hash is stored.
-    #[oai(path = "/api/keys", method = "post", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/keys",
+        method = "post",
+        operation_id = "createKey",
+        tag = "ApiTags::Access"
+    )]
     async fn create_key(
         &self,
         auth: Auth,
@@ -208,7 +213,12 @@ impl AccessApi {
     }
 
     /// List API keys (admin). Never shows a key or its hash.
-    #[oai(path = "/api/keys", method = "get", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/keys",
+        method = "get",
+        operation_id = "listKeys",
+        tag = "ApiTags::Access"
+    )]
     async fn list_keys(&self, auth: Auth) -> ApiResult<ListReply<KeyOut>> {
         key_admin(auth.caller())?;
         let keys: Vec<KeyOut> = self
@@ -223,7 +233,12 @@ impl AccessApi {
     }
 
     /// Revoke an API key (admin): it and its sessions stop working at once.
-    #[oai(path = "/api/keys/:keyId", method = "delete", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/keys/:keyId",
+        method = "delete",
+        operation_id = "deleteKey",
+        tag = "ApiTags::Access"
+    )]
     async fn delete_key(
         &self,
         auth: Auth,
@@ -245,7 +260,12 @@ impl AccessApi {
     }
 
     /// Start a session for one agent in one project, with the key's rights.
-    #[oai(path = "/api/auth/login", method = "post", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/auth/login",
+        method = "post",
+        operation_id = "login",
+        tag = "ApiTags::Access"
+    )]
     async fn login(&self, auth: Auth, body: JsonBody<LoginIn>) -> ApiResult<Reply<LoginOut>> {
         let c = auth.caller();
         if c.session.is_some() {
@@ -275,7 +295,12 @@ impl AccessApi {
     }
 
     /// End the session of this request.
-    #[oai(path = "/api/auth/logout", method = "post", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/auth/logout",
+        method = "post",
+        operation_id = "logout",
+        tag = "ApiTags::Access"
+    )]
     async fn logout(&self, auth: Auth) -> ApiResult<Reply<LoggedOut>> {
         let s = auth.caller().session.clone().ok_or_else(no_session)?;
         let done = self
@@ -287,7 +312,12 @@ impl AccessApi {
     }
 
     /// The session of this request.
-    #[oai(path = "/api/auth/session", method = "get", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/auth/session",
+        method = "get",
+        operation_id = "getSession",
+        tag = "ApiTags::Access"
+    )]
     async fn session(&self, auth: Auth) -> ApiResult<Reply<SessionOut>> {
         let b = auth.caller().session.clone().ok_or_else(no_session)?;
         let s = self
@@ -299,7 +329,12 @@ impl AccessApi {
     }
 
     /// Extend the session of this request by `extendBy` seconds.
-    #[oai(path = "/api/auth/session", method = "put", tag = "ApiTags::Access")]
+    #[oai(
+        path = "/api/auth/session",
+        method = "put",
+        operation_id = "extendSession",
+        tag = "ApiTags::Access"
+    )]
     async fn extend_session(
         &self,
         auth: Auth,

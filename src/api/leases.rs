@@ -54,6 +54,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/agents/:agentName/next-task",
         method = "post",
+        operation_id = "nextTask",
         tag = "ApiTags::Leases"
     )]
     async fn next_task(
@@ -124,6 +125,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/complete",
         method = "post",
+        operation_id = "completeTask",
         tag = "ApiTags::Leases"
     )]
     async fn complete(
@@ -182,6 +184,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/fail",
         method = "post",
+        operation_id = "failTask",
         tag = "ApiTags::Leases"
     )]
     async fn fail(
@@ -220,6 +223,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/extend-lease",
         method = "post",
+        operation_id = "extendLease",
         tag = "ApiTags::Leases"
     )]
     async fn extend(
@@ -258,6 +262,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/progress",
         method = "post",
+        operation_id = "reportProgress",
         tag = "ApiTags::Leases"
     )]
     async fn progress(
@@ -304,6 +309,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/cancel",
         method = "post",
+        operation_id = "cancelTask",
         tag = "ApiTags::Leases"
     )]
     async fn cancel(
@@ -332,6 +338,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/retry",
         method = "post",
+        operation_id = "retryTask",
         tag = "ApiTags::Leases"
     )]
     async fn retry(
@@ -349,6 +356,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/tasks/:taskId/attempts",
         method = "get",
+        operation_id = "listAttempts",
         tag = "ApiTags::Leases"
     )]
     async fn attempts(
@@ -367,6 +375,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/projects/:projectId/agents",
         method = "get",
+        operation_id = "listAgents",
         tag = "ApiTags::Leases"
     )]
     async fn agents(
@@ -398,6 +407,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/projects/:projectId/peek-next-task",
         method = "get",
+        operation_id = "peekNextTask",
         tag = "ApiTags::Leases"
     )]
     async fn peek(
@@ -422,6 +432,7 @@ impl LeasesApi {
     #[oai(
         path = "/api/projects/:projectId/cleanup-leases",
         method = "post",
+        operation_id = "cleanupLeases",
         tag = "ApiTags::Leases"
     )]
     async fn cleanup(

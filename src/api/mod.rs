@@ -93,7 +93,12 @@ pub struct SystemApi(pub Arc<State>);
 #[OpenApi]
 impl SystemApi {
     /// Liveness and storage health.
-    #[oai(path = "/health", method = "get", tag = "ApiTags::Operations")]
+    #[oai(
+        path = "/health",
+        method = "get",
+        operation_id = "health",
+        tag = "ApiTags::Operations"
+    )]
     async fn health(&self) -> HealthReply {
         let store = &self.0.store;
         let healthy = store.read().and_then(|r| r.next_timer()).is_ok();

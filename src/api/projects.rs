@@ -21,7 +21,12 @@ pub struct ProjectsApi(pub Arc<State>);
 #[OpenApi]
 impl ProjectsApi {
     /// List projects.
-    #[oai(path = "/api/projects", method = "get", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects",
+        method = "get",
+        operation_id = "listProjects",
+        tag = "ApiTags::Projects"
+    )]
     async fn list(
         &self,
         auth: Auth,
@@ -57,7 +62,12 @@ impl ProjectsApi {
     }
 
     /// Create a project.
-    #[oai(path = "/api/projects", method = "post", tag = "ApiTags::Projects")]
+    #[oai(
+        path = "/api/projects",
+        method = "post",
+        operation_id = "createProject",
+        tag = "ApiTags::Projects"
+    )]
     async fn create(&self, auth: Auth, body: JsonBody<CreateProject>) -> Result<Reply<ProjectOut>> {
         let caller = auth.caller();
         caller.require(Right::ManageProjects)?;
@@ -80,6 +90,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId",
         method = "get",
+        operation_id = "getProject",
         tag = "ApiTags::Projects"
     )]
     async fn get(
@@ -96,6 +107,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId",
         method = "put",
+        operation_id = "updateProject",
         tag = "ApiTags::Projects"
     )]
     async fn update(
@@ -119,6 +131,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId",
         method = "delete",
+        operation_id = "deleteProject",
         tag = "ApiTags::Projects"
     )]
     async fn delete(
@@ -144,6 +157,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId/stats",
         method = "get",
+        operation_id = "getProjectStats",
         tag = "ApiTags::Projects"
     )]
     async fn stats(
@@ -173,6 +187,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId/task-types",
         method = "get",
+        operation_id = "listTaskTypes",
         tag = "ApiTags::TaskTypes"
     )]
     async fn list_types(
@@ -191,6 +206,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/projects/:projectId/task-types",
         method = "post",
+        operation_id = "createTaskType",
         tag = "ApiTags::TaskTypes"
     )]
     async fn create_type(
@@ -214,6 +230,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/task-types/:typeId",
         method = "get",
+        operation_id = "getTaskType",
         tag = "ApiTags::TaskTypes"
     )]
     async fn get_type(
@@ -229,6 +246,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/task-types/:typeId",
         method = "put",
+        operation_id = "updateTaskType",
         tag = "ApiTags::TaskTypes"
     )]
     async fn update_type(
@@ -252,6 +270,7 @@ impl ProjectsApi {
     #[oai(
         path = "/api/task-types/:typeId",
         method = "delete",
+        operation_id = "deleteTaskType",
         tag = "ApiTags::TaskTypes"
     )]
     async fn delete_type(

@@ -7,7 +7,9 @@
 //!    written into the schemas from the same constants, so a client (or a fuzzer) reading the
 //!    document knows exactly what is accepted. `validate` stays the one place that enforces
 //!    them, with field-by-field messages.
-//! 3. The route table for the `Allow` header of 405 answers.
+//! 3. Links between operations: how a next-task answer feeds the calls only the holder may
+//!    make, and how a created project or task feeds the next step (see [`links`]).
+//! 4. The route table for the `Allow` header of 405 answers.
 
 use std::collections::HashMap;
 
@@ -160,6 +162,61 @@ const REQUEST_SCHEMAS: &[&str] = &[
 
 /// Operations whose body may be left out (it is read as `{}`).
 const OPTIONAL_BODIES: &[&str] = &["/api/tasks/{taskId}/cancel"];
+
+/// OpenAPI links: how an answer feeds the next call, as (path, method, status, links). They
+/// document the protocol's hand-offs (a leased task's id, holder and token go to the calls
+/// only the holder may make), and a stateful fuzzer follows them to reach those calls with
+/// values that work. Links by path id alone (read a created task, say) are left to inference.
+fn links() -> Vec<(&'static str, &'static str, &'static str, Value)> {
+    let holder = |op: &str, description: &str| {
+        json!({
+            "operationId": op,
+            "description": description,
+            "parameters": {"taskId": "$response.body#/data/task/id"},
+            "requestBody": {
+                "agentName": "$request.path.agentName",
+                "leaseToken": "$response.body#/data/task/leaseToken"
+            }
+        })
+    };
+    vec![
+        (
+            "/api/agents/{agentName}/next-task",
+            "post",
+            "200",
+            json!({
+                "CompleteLeasedTask": holder("completeTask", "Report the leased task done."),
+                "FailLeasedTask": holder("failTask", "Report the leased task failed."),
+                "ExtendLease": holder("extendLease", "Extend the lease (a heartbeat)."),
+                "ReportProgress": holder("reportProgress", "Report progress on the leased task."),
+            }),
+        ),
+        (
+            "/api/projects",
+            "post",
+            "201",
+            json!({
+                "CreateTask": {
+                    "operationId": "createTask",
+                    "description": "Queue a task in the new project.",
+                    "parameters": {"projectId": "$response.body#/data/id"}
+                },
+            }),
+        ),
+        (
+            "/api/projects/{projectId}/tasks",
+            "post",
+            "201",
+            json!({
+                "NextTask": {
+                    "operationId": "nextTask",
+                    "description": "Ask for a task of this task's project, as an agent.",
+                    "requestBody": {"projectId": "$response.body#/data/projectId"}
+                },
+            }),
+        ),
+    ]
+}
 
 /// (parameter name, constraints) for path and query parameters, wherever they appear.
 fn param_rules() -> Vec<(&'static str, Value)> {
@@ -359,6 +416,15 @@ impl Spec {
                     methods.push(method);
                 }
                 routes.push((segs, methods, label));
+            }
+        }
+        for (path, method, status, l) in links() {
+            let pointer = format!(
+                "/paths/{}/{method}/responses/{status}",
+                path.replace('~', "~0").replace('/', "~1")
+            );
+            if let Some(response) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+                response.insert("links".into(), l);
             }
         }
         let mut shapes: Vec<Shape> = Vec::new();

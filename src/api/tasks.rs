@@ -25,6 +25,7 @@ impl TasksApi {
     #[oai(
         path = "/api/projects/:projectId/tasks",
         method = "get",
+        operation_id = "listTasks",
         tag = "ApiTags::Tasks"
     )]
     #[allow(clippy::too_many_arguments)]
@@ -141,6 +142,7 @@ impl TasksApi {
     #[oai(
         path = "/api/projects/:projectId/tasks",
         method = "post",
+        operation_id = "createTask",
         tag = "ApiTags::Tasks"
     )]
     async fn create(
@@ -170,6 +172,7 @@ impl TasksApi {
     #[oai(
         path = "/api/projects/:projectId/tasks/bulk",
         method = "post",
+        operation_id = "createTasksInBulk",
         tag = "ApiTags::Tasks"
     )]
     async fn bulk(
@@ -237,7 +240,12 @@ impl TasksApi {
     }
 
     /// Get a task with its attempts and outputs.
-    #[oai(path = "/api/tasks/:taskId", method = "get", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/tasks/:taskId",
+        method = "get",
+        operation_id = "getTask",
+        tag = "ApiTags::Tasks"
+    )]
     async fn get(
         &self,
         auth: Auth,
@@ -249,7 +257,12 @@ impl TasksApi {
     }
 
     /// Update a queued task; new variables re-render its instructions from the template.
-    #[oai(path = "/api/tasks/:taskId", method = "put", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/tasks/:taskId",
+        method = "put",
+        operation_id = "updateTask",
+        tag = "ApiTags::Tasks"
+    )]
     async fn update(
         &self,
         auth: Auth,
@@ -268,7 +281,12 @@ impl TasksApi {
     }
 
     /// Delete a task (a running task's lease goes with it).
-    #[oai(path = "/api/tasks/:taskId", method = "delete", tag = "ApiTags::Tasks")]
+    #[oai(
+        path = "/api/tasks/:taskId",
+        method = "delete",
+        operation_id = "deleteTask",
+        tag = "ApiTags::Tasks"
+    )]
     async fn delete(
         &self,
         auth: Auth,

@@ -348,6 +348,26 @@ async fn openapi_document_and_ui_are_served() {
     ] {
         assert!(paths.contains_key(p), "missing {p}");
     }
+    // Only operations that create document a 201.
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let creates = method == "post"
+                && [
+                    "/api/keys",
+                    "/api/projects",
+                    "/task-types",
+                    "/tasks",
+                    "/tasks/bulk",
+                ]
+                .iter()
+                .any(|end| path.ends_with(end));
+            assert_eq!(
+                op["responses"].get("201").is_some(),
+                creates,
+                "{method} {path}"
+            );
+        }
+    }
     // Every operation has an id of its own, and every link names one of them.
     let ops: Vec<&Value> = paths
         .values()

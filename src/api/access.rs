@@ -177,7 +177,7 @@ impl AccessApi {
         &self,
         auth: Auth,
         body: JsonBody<CreateKeyIn>,
-    ) -> ApiResult<Reply<KeyOut>> {
+    ) -> ApiResult<CreatedReply<KeyOut>> {
         key_admin(auth.caller())?;
         let b = body.0;
         let mut c = Check::default();
@@ -209,7 +209,7 @@ impl AccessApi {
             .store
             .write(move |w| access::create_key(w, new))
             .await?;
-        Ok(Reply::created(KeyOut::new(key, Some(text))))
+        Ok(CreatedReply::created(KeyOut::new(key, Some(text))))
     }
 
     /// List API keys (admin). Never shows a key or its hash.

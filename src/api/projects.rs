@@ -68,7 +68,11 @@ impl ProjectsApi {
         operation_id = "createProject",
         tag = "ApiTags::Projects"
     )]
-    async fn create(&self, auth: Auth, body: JsonBody<CreateProject>) -> Result<Reply<ProjectOut>> {
+    async fn create(
+        &self,
+        auth: Auth,
+        body: JsonBody<CreateProject>,
+    ) -> Result<CreatedReply<ProjectOut>> {
         let caller = auth.caller();
         caller.require(Right::ManageProjects)?;
         if caller.scoped() {
@@ -83,7 +87,7 @@ impl ProjectsApi {
             .store
             .write(move |w| write::create_project(w, input))
             .await?;
-        Ok(Reply::created(ProjectOut::new(p, s)))
+        Ok(CreatedReply::created(ProjectOut::new(p, s)))
     }
 
     /// Get a project by id or name.
@@ -214,7 +218,7 @@ impl ProjectsApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: JsonBody<CreateTaskType>,
-    ) -> Result<Reply<TaskTypeOut>> {
+    ) -> Result<CreatedReply<TaskTypeOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
         let input = validate::create_type(body.0)?;
@@ -223,7 +227,7 @@ impl ProjectsApi {
             .store
             .write(move |w| write::create_type(w, &id.0, input))
             .await?;
-        Ok(Reply::created(t.into()))
+        Ok(CreatedReply::created(t.into()))
     }
 
     /// Get a task type.

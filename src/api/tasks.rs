@@ -150,7 +150,7 @@ impl TasksApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: JsonBody<CreateTask>,
-    ) -> Result<Reply<TaskOut>> {
+    ) -> Result<CreatedReply<TaskOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let input = validate::create_task(body.0, None, "")?;
@@ -162,9 +162,9 @@ impl TasksApi {
         let (task, created) = out.pop().expect("one result per task")?;
         let view = TaskOut::new(task, View::Full);
         Ok(if created {
-            Reply::created(view)
+            CreatedReply::created(view)
         } else {
-            Reply::ok(view)
+            CreatedReply::existing(view)
         })
     }
 
@@ -180,7 +180,7 @@ impl TasksApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: JsonBody<BulkCreate>,
-    ) -> Result<Reply<BulkOut>> {
+    ) -> Result<CreatedReply<BulkOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let BulkCreate { tasks, batch_id } = body.0;
@@ -232,7 +232,7 @@ impl TasksApi {
             }
         }
         errors.sort_by_key(|e| e.index);
-        Ok(Reply::created(BulkOut {
+        Ok(CreatedReply::created(BulkOut {
             tasks_created: created.len() as u64,
             created_tasks: created,
             errors,

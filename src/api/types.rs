@@ -158,12 +158,11 @@ pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
     pub pagination: Pagination,
 }
 
+/// The answer of an operation that reads or changes something: 200.
 #[derive(ApiResponse)]
 pub enum Reply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     #[oai(status = 200)]
     Ok(Fast<Envelope<T>>),
-    #[oai(status = 201)]
-    Created(Fast<Envelope<T>>),
 }
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
@@ -173,9 +172,31 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
             data,
         }))
     }
+}
 
+/// The answer of an operation that creates: 201, or 200 when it created nothing because an
+/// equal one exists (a duplicate task under `duplicateHandling: ignore`).
+#[derive(ApiResponse)]
+pub enum CreatedReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Fast<Envelope<T>>),
+    /// Nothing created: an equal one exists and is returned (a duplicate task under
+    /// `duplicateHandling: ignore`).
+    #[oai(status = 200)]
+    Existing(Fast<Envelope<T>>),
+}
+
+impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T> {
     pub fn created(data: T) -> Self {
-        Reply::Created(Fast(Envelope {
+        CreatedReply::Created(Fast(Envelope {
+            success: true,
+            data,
+        }))
+    }
+
+    pub fn existing(data: T) -> Self {
+        CreatedReply::Existing(Fast(Envelope {
             success: true,
             data,
         }))

@@ -50,6 +50,7 @@ fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
 #[OpenApi]
 impl LeasesApi {
     /// Resume the agent's current task in the project, or lease the best available one.
+    ///
     /// With `waitSeconds`, waits (long-poll) until a task appears or the time is up.
     #[oai(
         path = "/api/agents/:agentName/next-task",

@@ -150,7 +150,7 @@ impl TasksApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
         body: JsonBody<CreateTask>,
-    ) -> Result<CreatedReply<TaskOut>> {
+    ) -> Result<TaskCreated> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let input = validate::create_task(body.0, None, "")?;
@@ -161,10 +161,14 @@ impl TasksApi {
             .await?;
         let (task, created) = out.pop().expect("one result per task")?;
         let view = TaskOut::new(task, View::Full);
+        let envelope = Fast(Envelope {
+            success: true,
+            data: view,
+        });
         Ok(if created {
-            CreatedReply::created(view)
+            TaskCreated::Created(envelope)
         } else {
-            CreatedReply::existing(view)
+            TaskCreated::Existing(envelope)
         })
     }
 

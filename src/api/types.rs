@@ -174,17 +174,12 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
     }
 }
 
-/// The answer of an operation that creates: 201, or 200 when it created nothing because an
-/// equal one exists (a duplicate task under `duplicateHandling: ignore`).
+/// The answer of an operation that creates: 201.
 #[derive(ApiResponse)]
 pub enum CreatedReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     /// Created.
     #[oai(status = 201)]
     Created(Fast<Envelope<T>>),
-    /// Nothing created: an equal one exists and is returned (a duplicate task under
-    /// `duplicateHandling: ignore`).
-    #[oai(status = 200)]
-    Existing(Fast<Envelope<T>>),
 }
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T> {
@@ -194,13 +189,18 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T>
             data,
         }))
     }
+}
 
-    pub fn existing(data: T) -> Self {
-        CreatedReply::Existing(Fast(Envelope {
-            success: true,
-            data,
-        }))
-    }
+/// The answer of creating one task: 201, or 200 with the existing task when it is a
+/// duplicate under its type's `duplicateHandling: ignore` (nothing is created).
+#[derive(ApiResponse)]
+pub enum TaskCreated {
+    /// Created.
+    #[oai(status = 201)]
+    Created(Fast<Envelope<TaskOut>>),
+    /// A duplicate under `duplicateHandling: ignore`: the existing task, nothing created.
+    #[oai(status = 200)]
+    Existing(Fast<Envelope<TaskOut>>),
 }
 
 #[derive(ApiResponse)]

@@ -35,8 +35,7 @@ pub async fn run(store: Arc<Store>) {
             }
         };
         let now = store.clock.now();
-        if let Some(at) = next.filter(|at| *at <= now) {
-            let _ = at;
+        if next.is_some_and(|at| at <= now) {
             let result = store
                 .write(|w| {
                     let promoted = promote_due(w, TIMER_BATCH)?;

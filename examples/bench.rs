@@ -538,7 +538,7 @@ async fn run(o: Opts) {
     let (s1, c1) = cpu_seconds();
     println!("HTTP ceiling (GET /health):        {ceiling:>10.0} req/s");
     // CPU time per unit of work is steadier than a rate on a shared VM: it does not move
-    // when a neighbour takes the other core. /proc counts in 10 ms ticks.
+    // when a neighbour takes the other core. (/proc's resolution is 10 ms.)
     let cpu_per =
         |a: Option<f64>, b: Option<f64>, n: usize| Some((b? - a?) * 1_000_000.0 / n as f64);
     if let (Some(s), Some(cl)) = (cpu_per(s0, s1, health_n), cpu_per(c0, c1, health_n)) {

@@ -69,10 +69,7 @@ fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<Field
     match schema.get("type").and_then(Value::as_str) {
         Some("object") => {
             let Some(obj) = v.as_object() else {
-                out.push(FieldError::new(
-                    field,
-                    format!("must be an object, not {}", kind(v)),
-                ));
+                out.push(mismatch(field, "an object", v));
                 return;
             };
             let required: Vec<&str> = schema
@@ -102,10 +99,7 @@ fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<Field
         }
         Some("array") => {
             let Some(items) = v.as_array() else {
-                out.push(FieldError::new(
-                    field,
-                    format!("must be an array, not {}", kind(v)),
-                ));
+                out.push(mismatch(field, "an array", v));
                 return;
             };
             if let Some(item_schema) = schema.get("items") {
@@ -122,15 +116,16 @@ fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<Field
                 _ => v.is_boolean(),
             };
             if !fits {
-                let e = expected(t).unwrap_or("something else");
-                out.push(FieldError::new(
-                    field,
-                    format!("must be {e}, not {}", kind(v)),
-                ));
+                out.push(mismatch(field, expected(t).unwrap_or("something else"), v));
             }
         }
         _ => {}
     }
+}
+
+/// `field` must be `expected`, and `v` is not.
+fn mismatch(field: &str, expected: &str, v: &Value) -> FieldError {
+    FieldError::new(field, format!("must be {expected}, not {}", kind(v)))
 }
 
 fn join(path: &str, name: &str) -> String {

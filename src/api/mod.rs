@@ -438,15 +438,27 @@ async fn authenticate(
 /// A body or parameter the framework refused, as the `validationDetails` of a 400 that
 /// name what is at fault (poem-openapi's messages name the type it expected, not the field).
 fn explain_refusal(e: poem::Error, spec: &spec::Spec, method: &str, path: &str) -> poem::Error {
-    let template = spec.template(path);
+    use poem_openapi::error::{ParseParamError, ParsePathError};
+    let param = e
+        .downcast_ref::<ParseParamError>()
+        .map(|p| (p.name, p.reason.as_str()))
+        .or_else(|| {
+            e.downcast_ref::<ParsePathError>()
+                .map(|p| (p.name, p.reason.as_str()))
+        });
+    // Only these refusals are explained; others (domain errors included) pass untouched.
     let fields = if let Some(refused) = e.downcast_ref::<body::BodyRefused>() {
-        explain::explain(spec, method, template, &refused.body)
-    } else if let Some(p) = e.downcast_ref::<poem_openapi::error::ParseParamError>() {
-        vec![explain::param(spec, method, template, p.name, &p.reason)]
-    } else if let Some(p) = e.downcast_ref::<poem_openapi::error::ParsePathError>() {
-        vec![explain::param(spec, method, template, p.name, &p.reason)]
+        explain::explain(spec, method, spec.template(path), &refused.body)
+    } else if let Some((name, reason)) = param {
+        vec![explain::param(
+            spec,
+            method,
+            spec.template(path),
+            name,
+            reason,
+        )]
     } else {
-        Vec::new()
+        return e;
     };
     if fields.is_empty() {
         e

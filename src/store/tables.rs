@@ -412,21 +412,20 @@ impl<'txn> Tables<'txn> {
     pub fn drop_counters(&mut self, project: u128) -> Result<()> {
         self.stats.insert(project, None);
         self.activity.retain(|(p, _), _| *p != project);
-        let prefix = ix::K::new(ix::ACTIVITY).u128(project);
-        self.remove_index_range(&prefix, &ix::end_of(&prefix))
+        self.remove_prefix(&ix::K::new(ix::ACTIVITY).u128(project))
     }
 
     /// Removes the index entries with keys in `from..to`.
     fn remove_index_range(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
-        let keys: Vec<Vec<u8>> = self
-            .index
-            .range::<&[u8]>(from..to)?
-            .map(|r| r.map(|(k, _)| k.value().to_vec()))
-            .collect::<std::result::Result<_, _>>()?;
-        for k in keys {
+        for k in self.keys_in(from, to)? {
             self.index.remove(k.as_slice())?;
         }
         Ok(())
+    }
+
+    /// Removes the index entries under `prefix`.
+    fn remove_prefix(&mut self, prefix: &[u8]) -> Result<()> {
+        self.remove_index_range(prefix, &ix::end_of(prefix))
     }
 
     /// Whether the batch changed anything (call after [`Tables::flush`]). One that did not,
@@ -480,9 +479,13 @@ impl<'txn> Tables<'txn> {
 
     /// Keys under `prefix`, in order.
     pub fn keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let end = ix::end_of(prefix);
+        self.keys_in(prefix, &ix::end_of(prefix))
+    }
+
+    /// Keys in `from..to`, in order.
+    fn keys_in(&self, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        for r in self.index.range::<&[u8]>(prefix..end.as_slice())? {
+        for r in self.index.range::<&[u8]>(from..to)? {
             out.push(r?.0.value().to_vec());
         }
         Ok(out)
@@ -652,9 +655,8 @@ pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
             }
         }
     }
-    let mut stale: Vec<Vec<u8>> = Vec::new();
     for kind in [ix::LEASES, ix::AGENT] {
-        stale.extend(t.keys(&[kind])?);
+        t.remove_prefix(&[kind])?;
     }
     // Untyped tasks' READY_TYPE entries (type 0): no claim with `typeIds` may match them.
     let projects: Vec<u128> = t
@@ -663,10 +665,7 @@ pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
         .map(|r| r.map(|(k, _)| k.value()))
         .collect::<std::result::Result<_, _>>()?;
     for p in projects {
-        stale.extend(t.keys(&ix::K::new(ix::READY_TYPE).u128(p).u128(0))?);
-    }
-    for k in stale {
-        t.index.remove(k.as_slice())?;
+        t.remove_prefix(&ix::K::new(ix::READY_TYPE).u128(p).u128(0))?;
     }
     Ok(leased.len())
 }

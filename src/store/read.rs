@@ -52,12 +52,36 @@ impl Cursor {
         }
     }
 
+    /// Reads what [`Cursor::encode`] wrote. A key beyond the range of real keys, which the
+    /// document's pattern allows, is clamped to that range's end: no task lies between the
+    /// two, so the page is the same.
     pub fn decode(s: &str) -> Option<Cursor> {
         if let Some(rest) = s.strip_prefix('k') {
             let (c, q) = rest.split_once('.')?;
-            return Some(Cursor::After(c.parse().ok()?, q.parse().ok()?));
+            let c = c
+                .parse::<i128>()
+                .ok()?
+                .clamp(i64::MIN.into(), i64::MAX.into());
+            let q = q.parse::<u128>().ok()?.min(u64::MAX.into());
+            return Some(Cursor::After(c as i64, q as u64));
         }
         s.strip_prefix('o')?.parse().ok().map(Cursor::Offset)
+    }
+}
+
+/// The (createdAt, seq) key right after `k`, if there is one.
+fn key_after((c, s): (i64, u64)) -> Option<(i64, u64)> {
+    match s.checked_add(1) {
+        Some(s) => Some((c, s)),
+        None => Some((c.checked_add(1)?, 0)),
+    }
+}
+
+/// The (createdAt, seq) key right before `k`, if there is one.
+fn key_before((c, s): (i64, u64)) -> Option<(i64, u64)> {
+    match s.checked_sub(1) {
+        Some(s) => Some((c, s)),
+        None => Some((c.checked_sub(1)?, u64::MAX)),
     }
 }
 
@@ -297,22 +321,16 @@ impl Reader {
         let sources = |from: Option<(i64, u64)>| -> Result<Vec<KeyIter>> {
             // `from` is exclusive: the last key of the previous page.
             let (mut a, mut b) = ((lo, 0u64), (hi, u64::MAX));
+            let mut out: Vec<KeyIter> = Vec::new();
             if let Some(k) = from {
-                if q.desc {
-                    b = if k.1 == 0 {
-                        (k.0 - 1, u64::MAX)
-                    } else {
-                        (k.0, k.1 - 1)
-                    };
-                } else {
-                    a = if k.1 == u64::MAX {
-                        (k.0 + 1, 0)
-                    } else {
-                        (k.0, k.1 + 1)
-                    };
+                // No key lies beyond the ends of the key space: the page is empty.
+                let next = if q.desc { key_before(k) } else { key_after(k) };
+                match next {
+                    Some(n) if q.desc => b = n,
+                    Some(n) => a = n,
+                    None => return Ok(out),
                 }
             }
-            let mut out: Vec<KeyIter> = Vec::new();
             if a > b {
                 return Ok(out);
             }
@@ -369,7 +387,7 @@ impl Reader {
         if q.sort == Sort::CreatedAt {
             let (from, skip) = match q.cursor {
                 Some(Cursor::After(c, s)) => (Some((c, s)), q.offset),
-                Some(Cursor::Offset(o)) => (None, o + q.offset),
+                Some(Cursor::Offset(o)) => (None, o.saturating_add(q.offset)),
                 None => (None, q.offset),
             };
             let merged = Merge::new(sources(from)?, q.desc);
@@ -422,7 +440,7 @@ impl Reader {
             all.reverse();
         }
         let start = match q.cursor {
-            Some(Cursor::Offset(o)) => o + q.offset,
+            Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
             _ => q.offset,
         };
         let end = start.saturating_add(q.limit).min(all.len());

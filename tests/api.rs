@@ -315,6 +315,17 @@ async fn a_refused_body_names_the_fields_at_fault() {
     let body: serde_json::Value = r.json().await.unwrap();
     let error = body["error"].as_str().unwrap();
     assert!(error.contains("Content-Type: application/json"), "{error}");
+    // An operation that takes no body ignores one, whatever its type (the document lists 415
+    // only for operations with a body).
+    let r = app
+        .client
+        .post(format!("{}/api/projects/{p}/cleanup-leases", app.base))
+        .header("content-type", "text/plain")
+        .body("not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
     // Nothing was created.
     assert_eq!(app.stats(&p).await["totalTasks"], 0);
 }
@@ -376,6 +387,27 @@ async fn openapi_document_and_ui_are_served() {
             }
         }
     }
+    // Each operation lists the error statuses it can answer, not every one.
+    for (path, item) in paths {
+        for (method, op) in item.as_object().unwrap() {
+            let has = |status: &str| op["responses"].get(status).is_some();
+            let body = op.get("requestBody").is_some();
+            assert!(!has("405"), "{method} {path}");
+            assert_eq!(has("415"), body, "{method} {path}");
+            assert_eq!(
+                has("422"),
+                ["createTask", "updateTask"].contains(&op["operationId"].as_str().unwrap()),
+                "{method} {path}"
+            );
+            if path != "/health" {
+                assert!(has("401") && has("429") && has("503"), "{method} {path}");
+            }
+        }
+    }
+    assert!(!paths["/api/keys"]["get"]["responses"]
+        .as_object()
+        .unwrap()
+        .contains_key("400"));
     // Every operation has an id of its own, and every link names one of them.
     let ops: Vec<&Value> = paths
         .values()

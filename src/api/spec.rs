@@ -9,7 +9,9 @@
 //!    them, with field-by-field messages.
 //! 3. Links between operations: how a next-task answer feeds the calls only the holder may
 //!    make, and how a created project or task feeds the next step (see [`links`]).
-//! 4. The route table for the `Allow` header of 405 answers.
+//! 4. Each operation lists only the error statuses it can answer (see [`trim_errors`]): the
+//!    error side of every operation is one type, which declares them all.
+//! 5. The route table for the `Allow` header of 405 answers.
 
 use std::collections::HashMap;
 
@@ -216,6 +218,36 @@ fn links() -> Vec<(&'static str, &'static str, &'static str, Value)> {
             }),
         ),
     ]
+}
+
+/// Operations whose body can name a task type's missing variables (422).
+const UNPROCESSABLE: &[&str] = &["createTask", "updateTask"];
+
+/// Drops the error statuses an operation cannot answer from its responses. 405 belongs to a
+/// path's other methods, never to an operation; 415 comes from the JSON body extractor; 400
+/// needs a parameter or a body to refuse; 422 comes from the template check of a task's
+/// variables. The rest (401, 403, 404, 409, 413, 429, 503) stays: the request frame raises
+/// 413 and 429 before routing, and a body may name a project or type that is not there.
+fn trim_errors(op: &mut Value) {
+    let id = op.get("operationId").and_then(Value::as_str).unwrap_or("");
+    let body = op.get("requestBody").is_some();
+    let params = op
+        .get("parameters")
+        .and_then(Value::as_array)
+        .is_some_and(|p| !p.is_empty());
+    let drop = [
+        ("405", true),
+        ("415", !body),
+        ("400", !body && !params),
+        ("422", !UNPROCESSABLE.contains(&id)),
+    ];
+    if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
+        for (status, gone) in drop {
+            if gone {
+                responses.remove(status);
+            }
+        }
+    }
 }
 
 /// (parameter name, constraints) for path and query parameters, wherever they appear.
@@ -425,6 +457,15 @@ impl Spec {
             );
             if let Some(response) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
                 response.insert("links".into(), l);
+            }
+        }
+        if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+            for op in paths
+                .values_mut()
+                .filter_map(Value::as_object_mut)
+                .flat_map(|item| item.values_mut())
+            {
+                trim_errors(op);
             }
         }
         let mut shapes: Vec<Shape> = Vec::new();

@@ -223,12 +223,16 @@ fn links() -> Vec<(&'static str, &'static str, &'static str, Value)> {
 /// Operations whose body can name a task type's missing variables (422).
 const UNPROCESSABLE: &[&str] = &["createTask", "updateTask"];
 
+/// Operations that name nothing that could be missing (no path id, no body).
+const NOTHING_TO_FIND: &[&str] = &["listProjects", "listKeys"];
+
 /// Drops the error statuses an operation cannot answer from its responses. 405 belongs to a
 /// path's other methods, never to an operation; 415 comes from the JSON body extractor; 400
 /// needs a parameter or a body to refuse; 422 comes from the template check of a task's
-/// variables. The rest (401, 403, 404, 409, 413, 429, 503) stays: the request frame raises
-/// 413 and 429 before routing, and a body may name a project or type that is not there.
-fn trim_errors(op: &mut Value) {
+/// variables; 409 from a write; 404 from an id or name that is not there. The rest (401,
+/// 403, 413, 429, 503) stays: the request frame checks the body size, the credentials and the
+/// rate before routing.
+fn trim_errors(method: &str, op: &mut Value) {
     let id = op.get("operationId").and_then(Value::as_str).unwrap_or("");
     let body = op.get("requestBody").is_some();
     let params = op
@@ -240,6 +244,8 @@ fn trim_errors(op: &mut Value) {
         ("415", !body),
         ("400", !body && !params),
         ("422", !UNPROCESSABLE.contains(&id)),
+        ("409", method == "get"),
+        ("404", NOTHING_TO_FIND.contains(&id)),
     ];
     if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
         for (status, gone) in drop {
@@ -460,12 +466,12 @@ impl Spec {
             }
         }
         if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
-            for op in paths
+            for (method, op) in paths
                 .values_mut()
                 .filter_map(Value::as_object_mut)
-                .flat_map(|item| item.values_mut())
+                .flat_map(|item| item.iter_mut())
             {
-                trim_errors(op);
+                trim_errors(method, op);
             }
         }
         let mut shapes: Vec<Shape> = Vec::new();

@@ -48,6 +48,10 @@ struct Opts {
     /// Agents long-polling (waitSeconds) for those tasks.
     #[arg(long, default_value_t = 16)]
     waiters: usize,
+    /// In the agent cycle, agents use a key limited to the cycle's project (a fleet's usual
+    /// key) instead of an agent key for every project.
+    #[arg(long)]
+    scoped_key: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -577,7 +581,21 @@ async fn run(o: Opts) {
     bulk_create(c, &base, &p, None, o.tasks, 4).await;
     let m0 = commit_totals(c, &base).await;
     let (s0, c0) = cpu_seconds();
-    let mut cy = agent_cycle(ac, &base, &p, o.agents, None).await;
+    let scoped_client = if o.scoped_key {
+        let key: Value = post(
+            c,
+            format!("{base}/api/keys"),
+            &json!({"name": format!("bench-scoped-{run_id}"), "role": "agent", "projects": [p]}),
+        )
+        .await;
+        Some(keyed_client(
+            key["data"]["key"].as_str().expect("scoped key"),
+        ))
+    } else {
+        None
+    };
+    let cycle_client = scoped_client.as_ref().unwrap_or(ac);
+    let mut cy = agent_cycle(cycle_client, &base, &p, o.agents, None).await;
     let (s1, c1) = cpu_seconds();
     let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);

@@ -865,6 +865,51 @@ async fn listing_filters_sorts_and_pages() {
     assert_eq!(r.body["pagination"]["total"], 1);
     // List items leave out attempts and outputs.
     assert!(r.data()[0].get("attempts").is_none());
+    // Priority order, walked page by page with the cursor, is (priority, age) either way.
+    for order in ["asc", "desc"] {
+        let mut expected: Vec<usize> = (0..25).collect();
+        expected.sort_by_key(|&i| (i % 3, i));
+        if order == "desc" {
+            expected.reverse();
+        }
+        let expected: Vec<String> = expected.into_iter().map(|i| created[i].clone()).collect();
+        let mut seen = Vec::new();
+        let mut cursor = String::new();
+        loop {
+            let r = app
+                .get(&format!(
+                    "{path}?sort=priority&order={order}&limit=7{cursor}"
+                ))
+                .await;
+            assert_eq!(r.status, 200, "{:?}", r.body);
+            assert_eq!(r.body["pagination"]["total"], 25);
+            seen.extend(ids(r.data()));
+            match r.body["pagination"]["nextCursor"].as_str() {
+                Some(c) => cursor = format!("&cursor={c}"),
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "{order}");
+        let r = app
+            .get(&format!(
+                "{path}?sort=priority&order={order}&limit=4&offset=10"
+            ))
+            .await;
+        assert_eq!(ids(r.data()), expected[10..14].to_vec(), "{order}");
+        let r = app
+            .get(&format!("{path}?sort=updatedAt&order={order}&offset=23"))
+            .await;
+        // The claimed task was updated last; the others tie or follow creation.
+        let by_update: Vec<String> = if order == "asc" {
+            vec![
+                created[24].clone(),
+                claimed["id"].as_str().unwrap().to_string(),
+            ]
+        } else {
+            vec![created[1].clone(), created[0].clone()]
+        };
+        assert_eq!(ids(r.data()), by_update, "{order}");
+    }
     // Priority sort.
     let r = app
         .get(&format!("{path}?sort=priority&order=desc&limit=3"))

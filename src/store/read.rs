@@ -1,5 +1,7 @@
 //! Read queries on one MVCC snapshot. Nothing here writes or waits for the writer.
 
+use std::collections::BinaryHeap;
+
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use uuid::Uuid;
 
@@ -422,34 +424,50 @@ impl Reader {
             });
         }
 
-        let mut all = Vec::new();
-        for it in sources(None)? {
-            for k in it {
-                if let Some(t) = load(k?.1)? {
-                    if keep(&t) {
-                        all.push(t);
-                    }
-                }
-            }
-        }
-        match q.sort {
-            Sort::UpdatedAt => all.sort_by_key(|t| (t.updated_at, t.seq)),
-            _ => all.sort_by_key(|t| (t.priority, t.seq)),
-        }
-        if q.desc {
-            all.reverse();
-        }
+        // The other orders have no index: walk the matching tasks and keep only the keys of
+        // the first `offset + limit` in a heap, so memory follows the page asked for, not the
+        // project's size. The page's tasks are loaded again at the end.
         let start = match q.cursor {
             Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
             _ => q.offset,
         };
-        let end = start.saturating_add(q.limit).min(all.len());
-        let next = (end < all.len()).then_some(Cursor::Offset(end));
-        let tasks = if start < all.len() {
-            all.drain(start..end).collect()
-        } else {
-            Vec::new()
+        let want = start.saturating_add(q.limit);
+        // Ascending rank = the order of the answer; the heap's top is the worst rank kept.
+        let rank = |t: &Task| -> (i128, i128) {
+            let k = match q.sort {
+                Sort::UpdatedAt => i128::from(t.updated_at),
+                _ => i128::from(t.priority),
+            };
+            let seq = i128::from(t.seq);
+            if q.desc {
+                (-k, -seq)
+            } else {
+                (k, seq)
+            }
         };
+        let mut kept: BinaryHeap<((i128, i128), u64)> = BinaryHeap::new();
+        let mut matched = 0usize;
+        for it in sources(None)? {
+            for k in it {
+                if let Some(t) = load(k?.1)? {
+                    if keep(&t) {
+                        matched += 1;
+                        kept.push((rank(&t), t.seq));
+                        if kept.len() > want {
+                            kept.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let end = want.min(matched);
+        let next = (end < matched).then_some(Cursor::Offset(end));
+        let mut tasks = Vec::new();
+        for (_, seq) in kept.into_sorted_vec().into_iter().skip(start) {
+            if let Some(t) = load(seq)? {
+                tasks.push(t);
+            }
+        }
         Ok(Page { tasks, total, next })
     }
 }

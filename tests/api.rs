@@ -1358,6 +1358,76 @@ async fn delete_task_and_project_keep_counters_exact() {
     app.project("p").await;
 }
 
+/// A project with more tasks than one delete chunk goes in several writes; the outcome is
+/// the same as one: the project, its types, tasks and leases gone, other projects untouched.
+#[tokio::test]
+async fn deleting_a_big_project_removes_it_all_and_nothing_else() {
+    let app = spawn_app().await;
+    let big = app.project("big").await;
+    let other = app.project("other").await;
+    let ty = app.task_type(&big, json!({"name": "t"})).await;
+    let kept = app.task(&other, json!({"instructions": "keep"})).await;
+    app.task(&other, json!({"instructions": "keep too"})).await;
+    let other_lease = app.next("y", json!({"projectId": other})).await;
+    let n = 2 * agentq::store::write::DELETE_CHUNK + 500;
+    // The first and the last task: one goes in the first chunk, the other in the last write.
+    let mut ends: Vec<String> = Vec::new();
+    for start in (0..n).step_by(1000) {
+        let tasks: Vec<Value> = (start..n.min(start + 1000))
+            .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
+            .collect();
+        let r = app
+            .post(
+                &format!("/api/projects/{big}/tasks/bulk"),
+                json!({"tasks": tasks}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        for t in r.data()["createdTasks"].as_array().unwrap() {
+            ends.push(t["id"].as_str().unwrap().to_string());
+        }
+        ends.drain(1..ends.len() - 1);
+    }
+    let held = app.next("x", json!({"projectId": big})).await;
+    assert_eq!(app.stats(&big).await["totalTasks"], n);
+    assert_eq!(
+        app.delete(&format!("/api/projects/{big}")).await.status,
+        200
+    );
+    assert_eq!(app.get(&format!("/api/projects/{big}")).await.status, 404);
+    assert_eq!(app.get(&format!("/api/task-types/{ty}")).await.status, 404);
+    for t in &ends {
+        assert_eq!(app.get(&format!("/api/tasks/{t}")).await.status, 404);
+    }
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", held["id"].as_str().unwrap()),
+            json!({"agentName": "x", "leaseToken": held["leaseToken"], "result": "late"}),
+        )
+        .await;
+    assert_eq!(r.status, 404);
+    // The other project is as it was, its lease included.
+    let s = app.stats(&other).await;
+    assert_eq!(
+        (s["totalTasks"].as_u64(), s["runningTasks"].as_u64()),
+        (Some(2), Some(1))
+    );
+    assert_eq!(app.get(&format!("/api/tasks/{kept}")).await.status, 200);
+    let r = app
+        .post(
+            &format!(
+                "/api/tasks/{}/complete",
+                other_lease["id"].as_str().unwrap()
+            ),
+            json!({"agentName": "y", "leaseToken": other_lease["leaseToken"], "result": "ok"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    // The name is free again, and the new project starts empty.
+    let again = app.project("big").await;
+    assert_eq!(app.stats(&again).await["totalTasks"], 0);
+}
+
 #[tokio::test]
 async fn long_poll_wakes_when_a_task_appears() {
     let app = spawn_app().await;

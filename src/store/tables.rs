@@ -417,7 +417,7 @@ impl<'txn> Tables<'txn> {
 
     /// Removes the index entries with keys in `from..to`.
     fn remove_index_range(&mut self, from: &[u8], to: &[u8]) -> Result<()> {
-        for k in self.keys_in(from, to)? {
+        for k in self.keys_in(from, to, usize::MAX)? {
             self.index.remove(k.as_slice())?;
         }
         Ok(())
@@ -479,13 +479,18 @@ impl<'txn> Tables<'txn> {
 
     /// Keys under `prefix`, in order.
     pub fn keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>> {
-        self.keys_in(prefix, &ix::end_of(prefix))
+        self.first_keys(prefix, usize::MAX)
     }
 
-    /// Keys in `from..to`, in order.
-    fn keys_in(&self, from: &[u8], to: &[u8]) -> Result<Vec<Vec<u8>>> {
+    /// The first `limit` keys under `prefix`, in order.
+    pub fn first_keys(&self, prefix: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        self.keys_in(prefix, &ix::end_of(prefix), limit)
+    }
+
+    /// The first `limit` keys in `from..to`, in order.
+    fn keys_in(&self, from: &[u8], to: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
         let mut out = Vec::new();
-        for r in self.index.range::<&[u8]>(from..to)? {
+        for r in self.index.range::<&[u8]>(from..to)?.take(limit) {
             out.push(r?.0.value().to_vec());
         }
         Ok(out)

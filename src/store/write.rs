@@ -160,15 +160,28 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 }
 
 /// Deletes a project with its task types, tasks and leases. Returns the project id.
-pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
-    let p = resolve_project(w.t, key)?;
-    let prefix = ix::K::new(ix::BY_PROJECT).u128(p.id);
-    let seqs: Vec<u64> = w.t.keys(&prefix)?.iter().map(|k| ix::seq_of(k)).collect();
-    for seq in seqs {
-        if let Some(task) = w.t.task(seq)? {
+/// Tasks a project delete removes per write, so that other writes go between its batches
+/// (~10 ms each here) instead of waiting for the whole project (a 1M-task project took 4 s
+/// in one transaction).
+pub const DELETE_CHUNK: usize = 2_000;
+
+/// Deletes up to `limit` of a project's tasks, oldest first, and answers how many. A project
+/// delete runs this until it deletes fewer than `limit`; [`delete_project`] then removes the
+/// rest together with the project.
+pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<usize> {
+    let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
+    let keys = w.t.first_keys(&prefix, limit)?;
+    for k in &keys {
+        if let Some(task) = w.t.task(ix::seq_of(k))? {
             w.t.put_task(Some(&task), None)?;
         }
     }
+    Ok(keys.len())
+}
+
+pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
+    let p = resolve_project(w.t, key)?;
+    delete_project_tasks(w, p.id, usize::MAX)?;
     let types: Vec<(String, u128)> =
         w.t.type_names
             .range((p.id, "")..)?

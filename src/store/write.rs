@@ -159,7 +159,6 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
     Ok((p, stats))
 }
 
-/// Deletes a project with its task types, tasks and leases. Returns the project id.
 /// Tasks a project delete removes per write, so that other writes go between its batches
 /// (~10 ms each here) instead of waiting for the whole project (a 1M-task project took 4 s
 /// in one transaction).
@@ -179,6 +178,8 @@ pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<us
     Ok(keys.len())
 }
 
+/// Deletes a project with its task types, (remaining) tasks and leases, in one write.
+/// Returns the project id.
 pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
     let p = resolve_project(w.t, key)?;
     delete_project_tasks(w, p.id, usize::MAX)?;

@@ -861,8 +861,20 @@ async fn listing_filters_sorts_and_pages() {
     assert_eq!(r.data()[0]["id"], claimed["id"]);
     let r = app.get(&format!("{path}?status=queued,running")).await;
     assert_eq!(r.body["pagination"]["total"], 25);
+    // Only a running task is assigned, whatever the statuses asked for.
+    for (query, total) in [
+        ("assignedTo=b", 0),
+        ("assignedTo=a&status=queued", 0),
+        ("assignedTo=a&status=queued,running", 1),
+        ("assignedTo=a&sort=priority", 1),
+    ] {
+        let r = app.get(&format!("{path}?{query}")).await;
+        assert_eq!(r.body["pagination"]["total"], total, "{query}");
+        assert_eq!(r.data().as_array().unwrap().len(), total, "{query}");
+    }
     let r = app.get(&format!("{path}?assignedTo=a")).await;
     assert_eq!(r.body["pagination"]["total"], 1);
+    assert_eq!(r.data()[0]["id"], claimed["id"]);
     // List items leave out attempts and outputs.
     assert!(r.data()[0].get("attempts").is_none());
     // Priority order, walked page by page with the cursor, is (priority, age) either way.

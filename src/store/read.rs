@@ -300,6 +300,26 @@ impl Reader {
     /// Lists a project's tasks. Creation order walks an index from the cursor; the other
     /// orders collect the matching tasks and sort them.
     pub fn list_tasks(&self, project: u128, q: &TaskQuery) -> Result<Page> {
+        // Only a running task has a lease (lease invariant 1), so `assignedTo` can match
+        // running tasks only: walk those, not the whole project.
+        let narrowed;
+        let q = match q.assigned_to {
+            Some(_) if q.statuses != [TaskStatus::Running] => {
+                if !q.statuses.is_empty() && !q.statuses.contains(&TaskStatus::Running) {
+                    return Ok(Page {
+                        tasks: Vec::new(),
+                        total: 0,
+                        next: None,
+                    });
+                }
+                narrowed = TaskQuery {
+                    statuses: vec![TaskStatus::Running],
+                    ..q.clone()
+                };
+                &narrowed
+            }
+            _ => q,
+        };
         let post_filtered = q.type_id.is_some() || q.assigned_to.is_some() || q.batch_id.is_some();
         let ranged = q.created_after.is_some() || q.created_before.is_some();
         let lo = q.created_after.map_or(i64::MIN, |t| t.saturating_add(1));

@@ -194,12 +194,12 @@ impl poem_openapi::ApiResponse for ApiError {
     fn meta() -> poem_openapi::registry::MetaResponses {
         use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses};
         use poem_openapi::types::Type;
-        let statuses: [(u16, &'static str); 11] = [
+        // 405 is not here: it answers a method a path does not have, never an operation.
+        let statuses: [(u16, &'static str); 10] = [
             (400, "Malformed JSON, a wrong type, or a broken field rule"),
             (401, "Missing or invalid credentials"),
             (403, "The credentials lack the right"),
             (404, "Not found (or not visible to these credentials)"),
-            (405, "Method not allowed"),
             (
                 409,
                 "A state conflict (CONFLICT) or not the lease holder (LEASE_LOST)",

@@ -146,22 +146,7 @@ impl ProjectsApi {
         let project = self
             .0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
-        let store = &self.0.store;
-        // The tasks go in chunks, each its own write, so that agents and producers are not
-        // held for the whole project; the last write removes what is left (tasks created
-        // meanwhile included) with the project, atomically. Bounded by the tasks there now.
-        let chunks = store.read()?.stats(project.id)?.total as usize / write::DELETE_CHUNK + 1;
-        for _ in 0..chunks {
-            let pid = project.id;
-            let n = store
-                .write(move |w| write::delete_project_tasks(w, pid, write::DELETE_CHUNK))
-                .await?;
-            if n < write::DELETE_CHUNK {
-                break;
-            }
-        }
-        let key = uuid_str(project.id);
-        let pid = store.write(move |w| write::delete_project(w, &key)).await?;
+        let pid = self.0.store.delete_project(project.id).await?;
         self.0.store.hub.forget_project(pid);
         Ok(Reply::ok(Deleted {
             deleted: true,

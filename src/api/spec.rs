@@ -10,7 +10,7 @@
 //! 3. Links between operations: how a next-task answer feeds the calls only the holder may
 //!    make, and how a created project or task feeds the next step (see [`links`]).
 //! 4. Each operation lists only the error statuses it can answer (see [`trim_errors`]): the
-//!    error side of every operation is one type, which declares them all.
+//!    error side of every operation is one type, which declares every status any may answer.
 //! 5. The route table for the `Allow` header of 405 answers.
 
 use std::collections::HashMap;
@@ -226,8 +226,8 @@ const UNPROCESSABLE: &[&str] = &["createTask", "updateTask"];
 /// Operations that name nothing that could be missing (no path id, no body).
 const NOTHING_TO_FIND: &[&str] = &["listProjects", "listKeys"];
 
-/// Drops the error statuses an operation cannot answer from its responses. 405 belongs to a
-/// path's other methods, never to an operation; 415 comes from the JSON body extractor; 400
+/// Drops the error statuses an operation cannot answer from its responses (`method`
+/// uppercase). 415 comes from the JSON body extractor; 400
 /// needs a parameter or a body to refuse; 422 comes from the template check of a task's
 /// variables; 409 from a write; 404 from an id or name that is not there. The rest (401,
 /// 403, 413, 429, 503) stays: the request frame checks the body size, the credentials and the
@@ -240,11 +240,10 @@ fn trim_errors(method: &str, op: &mut Value) {
         .and_then(Value::as_array)
         .is_some_and(|p| !p.is_empty());
     let drop = [
-        ("405", true),
         ("415", !body),
         ("400", !body && !params),
         ("422", !UNPROCESSABLE.contains(&id)),
-        ("409", method == "get"),
+        ("409", method == "GET"),
         ("404", NOTHING_TO_FIND.contains(&id)),
     ];
     if let Some(responses) = op.get_mut("responses").and_then(Value::as_object_mut) {
@@ -451,6 +450,7 @@ impl Spec {
                             param_schemas.insert((method.clone(), label, n), schema.clone());
                         }
                     }
+                    trim_errors(&method, op);
                     methods.push(method);
                 }
                 routes.push((segs, methods, label));
@@ -463,15 +463,6 @@ impl Spec {
             );
             if let Some(response) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
                 response.insert("links".into(), l);
-            }
-        }
-        if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
-            for (method, op) in paths
-                .values_mut()
-                .filter_map(Value::as_object_mut)
-                .flat_map(|item| item.iter_mut())
-            {
-                trim_errors(method, op);
             }
         }
         let mut shapes: Vec<Shape> = Vec::new();

@@ -160,16 +160,7 @@ impl TasksApi {
             .write(move |w| write::create_tasks(w, &id.0, vec![input]))
             .await?;
         let (task, created) = out.pop().expect("one result per task")?;
-        let view = TaskOut::new(task, View::Full);
-        let envelope = Fast(Envelope {
-            success: true,
-            data: view,
-        });
-        Ok(if created {
-            TaskCreated::Created(envelope)
-        } else {
-            TaskCreated::Existing(envelope)
-        })
+        Ok(TaskCreated::new(TaskOut::new(task, View::Full), created))
     }
 
     /// Create up to 1000 tasks in one transaction; per-task problems are reported by index.

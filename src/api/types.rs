@@ -158,6 +158,14 @@ pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
     pub pagination: Pagination,
 }
 
+/// `{"success": true, "data": ...}`, serialized straight from the struct.
+fn success<T: ParseFromJSON + ToJSON>(data: T) -> Fast<Envelope<T>> {
+    Fast(Envelope {
+        success: true,
+        data,
+    })
+}
+
 /// The answer of an operation that reads or changes something: 200.
 #[derive(ApiResponse)]
 pub enum Reply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
@@ -167,10 +175,7 @@ pub enum Reply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
     pub fn ok(data: T) -> Self {
-        Reply::Ok(Fast(Envelope {
-            success: true,
-            data,
-        }))
+        Reply::Ok(success(data))
     }
 }
 
@@ -184,10 +189,7 @@ pub enum CreatedReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T> {
     pub fn created(data: T) -> Self {
-        CreatedReply::Created(Fast(Envelope {
-            success: true,
-            data,
-        }))
+        CreatedReply::Created(success(data))
     }
 }
 
@@ -201,6 +203,16 @@ pub enum TaskCreated {
     /// A duplicate under `duplicateHandling: ignore`: the existing task, nothing created.
     #[oai(status = 200)]
     Existing(Fast<Envelope<TaskOut>>),
+}
+
+impl TaskCreated {
+    pub fn new(task: TaskOut, created: bool) -> Self {
+        if created {
+            TaskCreated::Created(success(task))
+        } else {
+            TaskCreated::Existing(success(task))
+        }
+    }
 }
 
 #[derive(ApiResponse)]

@@ -210,6 +210,24 @@ impl Store {
         reply_rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
+    /// Deletes a project with everything in it; answers its id. The tasks go in chunks of
+    /// [`write::DELETE_CHUNK`], each its own write, so that other writes are not held for the
+    /// whole project; the last write removes what is left (tasks created meanwhile included)
+    /// with the project, atomically. The chunks are bounded by the tasks there now.
+    pub async fn delete_project(&self, project: u128) -> Result<u128> {
+        let chunks = self.read()?.stats(project)?.total as usize / write::DELETE_CHUNK + 1;
+        for _ in 0..chunks {
+            let n = self
+                .write(move |w| write::delete_project_tasks(w, project, write::DELETE_CHUNK))
+                .await?;
+            if n < write::DELETE_CHUNK {
+                break;
+            }
+        }
+        let key = uuid::Uuid::from_u128(project).to_string();
+        self.write(move |w| write::delete_project(w, &key)).await
+    }
+
     /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a session
     /// expiry.
     pub fn next_timer(&self) -> Result<Option<Millis>> {

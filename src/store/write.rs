@@ -164,9 +164,8 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 /// in one transaction).
 pub const DELETE_CHUNK: usize = 2_000;
 
-/// Deletes up to `limit` of a project's tasks, oldest first, and answers how many. A project
-/// delete runs this until it deletes fewer than `limit`; [`delete_project`] then removes the
-/// rest together with the project.
+/// Deletes up to `limit` of a project's tasks, oldest first, and answers how many
+/// ([`super::Store::delete_project`] runs it in chunks before [`delete_project`]).
 pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<usize> {
     let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
     let keys = w.t.first_keys(&prefix, limit)?;

@@ -28,6 +28,9 @@ pub struct Project {
 pub enum ProjectStatus {
     Active,
     Closed,
+    /// Being deleted: its tasks are removed in chunks. Nothing finds such a project; it is
+    /// never shown (see `Store::delete_project`). Stored last so older rows keep their code.
+    Deleting,
 }
 
 impl ProjectStatus {
@@ -35,6 +38,7 @@ impl ProjectStatus {
         match self {
             ProjectStatus::Active => "active",
             ProjectStatus::Closed => "closed",
+            ProjectStatus::Deleting => "deleting",
         }
     }
 }

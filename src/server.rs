@@ -123,6 +123,7 @@ impl Server {
             },
         );
         tokio::spawn(crate::scheduler::run(store.clone()));
+        tokio::spawn(resume_deletes(store.clone()));
         tokio::spawn(crate::telemetry::upkeep(
             state.metrics.clone(),
             store.hub.clone(),
@@ -159,6 +160,19 @@ impl Server {
         let _ = (&mut self.done).await;
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+}
+
+/// Finishes, in the background, the project deletes the last run left unfinished: their
+/// projects are already invisible, so start-up need not wait for them.
+async fn resume_deletes(store: Arc<Store>) {
+    match store.resume_deletes().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(projects = n, "unfinished project deletes completed"),
+        Err(e) if store.hub.is_shutting_down() => {
+            tracing::info!(error = %e, "project deletes left for the next start")
+        }
+        Err(e) => tracing::warn!(error = %e, "could not finish the unfinished project deletes"),
     }
 }
 

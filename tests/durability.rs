@@ -227,6 +227,117 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
     assert!(got.contains(&json!(untyped)), "{got:?}");
 }
 
+/// A project delete cut short (the project marked, its tasks not yet all gone) is invisible
+/// after a restart and is finished in the background; other projects are untouched.
+#[tokio::test]
+async fn a_project_delete_cut_short_is_finished_at_the_next_start() {
+    use agentq::model::{Project, ProjectStatus};
+    use agentq::store::tables::{decode, encode, PROJECTS, PROJECT_NAMES};
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+    let app = spawn_app().await;
+    let doomed = app.project("doomed").await;
+    let other = app.project("other").await;
+    let ty = app.task_type(&doomed, json!({"name": "t"})).await;
+    let n = agentq::store::write::DELETE_CHUNK + 300;
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
+        .collect();
+    let mut ids = Vec::new();
+    for chunk in tasks.chunks(1000) {
+        let r = app
+            .post(
+                &format!("/api/projects/{doomed}/tasks/bulk"),
+                json!({"tasks": chunk}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        for t in r.data()["createdTasks"].as_array().unwrap() {
+            ids.push(t["id"].as_str().unwrap().to_string());
+        }
+    }
+    app.next("x", json!({"projectId": doomed})).await;
+    let kept = app.task(&other, json!({"instructions": "keep"})).await;
+    let id = uuid::Uuid::parse_str(&doomed).unwrap().as_u128();
+    let app = app
+        .restart_after(|file| {
+            // The state the first write of a delete leaves: the project marked, its name free.
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut projects = txn.open_table(PROJECTS).unwrap();
+                let mut p: Project = decode(projects.get(id).unwrap().unwrap().value()).unwrap();
+                p.status = ProjectStatus::Deleting;
+                projects.insert(id, encode(&p).unwrap().as_slice()).unwrap();
+                let mut names = txn.open_table(PROJECT_NAMES).unwrap();
+                names.remove("doomed").unwrap();
+            }
+            txn.commit().unwrap();
+        })
+        .await;
+    // Invisible at once, whether or not the background delete has ended.
+    assert_eq!(
+        app.get(&format!("/api/projects/{doomed}")).await.status,
+        404
+    );
+    let listed = app.get("/api/projects?status=all").await;
+    let names: Vec<&str> = listed
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["other"]);
+    let r = app
+        .post("/api/agents/y/next-task", json!({"projectId": doomed}))
+        .await;
+    assert_eq!(r.status, 404);
+    let metrics = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains(&doomed),
+        "a deleted project has no series"
+    );
+    // The name is free for a new project.
+    let again = app.project("doomed").await;
+    assert_ne!(again, doomed);
+    // Every task goes, the first and the last chunk's alike, and the type with them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for t in [&ids[0], &ids[n - 1]] {
+        while app.get(&format!("/api/tasks/{t}")).await.status != 404 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "task {t} is still there"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(app.get(&format!("/api/task-types/{ty}")).await.status, 404);
+    assert_eq!(app.get(&format!("/api/tasks/{kept}")).await.status, 200);
+    assert_eq!(app.stats(&other).await["totalTasks"], 1);
+    assert_eq!(app.stats(&again).await["totalTasks"], 0);
+    // Nothing of it is left in the file.
+    let app = app
+        .restart_after(|file| {
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_read().unwrap();
+            let projects = txn.open_table(PROJECTS).unwrap();
+            assert!(projects.get(id).unwrap().is_none());
+            let tasks = txn.open_table(agentq::store::tables::TASKS).unwrap();
+            assert_eq!(tasks.len().unwrap(), 1, "only the other project's task");
+        })
+        .await;
+    assert_eq!(app.stats(&other).await["totalTasks"], 1);
+}
+
 const ADMIN_KEY: &str = "test-admin-key-for-the-binary";
 
 fn agentq_bin() -> &'static str {

@@ -146,11 +146,10 @@ impl ProjectsApi {
         let project = self
             .0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
-        let pid = self.0.store.delete_project(project.id).await?;
-        self.0.store.hub.forget_project(pid);
+        self.0.store.delete_project(project.id).await?;
         Ok(Reply::ok(Deleted {
             deleted: true,
-            id: uuid_str(pid),
+            id: uuid_str(project.id),
         }))
     }
 

@@ -210,13 +210,22 @@ impl Store {
         reply_rx.await.map_err(|_| Error::ShuttingDown)?
     }
 
-    /// Deletes a project with everything in it; answers its id. The tasks go in chunks of
-    /// [`write::DELETE_CHUNK`], each its own write, so that other writes are not held for the
-    /// whole project; the last write removes what is left (tasks created meanwhile included)
-    /// with the project, atomically. The chunks are bounded by the tasks there now.
-    pub async fn delete_project(&self, project: u128) -> Result<u128> {
-        let chunks = self.read()?.stats(project)?.total as usize / write::DELETE_CHUNK + 1;
-        for _ in 0..chunks {
+    /// Deletes a project with everything in it. The first write marks it as being deleted
+    /// (from then on nothing finds it, and its long-pollers are woken to a 404); its tasks
+    /// then go in chunks of [`write::DELETE_CHUNK`], each its own write, so that other writes
+    /// are not held for the whole project; the last write removes what is left with the
+    /// project, atomically. A delete cut short by a crash is resumed at the next start.
+    pub async fn delete_project(&self, project: u128) -> Result<()> {
+        let key = uuid::Uuid::from_u128(project).to_string();
+        self.write(move |w| write::begin_project_delete(w, &key))
+            .await?;
+        self.hub.forget_project(project);
+        self.finish_delete(project).await
+    }
+
+    /// The chunks and the last write of a project delete (see [`Store::delete_project`]).
+    async fn finish_delete(&self, project: u128) -> Result<()> {
+        loop {
             let n = self
                 .write(move |w| write::delete_project_tasks(w, project, write::DELETE_CHUNK))
                 .await?;
@@ -224,8 +233,23 @@ impl Store {
                 break;
             }
         }
-        let key = uuid::Uuid::from_u128(project).to_string();
-        self.write(move |w| write::delete_project(w, &key)).await
+        self.write(move |w| write::finish_project_delete(w, project))
+            .await
+    }
+
+    /// Ends the project deletes a crash or a stop cut short: the projects still marked
+    /// [`ProjectStatus::Deleting`](crate::model::ProjectStatus::Deleting). The server runs it
+    /// in the background at start-up; answers how many it finished.
+    pub async fn resume_deletes(&self) -> Result<usize> {
+        let pending = self.read()?.projects_being_deleted()?;
+        for &project in &pending {
+            tracing::info!(
+                project = %uuid::Uuid::from_u128(project),
+                "resuming a project delete cut short"
+            );
+            self.finish_delete(project).await?;
+        }
+        Ok(pending.len())
     }
 
     /// The earliest pending timer: a lease expiry, a delayed task's `notBefore`, or a session
@@ -605,7 +629,8 @@ mod batch_tests {
         let key = pid.clone();
         rt.block_on(store.write(move |w| {
             write::complete(w, &second, "b", None, None, None)?;
-            write::delete_project(w, &key)
+            let id = write::begin_project_delete(w, &key)?;
+            write::finish_project_delete(w, id)
         }))
         .unwrap();
         assert_eq!(

@@ -109,11 +109,13 @@ impl Reader {
         Ok(self.txn.open_table(def)?)
     }
 
+    /// A project by id, else by unique name. A project being deleted is not found.
     pub fn project(&self, key: &str) -> Result<Project> {
         let projects = self.table(PROJECTS)?;
         let get = |id: u128| -> Result<Option<Project>> {
             match projects.get(id)? {
-                Some(v) => Ok(Some(decode(v.value())?)),
+                Some(v) => Ok(Some(decode::<Project>(v.value())?)
+                    .filter(|p| p.status != ProjectStatus::Deleting)),
                 None => Ok(None),
             }
         };
@@ -163,7 +165,20 @@ impl Reader {
             .range::<&[u8]>(from.as_slice()..=to_inclusive.as_slice())?)
     }
 
-    /// Projects in creation order, filtered by status (None = all), with the total.
+    /// The projects marked for deletion whose delete has not finished.
+    pub fn projects_being_deleted(&self) -> Result<Vec<u128>> {
+        let mut out = Vec::new();
+        for r in self.table(PROJECTS)?.iter()? {
+            let (k, v) = r?;
+            if decode::<Project>(v.value())?.status == ProjectStatus::Deleting {
+                out.push(k.value());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Projects in creation order, filtered by status (None = all but those being deleted),
+    /// with the total.
     pub fn projects(
         &self,
         status: Option<ProjectStatus>,
@@ -176,7 +191,11 @@ impl Reader {
         for r in self.table(PROJECTS)?.iter()? {
             let (_, v) = r?;
             let p: Project = decode(v.value())?;
-            if status.is_some_and(|s| s != p.status) || !visible(p.id) {
+            let shown = match status {
+                Some(s) => s == p.status,
+                None => p.status != ProjectStatus::Deleting,
+            };
+            if !shown || !visible(p.id) {
                 continue;
             }
             total += 1;

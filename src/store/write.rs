@@ -21,15 +21,16 @@ use crate::model::{
 /// How many due timers (expired leases, delayed tasks) one pass handles, to bound a batch.
 pub const TIMER_BATCH: usize = 1000;
 
-/// Finds a project by id, else by unique name.
+/// Finds a project by id, else by unique name. A project being deleted is not found.
 pub fn resolve_project(t: &Tables, key: &str) -> Result<Project> {
+    let live = |p: Project| (p.status != ProjectStatus::Deleting).then_some(p);
     if let Ok(id) = Uuid::parse_str(key) {
-        if let Some(p) = t.project(id.as_u128())? {
+        if let Some(p) = t.project(id.as_u128())?.and_then(live) {
             return Ok(p);
         }
     }
     if let Some(id) = t.project_id_by_name(key)? {
-        if let Some(p) = t.project(id)? {
+        if let Some(p) = t.project(id)?.and_then(live) {
             return Ok(p);
         }
     }
@@ -165,7 +166,7 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
 pub const DELETE_CHUNK: usize = 2_000;
 
 /// Deletes up to `limit` of a project's tasks, oldest first, and answers how many
-/// ([`super::Store::delete_project`] runs it in chunks before [`delete_project`]).
+/// ([`super::Store::delete_project`] runs it in chunks before [`finish_project_delete`]).
 pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<usize> {
     let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
     let keys = w.t.first_keys(&prefix, limit)?;
@@ -177,10 +178,32 @@ pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<us
     Ok(keys.len())
 }
 
-/// Deletes a project with its task types, (remaining) tasks and leases, in one write.
-/// Returns the project id.
-pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
-    let p = resolve_project(w.t, key)?;
+/// The first step of a project delete: the project is marked [`ProjectStatus::Deleting`],
+/// after which nothing finds it (no reads, claims, creates or updates), and its name is free
+/// for a new project. Returns the project id. [`finish_project_delete`] ends the delete,
+/// after [`delete_project_tasks`] has removed the tasks in chunks; a delete cut short is
+/// resumed at the next start ([`super::Store::resume_deletes`]).
+pub fn begin_project_delete(w: &mut W, key: &str) -> Result<u128> {
+    let mut p = resolve_project(w.t, key)?;
+    w.t.project_names.remove(p.name.as_str())?;
+    p.status = ProjectStatus::Deleting;
+    p.updated_at = w.now;
+    w.t.put_project(&p)?;
+    Ok(p.id)
+}
+
+/// Removes a project marked for deletion with its task types and remaining tasks (and so
+/// their leases), in one write. A project already gone is not an error: the delete is done.
+pub fn finish_project_delete(w: &mut W, project: u128) -> Result<()> {
+    let Some(p) = w.t.project(project)? else {
+        return Ok(());
+    };
+    if p.status != ProjectStatus::Deleting {
+        return Err(Error::Storage(format!(
+            "project {} is not being deleted",
+            Uuid::from_u128(project)
+        )));
+    }
     delete_project_tasks(w, p.id, usize::MAX)?;
     let types: Vec<(String, u128)> =
         w.t.type_names
@@ -194,9 +217,8 @@ pub fn delete_project(w: &mut W, key: &str) -> Result<u128> {
         w.t.types.remove(id)?;
     }
     w.t.drop_counters(p.id)?;
-    w.t.project_names.remove(p.name.as_str())?;
     w.t.projects.remove(p.id)?;
-    Ok(p.id)
+    Ok(())
 }
 
 // ---------------------------------------------------------------- task types

@@ -52,6 +52,10 @@ struct Opts {
     /// key) instead of an agent key for every project.
     #[arg(long)]
     scoped_key: bool,
+    /// In the agent cycles, agents send next-task with this `waitSeconds` (a long-polling
+    /// fleet); cycles/s then counts up to the last complete, not the final empty wait.
+    #[arg(long, default_value_t = 0.0)]
+    cycle_wait: f64,
 }
 
 fn parse_opts() -> Opts {
@@ -316,6 +320,7 @@ async fn agent_cycle(
     project: &str,
     agents: usize,
     type_ids: Option<Vec<String>>,
+    wait: f64,
 ) -> Cycle {
     let t = Instant::now();
     let mut handles = Vec::new();
@@ -330,10 +335,14 @@ async fn agent_cycle(
             let agent = format!("bench-{a}");
             let mut next_lat = Vec::new();
             let mut done_lat = Vec::new();
-            let body = match &type_ids {
+            let mut body = match &type_ids {
                 Some(ids) => json!({"projectId": project, "typeIds": ids}),
                 None => json!({"projectId": project}),
             };
+            if wait > 0.0 {
+                body["waitSeconds"] = json!(wait);
+            }
+            let mut last_done = Instant::now();
             // The cycle reads only what an agent needs (typed, the rest skipped), so that the
             // client's own JSON work does not crowd the server out of the shared cores.
             let body = serde_json::to_vec(&body).unwrap();
@@ -341,10 +350,13 @@ async fn agent_cycle(
             loop {
                 let s = Instant::now();
                 let r: Envelope<NextData> = post_typed(&c, &next_url, body.clone()).await;
-                next_lat.push(s.elapsed().as_micros() as u32);
                 let Some(task) = r.data.and_then(|d| d.task) else {
+                    if wait <= 0.0 {
+                        next_lat.push(s.elapsed().as_micros() as u32);
+                    }
                     break;
                 };
+                next_lat.push(s.elapsed().as_micros() as u32);
                 let done = serde_json::to_vec(&CompleteBody {
                     agent_name: &agent,
                     result: "ok",
@@ -355,21 +367,25 @@ async fn agent_cycle(
                 let r: Envelope<serde::de::IgnoredAny> =
                     post_typed(&c, &format!("{base}/api/tasks/{}/complete", task.id), done).await;
                 done_lat.push(s.elapsed().as_micros() as u32);
+                last_done = Instant::now();
                 assert!(r.success, "complete failed");
             }
-            (next_lat, done_lat)
+            (next_lat, done_lat, last_done)
         }));
     }
     let mut next = Vec::new();
     let mut complete = Vec::new();
+    let mut end = t;
     for h in handles {
-        let (n, d) = h.await.unwrap();
+        let (n, d, last) = h.await.unwrap();
         next.extend(n);
         complete.extend(d);
+        end = end.max(last);
     }
+    let end = if wait > 0.0 { end } else { Instant::now() };
     Cycle {
         cycles: complete.len(),
-        secs: t.elapsed().as_secs_f64(),
+        secs: (end - t).as_secs_f64(),
         next,
         complete,
     }
@@ -595,7 +611,7 @@ async fn run(o: Opts) {
         None
     };
     let cycle_client = scoped_client.as_ref().unwrap_or(ac);
-    let mut cy = agent_cycle(cycle_client, &base, &p, o.agents, None).await;
+    let mut cy = agent_cycle(cycle_client, &base, &p, o.agents, None, o.cycle_wait).await;
     let (s1, c1) = cpu_seconds();
     let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);
@@ -653,7 +669,7 @@ async fn run(o: Opts) {
         );
         bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
         let (s0, c0) = cpu_seconds();
-        let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work])).await;
+        let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work]), o.cycle_wait).await;
         let (s1, c1) = cpu_seconds();
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
@@ -762,6 +778,7 @@ async fn run(o: Opts) {
         "backlog_server_cpu_us_per_cycle": backlog_server_us.map(f64::round),
         "wake_p50_ms": w50, "wake_p99_ms": w99,
         "waiters": o.waiters,
+        "cycle_wait_s": o.cycle_wait,
         "wake_server_cpu_us_per_task": wake_server_us.map(f64::round),
         "idle_cpu_pct": idle_cpu,
         "rss_mib": rss_mib,

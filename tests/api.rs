@@ -785,6 +785,97 @@ async fn bulk_creates_what_it_can_in_order() {
     assert_eq!(r.body["pagination"]["total"], 2);
 }
 
+/// Queued tasks by priority come from the ready index merged with the delayed tasks; the
+/// page must be the one the general path gives (asked here with a second status that no
+/// task has, which takes the general path).
+#[tokio::test]
+async fn queued_by_priority_pages_like_the_general_listing() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let other = app.project("other").await;
+    let now = app
+        .clock
+        .as_ref()
+        .map(|c| agentq::time::Clock::now(c.as_ref()))
+        .unwrap();
+    for i in 0..60u32 {
+        let mut body = json!({"instructions": format!("t{i}"), "priority": (i * 7) % 11});
+        if i % 9 == 4 {
+            // Queued, but not in the ready index until its time.
+            body["notBefore"] = json!(agentq::time::format(now + 60_000 + i64::from(i)));
+        }
+        app.task(&p, body).await;
+    }
+    // Tasks that are not queued, and another project's delayed task, stay out.
+    for agent in ["a", "b", "c"] {
+        app.next(agent, json!({"projectId": p})).await;
+    }
+    let later = agentq::time::format(now + 60_000);
+    app.task(
+        &other,
+        json!({"instructions": "x", "notBefore": later, "priority": 10}),
+    )
+    .await;
+    let path = format!("/api/projects/{p}/tasks?sort=priority");
+    for order in ["asc", "desc"] {
+        let general = app
+            .get(&format!(
+                "{path}&order={order}&status=queued,cancelled&limit=100"
+            ))
+            .await;
+        let all = ids(general.data());
+        assert_eq!(all.len(), 57);
+        assert_eq!(general.body["pagination"]["total"], 57);
+        for (limit, offset) in [
+            (100, 0),
+            (10, 0),
+            (10, 5),
+            (7, 50),
+            (3, 56),
+            (5, 57),
+            (5, 90),
+        ] {
+            let q = format!("&order={order}&limit={limit}&offset={offset}");
+            let fast = app.get(&format!("{path}&status=queued{q}")).await;
+            let slow = app.get(&format!("{path}&status=queued,cancelled{q}")).await;
+            assert_eq!(fast.status, 200, "{:?}", fast.body);
+            assert_eq!(ids(fast.data()), ids(slow.data()), "{order} {q}");
+            assert_eq!(
+                fast.body["pagination"], slow.body["pagination"],
+                "{order} {q}"
+            );
+        }
+        // Walking by cursor gives every queued task once, in the general order.
+        let mut seen = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let url = match &cursor {
+                Some(c) => format!("{path}&status=queued&order={order}&limit=8&cursor={c}"),
+                None => format!("{path}&status=queued&order={order}&limit=8"),
+            };
+            let r = app.get(&url).await;
+            seen.extend(ids(r.data()));
+            match r.body["pagination"]["nextCursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, all, "{order}");
+    }
+    // The order itself: priorities never rise going down a descending page.
+    let r = app
+        .get(&format!("{path}&status=queued&order=desc&limit=100"))
+        .await;
+    let prios: Vec<u64> = r
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["priority"].as_u64().unwrap())
+        .collect();
+    assert!(prios.windows(2).all(|w| w[0] >= w[1]), "{prios:?}");
+}
+
 #[tokio::test]
 async fn listing_filters_sorts_and_pages() {
     let app = spawn_app().await;

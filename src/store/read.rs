@@ -463,6 +463,14 @@ impl Reader {
             });
         }
 
+        if q.sort == Sort::Priority
+            && q.statuses == [TaskStatus::Queued]
+            && !post_filtered
+            && !ranged
+        {
+            return self.queued_by_priority(project, q, total, &load);
+        }
+
         // The other orders have no index: walk the matching tasks and keep only the keys of
         // the first `offset + limit` in a heap, so memory follows the page asked for, not the
         // project's size. The page's tasks are loaded again at the end.
@@ -507,6 +515,108 @@ impl Reader {
                 tasks.push(t);
             }
         }
+        Ok(Page { tasks, total, next })
+    }
+}
+
+impl Reader {
+    /// A page of a project's queued tasks by priority, from the ready index (one range per
+    /// priority level, oldest first inside one) merged with the project's delayed tasks,
+    /// which are queued but not in it: a page costs its offset and length, not the number of
+    /// queued tasks. The order is the general path's: (priority, seq), both reversed for
+    /// `desc`.
+    fn queued_by_priority(
+        &self,
+        project: u128,
+        q: &TaskQuery,
+        total: u64,
+        load: &dyn Fn(u64) -> Result<Option<Task>>,
+    ) -> Result<Page> {
+        type Ranked = ((i16, i128), u64);
+        let rank = |priority: u8, seq: u64| -> Ranked {
+            let (p, s) = (i16::from(priority), i128::from(seq));
+            (if q.desc { (-p, -s) } else { (p, s) }, seq)
+        };
+        // Queued tasks waiting for `notBefore` (few: back-offs and scheduled tasks) are
+        // filed by time for all projects together.
+        let mut delayed: Vec<Ranked> = Vec::new();
+        for r in self.index_range(vec![ix::DELAYED], ix::end_of(&[ix::DELAYED]))? {
+            if let Some(t) = load(ix::seq_of(r?.0.value()))? {
+                if t.project_id == project {
+                    delayed.push(rank(t.priority, t.seq));
+                }
+            }
+        }
+        delayed.sort_unstable();
+        let mut delayed = delayed.into_iter().peekable();
+        // The ready index orders by 10 - priority, then seq: walk it level by level.
+        let levels: Vec<u8> = if q.desc {
+            (0..=10).collect()
+        } else {
+            (0..=10).rev().collect()
+        };
+        let mut ranges = Vec::with_capacity(levels.len());
+        for inv in levels {
+            let range = self.index_range(
+                ix::ready(project, inv, 0).to_vec(),
+                ix::ready(project, inv, u64::MAX).to_vec(),
+            )?;
+            ranges.push((inv, range));
+        }
+        let desc = q.desc;
+        let mut ready = ranges
+            .into_iter()
+            .flat_map(move |(inv, range)| {
+                let it: Box<dyn Iterator<Item = _>> = if desc {
+                    Box::new(range.rev())
+                } else {
+                    Box::new(range)
+                };
+                it.map(move |r| r.map(|(k, _)| (10 - inv, ix::seq_of(k.value()))))
+            })
+            .map(|r| {
+                r.map(|(priority, seq)| rank(priority, seq))
+                    .map_err(Error::from)
+            })
+            .peekable();
+
+        let start = match q.cursor {
+            Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
+            _ => q.offset,
+        };
+        let mut seen = 0usize;
+        let mut page = Vec::new();
+        let mut more = false;
+        loop {
+            let from_ready = match (ready.peek(), delayed.peek()) {
+                (Some(Err(_)), _) => true,
+                (Some(Ok(r)), Some(d)) => r < d,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (None, None) => break,
+            };
+            let (_, seq) = if from_ready {
+                ready.next().expect("peeked")?
+            } else {
+                delayed.next().expect("peeked")
+            };
+            if seen < start {
+                seen += 1;
+                continue;
+            }
+            if page.len() == q.limit {
+                more = true;
+                break;
+            }
+            page.push(seq);
+        }
+        let mut tasks = Vec::with_capacity(page.len());
+        for seq in page {
+            if let Some(t) = load(seq)? {
+                tasks.push(t);
+            }
+        }
+        let next = more.then_some(Cursor::Offset(start.saturating_add(q.limit)));
         Ok(Page { tasks, total, next })
     }
 }

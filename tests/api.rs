@@ -798,9 +798,16 @@ async fn queued_by_priority_pages_like_the_general_listing() {
         .as_ref()
         .map(|c| agentq::time::Clock::now(c.as_ref()))
         .unwrap();
+    let types = [
+        app.task_type(&p, json!({"name": "one"})).await,
+        app.task_type(&p, json!({"name": "two"})).await,
+    ];
     for i in 0..60u32 {
         let mut body = json!({"instructions": format!("t{i}"), "priority": (i * 7) % 11});
-        if i % 9 == 4 {
+        if i % 3 < 2 {
+            body["typeId"] = json!(types[i as usize % 3]);
+        }
+        if i % 7 == 4 {
             // Queued, but not in the ready index until its time.
             body["notBefore"] = json!(agentq::time::format(now + 60_000 + i64::from(i)));
         }
@@ -816,16 +823,26 @@ async fn queued_by_priority_pages_like_the_general_listing() {
         json!({"instructions": "x", "notBefore": later, "priority": 10}),
     )
     .await;
-    let path = format!("/api/projects/{p}/tasks?sort=priority");
-    for order in ["asc", "desc"] {
+    let untyped = format!("/api/projects/{p}/tasks?sort=priority");
+    let typed = format!("{untyped}&typeId={}", types[1]);
+    for (path, order, n) in [
+        (&untyped, "asc", 57),
+        (&untyped, "desc", 57),
+        // 20 of type two, less any the three agents hold.
+        (&typed, "asc", 20),
+        (&typed, "desc", 20),
+    ] {
         let general = app
             .get(&format!(
                 "{path}&order={order}&status=queued,cancelled&limit=100"
             ))
             .await;
         let all = ids(general.data());
-        assert_eq!(all.len(), 57);
-        assert_eq!(general.body["pagination"]["total"], 57);
+        assert!(all.len() <= n && all.len() + 3 >= n, "{}", all.len());
+        if path == &untyped {
+            assert_eq!(all.len(), 57, "three of the 60 are held");
+        }
+        assert_eq!(general.body["pagination"]["total"], all.len());
         for (limit, offset) in [
             (100, 0),
             (10, 0),
@@ -862,9 +879,19 @@ async fn queued_by_priority_pages_like_the_general_listing() {
         }
         assert_eq!(seen, all, "{order}");
     }
+    // In creation order too, the total of one type's queued tasks (counted from the index)
+    // is the general path's.
+    for ty in &types {
+        let path = format!("/api/projects/{p}/tasks?typeId={ty}&limit=5");
+        let fast = app.get(&format!("{path}&status=queued")).await;
+        let slow = app.get(&format!("{path}&status=queued,cancelled")).await;
+        assert_eq!(ids(fast.data()), ids(slow.data()));
+        assert_eq!(fast.body["pagination"], slow.body["pagination"]);
+        assert!(fast.body["pagination"]["total"].as_u64() > Some(15));
+    }
     // The order itself: priorities never rise going down a descending page.
     let r = app
-        .get(&format!("{path}&status=queued&order=desc&limit=100"))
+        .get(&format!("{untyped}&status=queued&order=desc&limit=100"))
         .await;
     let prios: Vec<u64> = r
         .data()

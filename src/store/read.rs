@@ -405,7 +405,20 @@ impl Reader {
             Ok(out)
         };
 
-        let total = if !post_filtered && !ranged {
+        // Queued tasks (of one type or all) are in the ready indexes or DELAYED: their order
+        // by priority and their number need not read the tasks.
+        let queued_only = q.statuses == [TaskStatus::Queued]
+            && q.assigned_to.is_none()
+            && q.batch_id.is_none()
+            && !ranged;
+        if queued_only && q.sort == Sort::Priority {
+            return self.queued_by_priority(project, q, &load);
+        }
+
+        let total = if queued_only && q.type_id.is_some() {
+            let delayed = self.delayed_queued(project, q.type_id, &load)?;
+            self.queued_total(project, q.type_id, delayed.len())?
+        } else if !post_filtered && !ranged {
             let stats = self.stats(project)?;
             if q.statuses.is_empty() {
                 stats.total
@@ -463,14 +476,6 @@ impl Reader {
             });
         }
 
-        if q.sort == Sort::Priority
-            && q.statuses == [TaskStatus::Queued]
-            && !post_filtered
-            && !ranged
-        {
-            return self.queued_by_priority(project, q, total, &load);
-        }
-
         // The other orders have no index: walk the matching tasks and keep only the keys of
         // the first `offset + limit` in a heap, so memory follows the page asked for, not the
         // project's size. The page's tasks are loaded again at the end.
@@ -520,16 +525,51 @@ impl Reader {
 }
 
 impl Reader {
-    /// A page of a project's queued tasks by priority, from the ready index (one range per
-    /// priority level, oldest first inside one) merged with the project's delayed tasks,
-    /// which are queued but not in it: a page costs its offset and length, not the number of
-    /// queued tasks. The order is the general path's: (priority, seq), both reversed for
-    /// `desc`.
+    /// (priority, seq) of the project's queued tasks (of one type) that wait for their
+    /// `notBefore`. They are filed by time for all projects together, and are few: back-offs
+    /// and scheduled tasks.
+    fn delayed_queued(
+        &self,
+        project: u128,
+        type_id: Option<u128>,
+        load: &dyn Fn(u64) -> Result<Option<Task>>,
+    ) -> Result<Vec<(u8, u64)>> {
+        let mut out = Vec::new();
+        for r in self.index_range(vec![ix::DELAYED], ix::end_of(&[ix::DELAYED]))? {
+            if let Some(t) = load(ix::seq_of(r?.0.value()))? {
+                if t.project_id == project && type_id.is_none_or(|ty| t.type_id == Some(ty)) {
+                    out.push((t.priority, t.seq));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// How many of the project's tasks (of one type) are queued, given how many of them are
+    /// delayed: from the counters, or for one type by counting its ready index keys (a queued
+    /// task is either ready or delayed) without reading the tasks.
+    fn queued_total(&self, project: u128, type_id: Option<u128>, delayed: usize) -> Result<u64> {
+        let Some(ty) = type_id else {
+            return Ok(self.stats(project)?.queued);
+        };
+        let prefix = ix::K::new(ix::READY_TYPE).u128(project).u128(ty);
+        let mut n = delayed as u64;
+        for r in self.index_range(prefix.to_vec(), ix::end_of(&prefix))? {
+            r?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// A page of a project's queued tasks by priority (of one type with `typeId`), from the
+    /// ready index (one range per priority level, oldest first inside one) merged with the
+    /// project's delayed tasks, which are queued but not in it: a page costs its offset and
+    /// length, not the number of queued tasks. The order is the general path's: (priority,
+    /// seq), both reversed for `desc`.
     fn queued_by_priority(
         &self,
         project: u128,
         q: &TaskQuery,
-        total: u64,
         load: &dyn Fn(u64) -> Result<Option<Task>>,
     ) -> Result<Page> {
         type Ranked = ((i16, i128), u64);
@@ -537,16 +577,16 @@ impl Reader {
             let (p, s) = (i16::from(priority), i128::from(seq));
             (if q.desc { (-p, -s) } else { (p, s) }, seq)
         };
-        // Queued tasks waiting for `notBefore` (few: back-offs and scheduled tasks) are
-        // filed by time for all projects together.
-        let mut delayed: Vec<Ranked> = Vec::new();
-        for r in self.index_range(vec![ix::DELAYED], ix::end_of(&[ix::DELAYED]))? {
-            if let Some(t) = load(ix::seq_of(r?.0.value()))? {
-                if t.project_id == project {
-                    delayed.push(rank(t.priority, t.seq));
-                }
-            }
-        }
+        let mut delayed: Vec<Ranked> = self
+            .delayed_queued(project, q.type_id, load)?
+            .into_iter()
+            .map(|(priority, seq)| rank(priority, seq))
+            .collect();
+        let total = self.queued_total(project, q.type_id, delayed.len())?;
+        let ready_key = |inv: u8, seq: u64| match q.type_id {
+            Some(ty) => ix::ready_type(project, ty, inv, seq),
+            None => ix::ready(project, inv, seq),
+        };
         delayed.sort_unstable();
         let mut delayed = delayed.into_iter().peekable();
         // The ready index orders by 10 - priority, then seq: walk it level by level.
@@ -558,8 +598,8 @@ impl Reader {
         let mut ranges = Vec::with_capacity(levels.len());
         for inv in levels {
             let range = self.index_range(
-                ix::ready(project, inv, 0).to_vec(),
-                ix::ready(project, inv, u64::MAX).to_vec(),
+                ready_key(inv, 0).to_vec(),
+                ready_key(inv, u64::MAX).to_vec(),
             )?;
             ranges.push((inv, range));
         }

@@ -14,6 +14,23 @@ fn ids(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Every page of a listing, following `nextCursor` from `url` (which has a query already);
+/// each page must answer 200, and `check` sees each answer.
+async fn walk_pages(app: &TestApp, url: &str, check: impl Fn(&Resp)) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let r = app.get(&format!("{url}{cursor}")).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        check(&r);
+        seen.extend(ids(r.data()));
+        match r.body["pagination"]["nextCursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => return seen,
+        }
+    }
+}
+
 #[tokio::test]
 async fn project_crud_and_lookup_by_name() {
     let app = spawn_app().await;
@@ -863,21 +880,8 @@ async fn queued_by_priority_pages_like_the_general_listing() {
             );
         }
         // Walking by cursor gives every queued task once, in the general order.
-        let mut seen = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let url = match &cursor {
-                Some(c) => format!("{path}&status=queued&order={order}&limit=8&cursor={c}"),
-                None => format!("{path}&status=queued&order={order}&limit=8"),
-            };
-            let r = app.get(&url).await;
-            seen.extend(ids(r.data()));
-            match r.body["pagination"]["nextCursor"].as_str() {
-                Some(c) => cursor = Some(c.to_string()),
-                None => break,
-            }
-        }
-        assert_eq!(seen, all, "{order}");
+        let url = format!("{path}&status=queued&order={order}&limit=8");
+        assert_eq!(walk_pages(&app, &url, |_| {}).await, all, "{order}");
     }
     // In creation order too, the total of one type's queued tasks (counted from the index)
     // is the general path's.
@@ -923,21 +927,7 @@ async fn listing_filters_sorts_and_pages() {
     assert_eq!(r.body["pagination"]["total"], 25);
     assert_eq!(ids(r.data())[0], created[24]);
     // Cursor paging walks everything exactly once, oldest first.
-    let mut seen = Vec::new();
-    let mut cursor: Option<String> = None;
-    loop {
-        let url = match &cursor {
-            Some(c) => format!("{path}?order=asc&limit=7&cursor={c}"),
-            None => format!("{path}?order=asc&limit=7"),
-        };
-        let r = app.get(&url).await;
-        assert_eq!(r.status, 200, "{:?}", r.body);
-        seen.extend(ids(r.data()));
-        match r.body["pagination"]["nextCursor"].as_str() {
-            Some(c) => cursor = Some(c.to_string()),
-            None => break,
-        }
-    }
+    let seen = walk_pages(&app, &format!("{path}?order=asc&limit=7"), |_| {}).await;
     assert_eq!(seen, created);
     // A cursor the document's pattern allows but beyond every real key is the range's end;
     // paging past either end of the key space (or far past the last offset) is empty.
@@ -1003,22 +993,11 @@ async fn listing_filters_sorts_and_pages() {
             expected.reverse();
         }
         let expected: Vec<String> = expected.into_iter().map(|i| created[i].clone()).collect();
-        let mut seen = Vec::new();
-        let mut cursor = String::new();
-        loop {
-            let r = app
-                .get(&format!(
-                    "{path}?sort=priority&order={order}&limit=7{cursor}"
-                ))
-                .await;
-            assert_eq!(r.status, 200, "{:?}", r.body);
+        let url = format!("{path}?sort=priority&order={order}&limit=7");
+        let seen = walk_pages(&app, &url, |r| {
             assert_eq!(r.body["pagination"]["total"], 25);
-            seen.extend(ids(r.data()));
-            match r.body["pagination"]["nextCursor"].as_str() {
-                Some(c) => cursor = format!("&cursor={c}"),
-                None => break,
-            }
-        }
+        })
+        .await;
         assert_eq!(seen, expected, "{order}");
         let r = app
             .get(&format!(

@@ -445,25 +445,12 @@ impl Reader {
                 None => (None, q.offset),
             };
             let merged = Merge::new(sources(from)?, q.desc);
-            let mut page = Vec::new();
-            let mut skipped = 0usize;
-            let mut more = false;
-            for k in merged {
-                let k = k?;
-                let Some(t) = load(k.1)? else { continue };
-                if !keep(&t) {
-                    continue;
-                }
-                if skipped < skip {
-                    skipped += 1;
-                    continue;
-                }
-                if page.len() == q.limit {
-                    more = true;
-                    break;
-                }
-                page.push(t);
-            }
+            let matching = merged.filter_map(|k| match k.and_then(|k| load(k.1)) {
+                Ok(Some(t)) if keep(&t) => Some(Ok(t)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            });
+            let (page, more) = take_page(matching, skip, q.limit)?;
             let next = if more {
                 page.last().map(|t| Cursor::After(t.created_at, t.seq))
             } else {
@@ -624,32 +611,22 @@ impl Reader {
             Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
             _ => q.offset,
         };
-        let mut seen = 0usize;
-        let mut page = Vec::new();
-        let mut more = false;
-        loop {
+        let merged = std::iter::from_fn(|| {
             let from_ready = match (ready.peek(), delayed.peek()) {
                 (Some(Err(_)), _) => true,
                 (Some(Ok(r)), Some(d)) => r < d,
                 (Some(_), None) => true,
                 (None, Some(_)) => false,
-                (None, None) => break,
+                (None, None) => return None,
             };
-            let (_, seq) = if from_ready {
-                ready.next().expect("peeked")?
+            let next = if from_ready {
+                ready.next()?
             } else {
-                delayed.next().expect("peeked")
+                delayed.next().map(Ok)?
             };
-            if seen < start {
-                seen += 1;
-                continue;
-            }
-            if page.len() == q.limit {
-                more = true;
-                break;
-            }
-            page.push(seq);
-        }
+            Some(next.map(|(_, seq)| seq))
+        });
+        let (page, more) = take_page(merged, start, q.limit)?;
         let mut tasks = Vec::with_capacity(page.len());
         for seq in page {
             if let Some(t) = load(seq)? {
@@ -659,6 +636,28 @@ impl Reader {
         let next = more.then_some(Cursor::Offset(start.saturating_add(q.limit)));
         Ok(Page { tasks, total, next })
     }
+}
+
+/// Skips `skip` items, then takes up to `limit`: answers them, and whether more follow.
+/// Errors of skipped items are not skipped.
+fn take_page<T>(
+    items: impl Iterator<Item = Result<T>>,
+    skip: usize,
+    limit: usize,
+) -> Result<(Vec<T>, bool)> {
+    let mut page = Vec::new();
+    let mut skipped = 0usize;
+    for item in items {
+        let item = item?;
+        if skipped < skip {
+            skipped += 1;
+        } else if page.len() == limit {
+            return Ok((page, true));
+        } else {
+            page.push(item);
+        }
+    }
+    Ok((page, false))
 }
 
 /// Merges key streams that are each sorted (ascending, or descending when `desc`).

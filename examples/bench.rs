@@ -56,6 +56,9 @@ struct Opts {
     /// fleet); cycles/s then counts up to the last complete, not the final empty wait.
     #[arg(long, default_value_t = 0.0)]
     cycle_wait: f64,
+    /// In the bulk-create figure, each request carries a `batchId` of its own.
+    #[arg(long)]
+    bulk_batch_ids: bool,
 }
 
 fn parse_opts() -> Opts {
@@ -226,8 +229,11 @@ struct NewTask<'a> {
 }
 
 #[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
 struct BulkBody<'a> {
     tasks: Vec<NewTask<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    batch_id: Option<String>,
 }
 
 #[derive(serde::Serialize)]
@@ -261,6 +267,7 @@ async fn bulk_create(
     type_id: Option<&str>,
     n: usize,
     in_flight: usize,
+    batch_ids: bool,
 ) -> Duration {
     let t = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
@@ -288,7 +295,8 @@ async fn bulk_create(
                         instructions: format!("task {}", i * per + k),
                     })
                     .collect();
-                let body = serde_json::to_vec(&BulkBody { tasks }).unwrap();
+                let batch_id = batch_ids.then(|| format!("batch-{i}"));
+                let body = serde_json::to_vec(&BulkBody { tasks, batch_id }).unwrap();
                 let r: Envelope<BulkData> = post_typed(
                     &c,
                     &format!("{base}/api/projects/{project}/tasks/bulk"),
@@ -584,7 +592,7 @@ async fn run(o: Opts) {
     let p = mk_project(format!("bulk-{run_id}")).await;
     let bulk_n = 100_000;
     let (s0, c0) = cpu_seconds();
-    let d = bulk_create(c, &base, &p, None, bulk_n, 4).await;
+    let d = bulk_create(c, &base, &p, None, bulk_n, 4, o.bulk_batch_ids).await;
     let (s1, c1) = cpu_seconds();
     let bulk_rate = bulk_n as f64 / d.as_secs_f64();
     println!("bulk create (1000/request, 4 in flight): {bulk_rate:>8.0} tasks/s");
@@ -594,7 +602,7 @@ async fn run(o: Opts) {
 
     // Agent cycle.
     let p = mk_project(format!("cycle-{run_id}")).await;
-    bulk_create(c, &base, &p, None, o.tasks, 4).await;
+    bulk_create(c, &base, &p, None, o.tasks, 4, false).await;
     let m0 = commit_totals(c, &base).await;
     let (s0, c0) = cpu_seconds();
     let scoped_client = if o.scoped_key {
@@ -661,13 +669,13 @@ async fn run(o: Opts) {
         let other = mk_type("other").await;
         let work = mk_type("work").await;
         let t = Instant::now();
-        bulk_create(c, &base, &p, Some(&other), o.backlog, 4).await;
+        bulk_create(c, &base, &p, Some(&other), o.backlog, 4, false).await;
         println!(
             "  (backlog of {} created in {:.1} s)",
             o.backlog,
             t.elapsed().as_secs_f64()
         );
-        bulk_create(c, &base, &p, Some(&work), o.tasks, 4).await;
+        bulk_create(c, &base, &p, Some(&work), o.tasks, 4, false).await;
         let (s0, c0) = cpu_seconds();
         let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work]), o.cycle_wait).await;
         let (s1, c1) = cpu_seconds();
@@ -711,7 +719,7 @@ async fn run(o: Opts) {
     if let Some(child) = target.child.as_mut() {
         let pid = child.id();
         let p = mk_project(format!("idle-{run_id}")).await;
-        bulk_create(c, &base, &p, None, 100, 1).await;
+        bulk_create(c, &base, &p, None, 100, 1, false).await;
         for a in 0..50 {
             post(
                 ac,

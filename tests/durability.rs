@@ -199,7 +199,7 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
     assert_eq!(t.data()["status"], "queued");
     assert_eq!(active_agents(&app, &p).await, 0);
     app.next("agent-c", json!({"projectId": p})).await;
-    // No schema 1 entries are left, and the file says schema 2.
+    // No schema 1 entries are left, and the file says the current schema.
     let app = app
         .restart_after(|file| {
             let db = redb::Database::create(file).unwrap();
@@ -215,7 +215,10 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
                 );
             }
             let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
-            assert_eq!(v.map(|v| v.value()), Some(2));
+            assert_eq!(
+                v.map(|v| v.value()),
+                Some(agentq::store::tables::SCHEMA_VERSION)
+            );
         })
         .await;
     assert_eq!(active_agents(&app, &p).await, 1);
@@ -225,6 +228,89 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
         got.push(app.next(agent, json!({"projectId": p})).await["id"].clone());
     }
     assert!(got.contains(&json!(untyped)), "{got:?}");
+}
+
+/// A schema 2 file (no BATCH index entries) is migrated at start-up: listing by `batchId`
+/// finds the batch's tasks created before the upgrade.
+#[tokio::test]
+async fn a_schema_2_file_gets_its_batch_index() {
+    use agentq::store::tables::{ix, INDEX, META};
+    use redb::ReadableTable;
+
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let bulk = |batch: Option<&str>, n: usize| {
+        let mut body = json!({"tasks": (0..n).map(|i| json!({"instructions": format!("t{i}")}))
+            .collect::<Vec<_>>()});
+        if let Some(b) = batch {
+            body["batchId"] = json!(b);
+        }
+        body
+    };
+    let url = format!("/api/projects/{p}/tasks/bulk");
+    assert_eq!(app.post(&url, bulk(Some("b-1"), 3)).await.status, 201);
+    assert_eq!(app.post(&url, bulk(Some("b-2"), 2)).await.status, 201);
+    assert_eq!(app.post(&url, bulk(None, 4)).await.status, 201);
+    let held = app.next("a", json!({"projectId": p})).await;
+    let app = app
+        .restart_after(|file| {
+            // Make it the file schema 2 wrote: no BATCH entries.
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut index = txn.open_table(INDEX).unwrap();
+                let batch: Vec<Vec<u8>> = index
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap().0.value().to_vec())
+                    .filter(|k| k[0] == ix::BATCH)
+                    .collect();
+                assert_eq!(batch.len(), 5, "one entry per batched task");
+                for k in batch {
+                    index.remove(k.as_slice()).unwrap();
+                }
+                txn.open_table(META)
+                    .unwrap()
+                    .insert("schema_version", 2)
+                    .unwrap();
+            }
+            txn.commit().unwrap();
+        })
+        .await;
+    let list = |q: &str| format!("/api/projects/{p}/tasks?{q}");
+    let r = app.get(&list("batchId=b-1&order=asc")).await;
+    assert_eq!(r.body["pagination"]["total"], 3);
+    let names: Vec<&str> = r
+        .data()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["instructions"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["t0", "t1", "t2"]);
+    assert_eq!(
+        app.get(&list("batchId=b-2")).await.body["pagination"]["total"],
+        2
+    );
+    // The batch's first task is the one held: by status too.
+    let r = app.get(&list("batchId=b-1&status=running")).await;
+    assert_eq!(ids_of(r.data()), [held["id"].as_str().unwrap()]);
+    assert_eq!(
+        app.get(&list("batchId=b-1&status=queued")).await.body["pagination"]["total"],
+        2
+    );
+    assert_eq!(
+        app.get(&list("batchId=none")).await.body["pagination"]["total"],
+        0
+    );
+}
+
+fn ids_of(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect()
 }
 
 /// A project delete cut short (the project marked, its tasks not yet all gone) is invisible

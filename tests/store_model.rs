@@ -116,6 +116,8 @@ impl World {
                     type_id: typed.then_some(ty),
                     instructions: Some("x".into()),
                     priority: Some(priority),
+                    // Some tasks in a batch, so the check below covers BATCH entries too.
+                    batch_id: (priority % 2 == 0).then(|| format!("b{}", priority % 3)),
                     ..NewTask::default()
                 };
                 self.rt

@@ -309,8 +309,14 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
                         SCHEMA_VERSION,
                     )))
                 }
-                Some(1) => {
-                    migrated = Some(tables::migrate_v1(&mut t)?);
+                Some(v @ (1 | 2)) => {
+                    let leases = if v == 1 {
+                        tables::migrate_v1(&mut t)?
+                    } else {
+                        0
+                    };
+                    let batched = tables::migrate_v2(&mut t)?;
+                    migrated = Some((v, leases, batched));
                     t.meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -322,11 +328,12 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
             *t.leases = Leases::load(&*t.projects, &*t.index)?;
         }
         txn.commit()?;
-        if let Some(moved) = migrated {
+        if let Some((from, leases, batched)) = migrated {
             tracing::info!(
                 database = %path.display(),
-                leases = moved,
-                "database migrated from schema 1 to {SCHEMA_VERSION}"
+                leases,
+                batched_tasks = batched,
+                "database migrated from schema {from} to {SCHEMA_VERSION}"
             );
         }
         Ok(Ok(WriterState {

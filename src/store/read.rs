@@ -350,8 +350,16 @@ impl Reader {
                 None => Ok(None),
             }
         };
+        // A batch's tasks are walked through its BATCH entries, all statuses together (unless
+        // `assignedTo` narrowed the walk to the running tasks, fewer than a batch).
+        let batch = q
+            .batch_id
+            .as_deref()
+            .filter(|_| q.assigned_to.is_none())
+            .map(ix::batch_hash);
         let keep = |t: &Task| {
-            q.type_id.is_none_or(|ty| t.type_id == Some(ty))
+            (batch.is_none() || q.statuses.is_empty() || q.statuses.contains(&t.status))
+                && q.type_id.is_none_or(|ty| t.type_id == Some(ty))
                 && q.assigned_to
                     .as_deref()
                     .is_none_or(|a| t.lease.as_ref().is_some_and(|l| l.agent == a))
@@ -375,9 +383,11 @@ impl Reader {
             if a > b {
                 return Ok(out);
             }
-            // Each source is one index range: a prefix (project, or project and status)
-            // followed by (createdAt, seq), which the iterator yields.
-            let prefixes: Vec<ix::K> = if q.statuses.is_empty() {
+            // Each source is one index range: a prefix (project, project and status, or
+            // project and batch) followed by (createdAt, seq), which the iterator yields.
+            let prefixes: Vec<ix::K> = if let Some(hash) = batch {
+                vec![ix::batch_prefix(project, hash)]
+            } else if q.statuses.is_empty() {
                 vec![ix::K::new(ix::BY_PROJECT).u128(project)]
             } else {
                 q.statuses

@@ -25,7 +25,7 @@ use crate::model::{Activity, ApiKey, Project, Session, Stats, Task, TaskStatus, 
 /// agent) in the value of its BY_STATUS entry and the lookups in memory
 /// ([`super::leases::Leases`]), and no READY_TYPE entries for untyped tasks. [`migrate_v1`]
 /// turns a version 1 file into version 2.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// `"schema_version"`, `"next_seq"`.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -88,6 +88,8 @@ pub mod ix {
     pub const DUPES: u8 = 8;
     pub const STATS: u8 = 9;
     pub const ACTIVITY: u8 = 10;
+    /// Schema 3 on.
+    pub const BATCH: u8 = 11;
 
     /// A key under construction: fixed-width fields in an inline buffer, so building one
     /// allocates nothing (a transition builds about ten). Orders like its bytes.
@@ -205,6 +207,20 @@ pub mod ix {
     pub fn dupe(ty: u128, hash: u128, seq: u64) -> K {
         K::new(DUPES).u128(ty).u128(hash).u64(seq)
     }
+    /// (project, hash of batchId, createdAt, seq): the tasks of a bulk batch, in creation
+    /// order. A listing by `batchId` walks these and confirms the id on the task.
+    pub fn batch(p: u128, batch_hash: u64, created: i64, seq: u64) -> K {
+        batch_prefix(p, batch_hash).i64(created).u64(seq)
+    }
+    pub fn batch_prefix(p: u128, batch_hash: u64) -> K {
+        K::new(BATCH).u128(p).u64(batch_hash)
+    }
+    /// The 64-bit FNV-1a hash of a batch id.
+    pub fn batch_hash(id: &str) -> u64 {
+        id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+    }
     /// project → Stats (56 bytes).
     pub fn stats(p: u128) -> K {
         K::new(STATS).u128(p)
@@ -277,6 +293,12 @@ pub fn index_entries(t: &Task) -> Vec<(ix::K, Vec<u8>)> {
     if let Some(ty) = t.type_id {
         let h = crate::model::variables_hash(&t.variables);
         e.push((ix::dupe(ty, h, t.seq), vec![]));
+    }
+    if let Some(b) = &t.batch_id {
+        e.push((
+            ix::batch(t.project_id, ix::batch_hash(b), t.created_at, t.seq),
+            vec![],
+        ));
     }
     e
 }
@@ -673,6 +695,27 @@ pub fn migrate_v1(t: &mut Tables) -> Result<usize> {
         t.remove_prefix(&ix::K::new(ix::READY_TYPE).u128(p).u128(0))?;
     }
     Ok(leased.len())
+}
+
+/// Turns a schema 2 file into schema 3 inside the caller's transaction: every task with a
+/// `batchId` gets its BATCH entry. Returns how many.
+pub fn migrate_v2(t: &mut Tables) -> Result<usize> {
+    let mut n = 0;
+    for r in t.tasks.iter()? {
+        let (_, v) = r?;
+        let task: Task = decode(v.value())?;
+        if let Some(b) = &task.batch_id {
+            let key = ix::batch(
+                task.project_id,
+                ix::batch_hash(b),
+                task.created_at,
+                task.seq,
+            );
+            t.index.insert(key.as_slice(), &[][..])?;
+            n += 1;
+        }
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

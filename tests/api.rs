@@ -796,10 +796,25 @@ async fn bulk_creates_what_it_can_in_order() {
         .await;
     assert_eq!(r.status, 400);
     assert_eq!(app.stats(&p).await["totalTasks"], 2);
-    let r = app
-        .get(&format!("/api/projects/{p}/tasks?batchId=b1"))
-        .await;
+    let batch = |b: &str| format!("/api/projects/{p}/tasks?batchId={b}");
+    let r = app.get(&batch("b1")).await;
     assert_eq!(r.body["pagination"]["total"], 2);
+    // A task moved to another batch, or deleted, leaves the first one's listing.
+    let [first, second] = [0, 1].map(|i| r.data()[i]["id"].as_str().unwrap().to_string());
+    let moved = app
+        .put(&format!("/api/tasks/{first}"), json!({"batchId": "b2"}))
+        .await;
+    assert_eq!(moved.status, 200, "{:?}", moved.body);
+    assert_eq!(
+        ids(app.get(&batch("b1")).await.data()),
+        std::slice::from_ref(&second)
+    );
+    assert_eq!(ids(app.get(&batch("b2")).await.data()), [first]);
+    assert_eq!(
+        app.delete(&format!("/api/tasks/{second}")).await.status,
+        200
+    );
+    assert_eq!(app.get(&batch("b1")).await.body["pagination"]["total"], 0);
 }
 
 /// Queued tasks by priority come from the ready index merged with the delayed tasks; the

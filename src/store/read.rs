@@ -519,9 +519,7 @@ impl Reader {
         }
         Ok(Page { tasks, total, next })
     }
-}
 
-impl Reader {
     /// (priority, seq) of the project's queued tasks (of one type) that wait for their
     /// `notBefore`. They are filed by time for all projects together, and are few: back-offs
     /// and scheduled tasks.

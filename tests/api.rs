@@ -1552,6 +1552,91 @@ async fn deleting_a_big_project_removes_it_all_and_nothing_else() {
     assert_eq!(app.stats(&again).await["totalTasks"], 0);
 }
 
+/// Agents working a project while it is deleted: every answer is a success or a 404 (the
+/// project, or the task, gone), never a server error, and afterwards nothing of it is left
+/// while the project beside it kept its work.
+#[tokio::test]
+async fn deleting_a_project_under_working_agents() {
+    let app = spawn_app().await;
+    let doomed = app.project("doomed").await;
+    let other = app.project("other").await;
+    for p in [&doomed, &other] {
+        let tasks: Vec<Value> = (0..1000)
+            .map(|i| json!({"instructions": format!("t{i}")}))
+            .collect();
+        for _ in 0..3 {
+            let r = app
+                .post(
+                    &format!("/api/projects/{p}/tasks/bulk"),
+                    json!({"tasks": tasks}),
+                )
+                .await;
+            assert_eq!(r.status, 201);
+        }
+    }
+    let mut agents = Vec::new();
+    for a in 0..8 {
+        let (client, base) = (app.client.clone(), app.base.clone());
+        let project = if a % 2 == 0 {
+            doomed.clone()
+        } else {
+            other.clone()
+        };
+        agents.push(tokio::spawn(async move {
+            let agent = format!("agent-{a}");
+            let mut statuses = Vec::new();
+            for _ in 0..60 {
+                let r = client
+                    .post(format!("{base}/api/agents/{agent}/next-task"))
+                    .json(&json!({"projectId": project}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(r.status().as_u16());
+                if r.status() != 200 {
+                    continue;
+                }
+                let body: Value = r.json().await.unwrap();
+                let Some(task) = body["data"]["task"].as_object() else {
+                    continue;
+                };
+                let r = client
+                    .post(format!(
+                        "{base}/api/tasks/{}/complete",
+                        task["id"].as_str().unwrap()
+                    ))
+                    .json(&json!({"agentName": agent, "leaseToken": task["leaseToken"]}))
+                    .send()
+                    .await
+                    .unwrap();
+                statuses.push(r.status().as_u16());
+            }
+            statuses
+        }));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert_eq!(
+        app.delete(&format!("/api/projects/{doomed}")).await.status,
+        200
+    );
+    for a in agents {
+        for status in a.await.unwrap() {
+            assert!(status == 200 || status == 404, "{status}");
+        }
+    }
+    assert_eq!(
+        app.get(&format!("/api/projects/{doomed}")).await.status,
+        404
+    );
+    let s = app.stats(&other).await;
+    assert_eq!(s["totalTasks"], 3000);
+    assert_eq!(s["runningTasks"], 0);
+    assert!(s["completedTasks"].as_u64().unwrap() > 0);
+    // The name is free and the new project starts empty.
+    let again = app.project("doomed").await;
+    assert_eq!(app.stats(&again).await["totalTasks"], 0);
+}
+
 #[tokio::test]
 async fn long_poll_wakes_when_a_task_appears() {
     let app = spawn_app().await;

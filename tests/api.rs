@@ -1494,24 +1494,12 @@ async fn deleting_a_big_project_removes_it_all_and_nothing_else() {
     app.task(&other, json!({"instructions": "keep too"})).await;
     let other_lease = app.next("y", json!({"projectId": other})).await;
     let n = 2 * agentq::store::write::DELETE_CHUNK + 500;
+    let tasks: Vec<Value> = (0..n)
+        .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
+        .collect();
+    let ids = app.bulk(&big, &tasks).await;
     // The first and the last task: one goes in the first chunk, the other in the last write.
-    let mut ends: Vec<String> = Vec::new();
-    for start in (0..n).step_by(1000) {
-        let tasks: Vec<Value> = (start..n.min(start + 1000))
-            .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
-            .collect();
-        let r = app
-            .post(
-                &format!("/api/projects/{big}/tasks/bulk"),
-                json!({"tasks": tasks}),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{:?}", r.body);
-        for t in r.data()["createdTasks"].as_array().unwrap() {
-            ends.push(t["id"].as_str().unwrap().to_string());
-        }
-        ends.drain(1..ends.len() - 1);
-    }
+    let ends = [&ids[0], &ids[n - 1]];
     let held = app.next("x", json!({"projectId": big})).await;
     assert_eq!(app.stats(&big).await["totalTasks"], n);
     assert_eq!(
@@ -1520,7 +1508,7 @@ async fn deleting_a_big_project_removes_it_all_and_nothing_else() {
     );
     assert_eq!(app.get(&format!("/api/projects/{big}")).await.status, 404);
     assert_eq!(app.get(&format!("/api/task-types/{ty}")).await.status, 404);
-    for t in &ends {
+    for t in ends {
         assert_eq!(app.get(&format!("/api/tasks/{t}")).await.status, 404);
     }
     let r = app
@@ -1560,19 +1548,11 @@ async fn deleting_a_project_under_working_agents() {
     let app = spawn_app().await;
     let doomed = app.project("doomed").await;
     let other = app.project("other").await;
+    let tasks: Vec<Value> = (0..3000)
+        .map(|i| json!({"instructions": format!("t{i}")}))
+        .collect();
     for p in [&doomed, &other] {
-        let tasks: Vec<Value> = (0..1000)
-            .map(|i| json!({"instructions": format!("t{i}")}))
-            .collect();
-        for _ in 0..3 {
-            let r = app
-                .post(
-                    &format!("/api/projects/{p}/tasks/bulk"),
-                    json!({"tasks": tasks}),
-                )
-                .await;
-            assert_eq!(r.status, 201);
-        }
+        app.bulk(p, &tasks).await;
     }
     let mut agents = Vec::new();
     for a in 0..8 {

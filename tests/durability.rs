@@ -329,19 +329,7 @@ async fn a_project_delete_cut_short_is_finished_at_the_next_start() {
     let tasks: Vec<Value> = (0..n)
         .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
         .collect();
-    let mut ids = Vec::new();
-    for chunk in tasks.chunks(1000) {
-        let r = app
-            .post(
-                &format!("/api/projects/{doomed}/tasks/bulk"),
-                json!({"tasks": chunk}),
-            )
-            .await;
-        assert_eq!(r.status, 201, "{:?}", r.body);
-        for t in r.data()["createdTasks"].as_array().unwrap() {
-            ids.push(t["id"].as_str().unwrap().to_string());
-        }
-    }
+    let ids = app.bulk(&doomed, &tasks).await;
     app.next("x", json!({"projectId": doomed})).await;
     let kept = app.task(&other, json!({"instructions": "keep"})).await;
     let id = uuid::Uuid::parse_str(&doomed).unwrap().as_u128();

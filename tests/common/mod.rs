@@ -182,6 +182,31 @@ impl TestApp {
         r.data()["id"].as_str().unwrap().to_string()
     }
 
+    /// Creates `tasks` in bulk requests of up to 1,000, each answered 201 with every task
+    /// created; returns their ids in order.
+    pub async fn bulk(&self, project: &str, tasks: &[Value]) -> Vec<String> {
+        let mut ids = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(1000) {
+            let r = self
+                .post(
+                    &format!("/api/projects/{project}/tasks/bulk"),
+                    serde_json::json!({"tasks": chunk}),
+                )
+                .await;
+            assert_eq!(r.status, 201, "{:?}", r.body);
+            assert_eq!(
+                r.data()["tasksCreated"],
+                chunk.len(),
+                "{:?}",
+                r.data()["errors"]
+            );
+            for t in r.data()["createdTasks"].as_array().unwrap() {
+                ids.push(t["id"].as_str().unwrap().to_string());
+            }
+        }
+        ids
+    }
+
     /// next-task for `agent`: the task (or Null) of the answer.
     pub async fn next(&self, agent: &str, body: Value) -> Value {
         let r = self

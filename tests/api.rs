@@ -1617,6 +1617,57 @@ async fn deleting_a_project_under_working_agents() {
     assert_eq!(app.stats(&again).await["totalTasks"], 0);
 }
 
+/// A client that gives up on a long project delete does not leave it half done. Over
+/// HTTP/2 a request given up is reset, and the server drops its handler at once; the delete
+/// goes on to its end anyway.
+#[tokio::test]
+async fn a_project_delete_ends_even_if_its_client_gives_up() {
+    let app = spawn_app().await;
+    let p = app.project("big").await;
+    let ty = app.task_type(&p, json!({"name": "t"})).await;
+    let tasks: Vec<Value> = (0..8 * agentq::store::write::DELETE_CHUNK)
+        .map(|i| json!({"instructions": format!("t{i}"), "typeId": ty}))
+        .collect();
+    let ids = app.bulk(&p, &tasks).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .default_headers(
+            [(
+                reqwest::header::HeaderName::from_static("x-api-key"),
+                reqwest::header::HeaderValue::from_str(&app.admin_key).unwrap(),
+            )]
+            .into_iter()
+            .collect(),
+        )
+        .build()
+        .unwrap();
+    let url = format!("{}/api/projects/{p}", app.base);
+    let mut patience = 5;
+    while app.get(&format!("/api/projects/{p}")).await.status != 404 {
+        let sent = h2
+            .delete(&url)
+            .timeout(std::time::Duration::from_millis(patience))
+            .send()
+            .await;
+        if let Ok(r) = sent {
+            assert_eq!(r.status(), 200);
+        }
+        patience *= 2;
+    }
+    // The type goes in the delete's last write.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while app.get(&format!("/api/task-types/{ty}")).await.status != 404 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delete stopped with its client"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for t in [&ids[0], &ids[ids.len() - 1]] {
+        assert_eq!(app.get(&format!("/api/tasks/{t}")).await.status, 404);
+    }
+}
+
 #[tokio::test]
 async fn long_poll_wakes_when_a_task_appears() {
     let app = spawn_app().await;

@@ -214,13 +214,22 @@ impl Store {
     /// (from then on nothing finds it, and its long-pollers are woken to a 404); its tasks
     /// then go in chunks of [`write::DELETE_CHUNK`], each its own write, so that other writes
     /// are not held for the whole project; the last write removes what is left with the
-    /// project, atomically. A delete cut short by a crash is resumed at the next start.
-    pub async fn delete_project(&self, project: u128) -> Result<()> {
-        let key = uuid::Uuid::from_u128(project).to_string();
-        self.write(move |w| write::begin_project_delete(w, &key))
-            .await?;
-        self.hub.forget_project(project);
-        self.finish_delete(project).await
+    /// project, atomically. It runs on a task of its own, so a caller that stops waiting (a
+    /// client that gave up, a dropped connection) does not stop it half way; a delete cut
+    /// short by a crash or a stop is resumed at the next start.
+    pub async fn delete_project(self: &Arc<Self>, project: u128) -> Result<()> {
+        let store = self.clone();
+        let delete = async move {
+            let key = uuid::Uuid::from_u128(project).to_string();
+            store
+                .write(move |w| write::begin_project_delete(w, &key))
+                .await?;
+            store.hub.forget_project(project);
+            store.finish_delete(project).await
+        };
+        tokio::spawn(delete)
+            .await
+            .map_err(|e| Error::Storage(format!("the project delete stopped: {e}")))?
     }
 
     /// The chunks and the last write of a project delete (see [`Store::delete_project`]).

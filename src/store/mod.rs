@@ -233,17 +233,29 @@ impl Store {
     }
 
     /// The chunks and the last write of a project delete (see [`Store::delete_project`]).
+    /// Logs the project and how many tasks went, and how long it took.
     async fn finish_delete(&self, project: u128) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut tasks = 0;
         loop {
             let n = self
                 .write(move |w| write::delete_project_tasks(w, project, write::DELETE_CHUNK))
                 .await?;
+            tasks += n;
             if n < write::DELETE_CHUNK {
                 break;
             }
         }
-        self.write(move |w| write::finish_project_delete(w, project))
-            .await
+        tasks += self
+            .write(move |w| write::finish_project_delete(w, project))
+            .await?;
+        tracing::info!(
+            project = %uuid::Uuid::from_u128(project),
+            tasks,
+            ms = started.elapsed().as_millis() as u64,
+            "project deleted"
+        );
+        Ok(())
     }
 
     /// Ends the project deletes a crash or a stop cut short: the projects still marked

@@ -193,10 +193,11 @@ pub fn begin_project_delete(w: &mut W, key: &str) -> Result<u128> {
 }
 
 /// Removes a project marked for deletion with its task types and remaining tasks (and so
-/// their leases), in one write. A project already gone is not an error: the delete is done.
-pub fn finish_project_delete(w: &mut W, project: u128) -> Result<()> {
+/// their leases), in one write; answers how many tasks it removed. A project already gone
+/// is not an error: the delete is done.
+pub fn finish_project_delete(w: &mut W, project: u128) -> Result<usize> {
     let Some(p) = w.t.project(project)? else {
-        return Ok(());
+        return Ok(0);
     };
     if p.status != ProjectStatus::Deleting {
         return Err(Error::Storage(format!(
@@ -204,7 +205,7 @@ pub fn finish_project_delete(w: &mut W, project: u128) -> Result<()> {
             Uuid::from_u128(project)
         )));
     }
-    delete_project_tasks(w, p.id, usize::MAX)?;
+    let tasks = delete_project_tasks(w, p.id, usize::MAX)?;
     let types: Vec<(String, u128)> =
         w.t.type_names
             .range((p.id, "")..)?
@@ -218,7 +219,7 @@ pub fn finish_project_delete(w: &mut W, project: u128) -> Result<()> {
     }
     w.t.drop_counters(p.id)?;
     w.t.projects.remove(p.id)?;
-    Ok(())
+    Ok(tasks)
 }
 
 // ---------------------------------------------------------------- task types

@@ -1668,6 +1668,40 @@ async fn a_project_delete_ends_even_if_its_client_gives_up() {
     }
 }
 
+/// A delete of a project already being deleted takes the delete up (it may have been cut
+/// short) and answers 200 once the project is gone; its id alone names it by then.
+#[tokio::test]
+async fn deleting_a_project_being_deleted_answers_when_it_is_gone() {
+    let app = spawn_app().await;
+    let p = app.project("big").await;
+    let tasks: Vec<Value> = (0..8 * agentq::store::write::DELETE_CHUNK)
+        .map(|i| json!({"instructions": format!("t{i}")}))
+        .collect();
+    let ids = app.bulk(&p, &tasks).await;
+    let first = {
+        let (client, url) = (app.client.clone(), format!("{}/api/projects/{p}", app.base));
+        tokio::spawn(async move { client.delete(url).send().await.unwrap().status() })
+    };
+    while app.get(&format!("/api/projects/{p}")).await.status != 404 {}
+    let first_done = first.is_finished();
+    let second = app.delete(&format!("/api/projects/{p}")).await;
+    if !first_done {
+        assert_eq!(second.status, 200, "{:?}", second.body);
+        assert_eq!(second.data()["id"], p.as_str());
+        // Answered after the end: nothing of the project is left.
+        assert_eq!(
+            app.get(&format!("/api/tasks/{}", ids[ids.len() - 1]))
+                .await
+                .status,
+            404
+        );
+    }
+    assert_eq!(first.await.unwrap(), 200);
+    // Once it is gone, a delete is a 404, by id or by its old name.
+    assert_eq!(app.delete(&format!("/api/projects/{p}")).await.status, 404);
+    assert_eq!(app.delete("/api/projects/big").await.status, 404);
+}
+
 #[tokio::test]
 async fn long_poll_wakes_when_a_task_appears() {
     let app = spawn_app().await;

@@ -143,13 +143,23 @@ impl ProjectsApi {
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
     ) -> Result<Reply<Deleted>> {
-        let project = self
-            .0
-            .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
-        self.0.store.delete_project(project.id).await?;
+        let caller = auth.caller();
+        let project = match self.0.project_for(caller, Right::ManageProjects, &id.0) {
+            Ok(p) => p.id,
+            // A project whose delete is running, or was cut short (a storage error), is
+            // hidden; deleting it again takes the delete up and answers when it is done.
+            Err(hidden) => match self.0.store.read()?.project_being_deleted(&id.0)? {
+                Some(pid) => {
+                    caller.require_in(Right::ManageProjects, pid, &format!("project {}", id.0))?;
+                    pid
+                }
+                None => return Err(hidden.into()),
+            },
+        };
+        self.0.store.delete_project(project).await?;
         Ok(Reply::ok(Deleted {
             deleted: true,
-            id: uuid_str(project.id),
+            id: uuid_str(project),
         }))
     }
 

@@ -579,6 +579,40 @@ mod batch_tests {
         }
     }
 
+    /// A delete cut short (here: marked and one chunk gone, as when the next chunk's write
+    /// meets a storage error) leaves the project hidden; deleting it again by id takes the
+    /// delete up and ends it; after that the project is not found.
+    #[test]
+    fn a_delete_cut_short_is_taken_up_by_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rt, pid) = with_project(&dir);
+        add_tasks(&rt, &store, &pid, 2 * write::DELETE_CHUNK + 10);
+        let key = pid.clone();
+        let id = rt
+            .block_on(store.write(move |w| {
+                let id = write::begin_project_delete(w, &key)?;
+                write::delete_project_tasks(w, id, write::DELETE_CHUNK)?;
+                Ok(id)
+            }))
+            .unwrap();
+        let r = store.read().unwrap();
+        assert!(matches!(r.project(&pid), Err(Error::NotFound(_))));
+        assert_eq!(r.project_being_deleted(&pid).unwrap(), Some(id));
+        assert_eq!(r.stats(id).unwrap().total, write::DELETE_CHUNK as u64 + 10);
+        drop(r);
+        rt.block_on(store.delete_project(id)).unwrap();
+        let r = store.read().unwrap();
+        assert_eq!(r.project_being_deleted(&pid).unwrap(), None);
+        drop(r);
+        let txn = store.begin_read().unwrap();
+        let tasks = txn.open_table(tables::TASKS).unwrap();
+        assert_eq!(redb::ReadableTableMetadata::len(&tasks).unwrap(), 0);
+        drop((tasks, txn));
+        let again = rt.block_on(store.delete_project(id));
+        assert!(matches!(again, Err(Error::NotFound(_))), "{again:?}");
+        store.close();
+    }
+
     /// A batch that fails after a claim rolls the claim back, in the file and in the writer's
     /// lease cache: the agent holds nothing, and the task goes to the next agent that asks.
     #[test]

@@ -165,6 +165,19 @@ impl Reader {
             .range::<&[u8]>(from.as_slice()..=to_inclusive.as_slice())?)
     }
 
+    /// The id of a project (by id) whose delete is running or was cut short.
+    pub fn project_being_deleted(&self, key: &str) -> Result<Option<u128>> {
+        let Ok(id) = Uuid::parse_str(key) else {
+            return Ok(None);
+        };
+        Ok(match self.table(PROJECTS)?.get(id.as_u128())? {
+            Some(v) if decode::<Project>(v.value())?.status == ProjectStatus::Deleting => {
+                Some(id.as_u128())
+            }
+            _ => None,
+        })
+    }
+
     /// The projects marked for deletion whose delete has not finished.
     pub fn projects_being_deleted(&self) -> Result<Vec<u128>> {
         let mut out = Vec::new();

@@ -132,6 +132,10 @@ impl ProjectsApi {
     }
 
     /// Delete a project with its task types, tasks and leases.
+    ///
+    /// The project disappears at once (404 everywhere, its name free); the answer comes when
+    /// everything is gone. A delete cut short can be taken up by deleting the project again,
+    /// by its id.
     #[oai(
         path = "/api/projects/:projectId",
         method = "delete",

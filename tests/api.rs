@@ -6,14 +6,6 @@ use common::*;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
-fn ids(list: &Value) -> Vec<String> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap().to_string())
-        .collect()
-}
-
 /// Every page of a listing, following `nextCursor` from `url` (which has a query already);
 /// each page must answer 200, and `check` sees each answer.
 async fn walk_pages(app: &TestApp, url: &str, check: impl Fn(&Resp)) -> Vec<String> {

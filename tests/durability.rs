@@ -294,7 +294,7 @@ async fn a_schema_2_file_gets_its_batch_index() {
     );
     // The batch's first task is the one held: by status too.
     let r = app.get(&list("batchId=b-1&status=running")).await;
-    assert_eq!(ids_of(r.data()), [held["id"].as_str().unwrap()]);
+    assert_eq!(ids(r.data()), [held["id"].as_str().unwrap()]);
     assert_eq!(
         app.get(&list("batchId=b-1&status=queued")).await.body["pagination"]["total"],
         2
@@ -303,14 +303,6 @@ async fn a_schema_2_file_gets_its_batch_index() {
         app.get(&list("batchId=none")).await.body["pagination"]["total"],
         0
     );
-}
-
-fn ids_of(list: &Value) -> Vec<&str> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["id"].as_str().unwrap())
-        .collect()
 }
 
 /// A project delete cut short (the project marked, its tasks not yet all gone) is invisible

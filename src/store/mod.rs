@@ -220,9 +220,8 @@ impl Store {
     pub async fn delete_project(self: &Arc<Self>, project: u128) -> Result<()> {
         let store = self.clone();
         let delete = async move {
-            let key = uuid::Uuid::from_u128(project).to_string();
             store
-                .write(move |w| write::begin_project_delete(w, &key))
+                .write(move |w| write::begin_project_delete(w, project))
                 .await?;
             store.hub.forget_project(project);
             store.finish_delete(project).await
@@ -587,14 +586,12 @@ mod batch_tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, rt, pid) = with_project(&dir);
         add_tasks(&rt, &store, &pid, 2 * write::DELETE_CHUNK + 10);
-        let key = pid.clone();
-        let id = rt
-            .block_on(store.write(move |w| {
-                let id = write::begin_project_delete(w, &key)?;
-                write::delete_project_tasks(w, id, write::DELETE_CHUNK)?;
-                Ok(id)
-            }))
-            .unwrap();
+        let id = uuid::Uuid::parse_str(&pid).unwrap().as_u128();
+        rt.block_on(store.write(move |w| {
+            write::begin_project_delete(w, id)?;
+            write::delete_project_tasks(w, id, write::DELETE_CHUNK)
+        }))
+        .unwrap();
         let r = store.read().unwrap();
         assert!(matches!(r.project(&pid), Err(Error::NotFound(_))));
         assert_eq!(r.project_being_deleted(&pid).unwrap(), Some(id));
@@ -688,10 +685,10 @@ mod batch_tests {
         rt.block_on(store.write(move |w| write::complete(w, &first, "a", None, None, None)))
             .unwrap();
         assert_eq!(activity_rows(&store), 1, "a completion is counted");
-        let key = pid.clone();
+        let id = uuid::Uuid::parse_str(&pid).unwrap().as_u128();
         rt.block_on(store.write(move |w| {
             write::complete(w, &second, "b", None, None, None)?;
-            let id = write::begin_project_delete(w, &key)?;
+            write::begin_project_delete(w, id)?;
             write::finish_project_delete(w, id)
         }))
         .unwrap();

@@ -30,6 +30,17 @@ pub struct TaskQuery {
     pub cursor: Option<Cursor>,
 }
 
+impl TaskQuery {
+    /// How many matching tasks come before the page when it is found by position: an
+    /// offset cursor plus `offset`.
+    fn offset_start(&self) -> usize {
+        match self.cursor {
+            Some(Cursor::Offset(o)) => o.saturating_add(self.offset),
+            _ => self.offset,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Sort {
     #[default]
@@ -464,8 +475,7 @@ impl Reader {
         if q.sort == Sort::CreatedAt {
             let (from, skip) = match q.cursor {
                 Some(Cursor::After(c, s)) => (Some((c, s)), q.offset),
-                Some(Cursor::Offset(o)) => (None, o.saturating_add(q.offset)),
-                None => (None, q.offset),
+                _ => (None, q.offset_start()),
             };
             let merged = Merge::new(sources(from)?, q.desc);
             let matching = merged.filter_map(|k| match k.and_then(|k| load(k.1)) {
@@ -489,10 +499,7 @@ impl Reader {
         // The other orders have no index: walk the matching tasks and keep only the keys of
         // the first `offset + limit` in a heap, so memory follows the page asked for, not the
         // project's size. The page's tasks are loaded again at the end.
-        let start = match q.cursor {
-            Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
-            _ => q.offset,
-        };
+        let start = q.offset_start();
         let want = start.saturating_add(q.limit);
         // Ascending rank = the order of the answer; the heap's top is the worst rank kept.
         let rank = |t: &Task| -> (i128, i128) {
@@ -524,12 +531,12 @@ impl Reader {
         }
         let end = want.min(matched);
         let next = (end < matched).then_some(Cursor::Offset(end));
-        let mut tasks = Vec::new();
-        for (_, seq) in kept.into_sorted_vec().into_iter().skip(start) {
-            if let Some(t) = load(seq)? {
-                tasks.push(t);
-            }
-        }
+        let page = kept
+            .into_sorted_vec()
+            .into_iter()
+            .skip(start)
+            .map(|(_, seq)| seq);
+        let tasks = load_all(page, &load)?;
         Ok(Page { tasks, total, next })
     }
 
@@ -628,10 +635,7 @@ impl Reader {
             })
             .peekable();
 
-        let start = match q.cursor {
-            Some(Cursor::Offset(o)) => o.saturating_add(q.offset),
-            _ => q.offset,
-        };
+        let start = q.offset_start();
         let merged = std::iter::from_fn(|| {
             let from_ready = match (ready.peek(), delayed.peek()) {
                 (Some(Err(_)), _) => true,
@@ -648,15 +652,22 @@ impl Reader {
             Some(next.map(|(_, seq)| seq))
         });
         let (page, more) = take_page(merged, start, q.limit)?;
-        let mut tasks = Vec::with_capacity(page.len());
-        for seq in page {
-            if let Some(t) = load(seq)? {
-                tasks.push(t);
-            }
-        }
+        let tasks = load_all(page, load)?;
         let next = more.then_some(Cursor::Offset(start.saturating_add(q.limit)));
         Ok(Page { tasks, total, next })
     }
+}
+
+/// The tasks of `seqs`, in that order (a seq whose row is gone is left out).
+fn load_all(
+    seqs: impl IntoIterator<Item = u64>,
+    load: &dyn Fn(u64) -> Result<Option<Task>>,
+) -> Result<Vec<Task>> {
+    let mut tasks = Vec::new();
+    for seq in seqs {
+        tasks.extend(load(seq)?);
+    }
+    Ok(tasks)
 }
 
 /// Skips `skip` items, then takes up to `limit`: answers them, and whether more follow.

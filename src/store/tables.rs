@@ -209,8 +209,13 @@ pub mod ix {
     }
     /// (project, hash of batchId, createdAt, seq): the tasks of a bulk batch, in creation
     /// order. A listing by `batchId` walks these and confirms the id on the task.
-    pub fn batch(p: u128, batch_hash: u64, created: i64, seq: u64) -> K {
-        batch_prefix(p, batch_hash).i64(created).u64(seq)
+    pub fn batch(t: &crate::model::Task) -> Option<K> {
+        let b = t.batch_id.as_deref()?;
+        Some(
+            batch_prefix(t.project_id, batch_hash(b))
+                .i64(t.created_at)
+                .u64(t.seq),
+        )
     }
     pub fn batch_prefix(p: u128, batch_hash: u64) -> K {
         K::new(BATCH).u128(p).u64(batch_hash)
@@ -294,11 +299,8 @@ pub fn index_entries(t: &Task) -> Vec<(ix::K, Vec<u8>)> {
         let h = crate::model::variables_hash(&t.variables);
         e.push((ix::dupe(ty, h, t.seq), vec![]));
     }
-    if let Some(b) = &t.batch_id {
-        e.push((
-            ix::batch(t.project_id, ix::batch_hash(b), t.created_at, t.seq),
-            vec![],
-        ));
+    if let Some(k) = ix::batch(t) {
+        e.push((k, vec![]));
     }
     e
 }
@@ -703,14 +705,7 @@ pub fn migrate_v2(t: &mut Tables) -> Result<usize> {
     let mut n = 0;
     for r in t.tasks.iter()? {
         let (_, v) = r?;
-        let task: Task = decode(v.value())?;
-        if let Some(b) = &task.batch_id {
-            let key = ix::batch(
-                task.project_id,
-                ix::batch_hash(b),
-                task.created_at,
-                task.seq,
-            );
+        if let Some(key) = ix::batch(&decode::<Task>(v.value())?) {
             t.index.insert(key.as_slice(), &[][..])?;
             n += 1;
         }

@@ -180,29 +180,23 @@ pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<us
 
 /// The first step of a project delete: the project is marked [`ProjectStatus::Deleting`],
 /// after which nothing finds it (no reads, claims, creates or updates), and its name is free
-/// for a new project. Returns the project id. [`finish_project_delete`] ends the delete,
-/// after [`delete_project_tasks`] has removed the tasks in chunks. A project already marked
-/// (by id) is taken up again as it is: its delete was cut short, or is still running.
-pub fn begin_project_delete(w: &mut W, key: &str) -> Result<u128> {
-    let mut p = match resolve_project(w.t, key) {
-        Ok(p) => p,
-        Err(Error::NotFound(m)) => {
-            let marked = match Uuid::parse_str(key) {
-                Ok(id) => w.t.project(id.as_u128())?,
-                Err(_) => None,
-            };
-            return match marked {
-                Some(p) if p.status == ProjectStatus::Deleting => Ok(p.id),
-                _ => Err(Error::NotFound(m)),
-            };
-        }
-        Err(e) => return Err(e),
+/// for a new project. [`finish_project_delete`] ends the delete, after
+/// [`delete_project_tasks`] has removed the tasks in chunks. A project already marked is
+/// taken up again as it is: its delete was cut short, or is still running.
+pub fn begin_project_delete(w: &mut W, project: u128) -> Result<()> {
+    let Some(mut p) = w.t.project(project)? else {
+        return Err(Error::NotFound(format!(
+            "project {} not found",
+            Uuid::from_u128(project)
+        )));
     };
-    w.t.project_names.remove(p.name.as_str())?;
-    p.status = ProjectStatus::Deleting;
-    p.updated_at = w.now;
-    w.t.put_project(&p)?;
-    Ok(p.id)
+    if p.status != ProjectStatus::Deleting {
+        w.t.project_names.remove(p.name.as_str())?;
+        p.status = ProjectStatus::Deleting;
+        p.updated_at = w.now;
+        w.t.put_project(&p)?;
+    }
+    Ok(())
 }
 
 /// Removes a project marked for deletion with its task types and remaining tasks (and so

@@ -17,6 +17,15 @@ pub struct TestApp {
     pub clock: Option<Arc<ManualClock>>,
 }
 
+/// The `id` of every item of a listing's `data`.
+pub fn ids(list: &Value) -> Vec<String> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
 pub struct Resp {
     pub status: u16,
     pub body: Value,

@@ -59,6 +59,25 @@ struct Opts {
     /// In the bulk-create figure, each request carries a `batchId` of its own.
     #[arg(long)]
     bulk_batch_ids: bool,
+    /// Instructions of this many bytes in the bulk and cycle tasks (an agent's prompt; the
+    /// backlog's tasks stay short). 0: a few bytes.
+    #[arg(long, default_value_t = 0)]
+    instructions_bytes: usize,
+    /// A `result` of this many bytes in each complete. 0: "ok".
+    #[arg(long, default_value_t = 0)]
+    result_bytes: usize,
+}
+
+/// `head`, padded with words to `len` bytes when it is shorter.
+fn padded(head: String, len: usize) -> String {
+    let mut s = head;
+    if s.len() < len {
+        while s.len() < len {
+            s.push_str(" lorem ipsum");
+        }
+        s.truncate(len);
+    }
+    s
 }
 
 fn parse_opts() -> Opts {
@@ -260,15 +279,28 @@ async fn post_typed<T: serde::de::DeserializeOwned>(
     serde_json::from_slice(&bytes).expect("json")
 }
 
+/// How the bulk requests go: how many at once, with a batch id each or not, and the size
+/// of each task's instructions (0: a few bytes).
+#[derive(Clone, Copy)]
+struct Bulk {
+    in_flight: usize,
+    batch_ids: bool,
+    instructions_bytes: usize,
+}
+
 async fn bulk_create(
     c: &reqwest::Client,
     base: &str,
     project: &str,
     type_id: Option<&str>,
     n: usize,
-    in_flight: usize,
-    batch_ids: bool,
+    shape: Bulk,
 ) -> Duration {
+    let Bulk {
+        in_flight,
+        batch_ids,
+        instructions_bytes,
+    } = shape;
     let t = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let per = 1000;
@@ -292,7 +324,7 @@ async fn bulk_create(
                 let tasks: Vec<NewTask> = (0..count)
                     .map(|k| NewTask {
                         type_id: type_id.as_deref(),
-                        instructions: format!("task {}", i * per + k),
+                        instructions: padded(format!("task {}", i * per + k), instructions_bytes),
                     })
                     .collect();
                 let batch_id = batch_ids.then(|| format!("batch-{i}"));
@@ -329,15 +361,17 @@ async fn agent_cycle(
     agents: usize,
     type_ids: Option<Vec<String>>,
     wait: f64,
+    result: Arc<str>,
 ) -> Cycle {
     let t = Instant::now();
     let mut handles = Vec::new();
     for a in 0..agents {
-        let (c, base, project, type_ids) = (
+        let (c, base, project, type_ids, result) = (
             c.clone(),
             base.to_string(),
             project.to_string(),
             type_ids.clone(),
+            result.clone(),
         );
         handles.push(tokio::spawn(async move {
             let agent = format!("bench-{a}");
@@ -367,7 +401,7 @@ async fn agent_cycle(
                 next_lat.push(s.elapsed().as_micros() as u32);
                 let done = serde_json::to_vec(&CompleteBody {
                     agent_name: &agent,
-                    result: "ok",
+                    result: &result,
                     lease_token: task.lease_token.as_deref(),
                 })
                 .unwrap();
@@ -573,6 +607,12 @@ async fn run(o: Opts) {
         println!("  CPU per request: server {s:.0} µs, client {cl:.0} µs");
     }
 
+    let shape = Bulk {
+        in_flight: 4,
+        batch_ids: false,
+        instructions_bytes: o.instructions_bytes,
+    };
+    let result: Arc<str> = padded("ok".into(), o.result_bytes).into();
     let run_id = std::process::id();
     let mk_project = |name: String| {
         let c = c.clone();
@@ -592,7 +632,18 @@ async fn run(o: Opts) {
     let p = mk_project(format!("bulk-{run_id}")).await;
     let bulk_n = 100_000;
     let (s0, c0) = cpu_seconds();
-    let d = bulk_create(c, &base, &p, None, bulk_n, 4, o.bulk_batch_ids).await;
+    let d = bulk_create(
+        c,
+        &base,
+        &p,
+        None,
+        bulk_n,
+        Bulk {
+            batch_ids: o.bulk_batch_ids,
+            ..shape
+        },
+    )
+    .await;
     let (s1, c1) = cpu_seconds();
     let bulk_rate = bulk_n as f64 / d.as_secs_f64();
     println!("bulk create (1000/request, 4 in flight): {bulk_rate:>8.0} tasks/s");
@@ -602,7 +653,7 @@ async fn run(o: Opts) {
 
     // Agent cycle.
     let p = mk_project(format!("cycle-{run_id}")).await;
-    bulk_create(c, &base, &p, None, o.tasks, 4, false).await;
+    bulk_create(c, &base, &p, None, o.tasks, shape).await;
     let m0 = commit_totals(c, &base).await;
     let (s0, c0) = cpu_seconds();
     let scoped_client = if o.scoped_key {
@@ -619,7 +670,16 @@ async fn run(o: Opts) {
         None
     };
     let cycle_client = scoped_client.as_ref().unwrap_or(ac);
-    let mut cy = agent_cycle(cycle_client, &base, &p, o.agents, None, o.cycle_wait).await;
+    let mut cy = agent_cycle(
+        cycle_client,
+        &base,
+        &p,
+        o.agents,
+        None,
+        o.cycle_wait,
+        result.clone(),
+    )
+    .await;
     let (s1, c1) = cpu_seconds();
     let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);
@@ -669,15 +729,35 @@ async fn run(o: Opts) {
         let other = mk_type("other").await;
         let work = mk_type("work").await;
         let t = Instant::now();
-        bulk_create(c, &base, &p, Some(&other), o.backlog, 4, false).await;
+        bulk_create(
+            c,
+            &base,
+            &p,
+            Some(&other),
+            o.backlog,
+            Bulk {
+                instructions_bytes: 0,
+                ..shape
+            },
+        )
+        .await;
         println!(
             "  (backlog of {} created in {:.1} s)",
             o.backlog,
             t.elapsed().as_secs_f64()
         );
-        bulk_create(c, &base, &p, Some(&work), o.tasks, 4, false).await;
+        bulk_create(c, &base, &p, Some(&work), o.tasks, shape).await;
         let (s0, c0) = cpu_seconds();
-        let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work]), o.cycle_wait).await;
+        let mut cy = agent_cycle(
+            ac,
+            &base,
+            &p,
+            o.agents,
+            Some(vec![work]),
+            o.cycle_wait,
+            result.clone(),
+        )
+        .await;
         let (s1, c1) = cpu_seconds();
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
@@ -719,7 +799,19 @@ async fn run(o: Opts) {
     if let Some(child) = target.child.as_mut() {
         let pid = child.id();
         let p = mk_project(format!("idle-{run_id}")).await;
-        bulk_create(c, &base, &p, None, 100, 1, false).await;
+        bulk_create(
+            c,
+            &base,
+            &p,
+            None,
+            100,
+            Bulk {
+                in_flight: 1,
+                batch_ids: false,
+                instructions_bytes: 0,
+            },
+        )
+        .await;
         for a in 0..50 {
             post(
                 ac,
@@ -787,6 +879,8 @@ async fn run(o: Opts) {
         "wake_p50_ms": w50, "wake_p99_ms": w99,
         "waiters": o.waiters,
         "cycle_wait_s": o.cycle_wait,
+        "instructions_bytes": o.instructions_bytes,
+        "result_bytes": o.result_bytes,
         "wake_server_cpu_us_per_task": wake_server_us.map(f64::round),
         "idle_cpu_pct": idle_cpu,
         "rss_mib": rss_mib,

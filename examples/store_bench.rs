@@ -34,6 +34,9 @@ struct Opts {
     /// Rounds, each on a fresh database.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// Instructions of this many bytes in each task (0: a few bytes).
+    #[arg(long, default_value_t = 0)]
+    instructions_bytes: usize,
 }
 
 /// CPU seconds of this process, and of its thread named `agentq-writer` (Linux).
@@ -64,7 +67,7 @@ async fn round(o: &Opts) -> serde_json::Value {
         let tasks: Vec<NewTask> = chunk
             .iter()
             .map(|i| NewTask {
-                instructions: Some(format!("task {i}")),
+                instructions: Some(format!("task {i} {}", "x".repeat(o.instructions_bytes))),
                 ..NewTask::default()
             })
             .collect();

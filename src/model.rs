@@ -366,15 +366,22 @@ pub struct Lease {
     pub expires_at: Millis,
 }
 
-/// A task row. `seq` is the internal key: assigned in creation order, so it is also the FIFO
+/// A task. `seq` is the internal key: assigned in creation order, so it is also the FIFO
 /// order within a priority.
+///
+/// Its serialized form is the task's row, which leaves out the body (`instructions` and
+/// `variables`): the store keeps the body apart, written when the task is created or its body
+/// changes, so that a lease transition rewrites only the small row (see
+/// `store::tables::TASK_BODIES`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Task {
     pub seq: u64,
     pub id: String,
     pub project_id: u128,
     pub type_id: Option<u128>,
+    #[serde(skip)]
     pub instructions: String,
+    #[serde(skip)]
     pub variables: BTreeMap<String, String>,
     pub batch_id: Option<String>,
     pub priority: u8,

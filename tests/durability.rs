@@ -175,6 +175,7 @@ async fn a_schema_1_file_is_migrated_with_its_leases() {
                     .insert("schema_version", 1)
                     .unwrap();
             }
+            inline_bodies(&txn);
             txn.commit().unwrap();
         })
         .await;
@@ -274,6 +275,7 @@ async fn a_schema_2_file_gets_its_batch_index() {
                     .insert("schema_version", 2)
                     .unwrap();
             }
+            inline_bodies(&txn);
             txn.commit().unwrap();
         })
         .await;
@@ -303,6 +305,87 @@ async fn a_schema_2_file_gets_its_batch_index() {
         app.get(&list("batchId=none")).await.body["pagination"]["total"],
         0
     );
+}
+
+/// A schema 3 file (each task's body inside its row) is migrated at start-up: every task
+/// reads as it did, bodies and all, and a held lease can still be completed.
+#[tokio::test]
+async fn a_schema_3_file_moves_task_bodies_out_of_the_rows() {
+    use agentq::store::tables::{decode, META, TASKS, TASK_BODIES};
+    use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let ty = app
+        .task_type(
+            &p,
+            json!({"name": "sum", "template": "Summarize {{url}} in {{n}} words",
+                   "variables": ["url", "n"]}),
+        )
+        .await;
+    let url = format!("/api/projects/{p}/tasks/bulk");
+    let tasks: Vec<Value> = (0..5)
+        .map(|i| json!({"typeId": ty, "variables": {"url": format!("u{i}"), "n": "9"}}))
+        .chain([json!({"instructions": "é".repeat(3000)})])
+        .collect();
+    let r = app
+        .post(&url, json!({"tasks": tasks, "batchId": "b"}))
+        .await;
+    assert_eq!(r.status, 201);
+    let held = app.next("a", json!({"projectId": p})).await;
+    let done = app.next("b", json!({"projectId": p})).await;
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", done["id"].as_str().unwrap()),
+            json!({"agentName": "b", "leaseToken": done["leaseToken"], "result": "ok"}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let all = format!("/api/projects/{p}/tasks?order=asc&limit=100");
+    let before = app.get(&all).await.data().clone();
+    assert_eq!(before.as_array().unwrap().len(), 6);
+    let app = app
+        .restart_after(|file| {
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_write().unwrap();
+            inline_bodies(&txn);
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 3)
+                .unwrap();
+            txn.commit().unwrap();
+        })
+        .await;
+    assert_eq!(app.get(&all).await.data(), &before, "every task as it was");
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", held["id"].as_str().unwrap()),
+            json!({"agentName": "a", "leaseToken": held["leaseToken"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.data()["instructions"],
+        held["instructions"],
+        "the body stays with the task"
+    );
+    // The rows now leave the body out, and each task has its body apart.
+    app.restart_after(|file| {
+        let db = redb::Database::create(file).unwrap();
+        let txn = db.begin_read().unwrap();
+        let rows = txn.open_table(TASKS).unwrap();
+        assert_eq!(txn.open_table(TASK_BODIES).unwrap().len().unwrap(), 6);
+        for r in rows.iter().unwrap() {
+            let t: agentq::model::Task = decode(r.unwrap().1.value()).unwrap();
+            assert!(t.instructions.is_empty() && t.variables.is_empty());
+        }
+        let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
+        assert_eq!(
+            v.map(|v| v.value()),
+            Some(agentq::store::tables::SCHEMA_VERSION)
+        );
+    })
+    .await;
 }
 
 /// A project delete cut short (the project marked, its tasks not yet all gone) is invisible

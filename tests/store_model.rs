@@ -7,7 +7,9 @@ use std::sync::Arc;
 
 use agentq::model::{Activity, Millis, ProjectConfig, Stats, Task, TaskStatus};
 use agentq::store::leases::Leases;
-use agentq::store::tables::{decode, index_entries, ix, ACTIVITY_MINUTES, INDEX, PROJECTS, TASKS};
+use agentq::store::tables::{
+    index_entries, ix, load_task, ACTIVITY_MINUTES, INDEX, PROJECTS, TASKS, TASK_BODIES,
+};
 use agentq::store::write::{self, NewProject, NewTask};
 use agentq::store::Store;
 use agentq::time::{Clock, ManualClock};
@@ -115,6 +117,8 @@ impl World {
                 let task = NewTask {
                     type_id: typed.then_some(ty),
                     instructions: Some("x".into()),
+                    // Variables, so that the DUPES entries checked below hash a real body.
+                    variables: BTreeMap::from([("v".to_string(), (priority % 4).to_string())]),
                     priority: Some(priority),
                     // Some tasks in a batch, so the check below covers BATCH entries too.
                     batch_id: (priority % 2 == 0).then(|| format!("b{}", priority % 3)),
@@ -188,12 +192,17 @@ impl World {
     /// Index entries, counters and the lease cache against the committed rows.
     fn check(&self) {
         let txn = self.store().begin_read().unwrap();
-        let tasks: Vec<Task> = txn
-            .open_table(TASKS)
-            .unwrap()
-            .iter()
-            .unwrap()
-            .map(|r| decode(r.unwrap().1.value()).unwrap())
+        let (rows, bodies) = (
+            txn.open_table(TASKS).unwrap(),
+            txn.open_table(TASK_BODIES).unwrap(),
+        );
+        let seqs = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Vec<u64> {
+            t.iter().unwrap().map(|r| r.unwrap().0.value()).collect()
+        };
+        assert_eq!(seqs(&rows), seqs(&bodies), "a body for each row, no other");
+        let tasks: Vec<Task> = seqs(&rows)
+            .into_iter()
+            .map(|seq| load_task(&rows, &bodies, seq).unwrap().unwrap())
             .collect();
         let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut counts = Stats::default();

@@ -329,14 +329,20 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
                         SCHEMA_VERSION,
                     )))
                 }
-                Some(v @ (1 | 2)) => {
+                Some(v @ 1..=3) => {
+                    // Rows first: the older migrations read them the current way.
+                    let tasks = tables::migrate_v3(&mut t)?;
                     let leases = if v == 1 {
                         tables::migrate_v1(&mut t)?
                     } else {
                         0
                     };
-                    let batched = tables::migrate_v2(&mut t)?;
-                    migrated = Some((v, leases, batched));
+                    let batched = if v <= 2 {
+                        tables::migrate_v2(&mut t)?
+                    } else {
+                        0
+                    };
+                    migrated = Some((v, tasks, leases, batched));
                     t.meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -348,9 +354,10 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
             *t.leases = Leases::load(&*t.projects, &*t.index)?;
         }
         txn.commit()?;
-        if let Some((from, leases, batched)) = migrated {
+        if let Some((from, tasks, leases, batched)) = migrated {
             tracing::info!(
                 database = %path.display(),
+                tasks,
                 leases,
                 batched_tasks = batched,
                 "database migrated from schema {from} to {SCHEMA_VERSION}"

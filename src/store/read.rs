@@ -262,10 +262,7 @@ impl Reader {
     }
 
     pub fn task_by_seq(&self, seq: u64) -> Result<Option<Task>> {
-        match self.table(TASKS)?.get(seq)? {
-            Some(v) => Ok(Some(decode(v.value())?)),
-            None => Ok(None),
-        }
+        load_task(&self.table(TASKS)?, &self.table(TASK_BODIES)?, seq)
     }
 
     pub fn task(&self, id: &str) -> Result<Task> {
@@ -367,13 +364,8 @@ impl Reader {
         let ranged = q.created_after.is_some() || q.created_before.is_some();
         let lo = q.created_after.map_or(i64::MIN, |t| t.saturating_add(1));
         let hi = q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1));
-        let tasks = self.table(TASKS)?;
-        let load = |seq: u64| -> Result<Option<Task>> {
-            match tasks.get(seq)? {
-                Some(v) => Ok(Some(decode(v.value())?)),
-                None => Ok(None),
-            }
-        };
+        let (tasks, bodies) = (self.table(TASKS)?, self.table(TASK_BODIES)?);
+        let load = |seq: u64| load_task(&tasks, &bodies, seq);
         // A batch's tasks are walked through its BATCH entries, all statuses together (unless
         // `assignedTo` narrowed the walk to the running tasks, fewer than a batch).
         let batch = q

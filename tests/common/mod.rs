@@ -273,3 +273,26 @@ impl TestApp {
         start_with_key(self.dir, self.clock, Some(self.admin_key), |_| {}).await
     }
 }
+
+/// Puts every task's body back into its row and drops the bodies table: the rows as schemas
+/// 1 to 3 wrote them (tests of the migrations fake older files with it, inside `txn`).
+pub fn inline_bodies(txn: &redb::WriteTransaction) {
+    use agentq::store::tables::{inline_row, TASKS, TASK_BODIES};
+    use redb::ReadableTable;
+    {
+        let mut tasks = txn.open_table(TASKS).unwrap();
+        let bodies = txn.open_table(TASK_BODIES).unwrap();
+        let rows: Vec<(u64, Vec<u8>)> = tasks
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+            .collect();
+        for (seq, row) in rows {
+            let body = bodies.get(seq).unwrap().expect("every task has a body");
+            let old = inline_row(&row, body.value()).unwrap();
+            tasks.insert(seq, old.as_slice()).unwrap();
+        }
+    }
+    txn.delete_table(TASK_BODIES).unwrap();
+}

@@ -592,6 +592,12 @@ async fn tasks_render_templates_and_require_variables() {
         )
         .await;
     assert_eq!(r.data()["instructions"], "Review r2 for io");
+    // ... and stores them: the body is written apart from the row.
+    let stored = app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(stored.data()["instructions"], "Review r2 for io");
+    assert_eq!(stored.data()["variables"], json!({"repo": "r2", "aspect": "io"}));
+    let claimed = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(claimed["instructions"], "Review r2 for io");
 
     // Unknown type, bad type id, no instructions at all.
     let r = app

@@ -595,7 +595,10 @@ async fn tasks_render_templates_and_require_variables() {
     // ... and stores them: the body is written apart from the row.
     let stored = app.get(&format!("/api/tasks/{id}")).await;
     assert_eq!(stored.data()["instructions"], "Review r2 for io");
-    assert_eq!(stored.data()["variables"], json!({"repo": "r2", "aspect": "io"}));
+    assert_eq!(
+        stored.data()["variables"],
+        json!({"repo": "r2", "aspect": "io"})
+    );
     let claimed = app.next("a", json!({"projectId": p})).await;
     assert_eq!(claimed["instructions"], "Review r2 for io");
 

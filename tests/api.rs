@@ -7,13 +7,18 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 
 /// Every page of a listing, following `nextCursor` from `url` (which has a query already);
-/// each page must answer 200, and `check` sees each answer.
+/// each page must answer 200 with whole tasks (their instructions too, which the store keeps
+/// apart from the rows it filters and orders), and `check` sees each answer.
 async fn walk_pages(app: &TestApp, url: &str, check: impl Fn(&Resp)) -> Vec<String> {
     let mut seen = Vec::new();
     let mut cursor = String::new();
     loop {
         let r = app.get(&format!("{url}{cursor}")).await;
         assert_eq!(r.status, 200, "{:?}", r.body);
+        for t in r.data().as_array().unwrap() {
+            let text = t["instructions"].as_str().unwrap_or_default();
+            assert!(!text.is_empty(), "a listed task without its body: {t}");
+        }
         check(&r);
         seen.extend(ids(r.data()));
         match r.body["pagination"]["nextCursor"].as_str() {

@@ -365,6 +365,8 @@ impl Reader {
         let lo = q.created_after.map_or(i64::MIN, |t| t.saturating_add(1));
         let hi = q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1));
         let (tasks, bodies) = (self.table(TASKS)?, self.table(TASK_BODIES)?);
+        // Filtering and ordering read rows only; the tasks answered are read whole.
+        let row = |seq: u64| load_row(&tasks, seq);
         let load = |seq: u64| load_task(&tasks, &bodies, seq);
         // A batch's tasks are walked through its BATCH entries, all statuses together (unless
         // `assignedTo` narrowed the walk to the running tasks, fewer than a batch).
@@ -438,11 +440,11 @@ impl Reader {
             && q.batch_id.is_none()
             && !ranged;
         if queued_only && q.sort == Sort::Priority {
-            return self.queued_by_priority(project, q, &load);
+            return self.queued_by_priority(project, q, &row, &load);
         }
 
         let total = if queued_only && q.type_id.is_some() {
-            let delayed = self.delayed_queued(project, q.type_id, &load)?;
+            let delayed = self.delayed_queued(project, q.type_id, &row)?;
             self.queued_total(project, q.type_id, delayed.len())?
         } else if !post_filtered && !ranged {
             let stats = self.stats(project)?;
@@ -456,7 +458,7 @@ impl Reader {
             for it in sources(None)? {
                 for k in it {
                     let k = k?;
-                    if !post_filtered || load(k.1)?.is_some_and(|t| keep(&t)) {
+                    if !post_filtered || row(k.1)?.is_some_and(|t| keep(&t)) {
                         n += 1;
                     }
                 }
@@ -470,12 +472,20 @@ impl Reader {
                 _ => (None, q.offset_start()),
             };
             let merged = Merge::new(sources(from)?, q.desc);
-            let matching = merged.filter_map(|k| match k.and_then(|k| load(k.1)) {
-                Ok(Some(t)) if keep(&t) => Some(Ok(t)),
-                Ok(_) => None,
-                Err(e) => Some(Err(e)),
-            });
-            let (page, more) = take_page(matching, skip, q.limit)?;
+            let (page, more) = if post_filtered {
+                let matching = merged.filter_map(|k| match k.and_then(|k| row(k.1)) {
+                    Ok(Some(t)) if keep(&t) => Some(Ok(t)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                });
+                let (page, more) = take_page(matching, skip, q.limit)?;
+                let page = page.into_iter().map(|t| with_body(&bodies, t));
+                (page.collect::<Result<Vec<_>>>()?, more)
+            } else {
+                // Every key matches: an offset skips keys, and only the page is read.
+                let (seqs, more) = take_page(merged.map(|k| k.map(|k| k.1)), skip, q.limit)?;
+                (load_all(seqs, &load)?, more)
+            };
             let next = if more {
                 page.last().map(|t| Cursor::After(t.created_at, t.seq))
             } else {
@@ -510,7 +520,7 @@ impl Reader {
         let mut matched = 0usize;
         for it in sources(None)? {
             for k in it {
-                if let Some(t) = load(k?.1)? {
+                if let Some(t) = row(k?.1)? {
                     if keep(&t) {
                         matched += 1;
                         kept.push((rank(&t), t.seq));
@@ -539,11 +549,11 @@ impl Reader {
         &self,
         project: u128,
         type_id: Option<u128>,
-        load: &dyn Fn(u64) -> Result<Option<Task>>,
+        row: &dyn Fn(u64) -> Result<Option<Task>>,
     ) -> Result<Vec<(u8, u64)>> {
         let mut out = Vec::new();
         for r in self.index_range(vec![ix::DELAYED], ix::end_of(&[ix::DELAYED]))? {
-            if let Some(t) = load(ix::seq_of(r?.0.value()))? {
+            if let Some(t) = row(ix::seq_of(r?.0.value()))? {
                 if t.project_id == project && type_id.is_none_or(|ty| t.type_id == Some(ty)) {
                     out.push((t.priority, t.seq));
                 }
@@ -577,6 +587,7 @@ impl Reader {
         &self,
         project: u128,
         q: &TaskQuery,
+        row: &dyn Fn(u64) -> Result<Option<Task>>,
         load: &dyn Fn(u64) -> Result<Option<Task>>,
     ) -> Result<Page> {
         type Ranked = ((i16, i128), u64);
@@ -585,7 +596,7 @@ impl Reader {
             (if q.desc { (-p, -s) } else { (p, s) }, seq)
         };
         let mut delayed: Vec<Ranked> = self
-            .delayed_queued(project, q.type_id, load)?
+            .delayed_queued(project, q.type_id, row)?
             .into_iter()
             .map(|(priority, seq)| rank(priority, seq))
             .collect();

@@ -91,14 +91,26 @@ pub fn load_task(
     bodies: &impl ReadableTable<u64, &'static [u8]>,
     seq: u64,
 ) -> Result<Option<Task>> {
-    let Some(row) = tasks.get(seq)? else {
-        return Ok(None);
-    };
-    let mut t: Task = decode(row.value())?;
-    if let Some(body) = bodies.get(seq)? {
+    load_row(tasks, seq)?
+        .map(|t| with_body(bodies, t))
+        .transpose()
+}
+
+/// A task from its row alone: everything but `instructions` and `variables` (left empty).
+/// Enough to filter and order tasks; [`with_body`] completes the ones answered.
+pub fn load_row(tasks: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> Result<Option<Task>> {
+    match tasks.get(seq)? {
+        Some(row) => Ok(Some(decode(row.value())?)),
+        None => Ok(None),
+    }
+}
+
+/// The task read by [`load_row`], with its body.
+pub fn with_body(bodies: &impl ReadableTable<u64, &'static [u8]>, mut t: Task) -> Result<Task> {
+    if let Some(body) = bodies.get(t.seq)? {
         (t.instructions, t.variables) = decode(body.value())?;
     }
-    Ok(Some(t))
+    Ok(t)
 }
 
 /// The row and the body of a task row as schemas 1 to 3 wrote it: the body inline, after the

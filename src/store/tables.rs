@@ -5,8 +5,9 @@
 //! at start-up is a B-tree seek, never a scan of all tasks.
 //!
 //! Invariant: for every task row, exactly the index entries that [`index_entries`] derives
-//! from it exist, and the project's counters equal the rows they count. [`Tables::put_task`]
-//! is the only code that writes task rows, and it keeps both in step by diffing old and new.
+//! from it exist, the project's counters equal the rows they count, and there is one body in
+//! [`TASK_BODIES`] (and no other). [`Tables::put_task`] is the only code that writes task rows
+//! and bodies, and it keeps all of it in step by diffing old and new.
 
 use std::borrow::Borrow;
 use std::collections::{BTreeMap, HashMap};
@@ -798,7 +799,10 @@ pub fn migrate_v3(t: &mut Tables) -> Result<usize> {
             t.bodies.insert(*seq, body.as_slice())?;
         }
         n += rows.len();
-        from = last + 1;
+        match last.checked_add(1) {
+            Some(next) => from = next,
+            None => return Ok(n),
+        }
     }
 }
 

@@ -66,6 +66,10 @@ struct Opts {
     /// A `result` of this many bytes in each complete. 0: "ok".
     #[arg(long, default_value_t = 0)]
     result_bytes: usize,
+    /// In the agent cycles, each agent logs in (`POST /api/auth/login`) and works under its
+    /// session token (`Authorization: Bearer`) instead of the key.
+    #[arg(long)]
+    sessions: bool,
 }
 
 /// `head`, padded with words to `len` bytes when it is shorter.
@@ -94,8 +98,13 @@ struct Target {
 const BENCH_ADMIN_KEY: &str = "bench-admin-key-not-secret";
 
 fn keyed_client(key: &str) -> reqwest::Client {
+    client_with("x-api-key", key)
+}
+
+/// A client that sends `header: value` with every request.
+fn client_with(header: &'static str, value: &str) -> reqwest::Client {
     let mut h = reqwest::header::HeaderMap::new();
-    h.insert("x-api-key", key.parse().expect("a header-safe key"));
+    h.insert(header, value.parse().expect("a header-safe value"));
     reqwest::Client::builder()
         .pool_max_idle_per_host(1024)
         .default_headers(h)
@@ -353,6 +362,15 @@ struct Cycle {
     complete: Vec<u32>,
 }
 
+/// How the agents of a cycle work: the `waitSeconds` of their next-task, the `result` of their
+/// completes, and whether each logs in and works under a session.
+#[derive(Clone)]
+struct Agents {
+    wait: f64,
+    result: Arc<str>,
+    sessions: bool,
+}
+
 /// `agents` agents loop next-task → complete until the queue (of `type_ids`) drains.
 async fn agent_cycle(
     c: &reqwest::Client,
@@ -360,9 +378,13 @@ async fn agent_cycle(
     project: &str,
     agents: usize,
     type_ids: Option<Vec<String>>,
-    wait: f64,
-    result: Arc<str>,
+    how: Agents,
 ) -> Cycle {
+    let Agents {
+        wait,
+        result,
+        sessions,
+    } = how;
     let t = Instant::now();
     let mut handles = Vec::new();
     for a in 0..agents {
@@ -375,6 +397,18 @@ async fn agent_cycle(
         );
         handles.push(tokio::spawn(async move {
             let agent = format!("bench-{a}");
+            let c = if sessions {
+                let login = post(
+                    &c,
+                    format!("{base}/api/auth/login"),
+                    &json!({"agentName": agent, "projectId": project}),
+                )
+                .await;
+                let token = login["data"]["token"].as_str().expect("a session token");
+                client_with("authorization", &format!("Bearer {token}"))
+            } else {
+                c
+            };
             let mut next_lat = Vec::new();
             let mut done_lat = Vec::new();
             let mut body = match &type_ids {
@@ -612,7 +646,11 @@ async fn run(o: Opts) {
         batch_ids: false,
         instructions_bytes: o.instructions_bytes,
     };
-    let result: Arc<str> = padded("ok".into(), o.result_bytes).into();
+    let how = Agents {
+        wait: o.cycle_wait,
+        result: padded("ok".into(), o.result_bytes).into(),
+        sessions: o.sessions,
+    };
     let run_id = std::process::id();
     let mk_project = |name: String| {
         let c = c.clone();
@@ -670,16 +708,7 @@ async fn run(o: Opts) {
         None
     };
     let cycle_client = scoped_client.as_ref().unwrap_or(ac);
-    let mut cy = agent_cycle(
-        cycle_client,
-        &base,
-        &p,
-        o.agents,
-        None,
-        o.cycle_wait,
-        result.clone(),
-    )
-    .await;
+    let mut cy = agent_cycle(cycle_client, &base, &p, o.agents, None, how.clone()).await;
     let (s1, c1) = cpu_seconds();
     let commits = commits_between(m0, commit_totals(c, &base).await, cy.secs);
     let server_us = cpu_per(s0, s1, o.tasks);
@@ -748,16 +777,7 @@ async fn run(o: Opts) {
         );
         bulk_create(c, &base, &p, Some(&work), o.tasks, shape).await;
         let (s0, c0) = cpu_seconds();
-        let mut cy = agent_cycle(
-            ac,
-            &base,
-            &p,
-            o.agents,
-            Some(vec![work]),
-            o.cycle_wait,
-            result.clone(),
-        )
-        .await;
+        let mut cy = agent_cycle(ac, &base, &p, o.agents, Some(vec![work]), how.clone()).await;
         let (s1, c1) = cpu_seconds();
         assert_eq!(cy.cycles, o.tasks);
         let rate = cy.cycles as f64 / cy.secs;
@@ -881,6 +901,7 @@ async fn run(o: Opts) {
         "cycle_wait_s": o.cycle_wait,
         "instructions_bytes": o.instructions_bytes,
         "result_bytes": o.result_bytes,
+        "sessions": o.sessions,
         "wake_server_cpu_us_per_task": wake_server_us.map(f64::round),
         "idle_cpu_pct": idle_cpu,
         "rss_mib": rss_mib,

@@ -29,7 +29,7 @@ use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 use crate::error::{Error, Result};
-use crate::model::{ApiKey, Role};
+use crate::model::{ApiKey, Millis, Role, Session};
 use crate::store::{access, Store};
 
 /// At most this many argon2 computations at once.
@@ -266,7 +266,14 @@ impl<K: Hash + Eq + Copy> Limiter<K> {
 struct Cached {
     caller: Arc<Caller>,
     until: Instant,
+    /// A session's expiry as it was read. An extend only moves it later, so past it the
+    /// entry is a miss (the store has the answer), never a refusal.
+    expires_at: Option<Millis>,
 }
+
+/// Credentials kept in the cache at most: past that, entries out of date are dropped, and if
+/// that is not enough, all of them (the store still answers).
+const MAX_CACHED: usize = 100_000;
 
 /// Why authentication failed. The message never says which part was wrong.
 #[derive(Debug, thiserror::Error)]
@@ -368,26 +375,58 @@ impl Authenticator {
         guard
     }
 
-    /// A credential verified recently (no storage, no argon2).
+    /// A key verified, or a session read, recently (no storage, no argon2).
     pub fn cached(&self, credential: &str) -> Option<Arc<Caller>> {
-        if credential.starts_with(SESSION_PREFIX) {
-            return None;
-        }
         let d = digest(credential);
+        let now = self.store.clock.now();
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let caller = cache
             .get(&d)
-            .filter(|c| c.until > Instant::now())?
+            .filter(|c| c.until > Instant::now() && c.expires_at.is_none_or(|e| e > now))?
             .caller
             .clone();
         drop(cache);
-        self.touch_key(caller.key_id);
+        match &caller.session {
+            Some(s) => self.touch_session(s.id, s.token_hash),
+            None => self.touch_key(caller.key_id),
+        }
         Some(caller)
+    }
+
+    fn remember(&self, d: [u8; 32], caller: Arc<Caller>, expires_at: Option<Millis>) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= MAX_CACHED {
+            let (at, now) = (Instant::now(), self.store.clock.now());
+            cache.retain(|_, c| c.until > at && c.expires_at.is_none_or(|e| e > now));
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        let until = Instant::now() + CACHE_TTL;
+        cache.insert(
+            d,
+            Cached {
+                caller,
+                until,
+                expires_at,
+            },
+        );
+    }
+
+    /// Drops the cached session of this token digest (it was ended).
+    pub fn forget_session(&self, token_hash: &[u8; 32]) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(token_hash);
     }
 
     /// Resolves a credential to its caller.
     pub async fn authenticate(&self, credential: &str) -> Result<Arc<Caller>, AuthError> {
         if credential.starts_with(SESSION_PREFIX) {
+            if let Some(c) = self.cached(credential) {
+                return Ok(c);
+            }
             return self.session_caller(credential).await;
         }
         let d = digest(credential);
@@ -427,32 +466,31 @@ impl Authenticator {
         if !self.verify(credential, &key.hash).await {
             return Err(AuthError::Invalid);
         }
-        // The key may have been revoked while argon2 ran: look again before caching.
+        let caller = Arc::new(key_caller(&key));
+        self.remember(d, caller.clone(), None);
+        // The key may have been revoked while argon2 ran. Looking again after caching leaves
+        // no gap: a revocation either commits before this look, or its `forget_key` comes
+        // after the entry was made.
         if self.store.key(id).map_err(AuthError::Store)?.is_none() {
+            self.forget_key(id);
             return Err(AuthError::Invalid);
         }
-        let caller = Arc::new(key_caller(&key));
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(
-            d,
-            Cached {
-                caller: caller.clone(),
-                until: Instant::now() + CACHE_TTL,
-            },
-        );
         self.touch_key(key.id);
         Ok(caller)
     }
 
+    /// A session's caller, read from the store and cached until the session's expiry (or the
+    /// cache's TTL). Logout and key revocation drop the entry ([`Self::forget_session`],
+    /// [`Self::forget_key`]); an extend needs not, as it only moves the expiry later.
     async fn session_caller(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
         let h = digest(token);
+        let live = |s: &Session| s.expires_at > self.store.clock.now();
         let s = self
             .store
             .session(&h)
             .map_err(AuthError::Store)?
+            .filter(live)
             .ok_or(AuthError::Invalid)?;
-        if s.expires_at <= self.store.clock.now() {
-            return Err(AuthError::Invalid);
-        }
         let key = self
             .store
             .key(s.key_id)
@@ -465,13 +503,28 @@ impl Authenticator {
             agent: s.agent_name.clone(),
             project: s.project_id,
         });
-        if self.due(s.id) {
+        let caller = Arc::new(caller);
+        self.remember(h, caller.clone(), Some(s.expires_at));
+        // As for keys: a logout or revocation that committed after the first read is seen
+        // here, or its forget comes after the entry was made.
+        if self.store.session(&h).map_err(AuthError::Store)?.is_none() {
+            self.forget_session(&h);
+            return Err(AuthError::Invalid);
+        }
+        self.touch_session(s.id, h);
+        Ok(caller)
+    }
+
+    /// Records the session's `last_activity`, at most once per [`TOUCH_INTERVAL`].
+    fn touch_session(&self, id: u128, token_hash: [u8; 32]) {
+        if self.due(id) {
             let store = self.store.clone();
             tokio::spawn(async move {
-                let _ = store.write(move |w| access::touch_session(w, h)).await;
+                let _ = store
+                    .write(move |w| access::touch_session(w, token_hash))
+                    .await;
             });
         }
-        Ok(Arc::new(caller))
     }
 
     /// Drops every cached verification of a revoked key.

@@ -248,11 +248,19 @@ impl AccessApi {
         let kid = Uuid::parse_str(&id.0)
             .map_err(|_| Error::NotFound(format!("key {} not found", id.0)))?
             .as_u128();
-        self.0
-            .store
-            .write(move |w| access::delete_key(w, kid))
-            .await?;
-        self.0.auth.forget_key(kid);
+        // On a task of its own, so that a client that gives up between the commit and the
+        // forget cannot leave the revoked key (or its sessions) in the cache.
+        let state = self.0.clone();
+        tokio::spawn(async move {
+            state
+                .store
+                .write(move |w| access::delete_key(w, kid))
+                .await?;
+            state.auth.forget_key(kid);
+            Ok::<_, Error>(())
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
         Ok(Reply::ok(Deleted {
             deleted: true,
             id: uuid_str(kid),
@@ -303,11 +311,18 @@ impl AccessApi {
     )]
     async fn logout(&self, auth: Auth) -> ApiResult<Reply<LoggedOut>> {
         let s = auth.caller().session.clone().ok_or_else(no_session)?;
-        let done = self
-            .0
-            .store
-            .write(move |w| access::end_session(w, s.token_hash))
-            .await?;
+        let (hash, state) = (s.token_hash, self.0.clone());
+        // As for a revoked key: the forget must follow the commit even if the client leaves.
+        let done = tokio::spawn(async move {
+            let done = state
+                .store
+                .write(move |w| access::end_session(w, hash))
+                .await?;
+            state.auth.forget_session(&hash);
+            Ok::<_, Error>(done)
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
         Ok(Reply::ok(LoggedOut { logged_out: done }))
     }
 

@@ -366,7 +366,7 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
     ) -> Result<ListReply<AttemptOut>> {
         self.0.check_task(auth.caller(), Right::Read, &id.0)?;
-        let t = self.0.store.read()?.task(&id.0)?;
+        let t = self.0.store.read()?.task_row(&id.0)?;
         let n = t.attempts.len();
         let data = t.attempts.into_iter().map(Into::into).collect();
         Ok(ListReply::new(data, n as u64, n, 0, None))

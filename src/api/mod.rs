@@ -56,7 +56,7 @@ impl State {
     /// pay for reading the task first.
     pub fn check_task(&self, c: &Caller, right: Right, id: &str) -> poem::Result<()> {
         if c.scoped() {
-            let t = self.store.read()?.task(id)?;
+            let t = self.store.read()?.task_row(id)?;
             c.require_in(right, t.project_id, &format!("task {id}"))?;
         } else {
             c.require(right)?;

@@ -266,9 +266,14 @@ impl Reader {
     }
 
     pub fn task(&self, id: &str) -> Result<Task> {
+        with_body(&self.table(TASK_BODIES)?, self.task_row(id)?)
+    }
+
+    /// A task without its body (see [`load_row`]): enough for its project, status or attempts.
+    pub fn task_row(&self, id: &str) -> Result<Task> {
         let seq = self.table(TASK_IDS)?.get(id)?.map(|v| v.value());
         match seq {
-            Some(s) => self.task_by_seq(s)?,
+            Some(s) => load_row(&self.table(TASKS)?, s)?,
             None => None,
         }
         .ok_or_else(|| Error::NotFound(format!("task {id} not found")))

@@ -271,9 +271,10 @@ struct Cached {
     expires_at: Option<Millis>,
 }
 
-/// Credentials kept in the cache at most: past that, entries out of date are dropped, and if
-/// that is not enough, all of them (the store still answers).
-const MAX_CACHED: usize = 100_000;
+/// Credentials kept in the cache at most (a few hundred bytes each): past that, entries out
+/// of date are dropped, and if that is not enough, all of them (the store still answers; a
+/// fleet of more live credentials than this reads them from storage, as before the cache).
+const MAX_CACHED: usize = 20_000;
 
 /// Why authentication failed. The message never says which part was wrong.
 #[derive(Debug, thiserror::Error)]

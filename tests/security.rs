@@ -264,6 +264,28 @@ async fn a_scoped_key_sees_only_its_projects() {
         let r = get(path.clone()).await;
         assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{path}");
     }
+    // next-task checks the scope inside its write: the same answers as a read first would
+    // give. Outside the scope 404 whatever the role; inside, a producer lacks the right.
+    let (_, agent_key) = app.key("agent", Some(vec!["alpha"])).await;
+    let agent = client_with_key(&agent_key);
+    for (client, project, wait, status) in [
+        (&c, &b.project, 0, 404),
+        (&c, &a.project, 0, 403),
+        (&agent, &b.project, 0, 404),
+        (&agent, &"beta".to_string(), 0, 404),
+        (&agent, &b.project, 1, 404),
+        (&agent, &a.project, 0, 200),
+    ] {
+        let r = app
+            .call_with(
+                client,
+                "POST",
+                "/api/agents/w/next-task",
+                Some(json!({"projectId": project, "waitSeconds": wait})),
+            )
+            .await;
+        assert_eq!(r.status, status, "{project} wait {wait}: {:?}", r.body);
+    }
     let list = get("/api/projects?status=all".into()).await;
     assert_eq!(list.body["pagination"]["total"], 1);
     assert_eq!(list.data()[0]["name"], "alpha");

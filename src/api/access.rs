@@ -58,6 +58,14 @@ pub enum Auth {
 }
 
 impl Auth {
+    /// The caller, to move into a write.
+    pub fn caller_arc(&self) -> Arc<Caller> {
+        match self {
+            Auth::Key(k) => k.0.clone(),
+            Auth::Bearer(b) => b.0.clone(),
+        }
+    }
+
     pub fn caller(&self) -> &Caller {
         match self {
             Auth::Key(k) => &k.0,

@@ -79,13 +79,22 @@ impl LeasesApi {
         c.finish(())?;
         let store = &self.0.store;
         let caller = auth.caller();
-        if wait <= 0.0 && !caller.scoped() {
-            // The common poll: no scope to check and no notifier to wait on, so the write
-            // resolves the project itself (404 if it does not exist).
-            caller.require(Right::Work)?;
+        if wait <= 0.0 {
+            // The common poll: no notifier to wait on, so the write resolves the project
+            // itself (404 if it does not exist) and checks a scoped caller's access to it, with
+            // the same answers as `project_for` and without a read of its own.
+            if !caller.scoped() {
+                caller.require(Right::Work)?;
+            }
             let (key, name, ids) = (body.0.project_id.0.clone(), agent.clone(), type_ids);
+            let caller = auth.caller_arc();
             let claim = store
-                .write(move |w| write::next_task(w, &key, &name, ids.as_deref()))
+                .write(move |w| {
+                    let access = |p: &crate::model::Project| {
+                        caller.require_in(Right::Work, p.id, &format!("project {key}"))
+                    };
+                    write::next_task_checked(w, &key, &name, ids.as_deref(), access)
+                })
                 .await?;
             return Ok(next_task_answer(claim, agent));
         }

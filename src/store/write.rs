@@ -585,7 +585,20 @@ pub fn next_task(
     agent: &str,
     type_ids: Option<&[u128]>,
 ) -> Result<Claim> {
+    next_task_checked(w, project_key, agent, type_ids, |_| Ok(()))
+}
+
+/// [`next_task`], with `check` run on the project as soon as it is found (the caller's access
+/// to it, which then costs no read of its own before the write).
+pub fn next_task_checked(
+    w: &mut W,
+    project_key: &str,
+    agent: &str,
+    type_ids: Option<&[u128]>,
+    check: impl FnOnce(&Project) -> Result<()>,
+) -> Result<Claim> {
     let p = resolve_project(w.t, project_key)?;
+    check(&p)?;
     if let Some(seq) = w.t.leases.held(p.id, agent) {
         if let Some(task) = w.t.task(seq)? {
             return Ok(Claim::Task(Box::new(task), false));

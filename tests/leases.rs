@@ -169,3 +169,174 @@ async fn many_agents_complete_each_task_exactly_once() {
         .await;
     assert_eq!(listed.body["pagination"]["total"], TASKS as u64);
 }
+
+/// Agents race while leases run out under them: the clock jumps half a lease at a time, some
+/// agents stall past their lease and answer late, some fail. Whatever the interleaving, each
+/// task's history is one attempt after another, ending in the one complete that counted (by
+/// the holder of its last lease) or in running out of retries, and a late answer on a
+/// reclaimed lease gets `LEASE_LOST`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn expiring_leases_never_let_two_agents_finish_one_task() {
+    const AGENTS: usize = 12;
+    const TASKS: usize = 120;
+    let app = Arc::new(spawn_with_manual_clock().await);
+    let p = app.project("p").await;
+    let ty = app
+        .task_type(
+            &p,
+            json!({"name": "t", "leaseDurationMinutes": 1, "maxRetries": 10,
+                   "retryDelaySeconds": 1, "backoffMultiplier": 1}),
+        )
+        .await;
+    let tasks: Vec<Value> = (0..TASKS)
+        .map(|i| json!({"typeId": ty, "instructions": format!("t{i}")}))
+        .collect();
+    app.bulk(&p, &tasks).await;
+    // (task, lease token) of every lease handed out, and of every complete answered 200.
+    let leases: Arc<Mutex<HashSet<(String, String)>>> = Arc::default();
+    let completed: Arc<Mutex<Vec<(String, String)>>> = Arc::default();
+    let lost = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clock = {
+        let (app, done) = (app.clone(), done.clone());
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep(std::time::Duration::from_millis(3)).await;
+                app.advance(30_000).await;
+            }
+        })
+    };
+    let mut handles = Vec::new();
+    for n in 0..AGENTS {
+        let (app, p, leases, completed, lost) = (
+            app.clone(),
+            p.clone(),
+            leases.clone(),
+            completed.clone(),
+            lost.clone(),
+        );
+        handles.push(tokio::spawn(async move {
+            let agent = format!("agent-{n}");
+            let mut round = 0usize;
+            loop {
+                round += 1;
+                let t = app.next(&agent, json!({"projectId": p})).await;
+                if t.is_null() {
+                    let s = app.stats(&p).await;
+                    let ended =
+                        s["completedTasks"].as_u64().unwrap() + s["failedTasks"].as_u64().unwrap();
+                    if ended == TASKS as u64 {
+                        return;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    continue;
+                }
+                let (id, token) = (
+                    t["id"].as_str().unwrap().to_string(),
+                    t["leaseToken"].as_str().unwrap().to_string(),
+                );
+                leases.lock().unwrap().insert((id.clone(), token.clone()));
+                // Some agents stall until the clock is past their lease (the reaper then
+                // reclaims it; another agent may hold the task by the time they answer).
+                if (n + round) % 3 == 0 {
+                    use agentq::time::Clock;
+                    let clock = app.clock.as_ref().unwrap();
+                    let past = clock.now() + 90_000;
+                    while clock.now() < past {
+                        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                let fail = (n + round) % 4 == 0;
+                let mut body = json!({"agentName": agent, "leaseToken": token});
+                if fail {
+                    body["error"] = json!("e");
+                }
+                let path = if fail { "fail" } else { "complete" };
+                let r = app.post(&format!("/api/tasks/{id}/{path}"), body).await;
+                match r.status {
+                    200 if path == "complete" => completed.lock().unwrap().push((id, token)),
+                    200 => {}
+                    409 => {
+                        assert_eq!(r.code(), "LEASE_LOST", "{:?}", r.body);
+                        lost.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    s => panic!("{path} answered {s}: {:?}", r.body),
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    clock.await.unwrap();
+
+    let completed = completed.lock().unwrap().clone();
+    let leases = leases.lock().unwrap().clone();
+    let mut by_task: HashMap<String, String> = HashMap::new();
+    for (id, token) in &completed {
+        if let Some(other) = by_task.insert(id.clone(), token.clone()) {
+            panic!("task {id} completed under two leases: {other} and {token}");
+        }
+    }
+    let all = app
+        .get(&format!("/api/projects/{p}/tasks?limit=1000"))
+        .await;
+    let all = all.data().as_array().unwrap().clone();
+    assert_eq!(all.len(), TASKS);
+    let mut timeouts = 0;
+    for t in &all {
+        let id = t["id"].as_str().unwrap();
+        let status = t["status"].as_str().unwrap();
+        let attempts = app.get(&format!("/api/tasks/{id}/attempts")).await;
+        let attempts = attempts.data().as_array().unwrap().clone();
+        let handed = leases.iter().filter(|(t, _)| t == id).count();
+        assert_eq!(attempts.len(), handed, "one attempt per lease handed out");
+        // Completed by its last lease's holder, or out of retries: never both.
+        assert_eq!(
+            status == "completed",
+            by_task.contains_key(id),
+            "{id} {status}"
+        );
+        assert!(matches!(status, "completed" | "failed"), "{id} {status}");
+        for (i, a) in attempts.iter().enumerate() {
+            let last = i + 1 == attempts.len();
+            let outcome = a["outcome"].as_str().unwrap();
+            timeouts += (outcome == "timeout") as usize;
+            assert_eq!(
+                outcome == "completed",
+                last && status == "completed",
+                "task {id}: attempt {i} of {} ended {outcome}",
+                attempts.len()
+            );
+            if outcome != "completed" {
+                assert!(
+                    matches!(outcome, "failed" | "timeout"),
+                    "{id} attempt {i}: {outcome}"
+                );
+            }
+            if !last {
+                let (end, next) = (&a["endedAt"], &attempts[i + 1]["startedAt"]);
+                assert!(
+                    end.as_str().unwrap() <= next.as_str().unwrap(),
+                    "task {id}: attempt {i} ended at {end}, after the next began at {next}"
+                );
+            }
+        }
+    }
+    let s = app.stats(&p).await;
+    assert_eq!(s["completedTasks"], by_task.len() as u64);
+    assert_eq!(s["runningTasks"], 0);
+    assert!(
+        by_task.len() > TASKS / 2,
+        "most tasks complete: {}",
+        by_task.len()
+    );
+    // The run did what it is for: leases ran out under agents, and late answers were refused.
+    let lost = lost.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("{timeouts} leases ran out, {lost} late answers refused");
+    assert!(
+        timeouts > 0 && lost > 0,
+        "{timeouts} timeouts, {lost} refused"
+    );
+}

@@ -536,12 +536,18 @@ impl Authenticator {
             .retain(|_, c| c.caller.key_id != id);
     }
 
+    /// Whether the key or session `id` is due a `last_used_at` / `last_activity` write.
     fn due(&self, id: u128) -> bool {
         let now = Instant::now();
         let mut t = self.touched.lock().unwrap_or_else(|e| e.into_inner());
         match t.get(&id) {
             Some(last) if now.duration_since(*last) < TOUCH_INTERVAL => false,
             _ => {
+                // Each login adds a session id: forget the ones not touched for an interval
+                // (they are due anyway), so that the map follows the credentials in use.
+                if t.len() >= MAX_CACHED {
+                    t.retain(|_, last| now.duration_since(*last) < TOUCH_INTERVAL);
+                }
                 t.insert(id, now);
                 true
             }

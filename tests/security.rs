@@ -286,6 +286,18 @@ async fn a_scoped_key_sees_only_its_projects() {
             .await;
         assert_eq!(r.status, status, "{project} wait {wait}: {:?}", r.body);
     }
+    // complete checks the scope inside its write too.
+    for (client, task, status) in [(&agent, &b.task, 404), (&c, &a.task, 403)] {
+        let r = app
+            .call_with(
+                client,
+                "POST",
+                &format!("/api/tasks/{task}/complete"),
+                Some(json!({"agentName": "w"})),
+            )
+            .await;
+        assert_eq!(r.status, status, "complete {task}: {:?}", r.body);
+    }
     let list = get("/api/projects?status=all".into()).await;
     assert_eq!(list.body["pagination"]["total"], 1);
     assert_eq!(list.data()[0]["name"], "alpha");

@@ -680,7 +680,22 @@ pub fn complete(
     result: Option<String>,
     outputs: Option<String>,
 ) -> Result<(Task, Completion)> {
+    complete_checked(w, id, agent, token, result, outputs, |_| Ok(()))
+}
+
+/// [`complete`], with `check` run on the task as soon as it is found, before anything changes
+/// (the caller's access to it, which then costs no read of its own before the write).
+pub fn complete_checked(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    result: Option<String>,
+    outputs: Option<String>,
+    check: impl FnOnce(&Task) -> Result<()>,
+) -> Result<(Task, Completion)> {
     holder_op(w, id, false, |t, _, now| {
+        check(t)?;
         Ok(lease::complete(t, agent, token, result, outputs, now)?)
     })
 }

@@ -89,14 +89,16 @@ async fn round(o: &Opts) -> serde_json::Value {
             loop {
                 let (k, name) = (key.clone(), agent.clone());
                 let claim = store
-                    .write(move |w| write::next_task(w, &k, &name, None))
+                    .write(move |w| write::next_task(w, &k, &name, None, write::no_check))
                     .await
                     .unwrap();
                 let Claim::Task(task, _) = claim else { break };
                 let token = task.lease.as_ref().map(|l| l.token);
                 let name = agent.clone();
                 store
-                    .write(move |w| write::complete(w, &task.id, &name, token, None, None))
+                    .write(move |w| {
+                        write::complete(w, &task.id, &name, token, None, None, write::no_check)
+                    })
                     .await
                     .unwrap();
                 done += 1;

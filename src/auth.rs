@@ -271,6 +271,14 @@ struct Cached {
     expires_at: Option<Millis>,
 }
 
+impl Cached {
+    /// Whether the entry may still answer: inside the cache's TTL and, for a session, before
+    /// its expiry (`now` by the store's clock).
+    fn live(&self, at: Instant, now: Millis) -> bool {
+        self.until > at && self.expires_at.is_none_or(|e| e > now)
+    }
+}
+
 /// Credentials kept in the cache at most (a few hundred bytes each): past that, entries out
 /// of date are dropped, and if that is not enough, all of them (the store still answers; a
 /// fleet of more live credentials than this reads them from storage, as before the cache).
@@ -383,7 +391,7 @@ impl Authenticator {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let caller = cache
             .get(&d)
-            .filter(|c| c.until > Instant::now() && c.expires_at.is_none_or(|e| e > now))?
+            .filter(|c| c.live(Instant::now(), now))?
             .caller
             .clone();
         drop(cache);
@@ -398,7 +406,7 @@ impl Authenticator {
         let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         if cache.len() >= MAX_CACHED {
             let (at, now) = (Instant::now(), self.store.clock.now());
-            cache.retain(|_, c| c.until > at && c.expires_at.is_none_or(|e| e > now));
+            cache.retain(|_, c| c.live(at, now));
             if cache.len() >= MAX_CACHED {
                 cache.clear();
             }

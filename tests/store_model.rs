@@ -139,7 +139,13 @@ impl World {
                 self.rt
                     .block_on(self.store().write(move |w| {
                         let types = [ty];
-                        write::next_task(w, &key, &name, typed_only.then_some(&types[..]))
+                        write::next_task(
+                            w,
+                            &key,
+                            &name,
+                            typed_only.then_some(&types[..]),
+                            write::no_check,
+                        )
                     }))
                     .map(|_| ())
             }
@@ -155,7 +161,8 @@ impl World {
                     };
                     match op {
                         Op::Complete { .. } => {
-                            write::complete(w, &t.id, &name, None, None, None).map(|_| ())
+                            write::complete(w, &t.id, &name, None, None, None, write::no_check)
+                                .map(|_| ())
                         }
                         Op::Fail { .. } => {
                             write::fail(w, &t.id, &name, None, "e".into(), true).map(|_| ())

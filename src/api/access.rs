@@ -20,7 +20,7 @@ use super::{ApiTags, State};
 use crate::auth::{self, Caller, Right};
 use crate::error::Error;
 use crate::model::{ApiKey as Key, Role};
-use crate::store::access;
+use crate::store::{access, to_the_end};
 
 async fn caller_of(req: &Request) -> Option<Arc<Caller>> {
     req.extensions().get::<Arc<Caller>>().cloned()
@@ -256,19 +256,18 @@ impl AccessApi {
         let kid = Uuid::parse_str(&id.0)
             .map_err(|_| Error::NotFound(format!("key {} not found", id.0)))?
             .as_u128();
-        // On a task of its own, so that a client that gives up between the commit and the
-        // forget cannot leave the revoked key (or its sessions) in the cache.
+        // To the end, so that a client that gives up between the commit and the forget cannot
+        // leave the revoked key (or its sessions) in the cache.
         let state = self.0.clone();
-        tokio::spawn(async move {
+        to_the_end(async move {
             state
                 .store
                 .write(move |w| access::delete_key(w, kid))
                 .await?;
             state.auth.forget_key(kid);
-            Ok::<_, Error>(())
+            Ok(())
         })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+        .await?;
         Ok(Reply::ok(Deleted {
             deleted: true,
             id: uuid_str(kid),
@@ -321,16 +320,15 @@ impl AccessApi {
         let s = auth.caller().session.clone().ok_or_else(no_session)?;
         let (hash, state) = (s.token_hash, self.0.clone());
         // As for a revoked key: the forget must follow the commit even if the client leaves.
-        let done = tokio::spawn(async move {
+        let done = to_the_end(async move {
             let done = state
                 .store
                 .write(move |w| access::end_session(w, hash))
                 .await?;
             state.auth.forget_session(&hash);
-            Ok::<_, Error>(done)
+            Ok(done)
         })
-        .await
-        .map_err(|e| Error::Storage(e.to_string()))??;
+        .await?;
         Ok(Reply::ok(LoggedOut { logged_out: done }))
     }
 

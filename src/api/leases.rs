@@ -93,7 +93,7 @@ impl LeasesApi {
                     let access = |p: &crate::model::Project| {
                         caller.require_in(Right::Work, p.id, &format!("project {key}"))
                     };
-                    write::next_task_checked(w, &key, &name, ids.as_deref(), access)
+                    write::next_task(w, &key, &name, ids.as_deref(), access)
                 })
                 .await?;
             return Ok(next_task_answer(claim, agent));
@@ -112,7 +112,8 @@ impl LeasesApi {
             let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
             let claim = store
                 .write(move |w| {
-                    write::next_task(w, &crate::api::types::uuid_str(pid), &name, ids.as_deref())
+                    let key = crate::api::types::uuid_str(pid);
+                    write::next_task(w, &key, &name, ids.as_deref(), write::no_check)
                 })
                 .await?;
             if let Claim::Task(..) = claim {
@@ -186,7 +187,7 @@ impl LeasesApi {
                 let access = |t: &crate::model::Task| {
                     caller.require_in(Right::Work, t.project_id, &format!("task {}", id.0))
                 };
-                write::complete_checked(
+                write::complete(
                     w,
                     &id.0,
                     &b.agent_name,

@@ -226,9 +226,7 @@ impl Store {
             store.hub.forget_project(project);
             store.finish_delete(project).await
         };
-        tokio::spawn(delete)
-            .await
-            .map_err(|e| Error::Storage(format!("the project delete stopped: {e}")))?
+        to_the_end(delete).await
     }
 
     /// The chunks and the last write of a project delete (see [`Store::delete_project`]).
@@ -371,6 +369,17 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
         }))
     };
     run().map_err(io)?
+}
+
+/// Runs `work` on a task of its own and waits for it: a caller that stops waiting (a client
+/// that gave up, a dropped connection) does not stop it half way, say between a write and
+/// what must follow it.
+pub async fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| Error::Storage(format!("stopped half way: {e}")))?
 }
 
 fn writer_loop(
@@ -577,7 +586,7 @@ mod batch_tests {
     ) -> Option<String> {
         let (p, a) = (project.to_string(), agent.to_string());
         match rt
-            .block_on(store.write(move |w| write::next_task(w, &p, &a, None)))
+            .block_on(store.write(move |w| write::next_task(w, &p, &a, None, write::no_check)))
             .unwrap()
         {
             Claim::Task(t, _) => Some(t.id),
@@ -626,7 +635,7 @@ mod batch_tests {
         add_tasks(&rt, &store, &pid, 1);
         let key = pid.clone();
         let failed = rt.block_on(store.write(move |w| {
-            write::next_task(w, &key, "a", None)?;
+            write::next_task(w, &key, "a", None, write::no_check)?;
             Err::<(), _>(Error::Storage("injected after the claim".into()))
         }));
         assert!(matches!(failed, Err(Error::Storage(_))));
@@ -689,12 +698,15 @@ mod batch_tests {
         add_tasks(&rt, &store, &pid, 2);
         let first = claim(&rt, &store, &pid, "a").unwrap();
         let second = claim(&rt, &store, &pid, "b").unwrap();
-        rt.block_on(store.write(move |w| write::complete(w, &first, "a", None, None, None)))
-            .unwrap();
+        rt.block_on(
+            store
+                .write(move |w| write::complete(w, &first, "a", None, None, None, write::no_check)),
+        )
+        .unwrap();
         assert_eq!(activity_rows(&store), 1, "a completion is counted");
         let id = uuid::Uuid::parse_str(&pid).unwrap().as_u128();
         rt.block_on(store.write(move |w| {
-            write::complete(w, &second, "b", None, None, None)?;
+            write::complete(w, &second, "b", None, None, None, write::no_check)?;
             write::begin_project_delete(w, id)?;
             write::finish_project_delete(w, id)
         }))

@@ -114,32 +114,26 @@ pub fn with_body(bodies: &impl ReadableTable<u64, &'static [u8]>, mut t: Task) -
     Ok(t)
 }
 
+/// The fields a row begins with (seq, id, project, type), after which schemas 1 to 3 wrote
+/// the body; and the body (instructions, variables).
+type RowHead = (u64, String, u128, Option<u128>);
+type Body = (String, BTreeMap<String, String>);
+
 /// The row and the body of a task row as schemas 1 to 3 wrote it: the body inline, after the
-/// first four fields (seq, id, project, type). Postcard writes a struct as its fields one
-/// after the other, so the row is those four fields followed by the rest, as they were.
+/// [`RowHead`]. Postcard writes a struct as its fields one after the other, so the row is the
+/// head followed by the rest, as they were.
 pub fn split_inline_row(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
-    type Head = (
-        u64,
-        String,
-        u128,
-        Option<u128>,
-        String,
-        BTreeMap<String, String>,
-    );
-    let ((seq, id, project, ty, instructions, variables), rest) =
-        postcard::take_from_bytes::<Head>(bytes)?;
-    let mut row = encode(&(seq, id, project, ty))?;
+    let ((head, body), rest) = postcard::take_from_bytes::<(RowHead, Body)>(bytes)?;
+    let mut row = encode(&head)?;
     row.extend_from_slice(rest);
-    Ok((row, encode(&(instructions, variables))?))
+    Ok((row, encode(&body)?))
 }
 
 /// The inverse of [`split_inline_row`]: a row as schemas 1 to 3 wrote it, from a row and a
 /// body of today's (the migration tests make old files with it).
 pub fn inline_row(row: &[u8], body: &[u8]) -> Result<Vec<u8>> {
-    let ((seq, id, project, ty), rest) =
-        postcard::take_from_bytes::<(u64, String, u128, Option<u128>)>(row)?;
-    let (instructions, variables): (String, BTreeMap<String, String>) = decode(body)?;
-    let mut old = encode(&(seq, id, project, ty, instructions, variables))?;
+    let (head, rest) = postcard::take_from_bytes::<RowHead>(row)?;
+    let mut old = encode(&(head, decode::<Body>(body)?))?;
     old.extend_from_slice(rest);
     Ok(old)
 }

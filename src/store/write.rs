@@ -577,20 +577,16 @@ pub enum Claim {
     None,
 }
 
-/// Resume or lease the best available task: queued, `notBefore` passed, among `type_ids` if
-/// given; highest priority first, then oldest.
-pub fn next_task(
-    w: &mut W,
-    project_key: &str,
-    agent: &str,
-    type_ids: Option<&[u128]>,
-) -> Result<Claim> {
-    next_task_checked(w, project_key, agent, type_ids, |_| Ok(()))
+/// The `check` of an operation whose caller's access was settled before the write.
+pub fn no_check<T>(_: &T) -> Result<()> {
+    Ok(())
 }
 
-/// [`next_task`], with `check` run on the project as soon as it is found (the caller's access
-/// to it, which then costs no read of its own before the write).
-pub fn next_task_checked(
+/// Resume or lease the best available task: queued, `notBefore` passed, among `type_ids` if
+/// given; highest priority first, then oldest. `check` runs on the project as soon as it is
+/// found: the caller's access to it, which then costs no read of its own before the write
+/// ([`no_check`] when that was settled before).
+pub fn next_task(
     w: &mut W,
     project_key: &str,
     agent: &str,
@@ -672,20 +668,9 @@ fn holder_op<T>(
     Ok((task, out))
 }
 
+/// Completes a task for its lease holder. `check` runs on the task as soon as it is found,
+/// before anything changes, as for [`next_task`].
 pub fn complete(
-    w: &mut W,
-    id: &str,
-    agent: &str,
-    token: Option<u128>,
-    result: Option<String>,
-    outputs: Option<String>,
-) -> Result<(Task, Completion)> {
-    complete_checked(w, id, agent, token, result, outputs, |_| Ok(()))
-}
-
-/// [`complete`], with `check` run on the task as soon as it is found, before anything changes
-/// (the caller's access to it, which then costs no read of its own before the write).
-pub fn complete_checked(
     w: &mut W,
     id: &str,
     agent: &str,

@@ -286,17 +286,39 @@ async fn a_scoped_key_sees_only_its_projects() {
             .await;
         assert_eq!(r.status, status, "{project} wait {wait}: {:?}", r.body);
     }
-    // complete checks the scope inside its write too.
-    for (client, task, status) in [(&agent, &b.task, 404), (&c, &a.task, 403)] {
-        let r = app
-            .call_with(
-                client,
-                "POST",
-                &format!("/api/tasks/{task}/complete"),
-                Some(json!({"agentName": "w"})),
-            )
-            .await;
-        assert_eq!(r.status, status, "complete {task}: {:?}", r.body);
+    // The holder operations check the scope inside their writes too. In scope, the agent
+    // holds the task it leased above: it reports, extends and completes it; then fail finds
+    // it completed (409), refused by the lease, not the scope.
+    for (op, body, own) in [
+        (
+            "progress",
+            json!({"agentName": "w", "current": 1, "total": 2}),
+            200,
+        ),
+        (
+            "extend-lease",
+            json!({"agentName": "w", "extensionMinutes": 5}),
+            200,
+        ),
+        ("complete", json!({"agentName": "w"}), 200),
+        ("fail", json!({"agentName": "w"}), 409),
+    ] {
+        for (client, task, status) in [
+            (&agent, &b.task, 404),
+            (&c, &b.task, 404),
+            (&c, &a.task, 403),
+            (&agent, &a.task, own),
+        ] {
+            let r = app
+                .call_with(
+                    client,
+                    "POST",
+                    &format!("/api/tasks/{task}/{op}"),
+                    Some(body.clone()),
+                )
+                .await;
+            assert_eq!(r.status, status, "{op} {task}: {:?}", r.body);
+        }
     }
     let list = get("/api/projects?status=all".into()).await;
     assert_eq!(list.body["pagination"]["total"], 1);

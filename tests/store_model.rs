@@ -165,9 +165,11 @@ impl World {
                                 .map(|_| ())
                         }
                         Op::Fail { .. } => {
-                            write::fail(w, &t.id, &name, None, "e".into(), true).map(|_| ())
+                            write::fail(w, &t.id, &name, None, "e".into(), true, write::no_check)
+                                .map(|_| ())
                         }
-                        _ => write::extend(w, &t.id, &name, None, 60_000).map(|_| ()),
+                        _ => write::extend(w, &t.id, &name, None, 60_000, write::no_check)
+                            .map(|_| ()),
                     }
                 }))
             }

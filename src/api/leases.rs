@@ -145,13 +145,8 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<CompleteIn>,
     ) -> Result<Reply<TaskOut>> {
-        // A scoped caller's access to the task is checked in the write, which reads the task
-        // anyway (404 outside the scope, then 403 without the right, as `check_task`).
-        let caller = auth.caller();
-        if !caller.scoped() {
-            caller.require(Right::Work)?;
-        }
-        caller.require_agent(&body.0.agent_name)?;
+        let access = State::task_access(&auth, Right::Work, &id.0)?;
+        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
         c.name(
@@ -179,14 +174,10 @@ impl LeasesApi {
         };
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
         c.finish(())?;
-        let caller = auth.caller_arc();
         let (t, _done): (_, Completion) = self
             .0
             .store
             .write(move |w| {
-                let access = |t: &crate::model::Task| {
-                    caller.require_in(Right::Work, t.project_id, &format!("task {}", id.0))
-                };
                 write::complete(
                     w,
                     &id.0,
@@ -214,7 +205,7 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<FailIn>,
     ) -> Result<Reply<FailOut>> {
-        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        let access = State::task_access(&auth, Right::Work, &id.0)?;
         auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
@@ -232,7 +223,7 @@ impl LeasesApi {
         let (t, will_retry) = self
             .0
             .store
-            .write(move |w| write::fail(w, &id.0, &b.agent_name, token, error, can_retry))
+            .write(move |w| write::fail(w, &id.0, &b.agent_name, token, error, can_retry, access))
             .await?;
         Ok(Reply::ok(FailOut {
             task: TaskOut::new(t, View::Full),
@@ -253,7 +244,7 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<ExtendIn>,
     ) -> Result<Reply<TaskOut>> {
-        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        let access = State::task_access(&auth, Right::Work, &id.0)?;
         let b = body.0;
         let mut c = Check::default();
         let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());
@@ -274,7 +265,7 @@ impl LeasesApi {
         let t = self
             .0
             .store
-            .write(move |w| write::extend(w, &id.0, &agent, token, ms))
+            .write(move |w| write::extend(w, &id.0, &agent, token, ms, access))
             .await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
@@ -292,7 +283,7 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<ProgressIn>,
     ) -> Result<Reply<TaskOut>> {
-        self.0.check_task(auth.caller(), Right::Work, &id.0)?;
+        let access = State::task_access(&auth, Right::Work, &id.0)?;
         auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
         let mut c = Check::default();
@@ -321,7 +312,7 @@ impl LeasesApi {
         let t = self
             .0
             .store
-            .write(move |w| write::progress(w, &id.0, &b.agent_name, token, p))
+            .write(move |w| write::progress(w, &id.0, &b.agent_name, token, p, access))
             .await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }

@@ -64,6 +64,26 @@ impl State {
         Ok(())
     }
 
+    /// The access check of a holder operation on a task, for a write that reads the task
+    /// anyway: an unscoped caller's right is settled now (403 before the body's 400); the
+    /// returned check runs in the write on the task it found, where a scoped caller gets 404
+    /// outside its projects and then 403, as from [`State::check_task`], without a read of its
+    /// own.
+    pub fn task_access(
+        auth: &access::Auth,
+        right: Right,
+        id: &str,
+    ) -> poem::Result<impl FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static>
+    {
+        if !auth.caller().scoped() {
+            auth.caller().require(right)?;
+        }
+        let (caller, id) = (auth.caller_arc(), id.to_string());
+        Ok(move |t: &crate::model::Task| {
+            caller.require_in(right, t.project_id, &format!("task {id}"))
+        })
+    }
+
     /// Checks `right` on a task type (by id).
     pub fn check_type(&self, c: &Caller, right: Right, id: &str) -> poem::Result<()> {
         let t = self.store.read()?.task_type(id)?;

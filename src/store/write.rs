@@ -642,14 +642,17 @@ pub fn next_task(
     Ok(Claim::Task(Box::new(task), true))
 }
 
-/// Loads a task for a holder operation, applies `f`, writes it back.
+/// Loads a task for a holder operation, runs `check` on it before anything else (a scoped
+/// caller's access, see [`next_task`]), applies `f`, writes it back.
 fn holder_op<T>(
     w: &mut W,
     id: &str,
     needs_rules: bool,
+    check: impl FnOnce(&Task) -> Result<()>,
     f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
 ) -> Result<(Task, T)> {
     let old = task_by_id(w.t, id)?;
+    check(&old)?;
     // Only fail needs the back-off rules: the others skip reading the project and type.
     let rules = if needs_rules {
         rules_for(w.t, &old)?
@@ -669,7 +672,7 @@ fn holder_op<T>(
 }
 
 /// Completes a task for its lease holder. `check` runs on the task as soon as it is found,
-/// before anything changes, as for [`next_task`].
+/// before anything changes, as for [`next_task`]; the same for the other holder operations.
 pub fn complete(
     w: &mut W,
     id: &str,
@@ -679,8 +682,7 @@ pub fn complete(
     outputs: Option<String>,
     check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<(Task, Completion)> {
-    holder_op(w, id, false, |t, _, now| {
-        check(t)?;
+    holder_op(w, id, false, check, |t, _, now| {
         Ok(lease::complete(t, agent, token, result, outputs, now)?)
     })
 }
@@ -692,14 +694,22 @@ pub fn fail(
     token: Option<u128>,
     error: String,
     can_retry: bool,
+    check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<(Task, bool)> {
-    holder_op(w, id, true, |t, rules, now| {
+    holder_op(w, id, true, check, |t, rules, now| {
         Ok(lease::fail(t, agent, token, error, can_retry, rules, now)?)
     })
 }
 
-pub fn extend(w: &mut W, id: &str, agent: &str, token: Option<u128>, ms: i64) -> Result<Task> {
-    holder_op(w, id, false, |t, _, now| {
+pub fn extend(
+    w: &mut W,
+    id: &str,
+    agent: &str,
+    token: Option<u128>,
+    ms: i64,
+    check: impl FnOnce(&Task) -> Result<()>,
+) -> Result<Task> {
+    holder_op(w, id, false, check, |t, _, now| {
         Ok(lease::extend(t, agent, token, ms, now)?)
     })
     .map(|r| r.0)
@@ -711,15 +721,19 @@ pub fn progress(
     agent: &str,
     token: Option<u128>,
     p: Progress,
+    check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<Task> {
-    holder_op(w, id, false, |t, _, now| {
+    holder_op(w, id, false, check, |t, _, now| {
         Ok(lease::progress(t, agent, token, p, now)?)
     })
     .map(|r| r.0)
 }
 
 pub fn cancel(w: &mut W, id: &str, reason: Option<String>) -> Result<Task> {
-    holder_op(w, id, false, |t, _, now| Ok(lease::cancel(t, reason, now)?)).map(|r| r.0)
+    holder_op(w, id, false, no_check, |t, _, now| {
+        Ok(lease::cancel(t, reason, now)?)
+    })
+    .map(|r| r.0)
 }
 
 pub fn retry(w: &mut W, id: &str) -> Result<Task> {
@@ -732,7 +746,10 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
             )));
         }
     }
-    holder_op(w, id, false, |t, _, now| Ok(lease::retry(t, now)?)).map(|r| r.0)
+    holder_op(w, id, false, no_check, |t, _, now| {
+        Ok(lease::retry(t, now)?)
+    })
+    .map(|r| r.0)
 }
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.

@@ -6,7 +6,7 @@
 //! ```
 //!
 //! Without `--url` it starts `target/release/agentq serve` on a temporary database as a
-//! separate process, with keys on (rate limit off); with `--url` give an admin key with
+//! separate process, with keys on (rate limit off unless `--rate-limit`); with `--url` give an admin key with
 //! `--key`. Producers use the admin key; agents use an `agent` key made for the run. The client
 //! is a single-threaded tokio runtime (one core), one keep-alive connection per agent. It
 //! prints a table and one machine-readable `BENCH {json}` line.
@@ -70,6 +70,10 @@ struct Opts {
     /// session token (`Authorization: Bearer`) instead of the key.
     #[arg(long)]
     sessions: bool,
+    /// The started server's `--rate-limit-per-minute` (0: off). Set one higher than the run
+    /// makes to measure what counting requests per key costs.
+    #[arg(long, default_value_t = 0)]
+    rate_limit: u64,
 }
 
 /// `head`, padded with words to `len` bytes when it is shorter.
@@ -128,7 +132,7 @@ fn server_binary() -> std::path::PathBuf {
     bin
 }
 
-fn spawn_server(db: &std::path::Path) -> (Child, String) {
+fn spawn_server(db: &std::path::Path, rate_limit: u64) -> (Child, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -142,7 +146,7 @@ fn spawn_server(db: &std::path::Path) -> (Child, String) {
             "--admin-key",
             BENCH_ADMIN_KEY,
             "--rate-limit-per-minute",
-            "0",
+            &rate_limit.to_string(),
         ])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -596,7 +600,7 @@ async fn run(o: Opts) {
         None => {
             let dir = tempfile::tempdir().unwrap();
             let db = dir.path().join("bench.redb");
-            let (child, base) = spawn_server(&db);
+            let (child, base) = spawn_server(&db, o.rate_limit);
             Target {
                 base,
                 child: Some(child),
@@ -860,7 +864,7 @@ async fn run(o: Opts) {
         let db = target.db.clone().unwrap();
         let size = std::fs::metadata(&db).map(|m| m.len()).unwrap_or(0);
         let t = Instant::now();
-        let (new_child, new_base) = spawn_server(&db);
+        let (new_child, new_base) = spawn_server(&db, o.rate_limit);
         let _ = wait_healthy(c, &new_base).await;
         let ms = t.elapsed().as_secs_f64() * 1000.0;
         println!(

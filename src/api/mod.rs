@@ -121,7 +121,10 @@ impl SystemApi {
     )]
     async fn health(&self) -> HealthReply {
         let store = &self.0.store;
-        let healthy = store.read().and_then(|r| r.next_timer()).is_ok();
+        // Unhealthy while the file is being reopened after an I/O error (writes fail then,
+        // though reads of redb's cache might not), or when it cannot be read.
+        let healthy =
+            store.failure().is_none() && store.read().and_then(|r| r.next_timer()).is_ok();
         let out = HealthOut {
             status: if healthy { "healthy" } else { "unhealthy" }.to_string(),
             timestamp: crate::time::format(store.clock.now()),

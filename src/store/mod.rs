@@ -48,8 +48,43 @@ pub const MAX_BATCH: usize = 4096;
 
 type Reply = Box<dyn FnOnce(Result<()>) + Send>;
 /// A write operation: runs inside the batch, returns whether it hit a storage error and how
-/// to answer its caller once the batch's fate is known.
-type Job = Box<dyn FnOnce(&mut W<'_, '_>) -> (bool, Reply) + Send>;
+/// to answer its caller once the batch's fate is known. Called with `None` it does not run
+/// and only hands over its reply (the batch could not start, or the file is being reopened).
+type Job = Box<dyn FnOnce(Option<&mut W<'_, '_>>) -> (bool, Reply) + Send>;
+
+/// Opens the database file. Tests give one that reaches the file through a backend that
+/// can be made to fail.
+pub type Opener = Arc<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// What the store and its writer share.
+struct Shared {
+    /// The open file; `None` while the writer reopens it after an I/O error.
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+    /// Why the file failed, from the I/O error until it is open again.
+    failure: Mutex<Option<String>>,
+    /// Whether `failure` is set: every write looks, so it reads no lock.
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    fn failure(&self) -> Option<Error> {
+        if !self.failed.load(Ordering::Acquire) {
+            return None;
+        }
+        let f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref().map(|cause| {
+            Error::Storage(format!(
+                "the database file failed ({cause}); it is being reopened"
+            ))
+        })
+    }
+
+    fn set_failure(&self, cause: Option<String>) {
+        let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
+        self.failed.store(cause.is_some(), Ordering::Release);
+        *f = cause;
+    }
+}
 
 enum Msg {
     Job(Job),
@@ -126,7 +161,7 @@ fn is_ready(t: &Task) -> bool {
 }
 
 pub struct Store {
-    db: Arc<Database>,
+    shared: Arc<Shared>,
     path: PathBuf,
     tx: mpsc::Sender<Msg>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -149,30 +184,52 @@ impl Store {
         clock: Arc<dyn Clock>,
         cache_bytes: usize,
     ) -> Result<Arc<Store>, OpenError> {
-        let db = Database::builder()
-            .set_cache_size(cache_bytes)
-            .create(path)
-            .map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
-                other => OpenError::Io(path.to_path_buf(), other.to_string()),
-            })?;
+        let file = path.to_path_buf();
+        let opener: Opener = Arc::new(move || {
+            Database::builder()
+                .set_cache_size(cache_bytes)
+                .create(&file)
+        });
+        Self::open_with(path, clock, opener)
+    }
+
+    /// [`Store::open`] through `opener`, which the writer also uses to open the file again
+    /// after an I/O error (see [`writer_loop`]).
+    pub fn open_with(
+        path: &Path,
+        clock: Arc<dyn Clock>,
+        opener: Opener,
+    ) -> Result<Arc<Store>, OpenError> {
+        let db = opener().map_err(|e| match e {
+            redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
+            other => OpenError::Io(path.to_path_buf(), other.to_string()),
+        })?;
         let state = init_schema(&db, path)?;
         let batches = state.counts.clone();
         let db = Arc::new(db);
+        let shared = Arc::new(Shared {
+            db: std::sync::RwLock::new(Some(db.clone())),
+            failure: Mutex::new(None),
+            failed: Default::default(),
+        });
         let hub = Arc::new(Hub::default());
         hub.set_first_lease(state.leases.first_expiry());
         let (tx, rx) = mpsc::channel();
         let writer = {
-            let db = db.clone();
+            let file = File {
+                path: path.to_path_buf(),
+                opener,
+                shared: shared.clone(),
+            };
             let hub = hub.clone();
             let clock = clock.clone();
             std::thread::Builder::new()
                 .name("agentq-writer".into())
-                .spawn(move || writer_loop(&db, rx, &hub, clock.as_ref(), state))
+                .spawn(move || writer_loop(db, &file, rx, &hub, clock.as_ref(), state))
                 .map_err(|e| OpenError::Io(path.to_path_buf(), e.to_string()))?
         };
         Ok(Arc::new(Store {
-            db,
+            shared,
             path: path.to_path_buf(),
             tx,
             writer: Mutex::new(Some(writer)),
@@ -195,9 +252,13 @@ impl Store {
         &self,
         op: impl FnOnce(&mut W<'_, '_>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
+        if let Some(e) = self.shared.failure() {
+            return Err(e);
+        }
         let (reply_tx, reply_rx) = oneshot::channel::<Result<R>>();
         let job: Job = Box::new(move |w| {
-            let result = op(w);
+            // Not run (`None`): the batch's error is the answer, `result` is never seen.
+            let result = w.map_or(Err(Error::ShuttingDown), op);
             let failed = matches!(result, Err(Error::Storage(_)));
             let reply: Reply = Box::new(move |commit: Result<()>| {
                 let _ = reply_tx.send(commit.and(result));
@@ -208,6 +269,23 @@ impl Store {
             .send(Msg::Job(job))
             .map_err(|_| Error::ShuttingDown)?;
         reply_rx.await.map_err(|_| Error::ShuttingDown)?
+    }
+
+    /// Why the database file cannot be used now: an I/O error the writer is recovering from
+    /// by opening the file again. `None` when it works.
+    pub fn failure(&self) -> Option<Error> {
+        self.shared.failure()
+    }
+
+    fn db(&self) -> Result<Arc<Database>> {
+        let slot = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some(db) => Ok(db.clone()),
+            None => Err(self
+                .shared
+                .failure()
+                .unwrap_or_else(|| Error::Storage("the database file is closed".into()))),
+        }
     }
 
     /// Deletes a project with everything in it. The first write marks it as being deleted
@@ -279,11 +357,11 @@ impl Store {
 
     /// A read snapshot. Cheap; never waits for the writer.
     pub fn read(&self) -> Result<read::Reader> {
-        Ok(read::Reader::new(self.db.begin_read()?))
+        Ok(read::Reader::new(self.db()?.begin_read()?))
     }
 
     pub fn begin_read(&self) -> Result<ReadTransaction> {
-        Ok(self.db.begin_read()?)
+        Ok(self.db()?.begin_read()?)
     }
 
     /// Stops the writer after it has committed and answered everything already queued.
@@ -382,8 +460,20 @@ pub async fn to_the_end<T: Send + 'static>(
         .map_err(|e| Error::Storage(format!("stopped half way: {e}")))?
 }
 
+/// The database file as the writer knows it: where it is, how to open it, and the slot the
+/// readers take it from.
+struct File {
+    path: PathBuf,
+    opener: Opener,
+    shared: Arc<Shared>,
+}
+
+/// The longest pause between two attempts to open the file again after an I/O error.
+const MAX_REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 fn writer_loop(
-    db: &Database,
+    mut db: Arc<Database>,
+    file: &File,
     rx: mpsc::Receiver<Msg>,
     hub: &Hub,
     clock: &dyn Clock,
@@ -407,9 +497,120 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        run_batch(db, jobs, hub, clock, &mut state);
+        let Some(error) = run_batch(&db, jobs, hub, clock, &mut state) else {
+            continue;
+        };
+        if stopping || !poisoned(&db) {
+            continue;
+        }
+        let cause = match error {
+            Error::Storage(cause) => cause,
+            other => other.to_string(),
+        };
+        match reopen(db, file, &rx, hub, &mut state, cause) {
+            Some(again) => db = again,
+            None => return,
+        }
     }
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
+}
+
+/// Whether the file must be opened again: after an I/O error (a full disk, a failing
+/// device) redb refuses every write transaction until then.
+fn poisoned(db: &Database) -> bool {
+    match db.begin_write() {
+        Ok(txn) => {
+            let _ = txn.abort();
+            false
+        }
+        Err(_) => true,
+    }
+}
+
+/// Opens the file again after an I/O error, so that the server recovers by itself once the
+/// cause is gone (space freed, say). Meanwhile writes fail at once with the cause and reads
+/// find no file: both answer 503, and `/health` says unhealthy. It closes the file as soon as
+/// no reader holds it, then opens it (redb repairs it if needed) and rereads what the writer
+/// keeps, retrying with back-off. `None`: the store was stopped meanwhile.
+fn reopen(
+    db: Arc<Database>,
+    file: &File,
+    rx: &mpsc::Receiver<Msg>,
+    hub: &Hub,
+    st: &mut WriterState,
+    cause: String,
+) -> Option<Arc<Database>> {
+    tracing::error!(
+        database = %file.path.display(),
+        error = %cause,
+        "the database file failed; writes are refused until it is open again"
+    );
+    file.shared.set_failure(Some(cause));
+    let slot = file
+        .shared
+        .db
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    drop(slot);
+    let started = std::time::Instant::now();
+    let (mut old, mut opened) = (Some(db), None::<Database>);
+    let mut wait = std::time::Duration::from_millis(10);
+    loop {
+        if let Some(db) = old.take() {
+            // A reader may still be starting a transaction on it: try again shortly.
+            match Arc::try_unwrap(db) {
+                Ok(db) => {
+                    if let Err(e) = db.close() {
+                        tracing::warn!(error = %e, "closing the failed database file");
+                    }
+                }
+                Err(db) => old = Some(db),
+            }
+        }
+        if old.is_none() && opened.is_none() {
+            match (file.opener)() {
+                Ok(db) => opened = Some(db),
+                Err(e) => tracing::warn!(error = %e, "opening the database file again failed"),
+            }
+        }
+        if let Some(db) = opened.take() {
+            match init_schema(&db, &file.path) {
+                Ok(fresh) => {
+                    st.next_seq = fresh.next_seq;
+                    st.delayed_from = Millis::MIN;
+                    st.leases = fresh.leases;
+                    hub.set_first_lease(st.leases.first_expiry());
+                    let db = Arc::new(db);
+                    *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
+                    file.shared.set_failure(None);
+                    tracing::info!(
+                        database = %file.path.display(),
+                        ms = started.elapsed().as_millis() as u64,
+                        "the database file is open again"
+                    );
+                    return Some(db);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the database file opened again but cannot be written");
+                    if poisoned(&db) {
+                        let _ = db.close();
+                    } else {
+                        opened = Some(db);
+                    }
+                }
+            }
+        }
+        match rx.recv_timeout(wait) {
+            Ok(Msg::Job(job)) => {
+                // Sent before the failure was known: answer it with the failure.
+                let (_, reply) = job(None);
+                reply(Err(file.shared.failure().unwrap_or(Error::ShuttingDown)));
+            }
+            Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            Err(mpsc::RecvTimeoutError::Timeout) => wait = (wait * 2).min(MAX_REOPEN_WAIT),
+        }
+    }
 }
 
 /// How the writer's batches ended, since the store opened.
@@ -431,17 +632,27 @@ struct WriterState {
     leases: Leases,
 }
 
-fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &mut WriterState) {
+/// Runs one batch and answers its callers; returns the error if nothing was committed.
+fn run_batch(
+    db: &Database,
+    jobs: Vec<Job>,
+    hub: &Hub,
+    clock: &dyn Clock,
+    st: &mut WriterState,
+) -> Option<Error> {
     let started = std::time::Instant::now();
     let seq_before = st.next_seq;
     let mut fx = Effects::default();
     let mut replies = Vec::with_capacity(jobs.len());
     let mut written = false;
+    // Taken when the jobs run; left here if the batch fails before that.
+    let mut pending = Some(jobs);
     let outcome: Result<()> = (|| {
         let txn = db.begin_write()?;
         let mut failed = false;
         {
             let mut tables = Tables::open(&txn, &mut st.leases)?;
+            let jobs = pending.take().unwrap_or_default();
             let mut w = W {
                 t: &mut tables,
                 now: clock.now(),
@@ -450,7 +661,7 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
                 fx: &mut fx,
             };
             for job in jobs {
-                let (f, reply) = job(&mut w);
+                let (f, reply) = job(Some(&mut w));
                 failed |= f;
                 replies.push(reply);
             }
@@ -473,6 +684,9 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
         Ok(())
     })();
     if let Err(e) = &outcome {
+        for job in pending.into_iter().flatten() {
+            replies.push(job(None).1);
+        }
         tracing::error!(error = %e, batch = replies.len(), "write batch failed; nothing committed");
         st.next_seq = seq_before;
         // The batch's promotions were rolled back with it: look again next time.
@@ -502,8 +716,8 @@ fn run_batch(db: &Database, jobs: Vec<Job>, hub: &Hub, clock: &dyn Clock, st: &m
     for reply in replies {
         reply(outcome.clone());
     }
-    // Jobs that never ran (begin_write failed) were dropped: their callers see ShuttingDown.
     tracing::trace!(batch = n, "write batch committed");
+    outcome.err()
 }
 
 #[cfg(test)]
@@ -716,6 +930,185 @@ mod batch_tests {
             0,
             "the project's activity went with it"
         );
+        store.close();
+    }
+}
+
+#[cfg(test)]
+mod reopen_tests {
+    use std::ops::Bound;
+    use std::sync::atomic::AtomicBool;
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    use super::write::{self, Claim, NewProject, NewTask};
+    use super::*;
+    use crate::time::SystemClock;
+
+    /// The file, with writes that fail while `full` is set, as on a full disk.
+    #[derive(Debug)]
+    struct Flaky {
+        inner: FileBackend,
+        full: Arc<AtomicBool>,
+    }
+
+    impl Flaky {
+        fn check(&self) -> std::io::Result<()> {
+            if self.full.load(Ordering::SeqCst) {
+                Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl StorageBackend for Flaky {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: Bound<u64>,
+            e: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    }
+
+    fn tasks(n: usize) -> Vec<NewTask> {
+        (0..n)
+            .map(|_| NewTask {
+                instructions: Some("x".into()),
+                ..NewTask::default()
+            })
+            .collect()
+    }
+
+    /// A write that meets an I/O error (the disk full) fails, and so does every write after
+    /// it, with the cause, while the file cannot be written; reads find no file. Once the
+    /// writes succeed again the writer has opened the file again by itself: what was
+    /// committed is all there, the failed batch left nothing, and the leases are as
+    /// committed (the holder resumes its task, another agent gets another).
+    #[test]
+    fn a_full_disk_fails_writes_until_the_file_can_be_written_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.redb");
+        let full = Arc::new(AtomicBool::new(false));
+        let opener: Opener = {
+            let (path, full) = (path.clone(), full.clone());
+            Arc::new(move || {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)
+                    .map_err(redb::StorageError::from)?;
+                let inner = FileBackend::new(file)?;
+                let full = full.clone();
+                Database::builder().create_with_backend(Flaky { inner, full })
+            })
+        };
+        let store = Store::open_with(&path, Arc::new(SystemClock), opener).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
+            .unwrap();
+        let (pid, key) = (project.id, uuid::Uuid::from_u128(project.id).to_string());
+        let create = |n: usize| {
+            let key = key.clone();
+            rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks(n))))
+        };
+        let claim = |agent: &'static str| {
+            let key = key.clone();
+            let claim =
+                store.write(move |w| write::next_task(w, &key, agent, None, write::no_check));
+            match rt.block_on(claim) {
+                Ok(Claim::Task(t, _)) => Ok(Some(t.id)),
+                Ok(Claim::None) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        create(3).unwrap();
+        let held = claim("a").unwrap().expect("a task");
+
+        full.store(true, Ordering::SeqCst);
+        let failed = create(5);
+        assert!(matches!(failed, Err(Error::Storage(_))), "{failed:?}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while store.failure().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let cause = store.failure().expect("the failure is known").to_string();
+        assert!(cause.contains("os error 28"), "{cause}");
+        // Past the first reopen attempts, which fail as the disk is still full.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let refused = claim("b");
+        assert!(
+            matches!(&refused, Err(Error::Storage(m)) if m.contains("being reopened")),
+            "{refused:?}"
+        );
+        assert!(
+            store.read().is_err(),
+            "reads find no file while it is being reopened"
+        );
+
+        full.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let other = loop {
+            match claim("b") {
+                Ok(task) => break task.expect("a task for b"),
+                Err(e) if std::time::Instant::now() > deadline => panic!("never recovered: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        };
+        assert!(store.failure().is_none());
+        assert_ne!(other, held);
+        assert_eq!(
+            claim("a").unwrap(),
+            Some(held),
+            "a resumes the task it holds"
+        );
+        let stats = store.read().unwrap().stats(pid).unwrap();
+        assert_eq!((stats.total, stats.running), (3, 2), "{stats:?}");
+        create(1).unwrap();
+        assert_eq!(store.read().unwrap().stats(pid).unwrap().total, 4);
         store.close();
     }
 }

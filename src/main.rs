@@ -127,6 +127,13 @@ fn main() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    // One descriptor per connected agent: a fleet larger than the soft limit (1,024 under
+    // systemd by default) would be refused. Take what the hard limit allows, as Go and nginx
+    // do; what is left is logged, and accepts past it back off (see server::Connections).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

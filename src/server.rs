@@ -92,12 +92,14 @@ impl Server {
                 return Err(StartError::Bootstrap(e));
             }
         };
-        let acceptor = NoDelay(
-            TcpListener::bind(config.bind.clone())
+        let acceptor = Connections {
+            inner: TcpListener::bind(config.bind.clone())
                 .into_acceptor()
                 .await
                 .map_err(|e| StartError::Bind(config.bind.clone(), e))?,
-        );
+            failures: 0,
+            logged: None,
+        };
         let addr = acceptor
             .local_addr()
             .first()
@@ -176,23 +178,63 @@ async fn resume_deletes(store: Arc<Store>) {
     }
 }
 
-/// Accepts TCP connections with Nagle's algorithm off: every answer is one small write that
-/// an agent is waiting for, so it must leave at once.
-struct NoDelay(TcpAcceptor);
+/// Accepts TCP connections, with Nagle's algorithm off: every answer is one small write that
+/// an agent is waiting for, so it must leave at once. An accept that fails (out of file
+/// descriptors, most often: a fleet larger than the open-file limit) is retried after a
+/// pause that doubles up to a second, and logged; poem's own loop would retry at once, and
+/// spin a core for as long as the condition lasts.
+struct Connections {
+    inner: TcpAcceptor,
+    /// Failed accepts in the current run of failures, and when it was last logged.
+    failures: u64,
+    logged: Option<Instant>,
+}
 
-impl Acceptor for NoDelay {
+/// The first pause after a failed accept, and the longest.
+const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+impl Acceptor for Connections {
     type Io = tokio::net::TcpStream;
 
     fn local_addr(&self) -> Vec<LocalAddr> {
-        self.0.local_addr()
+        self.inner.local_addr()
     }
 
     async fn accept(
         &mut self,
     ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let accepted = self.0.accept().await?;
-        let _ = accepted.0.set_nodelay(true);
-        Ok(accepted)
+        let mut pause = ACCEPT_PAUSE.0;
+        loop {
+            match self.inner.accept().await {
+                Ok(accepted) => {
+                    let _ = accepted.0.set_nodelay(true);
+                    if self.failures > 0 {
+                        tracing::info!(failed = self.failures, "accepting connections again");
+                        (self.failures, self.logged) = (0, None);
+                    }
+                    return Ok(accepted);
+                }
+                // The peer gave up before we took it: nothing to wait for.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    self.failures += 1;
+                    if self
+                        .logged
+                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+                    {
+                        self.logged = Some(Instant::now());
+                        tracing::warn!(
+                            error = %e,
+                            failed = self.failures,
+                            "cannot accept connections; if the error is \"Too many open files\", \
+                             raise the open-file limit (systemd: LimitNOFILE)"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ACCEPT_PAUSE.1);
+                }
+            }
+        }
     }
 }
 

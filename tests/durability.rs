@@ -1,4 +1,5 @@
-//! Durability: restarts keep everything; SIGKILL loses no acknowledged write; one server per file.
+//! Durability and the real binary: restarts keep everything; SIGKILL loses no acknowledged
+//! write; one server per file; SIGTERM; the open-file limit.
 
 mod common;
 
@@ -496,21 +497,25 @@ fn agentq_bin() -> &'static str {
 
 /// Starts the real binary on a free port and returns it with its base URL.
 fn start_binary(db: &std::path::Path) -> (Child, String) {
+    let (mut cmd, base) = binary_command(Command::new(agentq_bin()), db);
+    (cmd.spawn().unwrap(), base)
+}
+
+/// `cmd` (the binary, or a shell that execs it) with the arguments of a server on `db` and a
+/// free port, and the base URL.
+fn binary_command(mut cmd: Command, db: &std::path::Path) -> (Command, String) {
     let port = {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let child = Command::new(agentq_bin())
-        .args(["serve", "--db"])
+    cmd.args(["serve", "--db"])
         .arg(db)
         .args(["--bind", &format!("127.0.0.1:{port}")])
         .args(["--admin-key", ADMIN_KEY, "--rate-limit-per-minute", "0"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    (child, format!("http://127.0.0.1:{port}"))
+        .stderr(Stdio::piped());
+    (cmd, format!("http://127.0.0.1:{port}"))
 }
 
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
@@ -741,4 +746,59 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     wait_healthy(&client, &base).await;
     again.kill().unwrap();
     again.wait().unwrap();
+}
+
+/// User and system CPU time of a process so far, in clock ticks (1/100 s on Linux).
+#[cfg(target_os = "linux")]
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// A fleet larger than the open-file limit: the connections past it wait in the backlog, the
+/// server says why and does not spin (poem's accept loop would retry at once, using a core
+/// for as long as it lasts), and it serves again as soon as descriptors are free.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut shell = Command::new("sh");
+    // Soft and hard: the server cannot raise it.
+    shell.args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", agentq_bin()]);
+    let (mut cmd, base) = binary_command(shell, &dir.path().join("fd.redb"));
+    let mut child = cmd.env("RUST_LOG", "info").spawn().unwrap();
+    let client = client_with_key(ADMIN_KEY);
+    wait_healthy(&client, &base).await;
+    let addr = base.trim_start_matches("http://").to_string();
+    let fleet: Vec<std::net::TcpStream> = (0..100)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = cpu_ticks(child.id());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let spent = cpu_ticks(child.id()) - before;
+    // Spinning costs ~100 ticks a second; waiting, about none.
+    assert!(
+        spent < 50,
+        "the server used {spent} ticks of CPU in 2 s while refused"
+    );
+    drop(fleet);
+    // A new connection (the client above keeps the one it had).
+    wait_healthy(&reqwest::Client::new(), &base).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
+    child.wait().unwrap();
+    assert!(log.contains("Too many open files"), "{log}");
+    assert!(log.contains("accepting connections again"), "{log}");
 }

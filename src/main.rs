@@ -95,6 +95,17 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
     }
+    // A panic (a bug) goes to the log like any error, with the JSON format too; the request
+    // or write batch it happened in fails and the server goes on (see `api::app`, `store`).
+    std::panic::set_hook(Box::new(|info| {
+        let trace = std::backtrace::Backtrace::capture();
+        match trace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                tracing::error!(panic = %info, backtrace = %trace, "panic")
+            }
+            _ => tracing::error!(panic = %info, "panic"),
+        }
+    }));
     let Command::Serve(args) = cli.command;
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes;

@@ -199,6 +199,9 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
             }),
         )
         .nest("/", service)
+        // A handler that panics (a bug) answers 500 in the envelope, through `frame`, instead
+        // of dropping the connection.
+        .with(poem::middleware::CatchPanic::new())
         .around(move |ep, req| frame(ep, req, max, frame_state.clone(), spec.clone()));
     let cors = opts.cors_origin.as_ref().map(|o| {
         Cors::new()

@@ -64,6 +64,8 @@ struct Shared {
     failure: Mutex<Option<String>>,
     /// Whether `failure` is set: every write looks, so it reads no lock.
     failed: std::sync::atomic::AtomicBool,
+    /// Set by [`Store::close`]: a write dropped unanswered after it was stopped by the stop.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -211,6 +213,7 @@ impl Store {
             db: std::sync::RwLock::new(Some(db.clone())),
             failure: Mutex::new(None),
             failed: Default::default(),
+            stopped: Default::default(),
         });
         let hub = Arc::new(Hub::default());
         hub.set_first_lease(state.leases.first_expiry());
@@ -268,7 +271,16 @@ impl Store {
         self.tx
             .send(Msg::Job(job))
             .map_err(|_| Error::ShuttingDown)?;
-        reply_rx.await.map_err(|_| Error::ShuttingDown)?
+        reply_rx.await.map_err(|_| {
+            if self.shared.stopped.load(Ordering::Acquire) {
+                Error::ShuttingDown
+            } else {
+                // Its operation panicked (see `run_batch`), taking the answer with it.
+                Error::Storage(
+                    "the operation stopped with a panic; its batch was not written".into(),
+                )
+            }
+        })?
     }
 
     /// Why the database file cannot be used now: an I/O error the writer is recovering from
@@ -366,6 +378,7 @@ impl Store {
 
     /// Stops the writer after it has committed and answered everything already queued.
     pub fn close(&self) {
+        self.shared.stopped.store(true, Ordering::Release);
         let _ = self.tx.send(Msg::Stop);
         let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(h) = handle {
@@ -661,9 +674,16 @@ fn run_batch(
                 fx: &mut fx,
             };
             for job in jobs {
-                let (f, reply) = job(Some(&mut w));
-                failed |= f;
-                replies.push(reply);
+                // A bug that panics in one operation must not end the writer, which would
+                // leave the server refusing every write: the panic fails the batch like a
+                // storage error (nothing of it is written), and the writer goes on.
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Some(&mut w)))) {
+                    Ok((f, reply)) => {
+                        failed |= f;
+                        replies.push(reply);
+                    }
+                    Err(_) => failed = true,
+                }
             }
             if !failed {
                 tables.flush()?;
@@ -837,6 +857,29 @@ mod batch_tests {
         drop((tasks, txn));
         let again = rt.block_on(store.delete_project(id));
         assert!(matches!(again, Err(Error::NotFound(_))), "{again:?}");
+        store.close();
+    }
+
+    /// An operation that panics (a bug) fails with a storage error and nothing of it is
+    /// written; the writer goes on with the next batch.
+    #[test]
+    fn a_panicking_operation_writes_nothing_and_the_writer_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rt, pid) = with_project(&dir);
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let r = rt.block_on(store.write(|w| -> Result<()> {
+            write::create_project(w, NewProject::named("q"))?;
+            panic!("a bug")
+        }));
+        std::panic::set_hook(hook);
+        assert!(
+            matches!(&r, Err(Error::Storage(m)) if m.contains("panic")),
+            "{r:?}"
+        );
+        assert!(store.read().unwrap().project("q").is_err());
+        add_tasks(&rt, &store, &pid, 1);
+        assert!(claim(&rt, &store, &pid, "a").is_some());
         store.close();
     }
 

@@ -124,7 +124,7 @@ impl Server {
                 cors_origin: config.cors_origin.clone(),
             },
         );
-        tokio::spawn(crate::scheduler::run(store.clone()));
+        tokio::spawn(keep_scheduling(store.clone()));
         tokio::spawn(resume_deletes(store.clone()));
         tokio::spawn(crate::telemetry::upkeep(
             state.metrics.clone(),
@@ -175,6 +175,20 @@ async fn resume_deletes(store: Arc<Store>) {
             tracing::info!(error = %e, "project deletes left for the next start")
         }
         Err(e) => tracing::warn!(error = %e, "could not finish the unfinished project deletes"),
+    }
+}
+
+/// Runs the scheduler, and again if it panics (a bug): without it no lease would expire and
+/// no delayed task would become available, silently.
+async fn keep_scheduling(store: Arc<Store>) {
+    loop {
+        match tokio::spawn(crate::scheduler::run(store.clone())).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, "the scheduler stopped; starting it again");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
     }
 }
 

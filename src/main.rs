@@ -38,6 +38,19 @@ enum LogFormat {
 enum Command {
     /// Run the HTTP server on an embedded redb database.
     Serve(ServeArgs),
+    /// Add an admin key to a database while its server is stopped (when every admin key is
+    /// lost), and print it once on stdout.
+    AddAdminKey(AddAdminKeyArgs),
+}
+
+#[derive(clap::Args)]
+struct AddAdminKeyArgs {
+    /// Database file (it must exist, and no server may have it open).
+    #[arg(long, env = "AGENTQ_DB", default_value = "agentq.redb")]
+    db: PathBuf,
+    /// Name of the new key, as `GET /api/keys` lists it.
+    #[arg(long, default_value = "admin (added offline)")]
+    name: String,
 }
 
 #[derive(clap::Args)]
@@ -106,7 +119,32 @@ fn main() -> ExitCode {
             _ => tracing::error!(panic = %info, "panic"),
         }
     }));
-    let Command::Serve(args) = cli.command;
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("agentq: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::AddAdminKey(a) => {
+            return match rt.block_on(agentq::server::add_admin_key(&a.db, &a.name)) {
+                Ok(key) => {
+                    eprintln!(
+                        "agentq: added an admin key to {} (shown only now):",
+                        a.db.display()
+                    );
+                    println!("{key}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("agentq: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes;
     config.cors_origin = args.cors_origin;
@@ -145,13 +183,6 @@ fn main() -> ExitCode {
         Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
     }
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("agentq: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     match rt.block_on(agentq::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -60,7 +60,7 @@ pub enum StartError {
     Open(#[from] OpenError),
     #[error("cannot listen on {0}: {1}")]
     Bind(String, std::io::Error),
-    #[error("cannot create the first admin key: {0}")]
+    #[error("cannot create the admin key: {0}")]
     Bootstrap(crate::error::Error),
 }
 
@@ -250,6 +250,38 @@ impl Acceptor for Connections {
             }
         }
     }
+}
+
+/// Adds an admin key to the database at `db` while no server has it open (for an operator
+/// who lost every admin key), and returns its text, to be shown once. The file must exist.
+pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, StartError> {
+    if !db.exists() {
+        return Err(StartError::Open(OpenError::Io(
+            db.to_path_buf(),
+            "no such file".into(),
+        )));
+    }
+    let store = Store::open(db, Arc::new(SystemClock))?;
+    let auth = Authenticator::new(store.clone(), 0, 0);
+    let id = uuid::Uuid::now_v7().as_u128();
+    let text = crate::auth::new_key_text(id);
+    let added = async {
+        let hash = auth.hash(text.clone()).await?;
+        let new = crate::store::access::NewKey {
+            id,
+            name: name.to_string(),
+            role: crate::model::Role::Admin,
+            projects: None,
+            hash,
+        };
+        store
+            .write(move |w| crate::store::access::create_key(w, new))
+            .await
+    }
+    .await;
+    store.close();
+    added.map_err(StartError::Bootstrap)?;
+    Ok(text)
 }
 
 /// Runs until SIGINT or SIGTERM, then shuts down gracefully.

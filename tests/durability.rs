@@ -802,3 +802,57 @@ async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
     assert!(log.contains("Too many open files"), "{log}");
     assert!(log.contains("accepting connections again"), "{log}");
 }
+
+/// An operator who lost every admin key adds one with the server stopped; while a server has
+/// the file open, the command refuses and says so. The new key works at the next start.
+#[tokio::test]
+async fn add_admin_key_rescues_a_database_whose_keys_are_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keys.redb");
+    let add = || {
+        Command::new(agentq_bin())
+            .args(["add-admin-key", "--db"])
+            .arg(&db)
+            .args(["--name", "rescue"])
+            .output()
+            .unwrap()
+    };
+    let missing = add();
+    assert!(!missing.status.success(), "a missing file is refused");
+    let (mut server, base) = start_binary(&db);
+    wait_healthy(&client_with_key(ADMIN_KEY), &base).await;
+    let busy = add();
+    assert!(!busy.status.success());
+    let err = String::from_utf8_lossy(&busy.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    server.wait().unwrap();
+    let added = add();
+    assert!(added.status.success(), "{:?}", added);
+    let key = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("aq_"), "{key}");
+    let (mut server, base) = start_binary(&db);
+    let client = client_with_key(&key);
+    wait_healthy(&client, &base).await;
+    let keys: Value = client
+        .get(format!("{base}/api/keys"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = keys["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{keys}");
+    assert!(names.contains(&"rescue"), "{keys}");
+    server.kill().unwrap();
+    server.wait().unwrap();
+}

@@ -14,6 +14,9 @@
 //!    (every claim in it found no task, say) has nothing to make durable: it is not
 //!    committed, which saves the fsync. [`tables::Tracked`] notes every write, and the
 //!    compiler allows no other way to write.
+//! 4. An operation that panics fails its batch like a storage error; after an I/O error
+//!    (which redb makes permanent for the open file) the writer opens the file again
+//!    (`reopen`), refusing writes meanwhile, so the server recovers without a restart.
 //!
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 

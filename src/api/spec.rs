@@ -8,8 +8,8 @@
 //!    document knows exactly what is accepted. `validate` stays the one place that enforces
 //!    them, with field-by-field messages.
 //! 3. Links between operations: how a next-task answer feeds the calls only the holder may
-//!    make, and how a created project or task feeds the next step (see [`links`]).
-//! 4. Each operation lists only the error statuses it can answer (see [`trim_errors`]): the
+//!    make, and how a created project or task feeds the next step (see `links`).
+//! 4. Each operation lists only the error statuses it can answer (see `trim_errors`): the
 //!    error side of every operation is one type, which declares every status any may answer.
 //! 5. The route table for the `Allow` header of 405 answers.
 

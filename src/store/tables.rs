@@ -120,7 +120,7 @@ type RowHead = (u64, String, u128, Option<u128>);
 type Body = (String, BTreeMap<String, String>);
 
 /// The row and the body of a task row as schemas 1 to 3 wrote it: the body inline, after the
-/// [`RowHead`]. Postcard writes a struct as its fields one after the other, so the row is the
+/// `RowHead`. Postcard writes a struct as its fields one after the other, so the row is the
 /// head followed by the rest, as they were.
 pub fn split_inline_row(bytes: &[u8]) -> Result<(Vec<u8>, Vec<u8>)> {
     let ((head, body), rest) = postcard::take_from_bytes::<(RowHead, Body)>(bytes)?;

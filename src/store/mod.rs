@@ -199,7 +199,7 @@ impl Store {
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to open the file again
-    /// after an I/O error (see [`writer_loop`]).
+    /// after an I/O error (see the module doc, rule 4).
     pub fn open_with(
         path: &Path,
         clock: Arc<dyn Clock>,

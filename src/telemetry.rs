@@ -89,6 +89,10 @@ fn describe() {
         "agentq_storage_batches_unwritten_total",
         "Write batches that changed nothing (say, every claim in them found no task) and so were not committed: no fsync."
     );
+    describe_counter!(
+        "agentq_storage_failures_total",
+        "I/O errors on the database file after which it had to be opened again (writes answer 503 until it is)."
+    );
     describe_gauge!(
         "agentq_storage_size_bytes",
         Unit::Bytes,
@@ -127,6 +131,7 @@ fn describe() {
     counter!("agentq_rate_limited_total").increment(0);
     counter!("agentq_auth_failures_total").increment(0);
     counter!("agentq_storage_batches_unwritten_total").increment(0);
+    counter!("agentq_storage_failures_total").increment(0);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
@@ -221,6 +226,11 @@ pub fn commit(seconds: f64, batch: usize) {
 /// A write batch that changed nothing and was not committed.
 pub fn unwritten_batch() {
     counter!("agentq_storage_batches_unwritten_total").increment(1);
+}
+
+/// An I/O error on the database file; the writer opens it again.
+pub fn storage_failed() {
+    counter!("agentq_storage_failures_total").increment(1);
 }
 
 pub fn rate_limited() {

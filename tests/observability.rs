@@ -58,6 +58,8 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
         "agentq_rate_limited_total ",
         "# HELP agentq_storage_batches_unwritten_total ",
         "agentq_storage_batches_unwritten_total ",
+        "# HELP agentq_storage_failures_total ",
+        "agentq_storage_failures_total 0",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }

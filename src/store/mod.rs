@@ -562,6 +562,7 @@ fn reopen(
         "the database file failed; writes are refused until it is open again"
     );
     file.shared.set_failure(Some(cause));
+    crate::telemetry::storage_failed();
     let slot = file
         .shared
         .db

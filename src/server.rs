@@ -192,8 +192,8 @@ async fn keep_scheduling(store: Arc<Store>) {
     }
 }
 
-/// Accepts TCP connections, with Nagle's algorithm off: every answer is one small write that
-/// an agent is waiting for, so it must leave at once. An accept that fails (out of file
+/// Accepts TCP connections, with Nagle's algorithm off (every answer is one small write that
+/// an agent is waiting for, so it must leave at once) and TCP keep-alive on. An accept that fails (out of file
 /// descriptors, most often: a fleet larger than the open-file limit) is retried after a
 /// pause that doubles up to a second, and logged; poem's own loop would retry at once, and
 /// spin a core for as long as the condition lasts.
@@ -202,6 +202,17 @@ struct Connections {
     /// Failed accepts in the current run of failures, and when it was last logged.
     failures: u64,
     logged: Option<Instant>,
+}
+
+/// TCP keep-alive on every connection: an agent whose machine died without closing its
+/// connection (power loss, a network partition) would otherwise hold its socket, and a file
+/// descriptor, forever. Probes start after 60 s without traffic and a silent peer is dropped
+/// about 50 s later; a live peer's kernel answers them, so idle agents keep their connection.
+fn keepalive() -> socket2::TcpKeepalive {
+    let k = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    let k = k.with_interval(Duration::from_secs(10)).with_retries(5);
+    k
 }
 
 /// The first pause after a failed accept, and the longest.
@@ -222,6 +233,7 @@ impl Acceptor for Connections {
             match self.inner.accept().await {
                 Ok(accepted) => {
                     let _ = accepted.0.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&accepted.0).set_tcp_keepalive(&keepalive());
                     if self.failures > 0 {
                         tracing::info!(failed = self.failures, "accepting connections again");
                         (self.failures, self.logged) = (0, None);
@@ -317,5 +329,38 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections have Nagle off and TCP keep-alive on, with our timings.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_keepalive() {
+        let mut acceptor = Connections {
+            inner: TcpListener::bind("127.0.0.1:0")
+                .into_acceptor()
+                .await
+                .unwrap(),
+            failures: 0,
+            logged: None,
+        };
+        let addr = *acceptor.local_addr()[0].as_socket_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (stream, ..) = acceptor.accept().await.unwrap();
+        assert!(stream.nodelay().unwrap());
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10)
+            );
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
+        }
     }
 }

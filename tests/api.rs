@@ -358,6 +358,24 @@ async fn security_headers_and_generated_correlation_id() {
     assert!(r.data()["version"].is_string());
 }
 
+/// A write the store cannot take (here its writer was stopped under the server) answers 503
+/// `UNAVAILABLE` in the envelope, with `Retry-After`.
+#[tokio::test]
+async fn a_write_the_store_cannot_take_answers_503_with_retry_after() {
+    let app = spawn_app().await;
+    app.server.as_ref().unwrap().store.close();
+    let r = app
+        .call(
+            "POST",
+            "/api/projects",
+            Some(json!({"name": "p", "description": "d"})),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (503, "UNAVAILABLE"), "{:?}", r.body);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert_eq!(r.body["success"], false);
+}
+
 #[tokio::test]
 async fn openapi_document_and_ui_are_served() {
     let app = spawn_app().await;

@@ -329,6 +329,11 @@ async fn frame<E: Endpoint>(
             h.insert(header::ALLOW, allow);
         }
     }
+    if resp_status == StatusCode::SERVICE_UNAVAILABLE {
+        // Storage being reopened, or shutting down: worth asking again shortly (clients'
+        // retry policies honour this).
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
     if let Some(r) = rate {
         h.insert("x-ratelimit-limit", HeaderValue::from(r.limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(r.remaining));

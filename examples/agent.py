@@ -5,6 +5,7 @@
 """
 import os
 import sys
+import time
 
 import requests
 
@@ -16,11 +17,15 @@ session = requests.Session()  # keep-alive
 session.headers["X-API-Key"] = os.environ["AGENTQ_KEY"]
 while True:
     # Long-poll: answered as soon as a task appears, or after 20 s with none.
-    reply = session.post(
+    r = session.post(
         f"{base}/api/agents/{agent}/next-task",
         json={"projectId": project, "waitSeconds": 20},
         timeout=30,
-    ).json()
+    )
+    if r.status_code in (429, 503):  # over the rate limit, or storage trouble: wait, ask again
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+        continue
+    reply = r.json()
     task = (reply.get("data") or {}).get("task")
     if task is None:
         if "code" in reply:  # a real error (unknown project, bad agent name, ...)

@@ -22,13 +22,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build()?;
     loop {
         // Long-poll: the server answers as soon as a task appears, or after 20 s with none.
-        let reply: Value = client
+        let r = client
             .post(format!("{base}/api/agents/{agent}/next-task"))
             .json(&json!({"projectId": project, "waitSeconds": 20}))
             .send()
-            .await?
-            .json()
             .await?;
+        if matches!(r.status().as_u16(), 429 | 503) {
+            // Over the rate limit, or storage trouble: wait as told, then ask again.
+            let secs = r
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse().ok())
+                .unwrap_or(1);
+            tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+            continue;
+        }
+        let reply: Value = r.json().await?;
         let task = &reply["data"]["task"];
         if task.is_null() {
             if let Some(err) = reply["error"]

@@ -433,6 +433,10 @@ async fn openapi_document_and_ui_are_served() {
             );
             if path != "/health" {
                 assert!(has("401") && has("429") && has("503"), "{method} {path}");
+                for status in ["429", "503"] {
+                    let h = &op["responses"][status]["headers"]["Retry-After"];
+                    assert_eq!(h["required"], true, "{method} {path} {status}");
+                }
             }
             assert_eq!(
                 has("409"),

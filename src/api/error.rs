@@ -221,7 +221,17 @@ impl poem_openapi::ApiResponse for ApiError {
                         content_type: "application/json; charset=utf-8",
                         schema: ErrorBody::schema_ref(),
                     }],
-                    headers: vec![],
+                    // Both say when to ask again (the rate limit's window, or a second).
+                    headers: match status {
+                        429 | 503 => vec![poem_openapi::registry::MetaHeader {
+                            name: "Retry-After".to_string(),
+                            description: Some("Seconds to wait before asking again".to_string()),
+                            required: true,
+                            deprecated: false,
+                            schema: u64::schema_ref(),
+                        }],
+                        _ => vec![],
+                    },
                 })
                 .collect(),
         }

@@ -26,7 +26,9 @@ fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
         Error::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
         Error::LeaseLost(_) => (StatusCode::CONFLICT, "LEASE_LOST"),
-        Error::ShuttingDown | Error::Storage(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        Error::ShuttingDown | Error::Storage(_) | Error::CommitUnknown(_) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        }
     }
 }
 
@@ -93,6 +95,12 @@ pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
             Error::Storage(cause) => {
                 tracing::error!(correlation_id, cause = %cause, "storage failure");
                 "storage is unavailable; the request was not applied".to_string()
+            }
+            Error::CommitUnknown(cause) => {
+                tracing::error!(correlation_id, cause = %cause, "commit failure");
+                "storage failed while making the request durable; it may have been applied: \
+                 check before repeating it"
+                    .to_string()
             }
             other => other.to_string(),
         };

@@ -21,6 +21,7 @@
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 
 pub mod access;
+pub mod disk;
 pub mod leases;
 pub mod read;
 pub mod tables;
@@ -38,6 +39,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
 use crate::model::{Millis, Task};
 use crate::time::Clock;
+pub use disk::Disk;
 use leases::Leases;
 use tables::{Tables, SCHEMA_VERSION};
 
@@ -55,9 +57,9 @@ type Reply = Box<dyn FnOnce(Result<()>) + Send>;
 /// and only hands over its reply (the batch could not start, or the file is being reopened).
 type Job = Box<dyn FnOnce(Option<&mut W<'_, '_>>) -> (bool, Reply) + Send>;
 
-/// Opens the database file. Tests give one that reaches the file through a backend that
-/// can be made to fail.
-pub type Opener = Arc<dyn Fn() -> Result<Database, redb::DatabaseError> + Send + Sync>;
+/// Opens the database file as redb's storage backend: [`disk::file_backend`], or in tests a
+/// backend that can be made to fail.
+pub type Opener = Arc<dyn Fn(&Path) -> Result<disk::Backend, redb::DatabaseError> + Send + Sync>;
 
 /// What the store and its writer share.
 struct Shared {
@@ -189,13 +191,7 @@ impl Store {
         clock: Arc<dyn Clock>,
         cache_bytes: usize,
     ) -> Result<Arc<Store>, OpenError> {
-        let file = path.to_path_buf();
-        let opener: Opener = Arc::new(move || {
-            Database::builder()
-                .set_cache_size(cache_bytes)
-                .create(&file)
-        });
-        Self::open_with(path, clock, opener)
+        Self::open_with(path, clock, cache_bytes, Arc::new(disk::file_backend))
     }
 
     /// [`Store::open`] through `opener`, which the writer also uses to open the file again
@@ -203,30 +199,34 @@ impl Store {
     pub fn open_with(
         path: &Path,
         clock: Arc<dyn Clock>,
+        cache_bytes: usize,
         opener: Opener,
     ) -> Result<Arc<Store>, OpenError> {
-        let db = opener().map_err(|e| match e {
+        let file = File {
+            path: path.to_path_buf(),
+            cache_bytes,
+            opener,
+            failed_syncs: Arc::default(),
+            shared: Arc::new(Shared {
+                db: std::sync::RwLock::new(None),
+                failure: Mutex::new(None),
+                failed: Default::default(),
+                stopped: Default::default(),
+            }),
+        };
+        let db = file.open().map_err(|e| match e {
             redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
             other => OpenError::Io(path.to_path_buf(), other.to_string()),
         })?;
         let state = init_schema(&db, path)?;
         let batches = state.counts.clone();
         let db = Arc::new(db);
-        let shared = Arc::new(Shared {
-            db: std::sync::RwLock::new(Some(db.clone())),
-            failure: Mutex::new(None),
-            failed: Default::default(),
-            stopped: Default::default(),
-        });
+        *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
+        let shared = file.shared.clone();
         let hub = Arc::new(Hub::default());
         hub.set_first_lease(state.leases.first_expiry());
         let (tx, rx) = mpsc::channel();
         let writer = {
-            let file = File {
-                path: path.to_path_buf(),
-                opener,
-                shared: shared.clone(),
-            };
             let hub = hub.clone();
             let clock = clock.clone();
             std::thread::Builder::new()
@@ -480,8 +480,20 @@ pub async fn to_the_end<T: Send + 'static>(
 /// readers take it from.
 struct File {
     path: PathBuf,
+    cache_bytes: usize,
     opener: Opener,
+    /// Syncs of the file that failed (see [`disk`]).
+    failed_syncs: Arc<AtomicU64>,
     shared: Arc<Shared>,
+}
+
+impl File {
+    fn open(&self) -> Result<Database, redb::DatabaseError> {
+        let disk = Disk::new((self.opener)(&self.path)?, self.failed_syncs.clone());
+        Database::builder()
+            .set_cache_size(self.cache_bytes)
+            .create_with_backend(disk)
+    }
 }
 
 /// The longest pause between two attempts to open the file again after an I/O error.
@@ -513,14 +525,14 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        let Some(error) = run_batch(&db, jobs, hub, clock, &mut state) else {
+        let Some(error) = run_batch(&db, &file.failed_syncs, jobs, hub, clock, &mut state) else {
             continue;
         };
         if stopping || !poisoned(&db) {
             continue;
         }
         let cause = match error {
-            Error::Storage(cause) => cause,
+            Error::Storage(cause) | Error::CommitUnknown(cause) => cause,
             other => other.to_string(),
         };
         match reopen(db, file, &rx, hub, &mut state, cause) {
@@ -586,7 +598,7 @@ fn reopen(
             }
         }
         if old.is_none() && opened.is_none() {
-            match (file.opener)() {
+            match file.open() {
                 Ok(db) => opened = Some(db),
                 Err(e) => tracing::warn!(error = %e, "opening the database file again failed"),
             }
@@ -652,6 +664,7 @@ struct WriterState {
 /// Runs one batch and answers its callers; returns the error if nothing was committed.
 fn run_batch(
     db: &Database,
+    failed_syncs: &AtomicU64,
     jobs: Vec<Job>,
     hub: &Hub,
     clock: &dyn Clock,
@@ -699,7 +712,16 @@ fn run_batch(
             return Err(Error::Storage("an operation in the batch failed".into()));
         }
         if written {
-            txn.commit()?;
+            // A commit that failed in its writes left the file as it was; one that failed in
+            // its fsync may have reached the disk, to be seen once the file is open again.
+            let syncs = failed_syncs.load(Ordering::SeqCst);
+            txn.commit().map_err(|e| {
+                if failed_syncs.load(Ordering::SeqCst) == syncs {
+                    Error::Storage(e.to_string())
+                } else {
+                    Error::CommitUnknown(e.to_string())
+                }
+            })?;
         } else {
             // Nothing changed, so nothing needs to become durable: skip the commit's fsync.
             // (redb commits an empty transaction like any other.)
@@ -986,18 +1008,19 @@ mod reopen_tests {
     use std::ops::Bound;
     use std::sync::atomic::AtomicBool;
 
-    use redb::backends::FileBackend;
     use redb::{BackendError, StorageBackend};
 
     use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
     use crate::time::SystemClock;
 
-    /// The file, with writes that fail while `full` is set, as on a full disk.
+    /// The file, with writes that fail while `full` is set (as on a full disk), and syncs
+    /// that fail without syncing while `bad_sync` is (as on a failing device).
     #[derive(Debug)]
     struct Flaky {
-        inner: FileBackend,
+        inner: disk::Backend,
         full: Arc<AtomicBool>,
+        bad_sync: Arc<AtomicBool>,
     }
 
     impl Flaky {
@@ -1022,6 +1045,9 @@ mod reopen_tests {
             self.inner.set_len(len)
         }
         fn sync_data(&self) -> std::io::Result<()> {
+            if self.bad_sync.load(Ordering::SeqCst) {
+                return Err(std::io::Error::from_raw_os_error(5)); // EIO
+            }
             self.inner.sync_data()
         }
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
@@ -1064,6 +1090,77 @@ mod reopen_tests {
             .collect()
     }
 
+    /// A store on a [`Flaky`] file in `dir`, its switches (`full`, `bad_sync`), a runtime,
+    /// and its one project's id.
+    fn flaky_store(
+        dir: &tempfile::TempDir,
+    ) -> (
+        Arc<Store>,
+        [Arc<AtomicBool>; 2],
+        tokio::runtime::Runtime,
+        u128,
+    ) {
+        let switches = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        let opener: Opener = {
+            let [full, bad_sync] = switches.clone();
+            Arc::new(
+                move |path: &Path| -> Result<disk::Backend, redb::DatabaseError> {
+                    Ok(Box::new(Flaky {
+                        inner: disk::file_backend(path)?,
+                        full: full.clone(),
+                        bad_sync: bad_sync.clone(),
+                    }))
+                },
+            )
+        };
+        let path = dir.path().join("f.redb");
+        let store =
+            Store::open_with(&path, Arc::new(SystemClock), DEFAULT_CACHE_BYTES, opener).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let (project, _) = rt
+            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
+            .unwrap();
+        (store, switches, rt, project.id)
+    }
+
+    fn create(rt: &tokio::runtime::Runtime, store: &Store, pid: u128, n: usize) -> Result<()> {
+        let key = uuid::Uuid::from_u128(pid).to_string();
+        rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks(n))))
+            .map(|_| ())
+    }
+
+    fn claim(
+        rt: &tokio::runtime::Runtime,
+        store: &Store,
+        pid: u128,
+        agent: &'static str,
+    ) -> Result<Option<String>> {
+        let key = uuid::Uuid::from_u128(pid).to_string();
+        let claim = store.write(move |w| write::next_task(w, &key, agent, None, write::no_check));
+        match rt.block_on(claim)? {
+            Claim::Task(t, _) => Ok(Some(t.id)),
+            Claim::None => Ok(None),
+        }
+    }
+
+    /// Waits up to `secs` for `f` to hold.
+    fn eventually(secs: u64, mut f: impl FnMut() -> bool) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+        while std::time::Instant::now() < deadline {
+            if f() {
+                return true;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        f()
+    }
+
     /// A write that meets an I/O error (the disk full) fails, and so does every write after
     /// it, with the cause, while the file cannot be written; reads find no file. Once the
     /// writes succeed again the writer has opened the file again by itself: what was
@@ -1072,61 +1169,20 @@ mod reopen_tests {
     #[test]
     fn a_full_disk_fails_writes_until_the_file_can_be_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f.redb");
-        let full = Arc::new(AtomicBool::new(false));
-        let opener: Opener = {
-            let (path, full) = (path.clone(), full.clone());
-            Arc::new(move || {
-                let file = std::fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .create(true)
-                    .truncate(false)
-                    .open(&path)
-                    .map_err(redb::StorageError::from)?;
-                let inner = FileBackend::new(file)?;
-                let full = full.clone();
-                Database::builder().create_with_backend(Flaky { inner, full })
-            })
-        };
-        let store = Store::open_with(&path, Arc::new(SystemClock), opener).unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .unwrap();
-        let (project, _) = rt
-            .block_on(store.write(|w| write::create_project(w, NewProject::named("p"))))
-            .unwrap();
-        let (pid, key) = (project.id, uuid::Uuid::from_u128(project.id).to_string());
-        let create = |n: usize| {
-            let key = key.clone();
-            rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks(n))))
-        };
-        let claim = |agent: &'static str| {
-            let key = key.clone();
-            let claim =
-                store.write(move |w| write::next_task(w, &key, agent, None, write::no_check));
-            match rt.block_on(claim) {
-                Ok(Claim::Task(t, _)) => Ok(Some(t.id)),
-                Ok(Claim::None) => Ok(None),
-                Err(e) => Err(e),
-            }
-        };
-        create(3).unwrap();
-        let held = claim("a").unwrap().expect("a task");
+        let (store, [full, _], rt, pid) = flaky_store(&dir);
+        create(&rt, &store, pid, 3).unwrap();
+        let held = claim(&rt, &store, pid, "a").unwrap().expect("a task");
 
         full.store(true, Ordering::SeqCst);
-        let failed = create(5);
+        let failed = create(&rt, &store, pid, 5);
+        // The writes failed, so the commit left the file as it was: "not applied".
         assert!(matches!(failed, Err(Error::Storage(_))), "{failed:?}");
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while store.failure().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        }
+        assert!(eventually(5, || store.failure().is_some()));
         let cause = store.failure().expect("the failure is known").to_string();
         assert!(cause.contains("os error 28"), "{cause}");
         // Past the first reopen attempts, which fail as the disk is still full.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let refused = claim("b");
+        let refused = claim(&rt, &store, pid, "b");
         assert!(
             matches!(&refused, Err(Error::Storage(m)) if m.contains("being reopened")),
             "{refused:?}"
@@ -1137,25 +1193,54 @@ mod reopen_tests {
         );
 
         full.store(false, Ordering::SeqCst);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let other = loop {
-            match claim("b") {
-                Ok(task) => break task.expect("a task for b"),
-                Err(e) if std::time::Instant::now() > deadline => panic!("never recovered: {e}"),
-                Err(_) => std::thread::sleep(std::time::Duration::from_millis(20)),
-            }
-        };
+        let mut other = None;
+        assert!(
+            eventually(10, || {
+                other = claim(&rt, &store, pid, "b").ok().flatten();
+                other.is_some()
+            }),
+            "never recovered"
+        );
         assert!(store.failure().is_none());
-        assert_ne!(other, held);
+        assert_ne!(other.unwrap(), held);
         assert_eq!(
-            claim("a").unwrap(),
+            claim(&rt, &store, pid, "a").unwrap(),
             Some(held),
-            "a resumes the task it holds"
+            "a resumes its task"
         );
         let stats = store.read().unwrap().stats(pid).unwrap();
         assert_eq!((stats.total, stats.running), (3, 2), "{stats:?}");
-        create(1).unwrap();
+        create(&rt, &store, pid, 1).unwrap();
         assert_eq!(store.read().unwrap().stats(pid).unwrap().total, 4);
+        store.close();
+    }
+
+    /// A commit whose fsync fails may have reached the file anyway: its callers hear that it
+    /// may have been applied (not "not applied"), and after the file is open again the store
+    /// works and its counters agree with its rows, whichever way it went.
+    #[test]
+    fn a_failed_sync_answers_that_the_write_may_have_been_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, [_, bad_sync], rt, pid) = flaky_store(&dir);
+        create(&rt, &store, pid, 3).unwrap();
+        bad_sync.store(true, Ordering::SeqCst);
+        let failed = create(&rt, &store, pid, 2);
+        assert!(matches!(failed, Err(Error::CommitUnknown(_))), "{failed:?}");
+        bad_sync.store(false, Ordering::SeqCst);
+        assert!(
+            eventually(10, || create(&rt, &store, pid, 1).is_ok()),
+            "never recovered"
+        );
+        let r = store.read().unwrap();
+        let total = r.stats(pid).unwrap().total;
+        assert!(total == 4 || total == 6, "{total}");
+        let query = read::TaskQuery {
+            limit: 100,
+            ..read::TaskQuery::default()
+        };
+        let listed = r.list_tasks(pid, &query).unwrap();
+        assert_eq!((listed.total, listed.tasks.len() as u64), (total, total));
+        drop(r);
         store.close();
     }
 }

@@ -1,0 +1,90 @@
+//! The database file as redb sees it: redb's own `FileBackend`, counting failed syncs.
+//!
+//! A commit that fails in its writes leaves the file as the last commit left it (redb writes
+//! the header after the pages), so its requests were not applied. A commit that fails in its
+//! `fsync` may have reached the disk anyway and show once the file is open again: its
+//! requests must hear "may have been applied". The writer tells the two apart by this count.
+
+use std::fs::OpenOptions;
+use std::io;
+use std::ops::Bound;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use redb::backends::FileBackend;
+use redb::{BackendError, DatabaseError, StorageBackend};
+
+/// The file's backend, as an [`Opener`](super::Opener) makes it.
+pub type Backend = Box<dyn StorageBackend>;
+
+/// The file as redb's own `FileBackend`, opened as `Builder::create` opens it.
+pub fn file_backend(path: &Path) -> Result<Backend, DatabaseError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(redb::StorageError::from)?;
+    Ok(Box::new(FileBackend::new(file)?))
+}
+
+#[derive(Debug)]
+pub struct Disk {
+    inner: Backend,
+    failed_syncs: Arc<AtomicU64>,
+}
+
+impl Disk {
+    /// `inner`, with its failed syncs added to `failed_syncs`.
+    pub fn new(inner: Backend, failed_syncs: Arc<AtomicU64>) -> Disk {
+        Disk {
+            inner,
+            failed_syncs,
+        }
+    }
+}
+
+impl StorageBackend for Disk {
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        self.inner.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        let synced = self.inner.sync_data();
+        if synced.is_err() {
+            self.failed_syncs.fetch_add(1, Ordering::SeqCst);
+        }
+        synced
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.inner.write(offset, data)
+    }
+    fn close(&self) -> io::Result<()> {
+        self.inner.close()
+    }
+    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_range(s, e)
+    }
+    fn try_lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.try_lock_shared_range(s, e)
+    }
+    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_range(s, e)
+    }
+    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.lock_shared_range(s, e)
+    }
+    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
+        self.inner.unlock_range(s, e)
+    }
+    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
+        self.inner.query_lock_range(s, e)
+    }
+}

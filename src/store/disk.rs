@@ -7,13 +7,12 @@
 
 use std::fs::OpenOptions;
 use std::io;
-use std::ops::Bound;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redb::backends::FileBackend;
-use redb::{BackendError, DatabaseError, StorageBackend};
+use redb::{DatabaseError, StorageBackend};
 
 /// The file's backend, as an [`Opener`](super::Opener) makes it.
 pub type Backend = Box<dyn StorageBackend>;
@@ -46,13 +45,68 @@ impl Disk {
     }
 }
 
+/// The methods a backend wrapping another (`self.inner`) passes through unchanged: length,
+/// reads, close, and the byte-range locks by which redb keeps one process per file.
+macro_rules! pass_through {
+    () => {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_range(s, e)
+        }
+        fn try_lock_shared_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.try_lock_shared_range(s, e)
+        }
+        fn lock_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.lock_range(s, e)
+        }
+        fn lock_shared_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.lock_shared_range(s, e)
+        }
+        fn unlock_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<(), redb::BackendError> {
+            self.inner.unlock_range(s, e)
+        }
+        fn query_lock_range(
+            &self,
+            s: std::ops::Bound<u64>,
+            e: std::ops::Bound<u64>,
+        ) -> Result<bool, redb::BackendError> {
+            self.inner.query_lock_range(s, e)
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use pass_through;
+
 impl StorageBackend for Disk {
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
-        self.inner.read(offset, out)
-    }
+    pass_through!();
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
     }
@@ -65,26 +119,5 @@ impl StorageBackend for Disk {
     }
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.inner.write(offset, data)
-    }
-    fn close(&self) -> io::Result<()> {
-        self.inner.close()
-    }
-    fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_range(s, e)
-    }
-    fn try_lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.try_lock_shared_range(s, e)
-    }
-    fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_range(s, e)
-    }
-    fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.lock_shared_range(s, e)
-    }
-    fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-        self.inner.unlock_range(s, e)
-    }
-    fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-        self.inner.query_lock_range(s, e)
     }
 }

@@ -1005,10 +1005,9 @@ mod batch_tests {
 
 #[cfg(test)]
 mod reopen_tests {
-    use std::ops::Bound;
     use std::sync::atomic::AtomicBool;
 
-    use redb::{BackendError, StorageBackend};
+    use redb::StorageBackend;
 
     use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
@@ -1034,12 +1033,7 @@ mod reopen_tests {
     }
 
     impl StorageBackend for Flaky {
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-            self.inner.read(offset, out)
-        }
+        disk::pass_through!();
         fn set_len(&self, len: u64) -> std::io::Result<()> {
             self.check()?;
             self.inner.set_len(len)
@@ -1053,31 +1047,6 @@ mod reopen_tests {
         fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
             self.check()?;
             self.inner.write(offset, data)
-        }
-        fn close(&self) -> std::io::Result<()> {
-            self.inner.close()
-        }
-        fn try_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-            self.inner.try_lock_range(s, e)
-        }
-        fn try_lock_shared_range(
-            &self,
-            s: Bound<u64>,
-            e: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.inner.try_lock_shared_range(s, e)
-        }
-        fn lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.lock_range(s, e)
-        }
-        fn lock_shared_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.lock_shared_range(s, e)
-        }
-        fn unlock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.unlock_range(s, e)
-        }
-        fn query_lock_range(&self, s: Bound<u64>, e: Bound<u64>) -> Result<bool, BackendError> {
-            self.inner.query_lock_range(s, e)
         }
     }
 

@@ -181,11 +181,21 @@ async fn resume_deletes(store: Arc<Store>) {
 /// Runs the scheduler, and again if it panics (a bug): without it no lease would expire and
 /// no delayed task would become available, silently.
 async fn keep_scheduling(store: Arc<Store>) {
+    supervise("scheduler", move || crate::scheduler::run(store.clone())).await
+}
+
+/// Runs `task()` on a task of its own until it returns; if it panics, logs it and runs a new
+/// one a second later.
+async fn supervise<F, Fut>(name: &'static str, task: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
-        match tokio::spawn(crate::scheduler::run(store.clone())).await {
+        match tokio::spawn(task()).await {
             Ok(()) => return,
             Err(e) => {
-                tracing::error!(error = %e, "the scheduler stopped; starting it again");
+                tracing::error!(error = %e, "the {name} stopped; starting it again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
             }
         }
@@ -335,6 +345,22 @@ async fn wait_for_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A supervised task that panics is run again (here it panics twice, then ends).
+    #[tokio::test(start_paused = true)]
+    async fn a_supervised_task_that_panics_runs_again() {
+        let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let hook = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let counted = runs.clone();
+        supervise("test task", move || {
+            let n = counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move { assert!(n >= 2, "a bug") }
+        })
+        .await;
+        std::panic::set_hook(hook);
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
+    }
 
     /// Accepted connections have Nagle off and TCP keep-alive on, with our timings.
     #[tokio::test]

@@ -36,6 +36,9 @@ pub struct Config {
     pub session_ttl: Duration,
     /// Size of the database page cache.
     pub cache_bytes: usize,
+    /// How the database file is opened: the file itself, or (tests, drills) a
+    /// [`Faulty`](crate::store::disk::Faulty) one.
+    pub opener: crate::store::Opener,
 }
 
 impl Config {
@@ -50,6 +53,7 @@ impl Config {
             rate_limit_per_minute: 6000,
             session_ttl: Duration::from_secs(24 * 3600),
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            opener: Arc::new(crate::store::disk::file_backend),
         }
     }
 }
@@ -79,7 +83,12 @@ pub struct Server {
 impl Server {
     /// Opens the database, binds, and starts serving and the scheduler in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
-        let store = Store::open_with_cache(&config.db, config.clock.clone(), config.cache_bytes)?;
+        let store = Store::open_with(
+            &config.db,
+            config.clock.clone(),
+            config.cache_bytes,
+            config.opener.clone(),
+        )?;
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.rate_limit_per_minute,

@@ -856,3 +856,68 @@ async fn add_admin_key_rescues_a_database_whose_keys_are_lost() {
     server.kill().unwrap();
     server.wait().unwrap();
 }
+
+/// Polls `GET /health` until it answers `status`, for up to 10 s.
+async fn health_becomes(app: &TestApp, status: u16) {
+    for _ in 0..500 {
+        if app.get("/health").await.status == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("/health never answered {status}");
+}
+
+/// The disk fills up, then a sync fails, under a running server: each refused write answers
+/// 503 `UNAVAILABLE` with `Retry-After` and says whether it may have been applied, `/health`
+/// says unhealthy until the file is open again, and the server recovers by itself each time.
+/// (A full disk used to leave a server that refused every write as "shutting down" while
+/// `/health` said healthy, until it was restarted.)
+#[tokio::test]
+async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
+    let (full, bad_sync) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let opener = agentq::store::disk::faulty_opener(full.clone(), bad_sync.clone());
+    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.opener = opener
+    })
+    .await;
+    let p = app.project("disk").await;
+    let path = format!("/api/projects/{p}/tasks");
+    let create = || app.call("POST", &path, Some(json!({"instructions": "x"})));
+    let says = |r: &Resp, text: &str| r.body["error"].as_str().is_some_and(|e| e.contains(text));
+    assert_eq!(create().await.status, 201);
+
+    full.store(true, Ordering::SeqCst);
+    let r = create().await;
+    assert_eq!((r.status, r.code()), (503, "UNAVAILABLE"), "{:?}", r.body);
+    assert_eq!(r.headers["retry-after"], "1");
+    assert!(says(&r, "not applied"), "{:?}", r.body);
+    health_becomes(&app, 503).await;
+    assert_eq!(app.get("/health").await.data()["status"], "unhealthy");
+    full.store(false, Ordering::SeqCst);
+    health_becomes(&app, 200).await;
+    assert_eq!(create().await.status, 201);
+    assert_eq!(app.stats(&p).await["totalTasks"], 2);
+
+    bad_sync.store(true, Ordering::SeqCst);
+    let r = create().await;
+    assert_eq!((r.status, r.code()), (503, "UNAVAILABLE"), "{:?}", r.body);
+    assert!(says(&r, "may have been applied"), "{:?}", r.body);
+    bad_sync.store(false, Ordering::SeqCst);
+    health_becomes(&app, 200).await;
+    assert_eq!(create().await.status, 201);
+    let total = app.stats(&p).await["totalTasks"].as_u64().unwrap();
+    assert!(total == 3 || total == 4, "{total}");
+    let metrics = app.get("/metrics").await.body;
+    let failures: u64 = metrics
+        .as_str()
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("agentq_storage_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("agentq_storage_failures_total is exported");
+    assert!(failures >= 2, "{failures}");
+}

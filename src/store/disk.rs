@@ -102,9 +102,6 @@ macro_rules! pass_through {
         }
     };
 }
-#[cfg(test)]
-pub(crate) use pass_through;
-
 impl StorageBackend for Disk {
     pass_through!();
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -120,4 +117,56 @@ impl StorageBackend for Disk {
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.inner.write(offset, data)
     }
+}
+
+/// A backend with faults on demand, for tests and drills: while `full` is set its writes and
+/// growth fail with ENOSPC (a full disk); while `bad_sync` is set its syncs fail with EIO
+/// without syncing (a failing device: the data may still reach the disk).
+#[derive(Debug)]
+pub struct Faulty {
+    pub inner: Backend,
+    pub full: Arc<std::sync::atomic::AtomicBool>,
+    pub bad_sync: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Faulty {
+    fn check(&self) -> io::Result<()> {
+        if self.full.load(Ordering::SeqCst) {
+            Err(io::Error::from_raw_os_error(28)) // ENOSPC
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl StorageBackend for Faulty {
+    pass_through!();
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check()?;
+        self.inner.set_len(len)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        if self.bad_sync.load(Ordering::SeqCst) {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
+        self.inner.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check()?;
+        self.inner.write(offset, data)
+    }
+}
+
+/// An [`Opener`](super::Opener) of [`Faulty`] files sharing `full` and `bad_sync`.
+pub fn faulty_opener(
+    full: Arc<std::sync::atomic::AtomicBool>,
+    bad_sync: Arc<std::sync::atomic::AtomicBool>,
+) -> super::Opener {
+    Arc::new(move |path: &Path| -> Result<Backend, DatabaseError> {
+        Ok(Box::new(Faulty {
+            inner: file_backend(path)?,
+            full: full.clone(),
+            bad_sync: bad_sync.clone(),
+        }))
+    })
 }

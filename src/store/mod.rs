@@ -1007,48 +1007,9 @@ mod batch_tests {
 mod reopen_tests {
     use std::sync::atomic::AtomicBool;
 
-    use redb::StorageBackend;
-
     use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
     use crate::time::SystemClock;
-
-    /// The file, with writes that fail while `full` is set (as on a full disk), and syncs
-    /// that fail without syncing while `bad_sync` is (as on a failing device).
-    #[derive(Debug)]
-    struct Flaky {
-        inner: disk::Backend,
-        full: Arc<AtomicBool>,
-        bad_sync: Arc<AtomicBool>,
-    }
-
-    impl Flaky {
-        fn check(&self) -> std::io::Result<()> {
-            if self.full.load(Ordering::SeqCst) {
-                Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
-            } else {
-                Ok(())
-            }
-        }
-    }
-
-    impl StorageBackend for Flaky {
-        disk::pass_through!();
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.check()?;
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            if self.bad_sync.load(Ordering::SeqCst) {
-                return Err(std::io::Error::from_raw_os_error(5)); // EIO
-            }
-            self.inner.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.check()?;
-            self.inner.write(offset, data)
-        }
-    }
 
     fn tasks(n: usize) -> Vec<NewTask> {
         (0..n)
@@ -1059,7 +1020,7 @@ mod reopen_tests {
             .collect()
     }
 
-    /// A store on a [`Flaky`] file in `dir`, its switches (`full`, `bad_sync`), a runtime,
+    /// A store on a [`disk::Faulty`] file in `dir`, its switches (`full`, `bad_sync`), a runtime,
     /// and its one project's id.
     fn flaky_store(
         dir: &tempfile::TempDir,
@@ -1073,18 +1034,7 @@ mod reopen_tests {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         ];
-        let opener: Opener = {
-            let [full, bad_sync] = switches.clone();
-            Arc::new(
-                move |path: &Path| -> Result<disk::Backend, redb::DatabaseError> {
-                    Ok(Box::new(Flaky {
-                        inner: disk::file_backend(path)?,
-                        full: full.clone(),
-                        bad_sync: bad_sync.clone(),
-                    }))
-                },
-            )
-        };
+        let opener = disk::faulty_opener(switches[0].clone(), switches[1].clone());
         let path = dir.path().join("f.redb");
         let store =
             Store::open_with(&path, Arc::new(SystemClock), DEFAULT_CACHE_BYTES, opener).unwrap();

@@ -895,8 +895,10 @@ async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
     assert_eq!((r.status, r.code()), (503, "UNAVAILABLE"), "{:?}", r.body);
     assert_eq!(r.headers["retry-after"], "1");
     assert!(says(&r, "not applied"), "{:?}", r.body);
-    health_becomes(&app, 503).await;
-    assert_eq!(app.get("/health").await.data()["status"], "unhealthy");
+    // Recorded before the 503 was sent: no window where /health still says healthy.
+    let health = app.get("/health").await;
+    assert_eq!(health.status, 503);
+    assert_eq!(health.data()["status"], "unhealthy");
     full.store(false, Ordering::SeqCst);
     health_becomes(&app, 200).await;
     assert_eq!(create().await.status, 201);

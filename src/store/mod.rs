@@ -525,16 +525,12 @@ fn writer_loop(
         if jobs.is_empty() {
             continue;
         }
-        let Some(error) = run_batch(&db, &file.failed_syncs, jobs, hub, clock, &mut state) else {
+        let Some(cause) = run_batch(&db, file, jobs, hub, clock, &mut state) else {
             continue;
         };
-        if stopping || !poisoned(&db) {
+        if stopping {
             continue;
         }
-        let cause = match error {
-            Error::Storage(cause) | Error::CommitUnknown(cause) => cause,
-            other => other.to_string(),
-        };
         match reopen(db, file, &rx, hub, &mut state, cause) {
             Some(again) => db = again,
             None => return,
@@ -661,15 +657,17 @@ struct WriterState {
     leases: Leases,
 }
 
-/// Runs one batch and answers its callers; returns the error if nothing was committed.
+/// Runs one batch and answers its callers. Returns the cause when the batch failed on an I/O
+/// error after which the file must be opened again; by then the failure is recorded, so that
+/// a caller who hears of it finds `/health` unhealthy and later writes refused at once.
 fn run_batch(
     db: &Database,
-    failed_syncs: &AtomicU64,
+    file: &File,
     jobs: Vec<Job>,
     hub: &Hub,
     clock: &dyn Clock,
     st: &mut WriterState,
-) -> Option<Error> {
+) -> Option<String> {
     let started = std::time::Instant::now();
     let seq_before = st.next_seq;
     let mut fx = Effects::default();
@@ -677,6 +675,7 @@ fn run_batch(
     let mut written = false;
     // Taken when the jobs run; left here if the batch fails before that.
     let mut pending = Some(jobs);
+    let mut reopen_cause = None;
     let outcome: Result<()> = (|| {
         let txn = db.begin_write()?;
         let mut failed = false;
@@ -714,9 +713,9 @@ fn run_batch(
         if written {
             // A commit that failed in its writes left the file as it was; one that failed in
             // its fsync may have reached the disk, to be seen once the file is open again.
-            let syncs = failed_syncs.load(Ordering::SeqCst);
+            let syncs = file.failed_syncs.load(Ordering::SeqCst);
             txn.commit().map_err(|e| {
-                if failed_syncs.load(Ordering::SeqCst) == syncs {
+                if file.failed_syncs.load(Ordering::SeqCst) == syncs {
                     Error::Storage(e.to_string())
                 } else {
                     Error::CommitUnknown(e.to_string())
@@ -737,10 +736,22 @@ fn run_batch(
         st.next_seq = seq_before;
         // The batch's promotions were rolled back with it: look again next time.
         st.delayed_from = Millis::MIN;
-        // So were its lease changes: reload the cache from what is committed.
-        match Leases::load_db(db) {
-            Ok(l) => st.leases = l,
-            Err(e) => tracing::error!(error = %e, "could not reload leases after a failed batch"),
+        if poisoned(db) {
+            let cause = match e {
+                Error::Storage(cause) | Error::CommitUnknown(cause) => cause.clone(),
+                other => other.to_string(),
+            };
+            file.shared.set_failure(Some(cause.clone()));
+            reopen_cause = Some(cause);
+        } else {
+            // Its lease changes were rolled back too: reload the cache from what is committed
+            // (a reopen rereads it anyway).
+            match Leases::load_db(db) {
+                Ok(l) => st.leases = l,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not reload leases after a failed batch")
+                }
+            }
         }
         fx = Effects::default();
     }
@@ -763,7 +774,7 @@ fn run_batch(
         reply(outcome.clone());
     }
     tracing::trace!(batch = n, "write batch committed");
-    outcome.err()
+    reopen_cause
 }
 
 #[cfg(test)]

@@ -495,10 +495,11 @@ fn agentq_bin() -> &'static str {
     env!("CARGO_BIN_EXE_agentq")
 }
 
-/// Starts the real binary on a free port and returns it with its base URL.
-fn start_binary(db: &std::path::Path) -> (Child, String) {
+/// Starts the real binary on a free port and returns it (killed when dropped) with its base
+/// URL.
+fn start_binary(db: &std::path::Path) -> (Reaped, String) {
     let (mut cmd, base) = binary_command(Command::new(agentq_bin()), db);
-    (cmd.spawn().unwrap(), base)
+    (Reaped(cmd.spawn().unwrap()), base)
 }
 
 /// `cmd` (the binary, or a shell that execs it) with the arguments of a server on `db` and a
@@ -748,6 +749,30 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     again.wait().unwrap();
 }
 
+/// A child process killed when dropped, so a test that fails half way leaves no server
+/// running behind it.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// User and system CPU time of a process so far, in clock ticks (1/100 s on Linux).
 #[cfg(target_os = "linux")]
 fn cpu_ticks(pid: u32) -> u64 {
@@ -773,7 +798,7 @@ async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
     // Soft and hard: the server cannot raise it.
     shell.args(["-c", "ulimit -n 64 && exec \"$0\" \"$@\"", agentq_bin()]);
     let (mut cmd, base) = binary_command(shell, &dir.path().join("fd.redb"));
-    let mut child = cmd.env("RUST_LOG", "info").spawn().unwrap();
+    let mut child = Reaped(cmd.env("RUST_LOG", "info").spawn().unwrap());
     let client = client_with_key(ADMIN_KEY);
     wait_healthy(&client, &base).await;
     let addr = base.trim_start_matches("http://").to_string();
@@ -834,7 +859,7 @@ async fn add_admin_key_rescues_a_database_whose_keys_are_lost() {
     assert!(added.status.success(), "{:?}", added);
     let key = String::from_utf8(added.stdout).unwrap().trim().to_string();
     assert!(key.starts_with("aq_"), "{key}");
-    let (mut server, base) = start_binary(&db);
+    let (_server, base) = start_binary(&db);
     let client = client_with_key(&key);
     wait_healthy(&client, &base).await;
     let keys: Value = client
@@ -853,8 +878,6 @@ async fn add_admin_key_rescues_a_database_whose_keys_are_lost() {
         .collect();
     assert_eq!(names.len(), 2, "{keys}");
     assert!(names.contains(&"rescue"), "{keys}");
-    server.kill().unwrap();
-    server.wait().unwrap();
 }
 
 /// Polls `GET /health` until it answers `status`, for up to 10 s.

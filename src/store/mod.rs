@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
 use crate::model::{Millis, Task};
 use crate::time::Clock;
-pub use disk::Disk;
+use disk::Disk;
 use leases::Leases;
 use tables::{Tables, SCHEMA_VERSION};
 
@@ -292,10 +292,12 @@ impl Store {
         self.shared.failure()
     }
 
-    fn db(&self) -> Result<Arc<Database>> {
+    /// A read transaction on the open file, begun under the slot's read lock (no clone of the
+    /// handle, so the writer's reopen finds it unshared as soon as it has emptied the slot).
+    fn begin_read_txn(&self) -> Result<ReadTransaction> {
         let slot = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
         match &*slot {
-            Some(db) => Ok(db.clone()),
+            Some(db) => Ok(db.begin_read()?),
             None => Err(self
                 .shared
                 .failure()
@@ -372,11 +374,11 @@ impl Store {
 
     /// A read snapshot. Cheap; never waits for the writer.
     pub fn read(&self) -> Result<read::Reader> {
-        Ok(read::Reader::new(self.db()?.begin_read()?))
+        Ok(read::Reader::new(self.begin_read_txn()?))
     }
 
     pub fn begin_read(&self) -> Result<ReadTransaction> {
-        Ok(self.db()?.begin_read()?)
+        self.begin_read_txn()
     }
 
     /// Stops the writer after it has committed and answered everything already queued.
@@ -551,11 +553,12 @@ fn poisoned(db: &Database) -> bool {
     }
 }
 
-/// Opens the file again after an I/O error, so that the server recovers by itself once the
-/// cause is gone (space freed, say). Meanwhile writes fail at once with the cause and reads
-/// find no file: both answer 503, and `/health` says unhealthy. It closes the file as soon as
-/// no reader holds it, then opens it (redb repairs it if needed) and rereads what the writer
-/// keeps, retrying with back-off. `None`: the store was stopped meanwhile.
+/// Opens the file again after an I/O error (whose `cause` [`run_batch`] has recorded), so that
+/// the server recovers by itself once the cause is gone (space freed, say). Meanwhile writes
+/// fail at once with the cause and reads find no file: both answer 503, and `/health` says
+/// unhealthy. It empties the readers' slot and closes the file, then opens it (redb repairs
+/// it if needed) and rereads what the writer keeps, retrying with back-off. `None`: the store
+/// was stopped meanwhile.
 fn reopen(
     db: Arc<Database>,
     file: &File,
@@ -569,31 +572,19 @@ fn reopen(
         error = %cause,
         "the database file failed; writes are refused until it is open again"
     );
-    file.shared.set_failure(Some(cause));
     crate::telemetry::storage_failed();
-    let slot = file
-        .shared
-        .db
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    drop(slot);
+    *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+    // The slot held the only other handle: readers begin under its lock and keep none.
+    if let Ok(db) = Arc::try_unwrap(db) {
+        if let Err(e) = db.close() {
+            tracing::warn!(error = %e, "closing the failed database file");
+        }
+    }
     let started = std::time::Instant::now();
-    let (mut old, mut opened) = (Some(db), None::<Database>);
+    let mut opened = None::<Database>;
     let mut wait = std::time::Duration::from_millis(10);
     loop {
-        if let Some(db) = old.take() {
-            // A reader may still be starting a transaction on it: try again shortly.
-            match Arc::try_unwrap(db) {
-                Ok(db) => {
-                    if let Err(e) = db.close() {
-                        tracing::warn!(error = %e, "closing the failed database file");
-                    }
-                }
-                Err(db) => old = Some(db),
-            }
-        }
-        if old.is_none() && opened.is_none() {
+        if opened.is_none() {
             match file.open() {
                 Ok(db) => opened = Some(db),
                 Err(e) => tracing::warn!(error = %e, "opening the database file again failed"),

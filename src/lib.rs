@@ -9,6 +9,7 @@
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
+//! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
 //! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
 //! - [`time`]: the injected clock and the wire format of instants.
 //! - [`ids`]: task ids and lease tokens without a system call each.
@@ -20,6 +21,7 @@ pub mod error;
 pub mod hub;
 pub mod ids;
 pub mod lease;
+pub mod listen;
 pub mod model;
 pub mod scheduler;
 pub mod server;

@@ -87,6 +87,13 @@ struct ServeArgs {
           default_value_t = (agentq::store::DEFAULT_CACHE_BYTES >> 20) as u64,
           value_parser = clap::value_parser!(u64).range(8..=65_536))]
     cache_mib: u64,
+    /// Close a connection that has had no request in progress for this many seconds (since
+    /// it opened or since its last answer); 0 = never. A request in progress, a long-poll
+    /// included, is never cut.
+    #[arg(long, env = "AGENTQ_IDLE_TIMEOUT_SECS",
+          default_value_t = agentq::server::DEFAULT_IDLE_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    idle_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -151,6 +158,8 @@ fn main() -> ExitCode {
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;
     config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);
+    config.idle_timeout = (args.idle_timeout_secs > 0)
+        .then(|| std::time::Duration::from_secs(args.idle_timeout_secs));
     config.admin_key = match (args.admin_key, args.admin_key_file) {
         (Some(k), _) => Some(k),
         (None, Some(path)) => match std::fs::read_to_string(&path) {

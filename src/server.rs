@@ -9,14 +9,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
-use poem::web::{LocalAddr, RemoteAddr};
+use poem::endpoint::ToDynEndpoint;
 use tokio::sync::oneshot;
 
 use crate::api::{self, HttpOptions, State};
 use crate::auth::Authenticator;
+use crate::listen::{Limits, Listener};
 use crate::store::{OpenError, Store};
 use crate::time::{Clock, SystemClock};
+
+/// How long a connection may stay open without a request in progress (see [`crate::listen`]).
+/// Longer than the longest long-poll, and than the usual heartbeat of a working agent.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long shutdown waits for in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -39,6 +43,8 @@ pub struct Config {
     /// How the database file is opened: the file itself, or (tests, drills) a
     /// [`Faulty`](crate::store::disk::Faulty) one.
     pub opener: crate::store::Opener,
+    /// Close a connection after this long without a request in progress; `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 impl Config {
@@ -54,6 +60,7 @@ impl Config {
             session_ttl: Duration::from_secs(24 * 3600),
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             opener: Arc::new(crate::store::disk::file_backend),
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
         }
     }
 }
@@ -77,7 +84,7 @@ pub struct Server {
     /// given key). Shown once; never stored in clear.
     pub generated_admin_key: Option<String>,
     stop: Option<oneshot::Sender<()>>,
-    done: tokio::task::JoinHandle<std::io::Result<()>>,
+    done: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
@@ -101,24 +108,9 @@ impl Server {
                 return Err(StartError::Bootstrap(e));
             }
         };
-        let acceptor = Connections {
-            inner: TcpListener::bind(config.bind.clone())
-                .into_acceptor()
-                .await
-                .map_err(|e| StartError::Bind(config.bind.clone(), e))?,
-            failures: 0,
-            logged: None,
-        };
-        let addr = acceptor
-            .local_addr()
-            .first()
-            .and_then(|a| a.as_socket_addr().copied())
-            .ok_or_else(|| {
-                StartError::Bind(
-                    config.bind.clone(),
-                    std::io::Error::other("no local address"),
-                )
-            })?;
+        let bind_error = |e| StartError::Bind(config.bind.clone(), e);
+        let listener = Listener::bind(&config.bind).await.map_err(bind_error)?;
+        let addr = listener.local_addr().map_err(bind_error)?;
         let state = Arc::new(State {
             metrics: crate::telemetry::install(),
             totals: Default::default(),
@@ -141,18 +133,19 @@ impl Server {
         ));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hub = store.hub.clone();
-        let done = tokio::spawn(async move {
-            poem::Server::new_with_acceptor(acceptor)
-                .run_with_graceful_shutdown(
-                    app,
-                    async move {
-                        let _ = stop_rx.await;
-                        hub.shutdown();
-                    },
-                    Some(SHUTDOWN_GRACE),
-                )
-                .await
-        });
+        let limits = Limits {
+            idle: config.idle_timeout,
+            grace: SHUTDOWN_GRACE,
+        };
+        let done = tokio::spawn(crate::listen::serve(
+            listener,
+            Arc::new(ToDynEndpoint(app)),
+            async move {
+                let _ = stop_rx.await;
+                hub.shutdown();
+            },
+            limits,
+        ));
         Ok(Server {
             addr,
             store,
@@ -206,78 +199,6 @@ where
             Err(e) => {
                 tracing::error!(error = %e, "the {name} stopped; starting it again");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        }
-    }
-}
-
-/// Accepts TCP connections, with Nagle's algorithm off (every answer is one small write that
-/// an agent is waiting for, so it must leave at once) and TCP keep-alive on. An accept that fails (out of file
-/// descriptors, most often: a fleet larger than the open-file limit) is retried after a
-/// pause that doubles up to a second, and logged; poem's own loop would retry at once, and
-/// spin a core for as long as the condition lasts.
-struct Connections {
-    inner: TcpAcceptor,
-    /// Failed accepts in the current run of failures, and when it was last logged.
-    failures: u64,
-    logged: Option<Instant>,
-}
-
-/// TCP keep-alive on every connection: an agent whose machine died without closing its
-/// connection (power loss, a network partition) would otherwise hold its socket, and a file
-/// descriptor, forever. Probes start after 60 s without traffic and a silent peer is dropped
-/// about 50 s later; a live peer's kernel answers them, so idle agents keep their connection.
-fn keepalive() -> socket2::TcpKeepalive {
-    let k = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-    #[cfg(any(target_os = "linux", target_os = "macos"))]
-    let k = k.with_interval(Duration::from_secs(10)).with_retries(5);
-    k
-}
-
-/// The first pause after a failed accept, and the longest.
-const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
-
-impl Acceptor for Connections {
-    type Io = tokio::net::TcpStream;
-
-    fn local_addr(&self) -> Vec<LocalAddr> {
-        self.inner.local_addr()
-    }
-
-    async fn accept(
-        &mut self,
-    ) -> std::io::Result<(Self::Io, LocalAddr, RemoteAddr, poem::http::uri::Scheme)> {
-        let mut pause = ACCEPT_PAUSE.0;
-        loop {
-            match self.inner.accept().await {
-                Ok(accepted) => {
-                    let _ = accepted.0.set_nodelay(true);
-                    let _ = socket2::SockRef::from(&accepted.0).set_tcp_keepalive(&keepalive());
-                    if self.failures > 0 {
-                        tracing::info!(failed = self.failures, "accepting connections again");
-                        (self.failures, self.logged) = (0, None);
-                    }
-                    return Ok(accepted);
-                }
-                // The peer gave up before we took it: nothing to wait for.
-                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
-                Err(e) => {
-                    self.failures += 1;
-                    if self
-                        .logged
-                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
-                    {
-                        self.logged = Some(Instant::now());
-                        tracing::warn!(
-                            error = %e,
-                            failed = self.failures,
-                            "cannot accept connections; if the error is \"Too many open files\", \
-                             raise the open-file limit (systemd: LimitNOFILE)"
-                        );
-                    }
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(ACCEPT_PAUSE.1);
-                }
             }
         }
     }
@@ -369,33 +290,5 @@ mod tests {
         .await;
         std::panic::set_hook(hook);
         assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 3);
-    }
-
-    /// Accepted connections have Nagle off and TCP keep-alive on, with our timings.
-    #[tokio::test]
-    async fn accepted_connections_have_nodelay_and_keepalive() {
-        let mut acceptor = Connections {
-            inner: TcpListener::bind("127.0.0.1:0")
-                .into_acceptor()
-                .await
-                .unwrap(),
-            failures: 0,
-            logged: None,
-        };
-        let addr = *acceptor.local_addr()[0].as_socket_addr().unwrap();
-        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (stream, ..) = acceptor.accept().await.unwrap();
-        assert!(stream.nodelay().unwrap());
-        let sock = socket2::SockRef::from(&stream);
-        assert!(sock.keepalive().unwrap());
-        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
-        #[cfg(target_os = "linux")]
-        {
-            assert_eq!(
-                sock.tcp_keepalive_interval().unwrap(),
-                Duration::from_secs(10)
-            );
-            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
-        }
     }
 }

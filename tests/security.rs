@@ -723,3 +723,100 @@ async fn hostile_bodies_and_headers_get_4xx_never_5xx() {
     // Nothing changed.
     assert_eq!(app.stats(&f.project).await["totalTasks"], 2);
 }
+
+/// Reads one HTTP/1.1 answer (head, then a `content-length` body) from a raw connection.
+async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (name, value) = l.split_once(':')?;
+                    name.eq_ignore_ascii_case("content-length")
+                        .then(|| value.trim().parse::<usize>().unwrap())
+                })
+                .unwrap_or(0);
+            if got.len() >= end + 4 + length {
+                return text;
+            }
+        }
+        let n = conn.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the connection closed in the middle of an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// Waits (up to 10 s) for the server to close `conn`; panics if it answers something.
+async fn closed_by_server(conn: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(std::time::Duration::from_secs(10), conn.read(&mut buf))
+        .await
+        .expect("the server closes an idle connection");
+    match read {
+        Ok(n) => assert_eq!(n, 0, "expected the connection closed, got an answer"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+}
+
+/// A connection with no request in progress for the idle limit is closed: one that sends
+/// nothing, one that trickles a request head and stalls (slowloris), one left idle after an
+/// answer. A connection used again within the limit stays open, and a long-poll that lasts
+/// longer than the limit is answered.
+#[tokio::test]
+async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+    let limit = std::time::Duration::from_secs(1);
+    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.idle_timeout = Some(limit)
+    })
+    .await;
+    let addr = app.server.as_ref().unwrap().addr;
+    let project = app.project("idle").await;
+
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /health HTTP/1.1\r\nHost: agentq\r\n")
+        .await
+        .unwrap();
+
+    let mut reused = TcpStream::connect(addr).await.unwrap();
+    for _ in 0..3 {
+        reused
+            .write_all(b"GET /health HTTP/1.1\r\nHost: agentq\r\n\r\n")
+            .await
+            .unwrap();
+        assert!(read_answer(&mut reused).await.starts_with("HTTP/1.1 200"));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    let mut polling = TcpStream::connect(addr).await.unwrap();
+    let body = json!({"projectId": project, "waitSeconds": 2}).to_string();
+    let request = format!(
+        "POST /api/agents/a1/next-task HTTP/1.1\r\nHost: agentq\r\nX-API-Key: {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        app.admin_key,
+        body.len()
+    );
+    let asked = std::time::Instant::now();
+    polling.write_all(request.as_bytes()).await.unwrap();
+    let answer = read_answer(&mut polling).await;
+    assert!(asked.elapsed() >= limit * 2 - std::time::Duration::from_millis(100));
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.contains("No tasks available for assignment"),
+        "{answer}"
+    );
+
+    closed_by_server(&mut silent).await;
+    closed_by_server(&mut slow).await;
+    closed_by_server(&mut reused).await;
+    closed_by_server(&mut polling).await;
+    // The server still takes new connections.
+    assert_eq!(app.get("/health").await.status, 200);
+}

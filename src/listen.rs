@@ -1,0 +1,341 @@
+//! Accepting connections and serving HTTP on them: our own loop around hyper, in place of
+//! `poem::Server`, for three things poem does not let us set.
+//!
+//! - **Accept errors back off.** An accept that fails (out of file descriptors, most often:
+//!   a fleet larger than the open-file limit) is retried after a pause that doubles up to a
+//!   second, and logged; poem's loop retries at once and spins a core meanwhile.
+//! - **Idle connections are closed.** A connection with no request in progress for
+//!   [`Limits::idle`] (counted from its opening or from its last answer) is closed. That
+//!   bounds what a client that connects and sends nothing, or trickles a request head byte
+//!   by byte, can hold; a request in progress, a long-poll included, is never cut.
+//! - **Sockets are tuned** as they are accepted: Nagle off, TCP keep-alive on.
+//!
+//! HTTP/1.1 and HTTP/2 (prior knowledge) are served as poem served them; every request goes
+//! to the one poem endpoint built by [`crate::api::app`].
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use poem::endpoint::DynEndpoint;
+use poem::web::{LocalAddr, RemoteAddr};
+use poem::{Addr, Endpoint};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The endpoint every request goes to.
+pub type App = Arc<dyn DynEndpoint<Output = poem::Response>>;
+
+/// How connections are bounded.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Close a connection after this long without a request in progress; `None`: never.
+    pub idle: Option<Duration>,
+    /// How long shutdown waits for requests in progress before it drops them.
+    pub grace: Duration,
+}
+
+/// The listening socket, with the accept loop's back-off.
+pub struct Listener {
+    inner: TcpListener,
+    /// Failed accepts in the current run of failures, and when it was last logged.
+    failures: u64,
+    logged: Option<Instant>,
+}
+
+/// The first pause after a failed accept, and the longest.
+const ACCEPT_PAUSE: (Duration, Duration) = (Duration::from_millis(5), Duration::from_secs(1));
+
+impl Listener {
+    pub async fn bind(addr: &str) -> std::io::Result<Listener> {
+        Ok(Listener {
+            inner: TcpListener::bind(addr).await?,
+            failures: 0,
+            logged: None,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    /// The next connection, with Nagle's algorithm off (every answer is one small write that
+    /// an agent is waiting for, so it must leave at once) and TCP keep-alive on. Never fails:
+    /// failed accepts are retried after a pause.
+    async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+        let mut pause = ACCEPT_PAUSE.0;
+        loop {
+            match self.inner.accept().await {
+                Ok(accepted) => {
+                    let _ = accepted.0.set_nodelay(true);
+                    let _ = socket2::SockRef::from(&accepted.0).set_tcp_keepalive(&keepalive());
+                    if self.failures > 0 {
+                        tracing::info!(failed = self.failures, "accepting connections again");
+                        (self.failures, self.logged) = (0, None);
+                    }
+                    return accepted;
+                }
+                // The peer gave up before we took it: nothing to wait for.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
+                Err(e) => {
+                    self.failures += 1;
+                    if self
+                        .logged
+                        .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+                    {
+                        self.logged = Some(Instant::now());
+                        tracing::warn!(
+                            error = %e,
+                            failed = self.failures,
+                            "cannot accept connections; if the error is \"Too many open files\", \
+                             raise the open-file limit (systemd: LimitNOFILE)"
+                        );
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(ACCEPT_PAUSE.1);
+                }
+            }
+        }
+    }
+}
+
+/// TCP keep-alive on every connection: an agent whose machine died without closing its
+/// connection (power loss, a network partition) would otherwise hold its socket, and a file
+/// descriptor, until the idle limit. Probes start after 60 s without traffic and a silent
+/// peer is dropped about 50 s later; a live peer's kernel answers them.
+fn keepalive() -> socket2::TcpKeepalive {
+    let k = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    let k = k.with_interval(Duration::from_secs(10)).with_retries(5);
+    k
+}
+
+/// Serves `app` on every connection `listener` accepts until `shutdown` completes; then
+/// stops accepting, lets the requests in progress finish (up to `limits.grace`, then drops
+/// them), and returns.
+pub async fn serve(
+    mut listener: Listener,
+    app: App,
+    shutdown: impl Future<Output = ()>,
+    limits: Limits,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // The timer is hyper's for HTTP/1's own header-read limit, which we turn off: it would
+    // cut an idle keep-alive connection after 30 s; our idle limit covers it.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(None);
+    let builder = Arc::new(builder);
+    let (close, closing) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, remote) = tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        // Reap the tasks of closed connections as we go.
+        while connections.try_join_next().is_some() {}
+        let Ok(local) = stream.local_addr() else {
+            continue;
+        };
+        let conn = Arc::new(Connection {
+            app: app.clone(),
+            local: LocalAddr(Addr::SocketAddr(local)),
+            remote: RemoteAddr(Addr::SocketAddr(remote)),
+            activity: Activity::new(),
+        });
+        connections.spawn(serve_connection(
+            builder.clone(),
+            stream,
+            conn,
+            closing.clone(),
+            limits.idle,
+        ));
+    }
+    drop(listener);
+    let _ = close.send(true);
+    let drained = tokio::time::timeout(limits.grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            "requests still in progress after the shutdown grace period; dropping them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+/// What the requests of one connection share.
+struct Connection {
+    app: App,
+    local: LocalAddr,
+    remote: RemoteAddr,
+    activity: Activity,
+}
+
+async fn serve_connection(
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    stream: TcpStream,
+    conn: Arc<Connection>,
+    mut closing: watch::Receiver<bool>,
+    idle: Option<Duration>,
+) {
+    let service = hyper::service::service_fn({
+        let conn = conn.clone();
+        move |req| {
+            let conn = conn.clone();
+            async move {
+                let _busy = conn.activity.begin();
+                let req = poem::Request::from((
+                    req,
+                    conn.local.clone(),
+                    conn.remote.clone(),
+                    poem::http::uri::Scheme::HTTP,
+                ));
+                let resp = conn.app.get_response(req).await;
+                Ok::<_, Infallible>(hyper::Response::from(resp))
+            }
+        }
+    });
+    let http = builder.serve_connection(TokioIo::new(stream), service);
+    tokio::pin!(http);
+    let idle = async {
+        match idle {
+            Some(limit) => conn.activity.idle_for(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(idle);
+    tokio::select! {
+        biased;
+        _ = http.as_mut() => return,
+        // Nothing in progress: dropping the connection closes the socket.
+        _ = &mut idle => {
+            tracing::debug!(remote = %conn.remote, "closing an idle connection");
+            return;
+        }
+        _ = closing.wait_for(|closing| *closing) => {}
+    }
+    // Shutting down: an idle connection closes now, a busy one after its answer.
+    http.as_mut().graceful_shutdown();
+    let _ = http.await;
+}
+
+/// Whether a connection has requests in progress, and since when it has had none.
+struct Activity {
+    /// tokio's clock, which tests can pause and advance.
+    opened: tokio::time::Instant,
+    in_progress: AtomicUsize,
+    /// When the last request began or ended, in ms after `opened`.
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Activity {
+        Activity {
+            opened: tokio::time::Instant::now(),
+            in_progress: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
+    /// Marks a request in progress until the guard is dropped (answered, or abandoned by
+    /// its client).
+    fn begin(&self) -> Busy<'_> {
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.touch();
+        Busy(self)
+    }
+
+    /// Completes once no request has been in progress for `limit`. Wakes about once per
+    /// `limit`, not per request.
+    async fn idle_for(&self, limit: Duration) {
+        let mut at = tokio::time::Instant::now() + limit;
+        loop {
+            tokio::time::sleep_until(at).await;
+            let quiet = if self.in_progress.load(Ordering::Acquire) == 0 {
+                let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+                self.opened.elapsed().saturating_sub(last)
+            } else {
+                Duration::ZERO
+            };
+            if quiet >= limit {
+                return;
+            }
+            at = tokio::time::Instant::now() + (limit - quiet);
+        }
+    }
+}
+
+struct Busy<'a>(&'a Activity);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections have Nagle off and TCP keep-alive on, with our timings.
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_keepalive() {
+        let mut listener = Listener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = TcpStream::connect(addr).await.unwrap();
+        let (stream, _) = listener.accept().await;
+        assert!(stream.nodelay().unwrap());
+        let sock = socket2::SockRef::from(&stream);
+        assert!(sock.keepalive().unwrap());
+        assert_eq!(sock.tcp_keepalive_time().unwrap(), Duration::from_secs(60));
+        #[cfg(target_os = "linux")]
+        {
+            assert_eq!(
+                sock.tcp_keepalive_interval().unwrap(),
+                Duration::from_secs(10)
+            );
+            assert_eq!(sock.tcp_keepalive_retries().unwrap(), 5);
+        }
+    }
+
+    /// The idle watch ends only after `limit` with nothing in progress, counted from the
+    /// end of the last request; a request in progress holds it off however long it takes.
+    #[tokio::test(start_paused = true)]
+    async fn idle_counts_from_the_last_answer_and_never_during_a_request() {
+        let activity = Arc::new(Activity::new());
+        let limit = Duration::from_secs(10);
+        let watch = tokio::spawn({
+            let activity = activity.clone();
+            async move { activity.idle_for(limit).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let busy = activity.begin();
+        // A long request: far past the limit, and the connection stays.
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert!(!watch.is_finished());
+        drop(busy);
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        assert!(!watch.is_finished());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(watch.is_finished());
+    }
+}

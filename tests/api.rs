@@ -1138,6 +1138,11 @@ async fn next_task_orders_by_priority_then_age_and_resumes() {
 
 #[tokio::test]
 async fn next_task_validates_its_input() {
+    let many = |n: u128| -> Vec<String> {
+        (1..=n)
+            .map(|i| uuid::Uuid::from_u128(i).to_string())
+            .collect()
+    };
     let app = spawn_app().await;
     let p = app.project("p").await;
     for (agent, body, want) in [
@@ -1145,6 +1150,8 @@ async fn next_task_validates_its_input() {
         ("a", json!({"projectId": p, "waitSeconds": 61}), 400),
         ("a", json!({"projectId": p, "waitSeconds": -1}), 400),
         ("a", json!({"projectId": p, "typeIds": ["x"]}), 400),
+        ("a", json!({"projectId": p, "typeIds": many(101)}), 400),
+        ("a", json!({"projectId": p, "typeIds": many(100)}), 200),
         ("a", json!({"projectId": "missing"}), 404),
         ("a", json!({}), 400),
     ] {
@@ -1175,7 +1182,7 @@ async fn type_ids_restrict_what_an_agent_takes() {
     let got = app.next("y", json!({"projectId": p, "typeIds": [b]})).await;
     assert_eq!(got, Value::Null);
     let got = app
-        .next("y", json!({"projectId": p, "typeIds": [b, a]}))
+        .next("y", json!({"projectId": p, "typeIds": [b, a, b, a]}))
         .await;
     assert_eq!(got["id"], ta.as_str());
     // An untyped task has no type among any `typeIds`, not even the nil UUID.

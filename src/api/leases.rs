@@ -71,10 +71,19 @@ impl LeasesApi {
         let wait = body.0.wait_seconds.unwrap_or(0.0);
         c.float_range("waitSeconds", wait, 0.0, validate::MAX_WAIT_SECONDS);
         let type_ids: Option<Vec<u128>> = body.0.type_ids.as_ref().map(|ids| {
-            ids.iter()
+            if ids.len() > validate::MAX_TYPE_IDS {
+                let most = validate::MAX_TYPE_IDS;
+                c.fail("typeIds", format!("at most {most} type ids"), ids.len());
+                return Vec::new();
+            }
+            let mut ids: Vec<u128> = ids
+                .iter()
                 .enumerate()
                 .map(|(i, t)| c.uuid(&format!("typeIds[{i}]"), t))
-                .collect()
+                .collect();
+            ids.sort_unstable();
+            ids.dedup();
+            ids
         });
         c.finish(())?;
         let store = &self.0.store;

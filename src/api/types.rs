@@ -662,6 +662,7 @@ impl TaskOut {
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NextTaskIn {
     pub project_id: Text,
+    /// Hand out only tasks of these types (at most 100); without it, tasks of any type.
     pub type_ids: Option<Vec<Text>>,
     /// Long-poll: wait up to this many seconds (0-60) for a task.
     pub wait_seconds: Option<f64>,

@@ -27,6 +27,8 @@ pub const MAX_OUTPUTS_BYTES: usize = 1 << 20;
 pub const MAX_ERROR: usize = 10_000;
 pub const MAX_BULK: usize = 1000;
 pub const MAX_WAIT_SECONDS: f64 = 60.0;
+/// Task types one next-task may name: each costs the writer a seek per claim.
+pub const MAX_TYPE_IDS: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_PRIORITY: i64 = 10;

@@ -85,6 +85,7 @@ impl Listener {
                 Err(e) if e.kind() == std::io::ErrorKind::ConnectionAborted => {}
                 Err(e) => {
                     self.failures += 1;
+                    crate::telemetry::accept_failed();
                     if self
                         .logged
                         .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
@@ -191,6 +192,7 @@ async fn serve_connection(
     mut closing: watch::Receiver<bool>,
     idle: Option<Duration>,
 ) {
+    let _open = crate::telemetry::connection_opened();
     let service = hyper::service::service_fn({
         let conn = conn.clone();
         move |req| {
@@ -223,6 +225,7 @@ async fn serve_connection(
         // Nothing in progress: dropping the connection closes the socket.
         _ = &mut idle => {
             tracing::debug!(remote = %conn.remote, "closing an idle connection");
+            crate::telemetry::connection_idle_closed();
             return;
         }
         _ = closing.wait_for(|closing| *closing) => {}

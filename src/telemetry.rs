@@ -124,6 +124,22 @@ fn describe() {
         "agentq_auth_failures_total",
         "Requests refused with 401 (missing, unknown or revoked key or session)."
     );
+    describe_gauge!(
+        "agentq_http_connections_open",
+        "HTTP connections open now (each agent holds one)."
+    );
+    describe_counter!(
+        "agentq_http_connections_total",
+        "HTTP connections accepted."
+    );
+    describe_counter!(
+        "agentq_http_connections_idle_closed_total",
+        "HTTP connections closed after the idle limit (--idle-timeout-secs) without a request in progress."
+    );
+    describe_counter!(
+        "agentq_http_accept_errors_total",
+        "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
+    );
     for event in TaskEvent::ALL {
         let (name, help) = event.family();
         describe_counter!(name, help);
@@ -132,6 +148,10 @@ fn describe() {
     counter!("agentq_auth_failures_total").increment(0);
     counter!("agentq_storage_batches_unwritten_total").increment(0);
     counter!("agentq_storage_failures_total").increment(0);
+    counter!("agentq_http_connections_total").increment(0);
+    counter!("agentq_http_connections_idle_closed_total").increment(0);
+    counter!("agentq_http_accept_errors_total").increment(0);
+    gauge!("agentq_http_connections_open").increment(0.0);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.
@@ -231,6 +251,32 @@ pub fn unwritten_batch() {
 /// An I/O error on the database file; the writer opens it again.
 pub fn storage_failed() {
     counter!("agentq_storage_failures_total").increment(1);
+}
+
+/// A connection accepted; its [`OpenConnection`] counts it open until dropped.
+pub fn connection_opened() -> OpenConnection {
+    counter!("agentq_http_connections_total").increment(1);
+    gauge!("agentq_http_connections_open").increment(1.0);
+    OpenConnection
+}
+
+/// Counts one connection open for as long as it lives.
+pub struct OpenConnection;
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        gauge!("agentq_http_connections_open").decrement(1.0);
+    }
+}
+
+/// A connection closed for having no request in progress for the idle limit.
+pub fn connection_idle_closed() {
+    counter!("agentq_http_connections_idle_closed_total").increment(1);
+}
+
+/// A failed accept.
+pub fn accept_failed() {
+    counter!("agentq_http_accept_errors_total").increment(1);
 }
 
 pub fn rate_limited() {

@@ -817,6 +817,19 @@ async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
     drop(fleet);
     // A new connection (the client above keeps the one it had).
     wait_healthy(&reqwest::Client::new(), &base).await;
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let failed_accepts: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("agentq_http_accept_errors_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(failed_accepts > 0.0, "{metrics}");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -60,6 +60,10 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
         "agentq_storage_batches_unwritten_total ",
         "# HELP agentq_storage_failures_total ",
         "agentq_storage_failures_total 0",
+        "agentq_http_connections_open ",
+        "agentq_http_connections_total ",
+        "# HELP agentq_http_connections_idle_closed_total ",
+        "agentq_http_accept_errors_total ",
     ] {
         assert!(text.contains(needle), "missing {needle} in\n{text}");
     }

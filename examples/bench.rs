@@ -74,6 +74,11 @@ struct Opts {
     /// makes to measure what counting requests per key costs.
     #[arg(long, default_value_t = 0)]
     rate_limit: u64,
+    /// In the agent cycles, each next-task completes the agent's previous task (next-task's
+    /// `complete`): one request per cycle instead of two. The next-task figures are then
+    /// those of the combined request.
+    #[arg(long)]
+    combined: bool,
 }
 
 /// `head`, padded with words to `len` bytes when it is shorter.
@@ -276,6 +281,27 @@ struct CompleteBody<'a> {
     lease_token: Option<&'a str>,
 }
 
+/// A next-task that completes the agent's previous task first.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct NextAfter<'a> {
+    project_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    type_ids: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait_seconds: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    complete: Option<CompleteFirst<'a>>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct CompleteFirst<'a> {
+    task_id: &'a str,
+    result: &'a str,
+    lease_token: Option<&'a str>,
+}
+
 async fn post_typed<T: serde::de::DeserializeOwned>(
     c: &reqwest::Client,
     url: &str,
@@ -373,6 +399,7 @@ struct Agents {
     wait: f64,
     result: Arc<str>,
     sessions: bool,
+    combined: bool,
 }
 
 /// `agents` agents loop next-task → complete until the queue (of `type_ids`) drains.
@@ -388,6 +415,7 @@ async fn agent_cycle(
         wait,
         result,
         sessions,
+        combined,
     } = how;
     let t = Instant::now();
     let mut handles = Vec::new();
@@ -423,6 +451,42 @@ async fn agent_cycle(
                 body["waitSeconds"] = json!(wait);
             }
             let mut last_done = Instant::now();
+            if combined {
+                let next_url = format!("{base}/api/agents/{agent}/next-task");
+                let mut held: Option<TaskRef> = None;
+                loop {
+                    let body = serde_json::to_vec(&NextAfter {
+                        project_id: &project,
+                        type_ids: type_ids.as_deref(),
+                        wait_seconds: (wait > 0.0).then_some(wait),
+                        complete: held.as_ref().map(|t| CompleteFirst {
+                            task_id: &t.id,
+                            result: &result,
+                            lease_token: t.lease_token.as_deref(),
+                        }),
+                    })
+                    .unwrap();
+                    let s = Instant::now();
+                    let r: Envelope<NextData> = post_typed(&c, &next_url, body).await;
+                    let took = s.elapsed().as_micros() as u32;
+                    // An error answer has no `data`; "no task" has one, with a null task.
+                    let answered = r.data.is_some();
+                    let task = r.data.and_then(|d| d.task);
+                    if held.take().is_some() {
+                        assert!(answered, "the completion failed");
+                        done_lat.push(took);
+                        last_done = Instant::now();
+                    }
+                    match task {
+                        Some(t) => {
+                            next_lat.push(took);
+                            held = Some(t);
+                        }
+                        None => break,
+                    }
+                }
+                return (next_lat, done_lat, last_done);
+            }
             // The cycle reads only what an agent needs (typed, the rest skipped), so that the
             // client's own JSON work does not crowd the server out of the shared cores.
             let body = serde_json::to_vec(&body).unwrap();
@@ -654,6 +718,7 @@ async fn run(o: Opts) {
         wait: o.cycle_wait,
         result: padded("ok".into(), o.result_bytes).into(),
         sessions: o.sessions,
+        combined: o.combined,
     };
     let run_id = std::process::id();
     let mk_project = |name: String| {

@@ -340,3 +340,162 @@ async fn expiring_leases_never_let_two_agents_finish_one_task() {
         "{timeouts} timeouts, {lost} refused"
     );
 }
+
+/// next-task with `complete`: the agent's whole cycle in one request. The task is completed
+/// as `complete` would complete it and the next one is handed out; repeating the request
+/// (a lost answer) resumes that next task; a completion that `complete` would refuse is
+/// refused and nothing is claimed.
+#[tokio::test]
+async fn next_task_can_complete_the_previous_task_first() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let ids: Vec<String> = tasks_in_order(&app, &p, 4).await;
+    let first = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(first["id"], ids[0].as_str());
+    let token = first["leaseToken"].as_str().unwrap().to_string();
+    let cycle = json!({"projectId": p, "complete": {
+        "taskId": ids[0], "result": "done", "outputs": {"n": 1}, "leaseToken": token}});
+    let second = app.next("a", cycle.clone()).await;
+    assert_eq!(second["id"], ids[1].as_str());
+    let done = app.get(&format!("/api/tasks/{}", ids[0])).await;
+    assert_eq!(done.data()["status"], "completed");
+    assert_eq!(done.data()["result"], "done");
+    assert_eq!(done.data()["outputs"], json!({"n": 1}));
+    // The answer was lost and the agent asks again: same next task, one completion.
+    let again = app.next("a", cycle).await;
+    assert_eq!(again["id"], ids[1].as_str());
+    assert_eq!(again["leaseToken"], second["leaseToken"]);
+    let s = app.stats(&p).await;
+    assert_eq!(
+        (s["completedTasks"].clone(), s["runningTasks"].clone()),
+        (json!(1), json!(1))
+    );
+
+    // Refused as complete refuses: another agent, a stale token, an unknown task.
+    for (agent, complete, status, code) in [
+        ("b", json!({"taskId": ids[1]}), 409, "LEASE_LOST"),
+        (
+            "a",
+            json!({"taskId": ids[1], "leaseToken": token}),
+            409,
+            "LEASE_LOST",
+        ),
+        ("a", json!({"taskId": "nope"}), 404, "NOT_FOUND"),
+        (
+            "a",
+            json!({"taskId": ids[1], "outputs": [1]}),
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            "a",
+            json!({"taskId": ids[1], "leaseToken": "xyz"}),
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            "a",
+            json!({"taskId": ids[1], "extra": 1}),
+            400,
+            "VALIDATION_ERROR",
+        ),
+    ] {
+        let r = app
+            .post(
+                &format!("/api/agents/{agent}/next-task"),
+                json!({"projectId": p, "complete": complete}),
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (status, code),
+            "{complete}: {:?}",
+            r.body
+        );
+    }
+    let bad = app
+        .post(
+            "/api/agents/a/next-task",
+            json!({"projectId": p, "complete": {"taskId": ids[1], "outputs": 5}}),
+        )
+        .await;
+    assert_eq!(
+        bad.body["validationDetails"][0]["field"],
+        "complete.outputs"
+    );
+    let s = app.stats(&p).await;
+    assert_eq!(
+        (s["completedTasks"].clone(), s["runningTasks"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(
+        s["queuedTasks"], 2,
+        "nothing was claimed by a refused request"
+    );
+
+    // With a long-poll, and until the queue is empty: the last completion is kept even though
+    // no task follows it.
+    let third = app
+        .next(
+            "a",
+            json!({"projectId": p, "waitSeconds": 5, "complete": {"taskId": ids[1]}}),
+        )
+        .await;
+    assert_eq!(third["id"], ids[2].as_str());
+    let fourth = app
+        .next("a", json!({"projectId": p, "complete": {"taskId": ids[2]}}))
+        .await;
+    assert_eq!(fourth["id"], ids[3].as_str());
+    let none = app
+        .post(
+            "/api/agents/a/next-task",
+            json!({"projectId": p, "complete": {"taskId": ids[3]}}),
+        )
+        .await;
+    assert_eq!(none.status, 200);
+    assert_eq!(none.body["success"], false);
+    assert_eq!(none.data()["task"], Value::Null);
+    let s = app.stats(&p).await;
+    assert_eq!(s["completedTasks"], 4);
+    assert_eq!(s["runningTasks"], 0);
+}
+
+/// A key limited to one project cannot complete another project's task through next-task
+/// in its own: the task is out of its sight (404), and nothing is claimed.
+#[tokio::test]
+async fn next_task_completes_only_tasks_in_the_callers_scope() {
+    let app = spawn_app().await;
+    let mine = app.project("mine").await;
+    let theirs = app.project("theirs").await;
+    let other = app.task(&theirs, json!({"instructions": "x"})).await;
+    app.task(&mine, json!({"instructions": "y"})).await;
+    assert_eq!(
+        app.next("a", json!({"projectId": theirs})).await["id"],
+        other.as_str()
+    );
+    let (_, key) = app.key("agent", Some(vec![&mine])).await;
+    let scoped = client_with_key(&key);
+    let r = app
+        .call_with(
+            &scoped,
+            "POST",
+            "/api/agents/a/next-task",
+            Some(json!({"projectId": mine, "complete": {"taskId": other}})),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{:?}", r.body);
+    assert_eq!(app.stats(&theirs).await["runningTasks"], 1);
+    assert_eq!(app.stats(&mine).await["queuedTasks"], 1);
+}
+
+/// `n` tasks in `project`, created one after another (so they are handed out in this order).
+async fn tasks_in_order(app: &TestApp, project: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        ids.push(
+            app.task(project, json!({"instructions": format!("t{i}")}))
+                .await,
+        );
+    }
+    ids
+}

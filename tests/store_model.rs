@@ -21,6 +21,8 @@ enum Op {
     Create { typed: bool, priority: u8 },
     Claim { agent: usize, typed_only: bool },
     Complete { agent: usize },
+    /// next-task's `complete`: the held task completed and the next claimed in one write.
+    CompleteThenNext { agent: usize, typed_only: bool },
     Fail { agent: usize },
     Extend { agent: usize },
     Advance { ms: i64 },
@@ -32,6 +34,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (any::<bool>(), 0u8..=10).prop_map(|(typed, priority)| Op::Create { typed, priority }),
         4 => (0usize..4, any::<bool>()).prop_map(|(agent, typed_only)| Op::Claim { agent, typed_only }),
         2 => (0usize..4).prop_map(|agent| Op::Complete { agent }),
+        2 => (0usize..4, any::<bool>()).prop_map(|(agent, typed_only)| Op::CompleteThenNext { agent, typed_only }),
         1 => (0usize..4).prop_map(|agent| Op::Fail { agent }),
         1 => (0usize..4).prop_map(|agent| Op::Extend { agent }),
         1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000), Just(1_800_000)].prop_map(|ms| Op::Advance { ms }),
@@ -148,6 +151,41 @@ impl World {
                         )
                     }))
                     .map(|_| ())
+            }
+            Op::CompleteThenNext {
+                agent: a,
+                typed_only,
+            } => {
+                let name = agent(&a);
+                self.rt.block_on(self.store().write(move |w| {
+                    let Some(seq) = w.t.leases.held(project, &name) else {
+                        return Ok(());
+                    };
+                    let Some(t) = w.t.task(seq)? else {
+                        return Ok(());
+                    };
+                    let done = write::Done {
+                        id: t.id.clone(),
+                        token: t.lease.as_ref().map(|l| l.token),
+                        result: Some("r".into()),
+                        outputs: None,
+                    };
+                    let types = [ty];
+                    let claim = write::complete_then_next(
+                        w,
+                        done,
+                        write::no_check,
+                        &key,
+                        &name,
+                        typed_only.then_some(&types[..]),
+                        write::no_check,
+                    )?;
+                    // The completed task is never the one handed out next.
+                    if let write::Claim::Task(next, _) = claim {
+                        assert_ne!(next.id, t.id);
+                    }
+                    Ok(())
+                }))
             }
             Op::Complete { agent: a } | Op::Fail { agent: a } | Op::Extend { agent: a } => {
                 let name = agent(&a);

@@ -85,6 +85,29 @@ impl LeasesApi {
             ids.dedup();
             ids
         });
+        let done = match &body.0.complete {
+            Some(d) => {
+                let access = State::task_access(&auth, Right::Work, &d.task_id)?;
+                let (result, outputs, token) = validate::completion(
+                    &mut c,
+                    "complete.",
+                    d.result.as_deref(),
+                    d.outputs.as_ref(),
+                    d.lease_token.as_deref(),
+                );
+                let id = d.task_id.0.clone();
+                Some((
+                    write::Done {
+                        id,
+                        token,
+                        result,
+                        outputs,
+                    },
+                    access,
+                ))
+            }
+            None => None,
+        };
         c.finish(())?;
         let store = &self.0.store;
         let caller = auth.caller();
@@ -102,7 +125,18 @@ impl LeasesApi {
                     let access = |p: &crate::model::Project| {
                         caller.require_in(Right::Work, p.id, &format!("project {key}"))
                     };
-                    write::next_task(w, &key, &name, ids.as_deref(), access)
+                    match done {
+                        Some((done, check_done)) => write::complete_then_next(
+                            w,
+                            done,
+                            check_done,
+                            &key,
+                            &name,
+                            ids.as_deref(),
+                            access,
+                        ),
+                        None => write::next_task(w, &key, &name, ids.as_deref(), access),
+                    }
                 })
                 .await?;
             return Ok(next_task_answer(claim, agent));
@@ -113,16 +147,31 @@ impl LeasesApi {
         let hub = store.hub.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
+        let mut done = done;
         loop {
             // Queue before looking, so a task made available between the look and the wait
             // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
             // we got but did not use).
             let mut ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
             let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
+            // The completion, if any, goes with the first look only.
+            let done = done.take();
             let claim = store
                 .write(move |w| {
                     let key = crate::api::types::uuid_str(pid);
-                    write::next_task(w, &key, &name, ids.as_deref(), write::no_check)
+                    let ids = ids.as_deref();
+                    match done {
+                        Some((done, check_done)) => write::complete_then_next(
+                            w,
+                            done,
+                            check_done,
+                            &key,
+                            &name,
+                            ids,
+                            write::no_check,
+                        ),
+                        None => write::next_task(w, &key, &name, ids, write::no_check),
+                    }
                 })
                 .await?;
             if let Claim::Task(..) = claim {
@@ -164,38 +213,19 @@ impl LeasesApi {
             validate::MAX_AGENT_NAME,
             "Agent name",
         );
-        if let Some(r) = &b.result {
-            c.max_len("result", r, validate::MAX_RESULT);
-        }
-        let outputs = match &b.outputs {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v @ serde_json::Value::Object(_)) => {
-                let s = v.to_string();
-                if s.len() > validate::MAX_OUTPUTS_BYTES {
-                    c.fail("outputs", "must be at most 1 MiB serialized", s.len());
-                }
-                Some(s)
-            }
-            Some(_) => {
-                c.fail("outputs", "must be a JSON object", "");
-                None
-            }
-        };
-        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        let (result, outputs, token) = validate::completion(
+            &mut c,
+            "",
+            b.result.as_deref(),
+            b.outputs.as_ref(),
+            b.lease_token.as_deref(),
+        );
         c.finish(())?;
         let (t, _done): (_, Completion) = self
             .0
             .store
             .write(move |w| {
-                write::complete(
-                    w,
-                    &id.0,
-                    &b.agent_name,
-                    token,
-                    b.result.map(String::from),
-                    outputs,
-                    access,
-                )
+                write::complete(w, &id.0, &b.agent_name, token, result, outputs, access)
             })
             .await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))

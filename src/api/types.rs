@@ -666,6 +666,19 @@ pub struct NextTaskIn {
     pub type_ids: Option<Vec<Text>>,
     /// Long-poll: wait up to this many seconds (0-60) for a task.
     pub wait_seconds: Option<f64>,
+    /// Complete this task (one the agent holds) first, in the same write: an agent's whole
+    /// cycle in one request. Refused (and nothing claimed) as `complete` would refuse it.
+    pub complete: Option<CompleteFirst>,
+}
+
+/// next-task's `complete`: the fields of a complete, naming the task.
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CompleteFirst {
+    pub task_id: Text,
+    pub result: Option<Text>,
+    pub outputs: Option<serde_json::Value>,
+    pub lease_token: Option<Text>,
 }
 
 #[derive(Object, serde::Serialize)]

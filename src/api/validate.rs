@@ -413,14 +413,52 @@ pub fn update_task(b: UpdateTask) -> Result<TaskPatch, Error> {
 
 /// Parses an optional lease token (32 hex digits).
 pub fn lease_token(c: &mut Check, token: Option<&str>) -> Option<u128> {
+    lease_token_at(c, "leaseToken", token)
+}
+
+fn lease_token_at(c: &mut Check, field: &str, token: Option<&str>) -> Option<u128> {
     let t = token?;
     match u128::from_str_radix(t, 16) {
         Ok(v) if t.len() == 32 => Some(v),
         _ => {
-            c.fail("leaseToken", "not a lease token", t);
+            c.fail(field, "not a lease token", t);
             None
         }
     }
+}
+
+/// What a complete carries: its result text, its outputs (a JSON object, kept serialized)
+/// and its lease token. `at` prefixes the field names (`complete.` inside next-task).
+pub fn completion(
+    c: &mut Check,
+    at: &str,
+    result: Option<&str>,
+    outputs: Option<&serde_json::Value>,
+    token: Option<&str>,
+) -> (Option<String>, Option<String>, Option<u128>) {
+    if let Some(r) = result {
+        c.max_len(&format!("{at}result"), r, MAX_RESULT);
+    }
+    let outputs = match outputs {
+        None | Some(serde_json::Value::Null) => None,
+        Some(v @ serde_json::Value::Object(_)) => {
+            let s = v.to_string();
+            if s.len() > MAX_OUTPUTS_BYTES {
+                c.fail(
+                    &format!("{at}outputs"),
+                    "must be at most 1 MiB serialized",
+                    s.len(),
+                );
+            }
+            Some(s)
+        }
+        Some(_) => {
+            c.fail(&format!("{at}outputs"), "must be a JSON object", "");
+            None
+        }
+    };
+    let token = lease_token_at(c, &format!("{at}leaseToken"), token);
+    (result.map(String::from), outputs, token)
 }
 
 /// `limit` and `offset` query parameters.

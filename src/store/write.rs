@@ -642,6 +642,43 @@ pub fn next_task(
     Ok(Claim::Task(Box::new(task), true))
 }
 
+/// The task an agent completes in the same write as it asks for the next (next-task's
+/// `complete`), with what [`complete`] takes.
+pub struct Done {
+    pub id: String,
+    pub token: Option<u128>,
+    pub result: Option<String>,
+    pub outputs: Option<String>,
+}
+
+/// Completes `done` for `agent`, then resumes or leases its next task in `project_key`, in
+/// one write: one round trip and one commit share per agent cycle instead of two. The
+/// project and `check` (the caller's access to it) are settled before the complete, because
+/// a refusal must come before an operation's first write: once the complete is written,
+/// only a storage error (which fails the whole batch) can stop the claim.
+pub fn complete_then_next(
+    w: &mut W,
+    done: Done,
+    check_done: impl FnOnce(&Task) -> Result<()>,
+    project_key: &str,
+    agent: &str,
+    type_ids: Option<&[u128]>,
+    check: impl FnOnce(&Project) -> Result<()>,
+) -> Result<Claim> {
+    let p = resolve_project(w.t, project_key)?;
+    check(&p)?;
+    complete(
+        w,
+        &done.id,
+        agent,
+        done.token,
+        done.result,
+        done.outputs,
+        check_done,
+    )?;
+    next_task(w, project_key, agent, type_ids, no_check)
+}
+
 /// Loads a task for a holder operation, runs `check` on it before anything else (a scoped
 /// caller's access, see [`next_task`]), applies `f`, writes it back.
 fn holder_op<T>(

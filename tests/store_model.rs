@@ -18,14 +18,31 @@ use redb::ReadableTable;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Create { typed: bool, priority: u8 },
-    Claim { agent: usize, typed_only: bool },
-    Complete { agent: usize },
+    Create {
+        typed: bool,
+        priority: u8,
+    },
+    Claim {
+        agent: usize,
+        typed_only: bool,
+    },
+    Complete {
+        agent: usize,
+    },
     /// next-task's `complete`: the held task completed and the next claimed in one write.
-    CompleteThenNext { agent: usize, typed_only: bool },
-    Fail { agent: usize },
-    Extend { agent: usize },
-    Advance { ms: i64 },
+    CompleteThenNext {
+        agent: usize,
+        typed_only: bool,
+    },
+    Fail {
+        agent: usize,
+    },
+    Extend {
+        agent: usize,
+    },
+    Advance {
+        ms: i64,
+    },
     Restart,
 }
 

@@ -188,10 +188,9 @@ impl World {
                         outputs: None,
                     };
                     let types = [ty];
-                    let claim = write::complete_then_next(
+                    let claim = write::next_task_after(
                         w,
-                        done,
-                        write::no_check,
+                        Some((done, write::no_check)),
                         &key,
                         &name,
                         typed_only.then_some(&types[..]),

@@ -125,18 +125,7 @@ impl LeasesApi {
                     let access = |p: &crate::model::Project| {
                         caller.require_in(Right::Work, p.id, &format!("project {key}"))
                     };
-                    match done {
-                        Some((done, check_done)) => write::complete_then_next(
-                            w,
-                            done,
-                            check_done,
-                            &key,
-                            &name,
-                            ids.as_deref(),
-                            access,
-                        ),
-                        None => write::next_task(w, &key, &name, ids.as_deref(), access),
-                    }
+                    write::next_task_after(w, done, &key, &name, ids.as_deref(), access)
                 })
                 .await?;
             return Ok(next_task_answer(claim, agent));
@@ -159,19 +148,7 @@ impl LeasesApi {
             let claim = store
                 .write(move |w| {
                     let key = crate::api::types::uuid_str(pid);
-                    let ids = ids.as_deref();
-                    match done {
-                        Some((done, check_done)) => write::complete_then_next(
-                            w,
-                            done,
-                            check_done,
-                            &key,
-                            &name,
-                            ids,
-                            write::no_check,
-                        ),
-                        None => write::next_task(w, &key, &name, ids, write::no_check),
-                    }
+                    write::next_task_after(w, done, &key, &name, ids.as_deref(), write::no_check)
                 })
                 .await?;
             if let Claim::Task(..) = claim {

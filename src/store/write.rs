@@ -651,20 +651,23 @@ pub struct Done {
     pub outputs: Option<String>,
 }
 
-/// Completes `done` for `agent`, then resumes or leases its next task in `project_key`, in
-/// one write: one round trip and one commit share per agent cycle instead of two. The
-/// project and `check` (the caller's access to it) are settled before the complete, because
-/// a refusal must come before an operation's first write: once the complete is written,
-/// only a storage error (which fails the whole batch) can stop the claim.
-pub fn complete_then_next(
+/// next-task, with next-task's `complete`: when `done` is given, completes it for `agent`
+/// first, in the same write (one round trip and one commit share per agent cycle instead of
+/// two), then resumes or leases the agent's next task in `project_key`. The project and
+/// `check` (the caller's access to it) are settled before the complete, because a refusal
+/// must come before an operation's first write: once the complete is written, only a storage
+/// error (which fails the whole batch) can stop the claim.
+pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
     w: &mut W,
-    done: Done,
-    check_done: impl FnOnce(&Task) -> Result<()>,
+    done: Option<(Done, F)>,
     project_key: &str,
     agent: &str,
     type_ids: Option<&[u128]>,
     check: impl FnOnce(&Project) -> Result<()>,
 ) -> Result<Claim> {
+    let Some((done, check_done)) = done else {
+        return next_task(w, project_key, agent, type_ids, check);
+    };
     let p = resolve_project(w.t, project_key)?;
     check(&p)?;
     complete(

@@ -177,6 +177,9 @@ pub async fn serve(
     }
 }
 
+/// How long an idle connection being closed may take to say goodbye.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
 /// What the requests of one connection share.
 struct Connection {
     app: App,
@@ -219,20 +222,24 @@ async fn serve_connection(
         }
     };
     tokio::pin!(idle);
-    tokio::select! {
+    let went_idle = tokio::select! {
         biased;
         _ = http.as_mut() => return,
-        // Nothing in progress: dropping the connection closes the socket.
-        _ = &mut idle => {
-            tracing::debug!(remote = %conn.remote, "closing an idle connection");
-            crate::telemetry::connection_idle_closed();
-            return;
-        }
-        _ = closing.wait_for(|closing| *closing) => {}
-    }
-    // Shutting down: an idle connection closes now, a busy one after its answer.
+        _ = &mut idle => true,
+        _ = closing.wait_for(|closing| *closing) => false,
+    };
     http.as_mut().graceful_shutdown();
-    let _ = http.await;
+    if went_idle {
+        // Nothing in progress: closed politely (HTTP/2 says GOAWAY, so the client knows not
+        // to reuse it), but a client in the middle of a request head (slowloris) gets no
+        // more than a second of it before the socket is dropped.
+        tracing::debug!(remote = %conn.remote, "closing an idle connection");
+        crate::telemetry::connection_idle_closed();
+        let _ = tokio::time::timeout(IDLE_CLOSE_GRACE, http).await;
+    } else {
+        // Shutting down: an idle connection closes now, a busy one after its answer.
+        let _ = http.await;
+    }
 }
 
 /// Whether a connection has requests in progress, and since when it has had none.

@@ -822,8 +822,20 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
     closed_by_server(&mut polling).await;
     // The server still takes new connections.
     assert_eq!(app.get("/health").await.status, 200);
+    // An HTTP/2 client whose connection was closed while idle carries on (it was told, with
+    // GOAWAY, and opens a new one).
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for _ in 0..2 {
+        let r = h2.get(format!("{}/health", app.base)).send().await.unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_2);
+        assert_eq!(r.status(), 200);
+        tokio::time::sleep(limit * 2).await;
+    }
     let idle_closed = metric(&app, "agentq_http_connections_idle_closed_total").await;
-    assert!(idle_closed >= idle_closed_before + 4.0, "{idle_closed}");
+    assert!(idle_closed >= idle_closed_before + 5.0, "{idle_closed}");
 }
 
 /// The value of an unlabelled series in `/metrics`.

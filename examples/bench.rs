@@ -451,8 +451,8 @@ async fn agent_cycle(
                 body["waitSeconds"] = json!(wait);
             }
             let mut last_done = Instant::now();
+            let next_url = format!("{base}/api/agents/{agent}/next-task");
             if combined {
-                let next_url = format!("{base}/api/agents/{agent}/next-task");
                 let mut held: Option<TaskRef> = None;
                 loop {
                     let body = serde_json::to_vec(&NextAfter {
@@ -490,7 +490,6 @@ async fn agent_cycle(
             // The cycle reads only what an agent needs (typed, the rest skipped), so that the
             // client's own JSON work does not crowd the server out of the shared cores.
             let body = serde_json::to_vec(&body).unwrap();
-            let next_url = format!("{base}/api/agents/{agent}/next-task");
             loop {
                 let s = Instant::now();
                 let r: Envelope<NextData> = post_typed(&c, &next_url, body.clone()).await;

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use poem::endpoint::DynEndpoint;
 use poem::web::{LocalAddr, RemoteAddr};
@@ -126,14 +126,9 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     limits: Limits,
 ) {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    // The timer is hyper's for HTTP/1's own header-read limit, which we turn off: it would
-    // cut an idle keep-alive connection after 30 s; our idle limit covers it.
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(None);
-    let builder = Arc::new(builder);
+    // No hyper timer: HTTP/1's own header-read limit (which needs one) would also cut idle
+    // keep-alive connections after 30 s; our idle limit covers both.
+    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     let (close, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);

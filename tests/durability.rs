@@ -823,12 +823,7 @@ async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
         .text()
         .await
         .unwrap();
-    let failed_accepts: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("agentq_http_accept_errors_total "))
-        .unwrap()
-        .parse()
-        .unwrap();
+    let failed_accepts = metric_value(&metrics, "agentq_http_accept_errors_total");
     assert!(failed_accepts > 0.0, "{metrics}");
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -949,13 +944,6 @@ async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
     assert_eq!(create().await.status, 201);
     let total = app.stats(&p).await["totalTasks"].as_u64().unwrap();
     assert!(total == 3 || total == 4, "{total}");
-    let metrics = app.get("/metrics").await.body;
-    let failures: u64 = metrics
-        .as_str()
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("agentq_storage_failures_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("agentq_storage_failures_total is exported");
-    assert!(failures >= 2, "{failures}");
+    let failures = app.metric("agentq_storage_failures_total").await;
+    assert!(failures >= 2.0, "{failures}");
 }

@@ -779,7 +779,9 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
     let addr = app.server.as_ref().unwrap().addr;
     let project = app.project("idle").await;
 
-    let idle_closed_before = metric(&app, "agentq_http_connections_idle_closed_total").await;
+    let idle_closed_before = app
+        .metric("agentq_http_connections_idle_closed_total")
+        .await;
     let mut silent = TcpStream::connect(addr).await.unwrap();
     let mut slow = TcpStream::connect(addr).await.unwrap();
     slow.write_all(b"GET /health HTTP/1.1\r\nHost: agentq\r\n")
@@ -805,7 +807,7 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
         body.len()
     );
     // Counted open (the gauge is the process's: other tests' connections only add to it).
-    assert!(metric(&app, "agentq_http_connections_open").await >= 4.0);
+    assert!(app.metric("agentq_http_connections_open").await >= 4.0);
     let asked = std::time::Instant::now();
     polling.write_all(request.as_bytes()).await.unwrap();
     let answer = read_answer(&mut polling).await;
@@ -834,18 +836,8 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
         assert_eq!(r.status(), 200);
         tokio::time::sleep(limit * 2).await;
     }
-    let idle_closed = metric(&app, "agentq_http_connections_idle_closed_total").await;
+    let idle_closed = app
+        .metric("agentq_http_connections_idle_closed_total")
+        .await;
     assert!(idle_closed >= idle_closed_before + 5.0, "{idle_closed}");
-}
-
-/// The value of an unlabelled series in `/metrics`.
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let scraped = app.get("/metrics").await;
-    let text = scraped.body.as_str().expect("/metrics is text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
 }

@@ -85,7 +85,7 @@ impl LeasesApi {
             ids.dedup();
             ids
         });
-        let done = match &body.0.complete {
+        let mut done = match &body.0.complete {
             Some(d) => {
                 let access = State::task_access(&auth, Right::Work, &d.task_id)?;
                 let (result, outputs, token) = validate::completion(
@@ -136,7 +136,6 @@ impl LeasesApi {
         let hub = store.hub.clone();
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
-        let mut done = done;
         loop {
             // Queue before looking, so a task made available between the look and the wait
             // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up

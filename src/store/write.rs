@@ -595,6 +595,11 @@ pub fn next_task(
 ) -> Result<Claim> {
     let p = resolve_project(w.t, project_key)?;
     check(&p)?;
+    claim_in(w, &p, agent, type_ids)
+}
+
+/// next-task's work once the project is found and the caller may work in it.
+fn claim_in(w: &mut W, p: &Project, agent: &str, type_ids: Option<&[u128]>) -> Result<Claim> {
     if let Some(seq) = w.t.leases.held(p.id, agent) {
         if let Some(task) = w.t.task(seq)? {
             return Ok(Claim::Task(Box::new(task), false));
@@ -635,7 +640,7 @@ pub fn next_task(
         Some(id) => w.t.task_type(id)?,
         None => None,
     };
-    let rules = Rules::resolve(&p, ty.as_ref());
+    let rules = Rules::resolve(p, ty.as_ref());
     let mut task = old.clone();
     lease::claim(&mut task, agent, crate::ids::lease_token(), &rules, w.now);
     w.put_task(Some(&old), Some(&task))?;
@@ -679,7 +684,7 @@ pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
         done.outputs,
         check_done,
     )?;
-    next_task(w, project_key, agent, type_ids, no_check)
+    claim_in(w, &p, agent, type_ids)
 }
 
 /// Loads a task for a holder operation, runs `check` on it before anything else (a scoped

@@ -26,6 +26,16 @@ pub fn ids(list: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The value of the unlabelled series `name` in a `/metrics` text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 pub struct Resp {
     pub status: u16,
     pub body: Value,
@@ -234,6 +244,12 @@ impl TestApp {
             .task(project, json!({"typeId": ty, "instructions": "x"}))
             .await;
         (ty, id)
+    }
+
+    /// The value of the unlabelled series `name` in this server's `/metrics`.
+    pub async fn metric(&self, name: &str) -> f64 {
+        let scraped = self.get("/metrics").await;
+        metric_value(scraped.body.as_str().expect("/metrics is text"), name)
     }
 
     pub async fn stats(&self, project: &str) -> Value {

@@ -307,6 +307,7 @@ impl Store {
         let slot = self.shared.db.read().unwrap_or_else(|e| e.into_inner());
         match &*slot {
             Some(db) => Ok(db.begin_read()?),
+            None if self.shared.stopped.load(Ordering::Acquire) => Err(Error::ShuttingDown),
             None => Err(self
                 .shared
                 .failure()
@@ -566,6 +567,22 @@ fn writer_loop(
         }
     }
     // Anything sent after Stop is dropped with the receiver: its caller sees ShuttingDown.
+    // The file is closed here, not when the last handle on the store goes: a task that has
+    // not yet noticed the stop (a scheduler pass, a background write's caller) would hold it
+    // open past `close`, and a new store on the same file would find it locked.
+    close_file(db, file, "closing the database file");
+}
+
+/// Empties the slot and closes the file. The slot held the only other handle (readers begin
+/// under its lock and keep none), so the file is released at once; a read still in progress
+/// gets an error.
+fn close_file(db: Arc<Database>, file: &File, context: &str) {
+    *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = None;
+    if let Ok(db) = Arc::try_unwrap(db) {
+        if let Err(e) = db.close() {
+            tracing::warn!(error = %e, "{context}");
+        }
+    }
 }
 
 /// Whether the file must be opened again: after an I/O error (a full disk, a failing
@@ -600,13 +617,7 @@ fn reopen(
         "the database file failed; writes are refused until it is open again"
     );
     crate::telemetry::storage_failed();
-    *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = None;
-    // The slot held the only other handle: readers begin under its lock and keep none.
-    if let Ok(db) = Arc::try_unwrap(db) {
-        if let Err(e) = db.close() {
-            tracing::warn!(error = %e, "closing the failed database file");
-        }
-    }
+    close_file(db, file, "closing the failed database file");
     let started = std::time::Instant::now();
     let mut opened = None::<Database>;
     let mut wait = std::time::Duration::from_millis(10);
@@ -833,6 +844,20 @@ mod tests {
         let txn = db.begin_read().unwrap();
         let v = txn.open_table(META).unwrap().get("schema_version").unwrap();
         assert_eq!(v.map(|v| v.value()), Some(SCHEMA_VERSION));
+    }
+
+    /// `close` releases the file although other handles on the store live on (tasks that have
+    /// not yet seen the stop): a new store opens it at once, and the old one refuses reads.
+    #[test]
+    fn close_releases_the_file_while_the_store_is_still_shared() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.redb");
+        let store = Store::open(&path, Arc::new(SystemClock)).unwrap();
+        let lingering = store.clone();
+        store.close();
+        let again = Store::open(&path, Arc::new(SystemClock)).expect("the file was released");
+        assert!(matches!(lingering.read(), Err(Error::ShuttingDown)));
+        again.close();
     }
 }
 

@@ -7,7 +7,8 @@
 //! - **Idle connections are closed.** A connection with no request in progress for
 //!   [`Limits::idle`] (counted from its opening or from its last answer) is closed. That
 //!   bounds what a client that connects and sends nothing, or trickles a request head byte
-//!   by byte, can hold; a request in progress, a long-poll included, is never cut.
+//!   by byte, can hold; a request in progress, a long-poll included, is never cut, and
+//!   neither is an answer still being sent (a client slowly reading a large listing).
 //! - **Sockets are tuned** as they are accepted: Nagle off, TCP keep-alive on.
 //!
 //! HTTP/1.1 and HTTP/2 (prior knowledge) are served as poem served them; every request goes
@@ -16,9 +17,13 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use hyper::body::{Body, Frame, SizeHint};
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -183,6 +188,17 @@ struct Connection {
     activity: Activity,
 }
 
+impl Connection {
+    /// Marks a request in progress until the guard is dropped (its answer sent, or the
+    /// request abandoned by its client). The guard holds the request's handle on the
+    /// connection.
+    fn begin(self: Arc<Self>) -> Busy {
+        self.activity.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.activity.touch();
+        Busy(self)
+    }
+}
+
 async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
     stream: TcpStream,
@@ -194,9 +210,9 @@ async fn serve_connection(
     let service = hyper::service::service_fn({
         let conn = conn.clone();
         move |req| {
-            let conn = conn.clone();
+            let busy = conn.clone().begin();
             async move {
-                let _busy = conn.activity.begin();
+                let conn = &busy.0;
                 let req = poem::Request::from((
                     req,
                     conn.local.clone(),
@@ -204,7 +220,12 @@ async fn serve_connection(
                     poem::http::uri::Scheme::HTTP,
                 ));
                 let resp = conn.app.get_response(req).await;
-                Ok::<_, Infallible>(hyper::Response::from(resp))
+                // Busy until its answer has been handed to the socket, not only made.
+                let resp = hyper::Response::from(resp).map(|body| Sending {
+                    body,
+                    busy: Some(busy),
+                });
+                Ok::<_, Infallible>(resp)
             }
         }
     });
@@ -237,6 +258,41 @@ async fn serve_connection(
     }
 }
 
+/// An answer's body that keeps its connection busy until hyper has taken its last frame,
+/// so that the idle limit does not cut a large answer that a slow client is still reading.
+/// hyper takes the next frame only when its write buffer has room (a few hundred KiB), so
+/// at most that much is still queued when the connection turns idle.
+struct Sending<B> {
+    body: B,
+    busy: Option<Busy>,
+}
+
+impl<B: Body + Unpin> Body for Sending<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            self.busy = None;
+        }
+        polled
+    }
+
+    // Not the body's own answer: hyper would then drop it with its last frame, before that
+    // frame is written, and ask no more.
+    fn is_end_stream(&self) -> bool {
+        self.busy.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Whether a connection has requests in progress, and since when it has had none.
 struct Activity {
     /// tokio's clock, which tests can pause and advance.
@@ -260,14 +316,6 @@ impl Activity {
             .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
-    /// Marks a request in progress until the guard is dropped (answered, or abandoned by
-    /// its client).
-    fn begin(&self) -> Busy<'_> {
-        self.in_progress.fetch_add(1, Ordering::AcqRel);
-        self.touch();
-        Busy(self)
-    }
-
     /// Completes once no request has been in progress for `limit`. Wakes about once per
     /// `limit`, not per request.
     async fn idle_for(&self, limit: Duration) {
@@ -288,12 +336,12 @@ impl Activity {
     }
 }
 
-struct Busy<'a>(&'a Activity);
+struct Busy(Arc<Connection>);
 
-impl Drop for Busy<'_> {
+impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.in_progress.fetch_sub(1, Ordering::AcqRel);
+        self.0.activity.touch();
+        self.0.activity.in_progress.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -326,14 +374,23 @@ mod tests {
     /// end of the last request; a request in progress holds it off however long it takes.
     #[tokio::test(start_paused = true)]
     async fn idle_counts_from_the_last_answer_and_never_during_a_request() {
-        let activity = Arc::new(Activity::new());
+        let app: App = Arc::new(poem::endpoint::ToDynEndpoint(poem::endpoint::make_sync(
+            |_| poem::Response::default(),
+        )));
+        let addr = || Addr::SocketAddr(([127, 0, 0, 1], 0).into());
+        let conn = Arc::new(Connection {
+            app,
+            local: LocalAddr(addr()),
+            remote: RemoteAddr(addr()),
+            activity: Activity::new(),
+        });
         let limit = Duration::from_secs(10);
         let watch = tokio::spawn({
-            let activity = activity.clone();
-            async move { activity.idle_for(limit).await }
+            let conn = conn.clone();
+            async move { conn.activity.idle_for(limit).await }
         });
         tokio::time::sleep(Duration::from_secs(5)).await;
-        let busy = activity.begin();
+        let busy = conn.clone().begin();
         // A long request: far past the limit, and the connection stays.
         tokio::time::sleep(Duration::from_secs(35)).await;
         assert!(!watch.is_finished());

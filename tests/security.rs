@@ -728,21 +728,25 @@ async fn hostile_bodies_and_headers_get_4xx_never_5xx() {
 async fn read_answer(conn: &mut tokio::net::TcpStream) -> String {
     use tokio::io::AsyncReadExt;
     let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut expected = None;
     loop {
-        let text = String::from_utf8_lossy(&got).to_string();
-        if let Some(end) = text.find("\r\n\r\n") {
-            let length = text[..end]
-                .lines()
-                .find_map(|l| {
-                    let (name, value) = l.split_once(':')?;
-                    name.eq_ignore_ascii_case("content-length")
-                        .then(|| value.trim().parse::<usize>().unwrap())
-                })
-                .unwrap_or(0);
-            if got.len() >= end + 4 + length {
-                return text;
+        if expected.is_none() {
+            if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&got[..end]).to_string();
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        let (name, value) = l.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                expected = Some(end + 4 + length);
             }
+        }
+        if expected.is_some_and(|n| got.len() >= n) {
+            return String::from_utf8_lossy(&got).to_string();
         }
         let n = conn.read(&mut buf).await.unwrap();
         assert!(n > 0, "the connection closed in the middle of an answer");
@@ -840,4 +844,40 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
         .metric("agentq_http_connections_idle_closed_total")
         .await;
     assert!(idle_closed >= idle_closed_before + 5.0, "{idle_closed}");
+}
+
+/// The idle limit counts from the end of an answer's sending, not from its making: a client
+/// that stops reading a large answer for longer than the limit (a slow link, a client busy
+/// with the first part) still gets all of it, and the connection is closed once idle.
+#[tokio::test]
+async fn a_large_answer_read_slowly_is_not_cut_by_the_idle_limit() {
+    use tokio::io::AsyncWriteExt;
+    let limit = std::time::Duration::from_secs(1);
+    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.idle_timeout = Some(limit)
+    })
+    .await;
+    let project = app.project("big").await;
+    // ~10 MB of answer: more than the kernel's socket buffers take, so most of it waits in
+    // the server while the client does not read.
+    let prompt = "p".repeat(10_000);
+    for _ in 0..8 {
+        let tasks: Vec<Value> = (0..125).map(|_| json!({"instructions": prompt})).collect();
+        app.bulk(&project, &tasks).await;
+    }
+    let mut conn = tokio::net::TcpStream::connect(app.server.as_ref().unwrap().addr)
+        .await
+        .unwrap();
+    let request = format!(
+        "GET /api/projects/{project}/tasks?limit=1000 HTTP/1.1\r\nHost: agentq\r\n\
+         X-API-Key: {}\r\n\r\n",
+        app.admin_key
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(limit * 3).await;
+    let answer = read_answer(&mut conn).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..200]);
+    let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    assert_eq!(body["data"].as_array().unwrap().len(), 1000);
+    closed_by_server(&mut conn).await;
 }

@@ -4,6 +4,7 @@
 //!
 //! ```sh
 //! cargo run --release --example store_bench -- [--agents 64] [--tasks 50000] [--rounds 5]
+//!     [--typed] [--backlog N]
 //! ```
 //!
 //! Each round drains `--tasks` tasks on a fresh database in a temporary directory (full
@@ -13,7 +14,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use agentq::store::write::{self, Claim, NewProject, NewTask};
+use agentq::model::DuplicateHandling;
+use agentq::store::write::{self, Claim, NewProject, NewTask, NewTaskType};
 use agentq::store::Store;
 use agentq::telemetry::{cpu_seconds, stat_cpu_seconds};
 use agentq::time::SystemClock;
@@ -37,6 +39,57 @@ struct Opts {
     /// Instructions of this many bytes in each task (0: a few bytes).
     #[arg(long, default_value_t = 0)]
     instructions_bytes: usize,
+    /// The tasks are of a task type and the agents claim with its id (`typeIds`), as the
+    /// HTTP benchmark's backlog phase does.
+    #[arg(long)]
+    typed: bool,
+    /// Tasks of another type queued beside them before the round (implies `--typed`).
+    #[arg(long, default_value_t = 0)]
+    backlog: usize,
+}
+
+/// A task type named `name` in `project`; its id.
+async fn task_type(store: &Store, project: &str, name: &str) -> u128 {
+    let (key, name) = (project.to_string(), name.to_string());
+    let ty = store
+        .write(move |w| {
+            write::create_type(
+                w,
+                &key,
+                NewTaskType {
+                    name,
+                    template: None,
+                    variables: Vec::new(),
+                    duplicate_handling: DuplicateHandling::Allow,
+                    max_retries: None,
+                    lease_duration_minutes: None,
+                    retry_delay_seconds: 0.0,
+                    backoff_multiplier: 1.0,
+                },
+            )
+        })
+        .await
+        .unwrap();
+    ty.id
+}
+
+/// Creates `n` tasks (of `type_id`, if given) in `project`, 1,000 per write.
+async fn add_tasks(store: &Store, project: &str, n: usize, type_id: Option<u128>, bytes: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let tasks: Vec<NewTask> = chunk
+            .iter()
+            .map(|i| NewTask {
+                type_id,
+                instructions: Some(format!("task {i} {}", "x".repeat(bytes))),
+                ..NewTask::default()
+            })
+            .collect();
+        let key = project.to_string();
+        store
+            .write(move |w| write::create_tasks(w, &key, tasks))
+            .await
+            .unwrap();
+    }
 }
 
 /// CPU seconds of this process, and of its thread named `agentq-writer` (Linux).
@@ -63,20 +116,16 @@ async fn round(o: &Opts) -> serde_json::Value {
         .await
         .unwrap();
     let pid = uuid::Uuid::from_u128(project.id).to_string();
-    for chunk in (0..o.tasks).collect::<Vec<_>>().chunks(1000) {
-        let tasks: Vec<NewTask> = chunk
-            .iter()
-            .map(|i| NewTask {
-                instructions: Some(format!("task {i} {}", "x".repeat(o.instructions_bytes))),
-                ..NewTask::default()
-            })
-            .collect();
-        let key = pid.clone();
-        store
-            .write(move |w| write::create_tasks(w, &key, tasks))
-            .await
-            .unwrap();
+    let work = if o.typed || o.backlog > 0 {
+        Some(task_type(&store, &pid, "work").await)
+    } else {
+        None
+    };
+    if o.backlog > 0 {
+        let other = task_type(&store, &pid, "other").await;
+        add_tasks(&store, &pid, o.backlog, Some(other), 0).await;
     }
+    add_tasks(&store, &pid, o.tasks, work, o.instructions_bytes).await;
     let (cpu0, writer0) = process_and_writer_cpu();
     let started = Instant::now();
     let mut agents = Vec::new();
@@ -89,7 +138,16 @@ async fn round(o: &Opts) -> serde_json::Value {
             loop {
                 let (k, name) = (key.clone(), agent.clone());
                 let claim = store
-                    .write(move |w| write::next_task(w, &k, &name, None, write::no_check))
+                    .write(move |w| {
+                        let types = work.map(|t| [t]);
+                        write::next_task(
+                            w,
+                            &k,
+                            &name,
+                            types.as_ref().map(|t| &t[..]),
+                            write::no_check,
+                        )
+                    })
                     .await
                     .unwrap();
                 let Claim::Task(task, _) = claim else { break };
@@ -121,6 +179,8 @@ async fn round(o: &Opts) -> serde_json::Value {
     serde_json::json!({
         "agents": o.agents,
         "tasks": o.tasks,
+        "typed": work.is_some(),
+        "backlog": o.backlog,
         "cycles_per_s": (cycles as f64 / secs).round(),
         "cpu_us_per_cycle": per(cpu1 - cpu0),
         "writer_cpu_us_per_cycle": per(writer1 - writer0),

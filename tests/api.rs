@@ -1962,6 +1962,13 @@ async fn a_task_wakes_one_long_poller_that_accepts_it() {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     assert_eq!(server.store.hub.waiters(), 11, "all pollers are waiting");
+    // A poller is counted as it sends its first look to the writer; one more claim, queued
+    // after those looks, returns once they have all run (on a loaded machine the writer may
+    // not have got to them yet, and they would be counted below).
+    assert_eq!(
+        app.next("settle", json!({"projectId": p})).await,
+        Value::Null
+    );
     let ops = || server.store.batches.operations.load(Ordering::Relaxed);
     let before = ops();
     // A task of type b: the poller for b gets it, though ten pollers waited longer.

@@ -63,6 +63,10 @@ pub enum Error {
     /// The database failed; the message is for logs only.
     #[error("storage failure: {0}")]
     Storage(String),
+    /// The database file failed earlier and is being opened again: refused at once. The
+    /// failure itself was logged once, by the store; the message is for logs only.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
     /// The commit failed: whether it reached the disk is unknown (a failed fsync may leave
     /// it there). The message is for logs only.
     #[error("commit failure: {0}")]

@@ -906,11 +906,9 @@ async fn health_becomes(app: &TestApp, status: u16) {
 /// `/health` said healthy, until it was restarted.)
 #[tokio::test]
 async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
-    let (full, bad_sync) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicBool::new(false)),
-    );
-    let opener = agentq::store::disk::faulty_opener(full.clone(), bad_sync.clone());
+    let faults = agentq::store::disk::Faults::default();
+    let (full, bad_sync) = (faults.full.clone(), faults.bad_sync.clone());
+    let opener = agentq::store::disk::faulty_opener(faults);
     let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
         c.opener = opener
     })

@@ -246,7 +246,10 @@ impl World {
         };
         if let Err(e) = result {
             assert!(
-                !matches!(e, agentq::error::Error::Storage(_)),
+                !matches!(
+                    e,
+                    agentq::error::Error::Storage(_) | agentq::error::Error::Unavailable(_)
+                ),
                 "storage error on {op:?}: {e}"
             );
         }

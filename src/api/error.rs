@@ -26,9 +26,10 @@ fn status_and_code(e: &Error) -> (StatusCode, &'static str) {
         Error::NotFound(_) => (StatusCode::NOT_FOUND, "NOT_FOUND"),
         Error::Conflict(_) => (StatusCode::CONFLICT, "CONFLICT"),
         Error::LeaseLost(_) => (StatusCode::CONFLICT, "LEASE_LOST"),
-        Error::ShuttingDown | Error::Storage(_) | Error::CommitUnknown(_) => {
-            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
-        }
+        Error::ShuttingDown
+        | Error::Storage(_)
+        | Error::Unavailable(_)
+        | Error::CommitUnknown(_) => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
     }
 }
 
@@ -94,6 +95,12 @@ pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
         let message = match e {
             Error::Storage(cause) => {
                 tracing::error!(correlation_id, cause = %cause, "storage failure");
+                "storage is unavailable; the request was not applied".to_string()
+            }
+            // Refused while the file is opened again: its failure is logged once, not per
+            // request (a fleet retrying on a full disk would flood the log).
+            Error::Unavailable(cause) => {
+                tracing::debug!(correlation_id, cause = %cause, "refused: storage unavailable");
                 "storage is unavailable; the request was not applied".to_string()
             }
             Error::CommitUnknown(cause) => {

@@ -120,18 +120,26 @@ impl StorageBackend for Disk {
 }
 
 /// A backend with faults on demand, for tests and drills: while `full` is set its writes and
-/// growth fail with ENOSPC (a full disk); while `bad_sync` is set its syncs fail with EIO
-/// without syncing (a failing device: the data may still reach the disk).
+/// growth fail with ENOSPC (a full disk); while `no_growth` is set only growing the file
+/// fails so (a full disk under a file with free pages inside); while `bad_sync` is set its
+/// syncs fail with EIO without syncing (a failing device: the data may still reach the disk).
 #[derive(Debug)]
 pub struct Faulty {
     pub inner: Backend,
+    pub faults: Faults,
+}
+
+/// The switches of [`Faulty`] files; clones share them.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
     pub full: Arc<std::sync::atomic::AtomicBool>,
+    pub no_growth: Arc<std::sync::atomic::AtomicBool>,
     pub bad_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Faulty {
     fn check(&self) -> io::Result<()> {
-        if self.full.load(Ordering::SeqCst) {
+        if self.faults.full.load(Ordering::SeqCst) {
             Err(io::Error::from_raw_os_error(28)) // ENOSPC
         } else {
             Ok(())
@@ -143,10 +151,13 @@ impl StorageBackend for Faulty {
     pass_through!();
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check()?;
+        if self.faults.no_growth.load(Ordering::SeqCst) && len > self.inner.len()? {
+            return Err(io::Error::from_raw_os_error(28));
+        }
         self.inner.set_len(len)
     }
     fn sync_data(&self) -> io::Result<()> {
-        if self.bad_sync.load(Ordering::SeqCst) {
+        if self.faults.bad_sync.load(Ordering::SeqCst) {
             return Err(io::Error::from_raw_os_error(5)); // EIO
         }
         self.inner.sync_data()
@@ -157,16 +168,12 @@ impl StorageBackend for Faulty {
     }
 }
 
-/// An [`Opener`](super::Opener) of [`Faulty`] files sharing `full` and `bad_sync`.
-pub fn faulty_opener(
-    full: Arc<std::sync::atomic::AtomicBool>,
-    bad_sync: Arc<std::sync::atomic::AtomicBool>,
-) -> super::Opener {
+/// An [`Opener`](super::Opener) of [`Faulty`] files sharing the switches of `faults`.
+pub fn faulty_opener(faults: Faults) -> super::Opener {
     Arc::new(move |path: &Path| -> Result<Backend, DatabaseError> {
         Ok(Box::new(Faulty {
             inner: file_backend(path)?,
-            full: full.clone(),
-            bad_sync: bad_sync.clone(),
+            faults: faults.clone(),
         }))
     })
 }

@@ -89,7 +89,7 @@ impl Shared {
         }
         let f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         f.as_ref().map(|cause| {
-            Error::Storage(format!(
+            Error::Unavailable(format!(
                 "the database file failed ({cause}); it is being reopened"
             ))
         })
@@ -472,6 +472,8 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
             next_seq,
             delayed_from: Millis::MIN,
             leases,
+            reopened: None,
+            hold: std::time::Duration::ZERO,
         }))
     };
     run().map_err(io)?
@@ -510,6 +512,10 @@ impl File {
 
 /// The longest pause between two attempts to open the file again after an I/O error.
 const MAX_REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// A failure this soon after the file was last opened again counts as a repeat (see
+/// [`reopen`]), and the first pause before opening it again after a repeat.
+const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
+const FIRST_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
 
 fn writer_loop(
     mut db: Arc<Database>,
@@ -601,8 +607,9 @@ fn poisoned(db: &Database) -> bool {
 /// the server recovers by itself once the cause is gone (space freed, say). Meanwhile writes
 /// fail at once with the cause and reads find no file: both answer 503, and `/health` says
 /// unhealthy. It empties the readers' slot and closes the file, then opens it (redb repairs
-/// it if needed) and rereads what the writer keeps, retrying with back-off. `None`: the store
-/// was stopped meanwhile.
+/// it if needed) and rereads what the writer keeps, retrying with back-off; after a failure
+/// soon after the last reopen it first pauses (see below). `None`: the store was stopped
+/// meanwhile.
 fn reopen(
     db: Arc<Database>,
     file: &File,
@@ -617,8 +624,20 @@ fn reopen(
         "the database file failed; writes are refused until it is open again"
     );
     crate::telemetry::storage_failed();
+    st.counts.reopens.fetch_add(1, Ordering::Relaxed);
     close_file(db, file, "closing the failed database file");
     let started = std::time::Instant::now();
+    // A disk that stays full can still let the file be opened (its free pages take the
+    // start-up write) and then fail the next write that grows it. Without a pause, each
+    // batch of a busy fleet would close and open the file again (with its log lines); so
+    // after a failure soon after the last reopen, writes stay refused for a while once the
+    // file is open again (reads work meanwhile), twice as long each time in a row.
+    st.hold = match st.reopened {
+        Some(at) if at.elapsed() < REPEAT_WINDOW => {
+            (st.hold * 2).clamp(FIRST_HOLD, MAX_REOPEN_WAIT)
+        }
+        _ => std::time::Duration::ZERO,
+    };
     let mut opened = None::<Database>;
     let mut wait = std::time::Duration::from_millis(10);
     loop {
@@ -637,12 +656,18 @@ fn reopen(
                     hub.set_first_lease(st.leases.first_expiry());
                     let db = Arc::new(db);
                     *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
-                    file.shared.set_failure(None);
+                    st.reopened = Some(std::time::Instant::now());
                     tracing::info!(
                         database = %file.path.display(),
                         ms = started.elapsed().as_millis() as u64,
+                        writes_in_ms = st.hold.as_millis() as u64,
                         "the database file is open again"
                     );
+                    if !refuse_for(st.hold, file, rx) {
+                        close_file(db, file, "closing the database file");
+                        return None;
+                    }
+                    file.shared.set_failure(None);
                     return Some(db);
                 }
                 Err(e) => {
@@ -667,6 +692,26 @@ fn reopen(
     }
 }
 
+/// Answers every write sent in the next `hold` with the recorded failure. `false`: the store
+/// was stopped meanwhile.
+fn refuse_for(hold: std::time::Duration, file: &File, rx: &mpsc::Receiver<Msg>) -> bool {
+    let until = std::time::Instant::now() + hold;
+    loop {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        match rx.recv_timeout(left) {
+            Ok(Msg::Job(job)) => {
+                let (_, reply) = job(None);
+                reply(Err(file.shared.failure().unwrap_or(Error::ShuttingDown)));
+            }
+            Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return false,
+            Err(mpsc::RecvTimeoutError::Timeout) => return true,
+        }
+    }
+}
+
 /// How the writer's batches ended, since the store opened.
 #[derive(Debug, Default)]
 pub struct BatchCounts {
@@ -675,6 +720,8 @@ pub struct BatchCounts {
     pub unwritten: AtomicU64,
     /// Operations run, in batches of any outcome.
     pub operations: AtomicU64,
+    /// Failures after which the file was (or is being) opened again.
+    pub reopens: AtomicU64,
 }
 
 /// What the writer keeps between batches.
@@ -684,6 +731,10 @@ struct WriterState {
     /// See [`W::delayed_may_be_due`].
     delayed_from: Millis,
     leases: Leases,
+    /// When the file was last opened again after a failure, and the pause taken before
+    /// that opening (see [`reopen`]).
+    reopened: Option<std::time::Instant>,
+    hold: std::time::Duration,
 }
 
 /// Runs one batch and answers its callers. Returns the cause when the batch failed on an I/O
@@ -1059,8 +1110,6 @@ mod batch_tests {
 
 #[cfg(test)]
 mod reopen_tests {
-    use std::sync::atomic::AtomicBool;
-
     use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
     use crate::time::SystemClock;
@@ -1074,21 +1123,13 @@ mod reopen_tests {
             .collect()
     }
 
-    /// A store on a [`disk::Faulty`] file in `dir`, its switches (`full`, `bad_sync`), a runtime,
-    /// and its one project's id.
+    /// A store on a [`disk::Faulty`] file in `dir`, its switches, a runtime, and its one
+    /// project's id.
     fn flaky_store(
         dir: &tempfile::TempDir,
-    ) -> (
-        Arc<Store>,
-        [Arc<AtomicBool>; 2],
-        tokio::runtime::Runtime,
-        u128,
-    ) {
-        let switches = [
-            Arc::new(AtomicBool::new(false)),
-            Arc::new(AtomicBool::new(false)),
-        ];
-        let opener = disk::faulty_opener(switches[0].clone(), switches[1].clone());
+    ) -> (Arc<Store>, disk::Faults, tokio::runtime::Runtime, u128) {
+        let switches = disk::Faults::default();
+        let opener = disk::faulty_opener(switches.clone());
         let path = dir.path().join("f.redb");
         let store =
             Store::open_with(&path, Arc::new(SystemClock), DEFAULT_CACHE_BYTES, opener).unwrap();
@@ -1142,7 +1183,8 @@ mod reopen_tests {
     #[test]
     fn a_full_disk_fails_writes_until_the_file_can_be_written_again() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, [full, _], rt, pid) = flaky_store(&dir);
+        let (store, faults, rt, pid) = flaky_store(&dir);
+        let full = faults.full;
         create(&rt, &store, pid, 3).unwrap();
         let held = claim(&rt, &store, pid, "a").unwrap().expect("a task");
 
@@ -1157,7 +1199,7 @@ mod reopen_tests {
         std::thread::sleep(std::time::Duration::from_millis(100));
         let refused = claim(&rt, &store, pid, "b");
         assert!(
-            matches!(&refused, Err(Error::Storage(m)) if m.contains("being reopened")),
+            matches!(&refused, Err(Error::Unavailable(m)) if m.contains("being reopened")),
             "{refused:?}"
         );
         assert!(
@@ -1188,13 +1230,74 @@ mod reopen_tests {
         store.close();
     }
 
+    /// A disk that stays full under a file with free pages inside: the file opens again (its
+    /// start-up write fits) and the next write that grows it fails again. After each repeated
+    /// failure the writer refuses writes for longer before it tries one, so a stream of writes
+    /// does not turn into a reopen each, and reads work meanwhile; once the file can grow
+    /// again, writes succeed and nothing failed was kept.
+    #[test]
+    fn a_disk_that_stays_full_is_not_reopened_for_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, faults, rt, pid) = flaky_store(&dir);
+        create(&rt, &store, pid, 10).unwrap();
+        faults.no_growth.store(true, Ordering::SeqCst);
+        let big = |n: usize| -> Vec<NewTask> {
+            (0..n)
+                .map(|_| NewTask {
+                    instructions: Some("x".repeat(10_000)),
+                    ..NewTask::default()
+                })
+                .collect()
+        };
+        let key = uuid::Uuid::from_u128(pid).to_string();
+        let started = std::time::Instant::now();
+        let (mut refused, mut read) = (0, 0);
+        while started.elapsed() < std::time::Duration::from_millis(1500) {
+            let (key, tasks) = (key.clone(), big(100));
+            let r = rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks)));
+            assert!(
+                matches!(r, Err(Error::Storage(_) | Error::Unavailable(_))),
+                "{r:?}"
+            );
+            refused += 1;
+            // Reads work while writes are held off (the file is open), not only between
+            // reopens.
+            if store.read().is_ok_and(|r| r.stats(pid).is_ok()) {
+                read += 1;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(read * 2 > refused, "{read} reads of {refused} worked");
+        let reopens = store.batches.reopens.load(Ordering::Relaxed);
+        // Pauses of 0, 50, 100, 200, 400 and 800 ms: at most six reopens in 1.5 s, where
+        // one per write would be one per refused write.
+        assert!(
+            (2..=6).contains(&reopens),
+            "{reopens} reopens for {refused} writes"
+        );
+        assert!(refused > 3 * reopens, "{refused} writes, {reopens} reopens");
+
+        faults.no_growth.store(false, Ordering::SeqCst);
+        assert!(
+            eventually(10, || {
+                let (key, tasks) = (key.clone(), big(100));
+                rt.block_on(store.write(move |w| write::create_tasks(w, &key, tasks)))
+                    .is_ok()
+            }),
+            "never recovered"
+        );
+        assert_eq!(store.read().unwrap().stats(pid).unwrap().total, 110);
+        store.close();
+    }
+
     /// A commit whose fsync fails may have reached the file anyway: its callers hear that it
     /// may have been applied (not "not applied"), and after the file is open again the store
     /// works and its counters agree with its rows, whichever way it went.
     #[test]
     fn a_failed_sync_answers_that_the_write_may_have_been_applied() {
         let dir = tempfile::tempdir().unwrap();
-        let (store, [_, bad_sync], rt, pid) = flaky_store(&dir);
+        let (store, faults, rt, pid) = flaky_store(&dir);
+        let bad_sync = faults.bad_sync;
         create(&rt, &store, pid, 3).unwrap();
         bad_sync.store(true, Ordering::SeqCst);
         let failed = create(&rt, &store, pid, 2);

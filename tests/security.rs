@@ -767,6 +767,17 @@ async fn closed_by_server(conn: &mut tokio::net::TcpStream) {
     }
 }
 
+/// The idle limit of the idle tests: short, so that they run in seconds.
+const IDLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A server that closes connections idle for [`IDLE_LIMIT`].
+async fn with_idle_limit() -> TestApp {
+    start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.idle_timeout = Some(IDLE_LIMIT)
+    })
+    .await
+}
+
 /// A connection with no request in progress for the idle limit is closed: one that sends
 /// nothing, one that trickles a request head and stalls (slowloris), one left idle after an
 /// answer. A connection used again within the limit stays open, and a long-poll that lasts
@@ -775,11 +786,8 @@ async fn closed_by_server(conn: &mut tokio::net::TcpStream) {
 async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpStream;
-    let limit = std::time::Duration::from_secs(1);
-    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
-        c.idle_timeout = Some(limit)
-    })
-    .await;
+    let limit = IDLE_LIMIT;
+    let app = with_idle_limit().await;
     let addr = app.server.as_ref().unwrap().addr;
     let project = app.project("idle").await;
 
@@ -852,11 +860,8 @@ async fn idle_connections_are_closed_and_requests_in_progress_are_not() {
 #[tokio::test]
 async fn a_large_answer_read_slowly_is_not_cut_by_the_idle_limit() {
     use tokio::io::AsyncWriteExt;
-    let limit = std::time::Duration::from_secs(1);
-    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
-        c.idle_timeout = Some(limit)
-    })
-    .await;
+    let limit = IDLE_LIMIT;
+    let app = with_idle_limit().await;
     let project = app.project("big").await;
     // ~10 MB of answer: more than the kernel's socket buffers take, so most of it waits in
     // the server while the client does not read.

@@ -84,6 +84,9 @@ fn details_json(details: &[FieldError]) -> Value {
     )
 }
 
+/// The answer to a write the storage refused before applying it.
+const NOT_APPLIED: &str = "storage is unavailable; the request was not applied";
+
 /// Builds the envelope for any error a request produced.
 pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
     let (status, code, message, details) = if let Some(e) = err.downcast_ref::<Error>() {
@@ -95,13 +98,13 @@ pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
         let message = match e {
             Error::Storage(cause) => {
                 tracing::error!(correlation_id, cause = %cause, "storage failure");
-                "storage is unavailable; the request was not applied".to_string()
+                NOT_APPLIED.to_string()
             }
             // Refused while the file is opened again: its failure is logged once, not per
             // request (a fleet retrying on a full disk would flood the log).
             Error::Unavailable(cause) => {
                 tracing::debug!(correlation_id, cause = %cause, "refused: storage unavailable");
-                "storage is unavailable; the request was not applied".to_string()
+                NOT_APPLIED.to_string()
             }
             Error::CommitUnknown(cause) => {
                 tracing::error!(correlation_id, cause = %cause, "commit failure");

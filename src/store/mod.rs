@@ -513,7 +513,7 @@ impl File {
 /// The longest pause between two attempts to open the file again after an I/O error.
 const MAX_REOPEN_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// A failure this soon after the file was last opened again counts as a repeat (see
-/// [`reopen`]), and the first pause before opening it again after a repeat.
+/// [`reopen`]), and how long writes stay refused after the first repeat.
 const REPEAT_WINDOW: std::time::Duration = std::time::Duration::from_secs(10);
 const FIRST_HOLD: std::time::Duration = std::time::Duration::from_millis(50);
 
@@ -534,13 +534,7 @@ fn writer_loop(
             Msg::Job(j) => jobs.push(j),
             Msg::Stop => stopping = true,
         }
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(Msg::Job(j)) => jobs.push(j),
-                Ok(Msg::Stop) => stopping = true,
-                Err(_) => break,
-            }
-        }
+        stopping |= take_queued(&rx, &mut jobs);
         // Agents loop: most callers of the last batch send their next operation within
         // moments, one after another as their clients get to them. Committing the first
         // arrivals alone costs a whole commit (an fsync) for a few operations while the
@@ -549,13 +543,7 @@ fn writer_loop(
         // fewer). So when fewer than half of them are back, wait a moment for the others.
         if last >= LINGER_FROM && jobs.len() < last / 2 && !stopping {
             std::thread::sleep(LINGER);
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Job(j)) => jobs.push(j),
-                    Ok(Msg::Stop) => stopping = true,
-                    Err(_) => break,
-                }
-            }
+            stopping |= take_queued(&rx, &mut jobs);
         }
         last = jobs.len();
         if jobs.is_empty() {
@@ -577,6 +565,20 @@ fn writer_loop(
     // not yet noticed the stop (a scheduler pass, a background write's caller) would hold it
     // open past `close`, and a new store on the same file would find it locked.
     close_file(db, file, "closing the database file");
+}
+
+/// Moves what is queued into `jobs`, up to [`MAX_BATCH`]; whether a stop was among it.
+#[inline]
+fn take_queued(rx: &mpsc::Receiver<Msg>, jobs: &mut Vec<Job>) -> bool {
+    let mut stop = false;
+    while jobs.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(Msg::Job(j)) => jobs.push(j),
+            Ok(Msg::Stop) => stop = true,
+            Err(_) => break,
+        }
+    }
+    stop
 }
 
 /// Empties the slot and closes the file. The slot held the only other handle (readers begin
@@ -680,20 +682,15 @@ fn reopen(
                 }
             }
         }
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Job(job)) => {
-                // Sent before the failure was known: answer it with the failure.
-                let (_, reply) = job(None);
-                reply(Err(file.shared.failure().unwrap_or(Error::ShuttingDown)));
-            }
-            Ok(Msg::Stop) | Err(mpsc::RecvTimeoutError::Disconnected) => return None,
-            Err(mpsc::RecvTimeoutError::Timeout) => wait = (wait * 2).min(MAX_REOPEN_WAIT),
+        if !refuse_for(wait, file, rx) {
+            return None;
         }
+        wait = (wait * 2).min(MAX_REOPEN_WAIT);
     }
 }
 
-/// Answers every write sent in the next `hold` with the recorded failure. `false`: the store
-/// was stopped meanwhile.
+/// Answers every write sent in the next `hold` with the recorded failure (writes queued
+/// before the failure was known included). `false`: the store was stopped meanwhile.
 fn refuse_for(hold: std::time::Duration, file: &File, rx: &mpsc::Receiver<Msg>) -> bool {
     let until = std::time::Instant::now() + hold;
     loop {
@@ -731,8 +728,8 @@ struct WriterState {
     /// See [`W::delayed_may_be_due`].
     delayed_from: Millis,
     leases: Leases,
-    /// When the file was last opened again after a failure, and the pause taken before
-    /// that opening (see [`reopen`]).
+    /// When the file was last opened again after a failure, and how long writes stayed
+    /// refused after that (see [`reopen`]).
     reopened: Option<std::time::Instant>,
     hold: std::time::Duration,
 }

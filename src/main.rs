@@ -1,5 +1,6 @@
 //! The `agentq` binary: parses the command line into one [`agentq::Config`] and runs it.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -108,8 +109,11 @@ fn main() -> ExitCode {
             }
         },
     };
+    // Colours only for a person at a terminal: a log file or the journal gets plain text.
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),

@@ -384,14 +384,16 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
 ///
 /// Series of deleted projects are left out: the exporter cannot unregister a series, and a
 /// deleted project's gauges would otherwise report its last task counts forever.
-pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
+pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Instant) -> String {
     let mut live: Option<HashSet<String>> = None;
+    let mut names = Vec::new();
     if let Ok(r) = store.read() {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
             let live = live.insert(HashSet::with_capacity(projects.len()));
             for (p, s) in projects {
                 let id = uuid::Uuid::from_u128(p.id).to_string();
                 live.insert(id.clone());
+                names.push((id.clone(), p.name));
                 // Every project shows every counter, at zero until its first event.
                 for event in TaskEvent::ALL {
                     counter!(event.metric(), "project" => id.clone()).increment(0);
@@ -410,10 +412,46 @@ pub fn render(handle: &PrometheusHandle, store: &Store) -> String {
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();
     let text = handle.render();
-    match live {
+    let mut text = match live {
         Some(live) => without_dead_projects(text, &live),
         None => text,
+    };
+    append_own_families(&mut text, &names, started);
+    text
+}
+
+/// Families rendered here rather than through the exporter, whose series cannot be removed:
+/// a project's name (a rename must not leave the old name's series behind) and the standard
+/// process figures that are not gauges of ours.
+fn append_own_families(text: &mut String, names: &[(String, String)], started: std::time::Instant) {
+    use std::fmt::Write;
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(started.elapsed());
+    // Names are letters, digits, `-` and `_` (validated), so they need no escaping as labels.
+    let _ = writeln!(
+        text,
+        "# HELP agentq_project_info A project's name, to join on the project label: always 1.\n\
+         # TYPE agentq_project_info gauge"
+    );
+    for (id, name) in names {
+        let _ = writeln!(
+            text,
+            "agentq_project_info{{project=\"{id}\",name=\"{name}\"}} 1"
+        );
     }
+    let _ = writeln!(
+        text,
+        "# HELP process_cpu_seconds_total User and system CPU time of the server, in seconds.\n\
+         # TYPE process_cpu_seconds_total counter\n\
+         process_cpu_seconds_total {}\n\
+         # HELP process_start_time_seconds When the server started, in seconds since the Unix epoch.\n\
+         # TYPE process_start_time_seconds gauge\n\
+         process_start_time_seconds {:.3}",
+        cpu_seconds(),
+        since_epoch.as_secs_f64()
+    );
 }
 
 /// Drops the sample lines labelled with a project that is not in `live`.

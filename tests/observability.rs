@@ -50,6 +50,9 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
         "agentq_long_poll_waiters",
         "agentq_build_info{version=",
         "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+        "process_start_time_seconds ",
+        &format!(r#"agentq_project_info{{project="{p}",name="obs"}} 1"#),
         "# HELP agentq_tasks_lease_expired_total ",
         "# HELP agentq_storage_commit_duration_seconds ",
         // Series that have seen no event yet are there, at zero, so they can be alerted on.
@@ -78,9 +81,10 @@ async fn prometheus_metrics_name_routes_by_template_and_count_tasks() {
 }
 
 /// A deleted project's series leave `/metrics`: its gauges would otherwise show its last task
-/// counts forever (and fire queue-depth alerts for a queue that no longer exists).
+/// counts forever (and fire queue-depth alerts for a queue that no longer exists). A renamed
+/// project's name series follows the rename.
 #[tokio::test]
-async fn a_deleted_project_leaves_the_metrics() {
+async fn a_deleted_or_renamed_project_leaves_the_metrics() {
     let app = spawn_app().await;
     let gone = app.project("gone").await;
     let kept = app.project("kept").await;
@@ -110,6 +114,15 @@ async fn a_deleted_project_leaves_the_metrics() {
     assert!(text.contains(&format!(
         r#"agentq_tasks_created_total{{project="{kept}"}} 1"#
     )));
+    let renamed = app
+        .put(&format!("/api/projects/{kept}"), json!({"name": "kept2"}))
+        .await;
+    assert_eq!(renamed.status, 200, "{:?}", renamed.body);
+    let text = scrape().await;
+    assert!(text.contains(&format!(
+        r#"agentq_project_info{{project="{kept}",name="kept2"}} 1"#
+    )));
+    assert!(!text.contains(r#"name="kept""#), "{text}");
 }
 
 #[tokio::test]

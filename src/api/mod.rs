@@ -182,7 +182,11 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
             poem::endpoint::make_sync(move |_| {
                 Response::builder()
                     .content_type("text/plain; version=0.0.4; charset=utf-8")
-                    .body(telemetry::render(&m_state.metrics, &m_state.store))
+                    .body(telemetry::render(
+                        &m_state.metrics,
+                        &m_state.store,
+                        m_state.started,
+                    ))
             }),
         )
         .at(

@@ -193,6 +193,36 @@ async fn role_by_endpoint_matrix() {
     }
 }
 
+/// A typo in a path answered 401 "missing credentials" to a caller without a key, which sent
+/// them looking for a key problem. Routes are public (the OpenAPI document lists them), so a
+/// path or method that names no operation is a 404 or 405 with or without a key; every
+/// operation still needs one.
+#[tokio::test]
+async fn a_path_that_names_no_operation_is_404_without_a_key() {
+    let app = spawn_app().await;
+    let anon = reqwest::Client::new();
+    for (method, path, status) in [
+        ("GET", "/nope", 404),
+        ("GET", "/api/nope", 404),
+        ("POST", "/api/projects/p/nope", 404),
+        ("PATCH", "/api/projects", 405),
+        ("DELETE", "/health", 405),
+        ("GET", "/api/projects", 401),
+        ("HEAD", "/api/projects", 401),
+        ("POST", "/api/agents/a/next-task", 401),
+        ("DELETE", "/api/projects/p", 401),
+    ] {
+        let r = anon
+            .request(method.parse().unwrap(), format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), status, "{method} {path}");
+    }
+    let r = app.call_with(&anon, "GET", "/api/nope", None).await;
+    assert_eq!(r.code(), "NOT_FOUND");
+}
+
 #[tokio::test]
 async fn requests_without_valid_credentials_get_401() {
     let app = spawn_app().await;

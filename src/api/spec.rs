@@ -554,6 +554,15 @@ impl Spec {
         self.find(path).map(|(_, m, _)| m.join(", "))
     }
 
+    /// Whether a method on a path names an operation (HEAD counts as GET). Requests that do
+    /// not are answered 404 or 405 before authentication: the route table is public (the
+    /// document lists it), so a typo in a path should say so rather than ask for a key.
+    pub fn has_operation(&self, method: &str, path: &str) -> bool {
+        let method = if method == "HEAD" { "GET" } else { method };
+        self.find(path)
+            .is_some_and(|(_, methods, _)| methods.iter().any(|m| m == method))
+    }
+
     /// The route template of a path, for metrics labels (never the raw path).
     pub fn template(&self, path: &str) -> &'static str {
         match path {
@@ -595,6 +604,10 @@ mod tests {
         assert_eq!(limit["maximum"], 1000);
         assert_eq!(spec.allowed("/api/x/abc").as_deref(), Some("GET, POST"));
         assert_eq!(spec.allowed("/api/y"), None);
+        assert!(spec.has_operation("POST", "/api/x/abc"));
+        assert!(spec.has_operation("HEAD", "/api/x/abc"));
+        assert!(!spec.has_operation("DELETE", "/api/x/abc"));
+        assert!(!spec.has_operation("GET", "/api/y"));
     }
 
     #[test]

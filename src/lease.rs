@@ -14,6 +14,9 @@
 //! 4. **History is append-only.** Each claim appends an attempt; each end of a lease closes
 //!    exactly that attempt with its outcome. Attempts are never removed.
 //! 5. **Leaving running clears the lease**, so a requeued task has no holder.
+//! 6. **A token names one attempt.** Its high 32 bits are the number of the attempt its
+//!    claim opened (see [`token`]), so a completed task, which keeps no lease, still tells the
+//!    token of the lease that completed it (a repeated complete) from an older lease's.
 
 use crate::model::{Attempt, Lease, Millis, Outcome, Progress, Rules, Task, TaskStatus};
 
@@ -53,9 +56,27 @@ pub fn check_holder(task: &Task, agent: &str, token: Option<u128>) -> Result<(),
     }
 }
 
-/// Leases a queued task to `agent` until `now + rules.lease_ms` and opens a new attempt.
-pub fn claim(task: &mut Task, agent: &str, token: u128, rules: &Rules, now: Millis) {
+/// The bits of a token that are random: 96, too many to guess.
+const RANDOM_BITS: u32 = 96;
+
+/// The lease token of attempt `attempt`: the attempt number in the high 32 bits, the low 96
+/// bits of `random` below. The attempt number is not a secret; the random part is what no
+/// other process can guess.
+pub fn token(attempt: u32, random: u128) -> u128 {
+    (u128::from(attempt) << RANDOM_BITS) | (random & ((1 << RANDOM_BITS) - 1))
+}
+
+/// The attempt a token was made for (see [`token`]).
+fn token_attempt(token: u128) -> u32 {
+    (token >> RANDOM_BITS) as u32
+}
+
+/// Leases a queued task to `agent` until `now + rules.lease_ms` and opens a new attempt, under
+/// a token made of the attempt's number and `random`.
+pub fn claim(task: &mut Task, agent: &str, random: u128, rules: &Rules, now: Millis) {
     debug_assert_eq!(task.status, TaskStatus::Queued);
+    let attempt = task.attempts.len() as u32 + 1;
+    let token = token(attempt, random);
     task.status = TaskStatus::Running;
     task.delayed = false;
     task.lease = Some(Lease {
@@ -67,7 +88,7 @@ pub fn claim(task: &mut Task, agent: &str, token: u128, rules: &Rules, now: Mill
     task.started_at = Some(now);
     task.updated_at = now;
     task.attempts.push(Attempt {
-        attempt: task.attempts.len() as u32 + 1,
+        attempt,
         agent_name: agent.to_string(),
         started_at: now,
         ended_at: None,
@@ -97,7 +118,8 @@ pub enum Completion {
 }
 
 /// Completes the task for its holder. A repeat by the agent of the last attempt, after the
-/// task completed, is accepted without change (safe retries over a flaky network).
+/// task completed, is accepted without change (safe retries over a flaky network); with a
+/// token, only the token of that attempt's lease repeats it.
 pub fn complete(
     task: &mut Task,
     agent: &str,
@@ -108,7 +130,12 @@ pub fn complete(
 ) -> Result<Completion, LeaseError> {
     if task.status == TaskStatus::Completed {
         let last = task.attempts.last();
-        if last.is_some_and(|a| a.agent_name == agent && a.outcome == Outcome::Completed) {
+        let repeat = last.is_some_and(|a| {
+            a.agent_name == agent
+                && a.outcome == Outcome::Completed
+                && token.is_none_or(|t| token_attempt(t) == a.attempt)
+        });
+        if repeat {
             return Ok(Completion::AlreadyCompleted);
         }
         return Err(lease_lost(task, agent));
@@ -291,16 +318,18 @@ mod tests {
     fn only_the_holder_completes() {
         let mut t = queued(0);
         claim(&mut t, "a", 7, &RULES, 1000);
+        let held = token(1, 7);
+        assert_eq!(t.lease.as_ref().map(|l| l.token), Some(held));
         assert!(matches!(
             complete(&mut t, "b", None, None, None, 1001),
             Err(LeaseError::LeaseLost(_))
         ));
         assert!(matches!(
-            complete(&mut t, "a", Some(8), None, None, 1001),
+            complete(&mut t, "a", Some(token(1, 8)), None, None, 1001),
             Err(LeaseError::LeaseLost(_))
         ));
         assert_eq!(
-            complete(&mut t, "a", Some(7), Some("ok".into()), None, 1002),
+            complete(&mut t, "a", Some(held), Some("ok".into()), None, 1002),
             Ok(Completion::Completed)
         );
         assert_eq!(t.status, TaskStatus::Completed);
@@ -309,7 +338,38 @@ mod tests {
             complete(&mut t, "a", None, None, None, 1003),
             Ok(Completion::AlreadyCompleted)
         );
+        assert_eq!(
+            complete(&mut t, "a", Some(held), None, None, 1003),
+            Ok(Completion::AlreadyCompleted)
+        );
         assert!(complete(&mut t, "b", None, None, None, 1003).is_err());
+    }
+
+    #[test]
+    fn a_token_of_an_earlier_attempt_does_not_repeat_a_complete() {
+        let mut t = queued(1);
+        claim(&mut t, "a", 7, &RULES, 0);
+        let stale = t.lease.as_ref().unwrap().token;
+        assert_eq!(reclaim(&mut t, &RULES, 60_000), Some(true));
+        claim(&mut t, "a", 7, &RULES, 60_001);
+        let fresh = t.lease.as_ref().unwrap().token;
+        assert_ne!(fresh, stale, "same random part, another attempt");
+        complete(&mut t, "a", Some(fresh), None, None, 60_002).unwrap();
+        assert!(matches!(
+            complete(&mut t, "a", Some(stale), None, None, 60_003),
+            Err(LeaseError::LeaseLost(_))
+        ));
+        assert_eq!(
+            complete(&mut t, "a", Some(fresh), None, None, 60_003),
+            Ok(Completion::AlreadyCompleted)
+        );
+    }
+
+    #[test]
+    fn a_token_keeps_its_attempt_and_96_random_bits() {
+        assert_eq!(token_attempt(token(3, u128::MAX)), 3);
+        assert_eq!(token(3, u128::MAX) & ((1 << 96) - 1), (1 << 96) - 1);
+        assert_eq!(token_attempt(token(u32::MAX, 0)), u32::MAX);
     }
 
     #[test]

@@ -63,6 +63,42 @@ async fn reaper_reclaims_expired_leases_but_never_early() {
     );
 }
 
+/// A repeated complete is answered 200 so that an agent can retry it over a flaky network;
+/// but it answered 200 also to a stalled process whose lease had been reclaimed and whose task
+/// a new process of the same agent name then completed: the stale process was told its result
+/// was taken, though it was dropped. A repeat with a token is now accepted only with the token
+/// of the lease that completed the task.
+#[tokio::test]
+async fn a_stale_token_cannot_repeat_a_complete_made_under_a_later_lease() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let (_, id) = app.minute_task(&p).await;
+    let stale = app.next("a", json!({"projectId": p})).await;
+    app.advance(60_000).await;
+    let fresh = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(fresh["id"], id.as_str());
+    let path = format!("/api/tasks/{id}/complete");
+    let complete = |token: &Value, result: &str| {
+        app.post(
+            &path,
+            json!({"agentName": "a", "leaseToken": token, "result": result}),
+        )
+    };
+    assert_eq!(complete(&fresh["leaseToken"], "fresh").await.status, 200);
+    let late = complete(&stale["leaseToken"], "stale").await;
+    assert_eq!((late.status, late.code()), (409, "LEASE_LOST"));
+    let again = complete(&fresh["leaseToken"], "fresh").await;
+    assert_eq!(again.status, 200, "the same complete, repeated");
+    assert_eq!(again.data()["result"], "fresh");
+    let no_token = app.post(&path, json!({"agentName": "a"})).await;
+    assert_eq!(
+        no_token.status, 200,
+        "without a token the agent name decides"
+    );
+    let other = app.post(&path, json!({"agentName": "b"})).await;
+    assert_eq!(other.code(), "LEASE_LOST");
+}
+
 #[tokio::test]
 async fn an_earlier_lease_wakes_the_sleeping_reaper() {
     let app = spawn_with_manual_clock().await;

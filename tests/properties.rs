@@ -128,10 +128,20 @@ proptest! {
     }
 }
 
+/// The token a complete sends.
+#[derive(Debug, Clone, Copy)]
+enum Token {
+    None,
+    /// The agent's own: its lease's, or the one the task was completed under.
+    Known,
+    /// The token of the task's first lease (a stalled process's, once there were others).
+    First,
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Claim(u8),
-    Complete(u8, bool),
+    Complete(u8, Token),
     Fail(u8, bool),
     Extend(u8),
     Cancel,
@@ -143,7 +153,11 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         (0u8..3).prop_map(Op::Claim),
-        (0u8..3, any::<bool>()).prop_map(|(a, t)| Op::Complete(a, t)),
+        (
+            0u8..3,
+            prop_oneof![Just(Token::None), Just(Token::Known), Just(Token::First)]
+        )
+            .prop_map(|(a, t)| Op::Complete(a, t)),
         (0u8..3, any::<bool>()).prop_map(|(a, r)| Op::Fail(a, r)),
         (0u8..3).prop_map(Op::Extend),
         Just(Op::Cancel),
@@ -157,6 +171,9 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Default)]
 struct Model {
     holder: Option<(String, u128)>,
+    /// The agent and token of the lease that completed the task, while it is completed.
+    completed: Option<(String, u128)>,
+    first_token: Option<u128>,
     claims: u32,
     retries: u32,
 }
@@ -187,20 +204,33 @@ proptest! {
                 Op::Claim(a) => {
                     if t.status == TaskStatus::Queued && !t.delayed {
                         lease::claim(&mut t, &agent(a), next_token, &rules, now);
-                        m.holder = Some((agent(a), next_token));
+                        let token = lease::token(m.claims + 1, next_token);
+                        m.holder = Some((agent(a), token));
+                        m.first_token.get_or_insert(token);
                         m.claims += 1;
                         next_token += 1;
                     }
                 }
-                Op::Complete(a, with_token) => {
-                    let token = with_token.then(|| m.holder.as_ref().map_or(0, |h| h.1));
+                Op::Complete(a, sent) => {
+                    let token = match sent {
+                        Token::None => None,
+                        Token::Known => {
+                            Some(m.holder.as_ref().or(m.completed.as_ref()).map_or(0, |h| h.1))
+                        }
+                        Token::First => Some(m.first_token.unwrap_or(0)),
+                    };
                     let was_holder = m.holder.as_ref().is_some_and(|h| h.0 == agent(a));
                     let before = t.status;
                     let r = lease::complete(&mut t, &agent(a), token, None, None, now);
-                    if was_holder && before == TaskStatus::Running {
+                    let holds = m.holder.as_ref().is_some_and(|h| token.is_none_or(|t| t == h.1));
+                    if was_holder && before == TaskStatus::Running && holds {
                         prop_assert!(r.is_ok());
-                        m.holder = None;
-                    } else if before != TaskStatus::Completed {
+                        m.completed = m.holder.take();
+                    } else if let Some((by, by_token)) = &m.completed {
+                        // A repeat: the completing agent, with no token or with its own.
+                        let repeat = *by == agent(a) && token.is_none_or(|t| t == *by_token);
+                        prop_assert_eq!(r.is_ok(), repeat);
+                    } else {
                         prop_assert!(matches!(r, Err(LeaseError::LeaseLost(_))));
                     }
                 }
@@ -229,7 +259,9 @@ proptest! {
                     }
                 }
                 Op::Retry => {
-                    let _ = lease::retry(&mut t, now);
+                    if lease::retry(&mut t, now).is_ok() {
+                        m.completed = None;
+                    }
                 }
                 Op::Advance(ms) => now += ms as i64,
                 Op::Reclaim => {

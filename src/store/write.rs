@@ -642,7 +642,7 @@ fn claim_in(w: &mut W, p: &Project, agent: &str, type_ids: Option<&[u128]>) -> R
     };
     let rules = Rules::resolve(p, ty.as_ref());
     let mut task = old.clone();
-    lease::claim(&mut task, agent, crate::ids::lease_token(), &rules, w.now);
+    lease::claim(&mut task, agent, crate::ids::lease_random(), &rules, w.now);
     w.put_task(Some(&old), Some(&task))?;
     Ok(Claim::Task(Box::new(task), true))
 }

@@ -101,6 +101,20 @@ impl Server {
             config.rate_limit_per_minute,
             config.session_ttl.as_millis() as i64,
         ));
+        // Bind before the first admin key is made: a start that cannot listen (the port is
+        // taken) must not store a key that nobody is ever shown.
+        let bind_error = |e| StartError::Bind(config.bind.clone(), e);
+        let bound = match Listener::bind(&config.bind).await {
+            Ok(l) => l.local_addr().map(|addr| (l, addr)),
+            Err(e) => Err(e),
+        };
+        let (listener, addr) = match bound {
+            Ok(bound) => bound,
+            Err(e) => {
+                store.close();
+                return Err(bind_error(e));
+            }
+        };
         let generated_admin_key = match auth.bootstrap(config.admin_key.clone()).await {
             Ok(k) => k,
             Err(e) => {
@@ -108,9 +122,6 @@ impl Server {
                 return Err(StartError::Bootstrap(e));
             }
         };
-        let bind_error = |e| StartError::Bind(config.bind.clone(), e);
-        let listener = Listener::bind(&config.bind).await.map_err(bind_error)?;
-        let addr = listener.local_addr().map_err(bind_error)?;
         let state = Arc::new(State {
             metrics: crate::telemetry::install(),
             totals: Default::default(),

@@ -262,6 +262,7 @@ async fn frame<E: Endpoint>(
     let auth = &state.auth;
     let path = req.uri().path().to_string();
     let method = req.method().clone();
+    let (route, operation) = spec.route(method.as_str(), &path);
     let cid = req
         .headers()
         .get("x-correlation-id")
@@ -301,10 +302,9 @@ async fn frame<E: Endpoint>(
                 req.set_body(body);
             }
         }
-        // OPTIONS is left to the CORS layer and the framework, as before.
-        let operation = *req.method() == Method::OPTIONS
-            || spec.has_operation(req.method().as_str(), req.uri().path());
-        if operation && !is_public(req.uri().path()) {
+        // A method and path that name no operation skip this (see `Spec::route`); OPTIONS is
+        // left to the CORS layer and the framework.
+        if (operation || *req.method() == Method::OPTIONS) && !is_public(req.uri().path()) {
             let caller = authenticate(&req, auth, &mut rate).await?;
             req.extensions_mut().insert(caller);
         }
@@ -360,7 +360,6 @@ async fn frame<E: Endpoint>(
     h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
     let status = resp_status.as_u16();
     let elapsed = started.elapsed();
-    let route = spec.template(&path);
     telemetry::http_request(&method, route, status, elapsed.as_secs_f64());
     state.totals.record(status, elapsed.as_micros() as u64);
     match status {

@@ -554,23 +554,29 @@ impl Spec {
         self.find(path).map(|(_, m, _)| m.join(", "))
     }
 
-    /// Whether a method on a path names an operation (HEAD counts as GET). Requests that do
-    /// not are answered 404 or 405 before authentication: the route table is public (the
-    /// document lists it), so a typo in a path should say so rather than ask for a key.
-    pub fn has_operation(&self, method: &str, path: &str) -> bool {
-        let method = if method == "HEAD" { "GET" } else { method };
-        self.find(path)
-            .is_some_and(|(_, methods, _)| methods.iter().any(|m| m == method))
-    }
-
     /// The route template of a path, for metrics labels (never the raw path).
     pub fn template(&self, path: &str) -> &'static str {
+        self.route("GET", path).0
+    }
+
+    /// The route template of a path (for metrics labels, never the raw path), and whether
+    /// `method` names one of its operations (HEAD counts as GET), in one look-up per request.
+    /// Requests that name no operation are answered 404 or 405 before authentication: the
+    /// route table is public (the document lists it), so a typo in a path should say so
+    /// rather than ask for a key. The paths outside the document are public and answer false.
+    pub fn route(&self, method: &str, path: &str) -> (&'static str, bool) {
         match path {
-            "/metrics" => "/metrics",
-            "/metrics/json" => "/metrics/json",
-            "/api/openapi.json" => "/api/openapi.json",
-            p if p == "/api/docs" || p.starts_with("/api/docs/") => "/api/docs",
-            p => self.find(p).map_or("unmatched", |r| r.2),
+            "/metrics" => ("/metrics", false),
+            "/metrics/json" => ("/metrics/json", false),
+            "/api/openapi.json" => ("/api/openapi.json", false),
+            p if p == "/api/docs" || p.starts_with("/api/docs/") => ("/api/docs", false),
+            p => match self.find(p) {
+                Some((_, methods, template)) => {
+                    let method = if method == "HEAD" { "GET" } else { method };
+                    (template, methods.iter().any(|m| m == method))
+                }
+                None => ("unmatched", false),
+            },
         }
     }
 }
@@ -604,10 +610,10 @@ mod tests {
         assert_eq!(limit["maximum"], 1000);
         assert_eq!(spec.allowed("/api/x/abc").as_deref(), Some("GET, POST"));
         assert_eq!(spec.allowed("/api/y"), None);
-        assert!(spec.has_operation("POST", "/api/x/abc"));
-        assert!(spec.has_operation("HEAD", "/api/x/abc"));
-        assert!(!spec.has_operation("DELETE", "/api/x/abc"));
-        assert!(!spec.has_operation("GET", "/api/y"));
+        assert!(spec.route("POST", "/api/x/abc").1);
+        assert!(spec.route("HEAD", "/api/x/abc").1);
+        assert!(!spec.route("DELETE", "/api/x/abc").1);
+        assert!(!spec.route("GET", "/api/y").1);
     }
 
     #[test]

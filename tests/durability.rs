@@ -676,6 +676,13 @@ async fn sigkill_loses_no_acknowledged_complete() {
     assert!(stats["completedTasks"].as_u64().unwrap() >= acked.len() as u64);
     child.kill().unwrap();
     child.wait().unwrap();
+    // The start after the kill said why it was not healthy at once.
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(
+        log.contains("the database was not closed cleanly"),
+        "no repair warning in:\n{log}"
+    );
 }
 
 #[tokio::test]
@@ -742,11 +749,14 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
-    // The file is closed: a new server opens it.
+    // The file is closed: a new server opens it, with no repair to do.
     let (mut again, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
     again.kill().unwrap();
     again.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut again.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!log.contains("not closed cleanly"), "{log}");
 }
 
 /// A child process killed when dropped, so a test that fails half way leaves no server

@@ -504,9 +504,47 @@ struct File {
 impl File {
     fn open(&self) -> Result<Database, redb::DatabaseError> {
         let disk = Disk::new((self.opener)(&self.path)?, self.failed_syncs.clone());
-        Database::builder()
+        let repair = Arc::new(RepairLog::default());
+        let (log, path) = (repair.clone(), self.path.clone());
+        let db = Database::builder()
             .set_cache_size(self.cache_bytes)
-            .create_with_backend(disk)
+            .set_repair_callback(move |session| log.progress(&path, session.progress()))
+            .create_with_backend(disk)?;
+        if let Some(started) = repair.started.get() {
+            tracing::info!(
+                database = %self.path.display(),
+                ms = started.elapsed().as_millis() as u64,
+                "database repaired"
+            );
+        }
+        Ok(db)
+    }
+}
+
+/// Says what redb is doing when it opens a file that was not closed (a crash, a power loss, a
+/// SIGKILL): it reads the whole file to check it and rebuild its free-page state, which takes
+/// seconds on a large file (3 s for 1 GB from a cold page cache here), and nothing is served
+/// meanwhile. Without this an operator sees a server that is up but not yet healthy, silently.
+#[derive(Default)]
+struct RepairLog {
+    started: std::sync::OnceLock<std::time::Instant>,
+    /// The last quarter of the work logged (1-3).
+    quarter: std::sync::atomic::AtomicU8,
+}
+
+impl RepairLog {
+    fn progress(&self, path: &Path, done: f64) {
+        if self.started.set(std::time::Instant::now()).is_ok() {
+            tracing::warn!(
+                database = %path.display(),
+                "the database was not closed cleanly: checking and repairing it before serving"
+            );
+        }
+        let quarter = (done.clamp(0.0, 1.0) * 4.0) as u8;
+        if (1..4).contains(&quarter) && self.quarter.fetch_max(quarter, Ordering::Relaxed) < quarter
+        {
+            tracing::info!(database = %path.display(), "repairing the database: {}%", quarter * 25);
+        }
     }
 }
 

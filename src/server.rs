@@ -260,26 +260,38 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr = %server.addr,
         "agentq listening"
     );
-    wait_for_signal().await;
-    tracing::info!("shutting down: finishing in-flight requests");
+    let signal = wait_for_signal().await;
+    tracing::info!(signal, "shutting down: finishing in-flight requests");
     server.stop().await;
     tracing::info!("database closed; bye");
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Waits for a request to stop and names it: SIGINT (Ctrl-C), SIGTERM (a service manager) or
+/// SIGHUP (the terminal closed, whose default would end the process without closing the file,
+/// leaving a repair for the next start).
+async fn wait_for_signal() -> &'static str {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).ok();
+        let on = |kind| async move {
+            match signal(kind) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = tokio::signal::ctrl_c() => "SIGINT",
+            _ = on(SignalKind::terminate()) => "SIGTERM",
+            _ = on(SignalKind::hangup()) => "SIGHUP",
         }
     }
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+        "Ctrl-C"
     }
 }
 

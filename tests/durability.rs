@@ -759,6 +759,32 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     assert!(!log.contains("not closed cleanly"), "{log}");
 }
 
+/// Closing the terminal a server runs in sends SIGHUP, whose default action ended the process
+/// on the spot: the file was left unclosed, so the next start had to repair it. SIGHUP now
+/// stops the server as SIGTERM does.
+#[cfg(unix)]
+#[tokio::test]
+async fn sighup_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("hup.redb");
+    let client = client_with_key(ADMIN_KEY);
+    let (mut child, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status:?}");
+    let (mut again, base) = start_binary(&db);
+    wait_healthy(&client, &base).await;
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut again.stderr.take().unwrap(), &mut log).unwrap();
+    assert!(!log.contains("not closed cleanly"), "{log}");
+}
+
 /// A child process killed when dropped, so a test that fails half way leaves no server
 /// running behind it.
 struct Reaped(Child);

@@ -15,17 +15,27 @@ agent = sys.argv[3] if len(sys.argv) > 3 else "python-agent"
 
 session = requests.Session()  # keep-alive
 session.headers["X-API-Key"] = os.environ["AGENTQ_KEY"]
+
+
+def post(path, body):
+    """POST, waiting and sending again while the server is unreachable, over the rate limit
+    (429) or in storage trouble (503). Safe for the calls below: a repeated next-task resumes
+    the agent's task, and a repeated complete with the same lease token is answered 200."""
+    for attempt in range(10):
+        try:
+            r = session.post(f"{base}{path}", json=body, timeout=30)
+        except requests.ConnectionError:
+            time.sleep(min(2**attempt, 30))
+            continue
+        if r.status_code not in (429, 503):
+            return r
+        time.sleep(float(r.headers.get("Retry-After", "1")))
+    sys.exit(f"error: {path} kept failing")
+
+
 while True:
     # Long-poll: answered as soon as a task appears, or after 20 s with none.
-    r = session.post(
-        f"{base}/api/agents/{agent}/next-task",
-        json={"projectId": project, "waitSeconds": 20},
-        timeout=30,
-    )
-    if r.status_code in (429, 503):  # over the rate limit, or storage trouble: wait, ask again
-        time.sleep(float(r.headers.get("Retry-After", "1")))
-        continue
-    reply = r.json()
+    reply = post(f"/api/agents/{agent}/next-task", {"projectId": project, "waitSeconds": 20}).json()
     task = (reply.get("data") or {}).get("task")
     if task is None:
         if "code" in reply:  # a real error (unknown project, bad agent name, ...)
@@ -33,22 +43,16 @@ while True:
         print("no task yet; asking again")
         continue
     print(f"working on {task['id']}: {task['instructions']}")
+    lease = {"agentName": agent, "leaseToken": task["leaseToken"]}
     try:
         words = len(task["instructions"].split())  # the work itself
-        r = session.post(
-            f"{base}/api/tasks/{task['id']}/complete",
-            json={
-                "agentName": agent,
-                "leaseToken": task["leaseToken"],
-                "result": f"{words} words",
-                "outputs": {"words": words},
-            },
-            timeout=30,
+    except Exception as e:  # the work failed: report it; the server retries with back-off
+        r = post(f"/api/tasks/{task['id']}/fail", {**lease, "error": str(e)})
+    else:
+        r = post(
+            f"/api/tasks/{task['id']}/complete",
+            {**lease, "result": f"{words} words", "outputs": {"words": words}},
         )
-    except Exception as e:  # report the failure; the server retries with back-off
-        r = session.post(
-            f"{base}/api/tasks/{task['id']}/fail",
-            json={"agentName": agent, "leaseToken": task["leaseToken"], "error": str(e)},
-            timeout=30,
-        )
+    # 409 LEASE_LOST: the lease ran out (or the task was cancelled) before the report; the
+    # task is someone else's now, and this result is not kept.
     print(f"reported {task['id']}: HTTP {r.status_code}")

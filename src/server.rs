@@ -103,7 +103,16 @@ impl Server {
         ));
         // Bind before the first admin key is made: a start that cannot listen (the port is
         // taken) must not store a key that nobody is ever shown.
-        let bind_error = |e| StartError::Bind(config.bind.clone(), e);
+        let bind_error = |e: std::io::Error| {
+            let e = match e.kind() {
+                std::io::ErrorKind::InvalidInput => std::io::Error::new(
+                    e.kind(),
+                    format!("{e} (give host:port, e.g. 127.0.0.1:3000 or 0.0.0.0:3000)"),
+                ),
+                _ => e,
+            };
+            StartError::Bind(config.bind.clone(), e)
+        };
         let bound = match Listener::bind(&config.bind).await {
             Ok(l) => l.local_addr().map(|addr| (l, addr)),
             Err(e) => Err(e),

@@ -256,8 +256,11 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
     Ok(text)
 }
 
-/// Runs until SIGINT or SIGTERM, then shuts down gracefully.
+/// Runs until SIGINT, SIGTERM or SIGHUP, then shuts down gracefully.
 pub async fn run(config: Config) -> Result<(), StartError> {
+    // Before the server answers: a signal sent as soon as `/health` is up must find the
+    // handlers, not the default action (which ends the process without closing the file).
+    let stop = StopSignals::install();
     let server = Server::start(config.clone()).await?;
     if let Some(key) = &server.generated_admin_key {
         // Printed once, on the first start of an empty database; only its hash is stored.
@@ -269,38 +272,68 @@ pub async fn run(config: Config) -> Result<(), StartError> {
         addr = %server.addr,
         "agentq listening"
     );
-    let signal = wait_for_signal().await;
+    let signal = stop.wait().await;
     tracing::info!(signal, "shutting down: finishing in-flight requests");
     server.stop().await;
     tracing::info!("database closed; bye");
     Ok(())
 }
 
-/// Waits for a request to stop and names it: SIGINT (Ctrl-C), SIGTERM (a service manager) or
-/// SIGHUP (the terminal closed, whose default would end the process without closing the file,
-/// leaving a repair for the next start).
-async fn wait_for_signal() -> &'static str {
+/// The signals that stop the server: SIGINT (Ctrl-C), SIGTERM (a service manager) and SIGHUP
+/// (the terminal closed, whose default would end the process without closing the file,
+/// leaving a repair for the next start). Their handlers are in place from `install` on.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let on = |kind| async move {
-            match signal(kind) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
+    int: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    hup: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let handle = |kind, name| {
+                signal(kind)
+                    .inspect_err(|e| tracing::warn!(signal = name, error = %e, "cannot handle"))
+                    .ok()
+            };
+            StopSignals {
+                int: handle(SignalKind::interrupt(), "SIGINT"),
+                term: handle(SignalKind::terminate(), "SIGTERM"),
+                hup: handle(SignalKind::hangup(), "SIGHUP"),
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => "SIGINT",
-            _ = on(SignalKind::terminate()) => "SIGTERM",
-            _ = on(SignalKind::hangup()) => "SIGHUP",
         }
+        #[cfg(not(unix))]
+        StopSignals {}
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        "Ctrl-C"
+
+    /// Waits for one of the signals and names it.
+    async fn wait(mut self) -> &'static str {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                _ = recv(&mut self.int) => "SIGINT",
+                _ = recv(&mut self.term) => "SIGTERM",
+                _ = recv(&mut self.hup) => "SIGHUP",
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            "Ctrl-C"
+        }
     }
 }
 

@@ -218,8 +218,8 @@ async fn a_first_start_that_cannot_listen_makes_no_admin_key() {
 
 /// A typo in a path answered 401 "missing credentials" to a caller without a key, which sent
 /// them looking for a key problem. Routes are public (the OpenAPI document lists them), so a
-/// path or method that names no operation is a 404 or 405 with or without a key; every
-/// operation still needs one.
+/// path or method that names no operation is a 404 or 405 without a key; every operation
+/// still needs one, and a key that is sent is still checked.
 #[tokio::test]
 async fn a_path_that_names_no_operation_is_404_without_a_key() {
     let app = spawn_app().await;
@@ -244,6 +244,13 @@ async fn a_path_that_names_no_operation_is_404_without_a_key() {
     }
     let r = app.call_with(&anon, "GET", "/api/nope", None).await;
     assert_eq!(r.code(), "NOT_FOUND");
+    // A credential is still checked (and counted) wherever it is sent.
+    let bad = client_with_key("aq_00000000000000000000000000000000_nope");
+    assert_eq!(
+        app.call_with(&bad, "GET", "/api/nope", None).await.status,
+        401
+    );
+    assert_eq!(app.get("/api/nope").await.status, 404);
 }
 
 #[tokio::test]

@@ -302,9 +302,11 @@ async fn frame<E: Endpoint>(
                 req.set_body(body);
             }
         }
-        // A method and path that name no operation skip this (see `Spec::route`); OPTIONS is
-        // left to the CORS layer and the framework.
-        if (operation || *req.method() == Method::OPTIONS) && !is_public(req.uri().path()) {
+        // A request without a credential whose method and path name no operation skips this
+        // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
+        // authenticated and counted as usual, so it carries the rate-limit headers.
+        let named = operation || *req.method() == Method::OPTIONS || credential(&req).is_some();
+        if named && !is_public(req.uri().path()) {
             let caller = authenticate(&req, auth, &mut rate).await?;
             req.extensions_mut().insert(caller);
         }

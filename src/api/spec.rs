@@ -561,9 +561,10 @@ impl Spec {
 
     /// The route template of a path (for metrics labels, never the raw path), and whether
     /// `method` names one of its operations (HEAD counts as GET), in one look-up per request.
-    /// Requests that name no operation are answered 404 or 405 before authentication: the
-    /// route table is public (the document lists it), so a typo in a path should say so
-    /// rather than ask for a key. The paths outside the document are public and answer false.
+    /// Requests without a credential that name no operation are answered 404 or 405 without
+    /// authentication: the route table is public (the document lists it), so a typo in a path
+    /// should say so rather than ask for a key. The paths outside the document are public and
+    /// answer false.
     pub fn route(&self, method: &str, path: &str) -> (&'static str, bool) {
         match path {
             "/metrics" => ("/metrics", false),

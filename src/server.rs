@@ -113,11 +113,12 @@ impl Server {
             };
             StartError::Bind(config.bind.clone(), e)
         };
-        let bound = match Listener::bind(&config.bind).await {
-            Ok(l) => l.local_addr().map(|addr| (l, addr)),
-            Err(e) => Err(e),
+        let bound = async {
+            let listener = Listener::bind(&config.bind).await?;
+            let addr = listener.local_addr()?;
+            Ok((listener, addr))
         };
-        let (listener, addr) = match bound {
+        let (listener, addr) = match bound.await {
             Ok(bound) => bound,
             Err(e) => {
                 store.close();

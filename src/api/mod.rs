@@ -179,14 +179,24 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
     let route = Route::new()
         .at(
             "/metrics",
-            poem::endpoint::make_sync(move |_| {
-                Response::builder()
-                    .content_type("text/plain; version=0.0.4; charset=utf-8")
-                    .body(telemetry::render(
-                        &m_state.metrics,
-                        &m_state.store,
-                        m_state.started,
-                    ))
+            // Off the async workers: with thousands of projects a scrape takes a while (5,000
+            // projects: ~130 ms, 5.5 MB), which would stall the requests queued behind it.
+            poem::endpoint::make(move |_| {
+                let state = m_state.clone();
+                async move {
+                    let text = tokio::task::spawn_blocking(move || {
+                        telemetry::render(&state.metrics, &state.store, state.started)
+                    })
+                    .await
+                    .map_err(|e| {
+                        poem::Error::from_string(e.to_string(), StatusCode::INTERNAL_SERVER_ERROR)
+                    })?;
+                    Ok::<_, poem::Error>(
+                        Response::builder()
+                            .content_type("text/plain; version=0.0.4; charset=utf-8")
+                            .body(text),
+                    )
+                }
             }),
         )
         .at(

@@ -175,3 +175,32 @@ async fn json_metrics_follow_the_seed() {
     assert!(d["system"]["cpu_usage"].is_number());
     assert!(d["system"]["uptime"].is_u64());
 }
+
+/// `active_sessions` counts the sessions not yet expired, without reading every session.
+#[tokio::test]
+async fn json_metrics_count_live_sessions() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("s").await;
+    let active = || async {
+        let v: serde_json::Value = reqwest::get(format!("{}/metrics/json", app.base))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["data"]["active_sessions"].as_u64().unwrap()
+    };
+    assert_eq!(active().await, 0);
+    for agent in ["a", "b"] {
+        let r = app
+            .post(
+                "/api/auth/login",
+                json!({"agentName": agent, "projectId": p}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+    }
+    assert_eq!(active().await, 2);
+    app.advance(24 * 3_600_000 + 1).await;
+    assert_eq!(active().await, 0, "both expired");
+}

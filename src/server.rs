@@ -264,8 +264,10 @@ pub async fn run(config: Config) -> Result<(), StartError> {
     let stop = StopSignals::install();
     let server = Server::start(config.clone()).await?;
     if let Some(key) = &server.generated_admin_key {
-        // Printed once, on the first start of an empty database; only its hash is stored.
-        eprintln!("\nagentq: created the first admin API key (shown only now, store it safely):\n\n    {key}\n\nSend it as `X-API-Key: <key>` or `Authorization: Bearer <key>`; create\nnarrower keys with POST /api/keys.\n");
+        // Printed once, on the first start of an empty database; only its hash is stored. On
+        // stdout, as `add-admin-key` does: stderr carries only log lines, which a collector
+        // may parse (`--log-format json`).
+        println!("\nagentq: created the first admin API key (shown only now, store it safely):\n\n    {key}\n\nSend it as `X-API-Key: <key>` or `Authorization: Bearer <key>`; create\nnarrower keys with POST /api/keys.\n");
     }
     tracing::info!(
         version = api::VERSION,

@@ -785,6 +785,50 @@ async fn sighup_stops_the_server_cleanly() {
     assert!(!log.contains("not closed cleanly"), "{log}");
 }
 
+/// With `--log-format json` every line on stderr is a JSON object, which a collector can
+/// parse; the first admin key, printed once as plain text, goes to stdout (it went to stderr,
+/// in the middle of the JSON lines).
+#[cfg(unix)]
+#[tokio::test]
+async fn json_logs_are_all_json_and_the_first_key_is_on_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = Reaped(
+        Command::new(agentq_bin())
+            .args(["serve", "--log-format", "json", "--db"])
+            .arg(dir.path().join("json.redb"))
+            .args(["--bind", &format!("127.0.0.1:{port}")])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&reqwest::Client::new(), &base).await;
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    let (mut out, mut err) = (String::new(), String::new());
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(out.contains("    aq_"), "no admin key on stdout: {out}");
+    assert!(
+        err.lines().count() >= 3,
+        "start, stop and close lines: {err}"
+    );
+    for line in err.lines() {
+        let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["fields"]["message"].is_string(), "{line}");
+    }
+}
+
 /// A child process killed when dropped, so a test that fails half way leaves no server
 /// running behind it.
 struct Reaped(Child);

@@ -133,8 +133,10 @@ fn main() -> ExitCode {
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("agentq: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
+            return fatal(
+                cli.log_format,
+                format_args!("cannot start the runtime: {e}"),
+            );
         }
     };
     let args = match cli.command {
@@ -149,10 +151,7 @@ fn main() -> ExitCode {
                     println!("{key}");
                     ExitCode::SUCCESS
                 }
-                Err(e) => {
-                    eprintln!("agentq: {e}");
-                    ExitCode::FAILURE
-                }
+                Err(e) => fatal(cli.log_format, e),
             };
         }
     };
@@ -169,11 +168,8 @@ fn main() -> ExitCode {
         (None, Some(path)) => match std::fs::read_to_string(&path) {
             Ok(k) => Some(k.trim().to_string()),
             Err(e) => {
-                eprintln!(
-                    "agentq: cannot read the admin key file {}: {e}",
-                    path.display()
-                );
-                return ExitCode::FAILURE;
+                let why = format!("cannot read the admin key file {}: {e}", path.display());
+                return fatal(cli.log_format, why);
             }
         },
         (None, None) => None,
@@ -183,11 +179,11 @@ fn main() -> ExitCode {
         .as_ref()
         .is_some_and(|k| k.len() < agentq::auth::MIN_ADMIN_KEY_LEN)
     {
-        eprintln!(
-            "agentq: the admin key must be at least {} characters",
+        let why = format!(
+            "the admin key must be at least {} characters",
             agentq::auth::MIN_ADMIN_KEY_LEN
         );
-        return ExitCode::FAILURE;
+        return fatal(cli.log_format, why);
     }
     // One descriptor per connected agent: a fleet larger than the soft limit (1,024 under
     // systemd by default) would be refused. Take what the hard limit allows, as Go and nginx
@@ -198,9 +194,16 @@ fn main() -> ExitCode {
     }
     match rt.block_on(agentq::run(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("agentq: {e}");
-            ExitCode::FAILURE
-        }
+        Err(e) => fatal(cli.log_format, e),
     }
+}
+
+/// Reports an error that stops the program: one plain line for a person, or a log line with
+/// `--log-format json`, so that stderr then carries only JSON.
+fn fatal(format: LogFormat, message: impl std::fmt::Display) -> ExitCode {
+    match format {
+        LogFormat::Text => eprintln!("agentq: {message}"),
+        LogFormat::Json => tracing::error!("{message}"),
+    }
+    ExitCode::FAILURE
 }

@@ -350,6 +350,13 @@ impl Authenticator {
     /// generated here (the caller prints it once); None when keys exist or one was given.
     pub async fn bootstrap(&self, given: Option<String>) -> Result<Option<String>> {
         if !self.store.keys()?.is_empty() {
+            if given.is_some() {
+                // Said, because an operator may expect the file to replace the keys.
+                tracing::info!(
+                    "the database has API keys: the given admin key (--admin-key, \
+                     --admin-key-file) is used only on an empty database"
+                );
+            }
             return Ok(None);
         }
         let fresh = Uuid::now_v7().as_u128();

@@ -131,6 +131,33 @@ async fn project_validation_reports_every_field() {
     );
 }
 
+/// A project could be named like another project's id; a `{projectId}` tries ids first, so
+/// that project could then be reached by its id only. Names that read as a UUID are refused.
+#[tokio::test]
+async fn a_project_name_cannot_be_a_uuid() {
+    let app = spawn_app().await;
+    let first = app.project("first").await;
+    for name in [first.as_str(), "01a22fee-0000-7000-8000-000000000000"] {
+        let r = app
+            .post("/api/projects", json!({"name": name, "description": "d"}))
+            .await;
+        assert_eq!((r.status, r.code()), (400, "VALIDATION_ERROR"), "{name}");
+        assert_eq!(r.body["validationDetails"][0]["field"], "name");
+    }
+    let renamed = app
+        .put(
+            &format!("/api/projects/{first}"),
+            json!({"name": uuid::Uuid::new_v4().simple().to_string()}),
+        )
+        .await;
+    assert_eq!(renamed.status, 400, "{:?}", renamed.body);
+    assert_eq!(app.get("/api/projects/first").await.status, 200);
+    assert_eq!(
+        app.get("/api/projects").await.body["pagination"]["total"],
+        1
+    );
+}
+
 #[tokio::test]
 async fn framework_rejections_use_the_envelope_and_change_nothing() {
     let app = spawn_app().await;

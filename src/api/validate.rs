@@ -139,9 +139,22 @@ fn config(c: &mut Check, input: Option<&ConfigIn>, base: ProjectConfig) -> Proje
     out
 }
 
+/// A project name: a name, and not a UUID. A `{projectId}` takes an id or a name and an id
+/// matches first, so a project named like another's id could not be reached by its name.
+fn project_name(c: &mut Check, v: &str) {
+    c.name("name", v, MAX_NAME, "Project name");
+    if Uuid::parse_str(v).is_ok() {
+        c.fail(
+            "name",
+            "Project name cannot be a UUID (a projectId takes an id or a name, ids first)",
+            v,
+        );
+    }
+}
+
 pub fn create_project(b: CreateProject) -> Result<NewProject, Error> {
     let mut c = Check::default();
-    c.name("name", &b.name, MAX_NAME, "Project name");
+    project_name(&mut c, &b.name);
     c.max_len("description", &b.description, MAX_DESCRIPTION);
     if let Some(i) = &b.instructions {
         c.max_len("instructions", i, MAX_INSTRUCTIONS);
@@ -158,7 +171,7 @@ pub fn create_project(b: CreateProject) -> Result<NewProject, Error> {
 pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
     let mut c = Check::default();
     if let Some(n) = &b.name {
-        c.name("name", n, MAX_NAME, "Project name");
+        project_name(&mut c, n);
     }
     if let Some(d) = &b.description {
         c.max_len("description", d, MAX_DESCRIPTION);

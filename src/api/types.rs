@@ -266,6 +266,7 @@ pub struct ConfigIn {
 #[derive(Object)]
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateProject {
+    /// Unique; letters, digits, `-` and `_`, and not a UUID (a projectId takes an id or a name).
     pub name: Text,
     pub description: Text,
     pub instructions: Option<Text>,
@@ -275,6 +276,7 @@ pub struct CreateProject {
 #[derive(Object)]
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateProject {
+    /// A new name: unique, and not a UUID.
     pub name: Option<Text>,
     pub description: Option<Text>,
     pub instructions: Option<Text>,

@@ -65,8 +65,10 @@ struct ServeArgs {
     /// Largest request body accepted, in bytes; larger bodies get 413.
     #[arg(long, env = "AGENTQ_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
     max_body_bytes: usize,
-    /// Allow browser requests from this origin (CORS). Off unless given.
-    #[arg(long, env = "AGENTQ_CORS_ORIGIN")]
+    /// Allow browser requests from these origins (CORS), comma-separated: exact
+    /// (https://ui.example), with wildcards (https://*.example.com), or * for any. Off unless
+    /// given.
+    #[arg(long, env = "AGENTQ_CORS_ORIGIN", value_parser = agentq::api::check_cors_origins)]
     cors_origin: Option<String>,
     /// On the first start of an empty database, use this admin key instead of generating one
     /// (at least 16 characters). Prefer --admin-key-file: environments leak.

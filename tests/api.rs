@@ -2039,3 +2039,67 @@ async fn a_task_wakes_one_long_poller_that_accepts_it() {
         h.abort();
     }
 }
+
+/// A preflight of `POST /api/projects` from `origin`: its status and the allowed origin.
+async fn preflight(app: &TestApp, origin: &str) -> (u16, Option<String>) {
+    let r = reqwest::Client::new()
+        .request(
+            reqwest::Method::OPTIONS,
+            format!("{}/api/projects", app.base),
+        )
+        .header("origin", origin)
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "x-api-key, content-type")
+        .send()
+        .await
+        .unwrap();
+    let allowed = r
+        .headers()
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), allowed)
+}
+
+async fn with_cors(origins: &str) -> TestApp {
+    let origins = origins.to_string();
+    start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.cors_origin = Some(origins)
+    })
+    .await
+}
+
+/// CORS is off unless `--cors-origin` is given; it takes a comma-separated list of origins,
+/// with `*` wildcards, or `*` alone for any origin (which answered 403 to every origin, as a
+/// literal origin named `*`, before lists and wildcards were read).
+#[tokio::test]
+async fn cors_allows_the_configured_origins_only() {
+    let off = spawn_app().await;
+    assert_eq!(preflight(&off, "https://ui.example").await.1, None);
+
+    let app = with_cors("https://ui.example, https://*.corp.example").await;
+    for origin in ["https://ui.example", "https://team.corp.example"] {
+        let (status, allowed) = preflight(&app, origin).await;
+        assert_eq!(status, 200, "{origin}");
+        assert_eq!(allowed.as_deref(), Some(origin));
+    }
+    let (status, allowed) = preflight(&app, "https://evil.example").await;
+    assert_eq!((status, allowed), (403, None));
+    // A real request from an allowed origin carries the header too.
+    let r = app
+        .client
+        .get(format!("{}/api/projects", app.base))
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ui.example"
+    );
+
+    let any = with_cors("*").await;
+    let (status, allowed) = preflight(&any, "https://evil.example").await;
+    assert_eq!(status, 200);
+    assert!(allowed.is_some());
+}

@@ -217,19 +217,50 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
         // of dropping the connection.
         .with(poem::middleware::CatchPanic::new())
         .around(move |ep, req| frame(ep, req, max, frame_state.clone(), spec.clone()));
-    let cors = opts.cors_origin.as_ref().map(|o| {
-        Cors::new()
-            .allow_origin(o.as_str())
-            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
-            .allow_headers([
-                "content-type",
-                "authorization",
-                "x-api-key",
-                "x-correlation-id",
-            ])
-            .expose_headers(["x-correlation-id"])
-    });
+    let cors = opts.cors_origin.as_deref().map(cors);
     route.with_if(cors.is_some(), cors.unwrap_or_default())
+}
+
+/// CORS for `--cors-origin`: a comma-separated list of origins, each exact
+/// (`https://ui.example`) or with `*` wildcards (`https://*.example.com`); `*` alone allows any
+/// origin (credentials are headers, never cookies, so no origin gains a caller's rights).
+/// Every entry is a valid header value (checked when the command line is parsed).
+fn cors(origins: &str) -> Cors {
+    let mut cors = Cors::new()
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+        .allow_headers([
+            "content-type",
+            "authorization",
+            "x-api-key",
+            "x-correlation-id",
+        ])
+        .expose_headers(["x-correlation-id"]);
+    let list: Vec<&str> = origins
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+        .collect();
+    // No origin listed: poem's Cors allows any.
+    if !list.contains(&"*") {
+        for origin in list {
+            cors = match origin.contains('*') {
+                true => cors.allow_origin_regex(origin),
+                false => cors.allow_origin(origin),
+            };
+        }
+    }
+    cors
+}
+
+/// Checks a `--cors-origin` value: each origin must be a valid header value (poem's `Cors`
+/// panics on one that is not).
+pub fn check_cors_origins(origins: &str) -> Result<String, String> {
+    for o in origins.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        if HeaderValue::from_str(o).is_err() {
+            return Err(format!("{o:?} is not a valid origin"));
+        }
+    }
+    Ok(origins.to_string())
 }
 
 /// A fresh correlation id: a per-process random prefix and a counter (unique within the

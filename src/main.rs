@@ -62,9 +62,10 @@ struct ServeArgs {
     /// Address to listen on, host:port. Use 0.0.0.0:3000 to accept remote clients.
     #[arg(long, env = "AGENTQ_BIND", default_value = "127.0.0.1:3000")]
     bind: String,
-    /// Largest request body accepted, in bytes; larger bodies get 413.
-    #[arg(long, env = "AGENTQ_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024)]
-    max_body_bytes: usize,
+    /// Largest request body accepted, in bytes (1 KiB to 1 GiB); larger bodies get 413.
+    #[arg(long, env = "AGENTQ_MAX_BODY_BYTES", default_value_t = 2 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    max_body_bytes: u64,
     /// Allow browser requests from these origins (CORS), comma-separated: exact
     /// (https://ui.example), with wildcards (https://*.example.com), or * for any. Off unless
     /// given.
@@ -158,7 +159,7 @@ fn main() -> ExitCode {
         }
     };
     let mut config = agentq::Config::new(args.db, args.bind);
-    config.max_body_bytes = args.max_body_bytes;
+    config.max_body_bytes = args.max_body_bytes as usize;
     config.cors_origin = args.cors_origin;
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;

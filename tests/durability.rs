@@ -505,10 +505,7 @@ fn start_binary(db: &std::path::Path) -> (Reaped, String) {
 /// `cmd` (the binary, or a shell that execs it) with the arguments of a server on `db` and a
 /// free port, and the base URL.
 fn binary_command(mut cmd: Command, db: &std::path::Path) -> (Command, String) {
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     cmd.args(["serve", "--db"])
         .arg(db)
         .args(["--bind", &format!("127.0.0.1:{port}")])
@@ -517,6 +514,12 @@ fn binary_command(mut cmd: Command, db: &std::path::Path) -> (Command, String) {
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
     (cmd, format!("http://127.0.0.1:{port}"))
+}
+
+/// A port nobody listens on now (the probe's socket is closed on return).
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
 }
 
 async fn wait_healthy(client: &reqwest::Client, base: &str) {
@@ -677,8 +680,7 @@ async fn sigkill_loses_no_acknowledged_complete() {
     child.kill().unwrap();
     child.wait().unwrap();
     // The start after the kill said why it was not healthy at once.
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut log).unwrap();
+    let log = read_all(child.stderr.take());
     assert!(
         log.contains("the database was not closed cleanly"),
         "no repair warning in:\n{log}"
@@ -739,10 +741,7 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = std::time::Instant::now();
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send("TERM", &child);
     let answer = poll.await.unwrap();
     assert_eq!(answer["success"], false);
     assert_eq!(answer["data"]["task"], Value::Null);
@@ -750,13 +749,7 @@ async fn sigterm_shuts_down_cleanly_and_wakes_long_pollers() {
     assert!(status.success(), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(10));
     // The file is closed: a new server opens it, with no repair to do.
-    let (mut again, base) = start_binary(&db);
-    wait_healthy(&client, &base).await;
-    again.kill().unwrap();
-    again.wait().unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut again.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(!log.contains("not closed cleanly"), "{log}");
+    opens_without_repair(&db, &client).await;
 }
 
 /// Closing the terminal a server runs in sends SIGHUP, whose default action ended the process
@@ -770,19 +763,10 @@ async fn sighup_stops_the_server_cleanly() {
     let client = client_with_key(ADMIN_KEY);
     let (mut child, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
-    Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send("HUP", &child);
     let status = child.wait().unwrap();
     assert!(status.success(), "exit status {status:?}");
-    let (mut again, base) = start_binary(&db);
-    wait_healthy(&client, &base).await;
-    again.kill().unwrap();
-    again.wait().unwrap();
-    let mut log = String::new();
-    std::io::Read::read_to_string(&mut again.stderr.take().unwrap(), &mut log).unwrap();
-    assert!(!log.contains("not closed cleanly"), "{log}");
+    opens_without_repair(&db, &client).await;
 }
 
 /// With `--log-format json` every line on stderr is a JSON object, which a collector can
@@ -792,11 +776,7 @@ async fn sighup_stops_the_server_cleanly() {
 #[tokio::test]
 async fn json_logs_are_all_json_and_the_first_key_is_on_stdout() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let base = format!("http://127.0.0.1:{port}");
     let mut child = Reaped(
         Command::new(agentq_bin())
@@ -810,14 +790,9 @@ async fn json_logs_are_all_json_and_the_first_key_is_on_stdout() {
             .unwrap(),
     );
     wait_healthy(&reqwest::Client::new(), &base).await;
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send("TERM", &child);
     assert!(child.wait().unwrap().success());
-    let (mut out, mut err) = (String::new(), String::new());
-    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    let (out, err) = (read_all(child.stdout.take()), read_all(child.stderr.take()));
     assert!(out.contains("    aq_"), "no admin key on stdout: {out}");
     assert!(
         err.lines().count() >= 3,
@@ -827,6 +802,32 @@ async fn json_logs_are_all_json_and_the_first_key_is_on_stdout() {
         let v: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
         assert!(v["fields"]["message"].is_string(), "{line}");
     }
+}
+
+/// Sends `signal` (`TERM`, `HUP`, ...) to a child process, with `kill`.
+fn send(signal: &str, child: &Child) {
+    Command::new("kill")
+        .args([&format!("-{signal}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+}
+
+/// What a child wrote on `pipe` (its piped stdout or stderr), to its end.
+fn read_all(pipe: Option<impl std::io::Read>) -> String {
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut pipe.expect("a piped stream"), &mut text).unwrap();
+    text
+}
+
+/// Starts a server on `db` after a stop and checks that it opened the file without a repair
+/// (the stop had closed it).
+async fn opens_without_repair(db: &std::path::Path, client: &reqwest::Client) {
+    let (mut again, base) = start_binary(db);
+    wait_healthy(client, &base).await;
+    again.kill().unwrap();
+    again.wait().unwrap();
+    let log = read_all(again.stderr.take());
+    assert!(!log.contains("not closed cleanly"), "{log}");
 }
 
 /// A child process killed when dropped, so a test that fails half way leaves no server
@@ -905,10 +906,7 @@ async fn past_the_open_file_limit_the_server_waits_and_serves_again() {
         .unwrap();
     let failed_accepts = metric_value(&metrics, "agentq_http_accept_errors_total");
     assert!(failed_accepts > 0.0, "{metrics}");
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    send("TERM", &child);
     let mut log = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut log).unwrap();
     child.wait().unwrap();
@@ -938,10 +936,7 @@ async fn add_admin_key_rescues_a_database_whose_keys_are_lost() {
     assert!(!busy.status.success());
     let err = String::from_utf8_lossy(&busy.stderr);
     assert!(err.contains("already in use"), "{err}");
-    Command::new("kill")
-        .args(["-TERM", &server.id().to_string()])
-        .status()
-        .unwrap();
+    send("TERM", &server);
     server.wait().unwrap();
     let added = add();
     assert!(added.status.success(), "{:?}", added);

@@ -154,16 +154,21 @@ async fn lease_expiry_and_auth_failures_are_counted() {
     assert!(text.contains("agentq_auth_failures_total"));
 }
 
-#[tokio::test]
-async fn json_metrics_follow_the_seed() {
-    let app = spawn_app().await;
-    app.get("/api/projects").await;
-    let v: serde_json::Value = reqwest::get(format!("{}/metrics/json", app.base))
+/// `GET /metrics/json`, without a key.
+async fn json_metrics(app: &TestApp) -> serde_json::Value {
+    reqwest::get(format!("{}/metrics/json", app.base))
         .await
         .unwrap()
         .json()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn json_metrics_follow_the_seed() {
+    let app = spawn_app().await;
+    app.get("/api/projects").await;
+    let v = json_metrics(&app).await;
     assert_eq!(v["success"], true);
     let d = &v["data"];
     assert!(d["requests_total"].as_u64().unwrap() >= 1);
@@ -182,13 +187,9 @@ async fn json_metrics_count_live_sessions() {
     let app = spawn_with_manual_clock().await;
     let p = app.project("s").await;
     let active = || async {
-        let v: serde_json::Value = reqwest::get(format!("{}/metrics/json", app.base))
-            .await
+        json_metrics(&app).await["data"]["active_sessions"]
+            .as_u64()
             .unwrap()
-            .json()
-            .await
-            .unwrap();
-        v["data"]["active_sessions"].as_u64().unwrap()
     };
     assert_eq!(active().await, 0);
     for agent in ["a", "b"] {

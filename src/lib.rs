@@ -12,7 +12,7 @@
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
 //! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
 //! - [`time`]: the injected clock and the wire format of instants.
-//! - [`ids`]: task ids and lease tokens without a system call each.
+//! - [`ids`]: task ids and the random part of lease tokens, without a system call each.
 //! - [`error`]: the domain error every layer returns.
 
 pub mod api;

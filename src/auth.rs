@@ -197,6 +197,8 @@ fn verify_blocking(secret: &str, phc: &str) -> bool {
 #[derive(Debug, Clone, Copy)]
 pub struct RateInfo {
     pub allowed: bool,
+    /// This is the first request refused in the window (to report once, not per request).
+    pub first_refused: bool,
     pub limit: u32,
     pub remaining: u32,
     /// Unix seconds when the window ends.
@@ -239,13 +241,16 @@ impl<K: Hash + Eq + Copy> Limiter<K> {
             *entry = (now, 0);
         }
         let allowed = entry.1 < self.limit;
-        if allowed && take {
-            entry.1 += 1;
+        // Refused requests count too (past `limit`), so the first refusal can be told apart.
+        let first_refused = !allowed && take && entry.1 == self.limit;
+        if take {
+            entry.1 = entry.1.saturating_add(1);
         }
         let left = WINDOW.saturating_sub(now.duration_since(entry.0));
         let unix_now = crate::time::Clock::now(&crate::time::SystemClock) as u64 / 1000;
         RateInfo {
             allowed,
+            first_refused,
             limit: self.limit,
             remaining: self.limit.saturating_sub(entry.1),
             reset: unix_now + left.as_secs_f64().ceil() as u64,
@@ -628,8 +633,22 @@ mod tests {
     #[test]
     fn limiter_lets_exactly_n_through_per_window() {
         let l = Limiter::new(3);
-        let results: Vec<bool> = (0..5).map(|_| l.check(1u128, true).allowed).collect();
-        assert_eq!(results, vec![true, true, true, false, false]);
+        let results: Vec<(bool, bool)> = (0..5)
+            .map(|_| l.check(1u128, true))
+            .map(|i| (i.allowed, i.first_refused))
+            .collect();
+        assert_eq!(
+            results,
+            vec![
+                (true, false),
+                (true, false),
+                (true, false),
+                (false, true),
+                (false, false)
+            ],
+            "exactly 3 pass; the first refusal is marked once"
+        );
+        assert!(!l.check(1u128, false).first_refused, "a look is no refusal");
         let info = l.check(1u128, true);
         assert_eq!(info.remaining, 0);
         assert!(info.retry_after >= 1);

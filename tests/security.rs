@@ -698,6 +698,16 @@ async fn rate_limit_lets_exactly_n_through_then_429() {
     let r = app.get("/api/projects").await;
     assert_eq!((r.status, r.code()), (429, "RATE_LIMITED"));
     assert_eq!(r.headers["x-ratelimit-remaining"], "0");
+    // The answer says whose limit it is, for whoever runs a load test with one key.
+    assert!(
+        r.body["error"]
+            .as_str()
+            .unwrap()
+            .contains("per key reached (the server's --rate-limit-per-minute)"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(app.get("/api/projects").await.status, 429);
     assert!(r.headers.contains_key("retry-after"));
     assert_eq!(
         app.get("/health").await.status,

@@ -506,8 +506,17 @@ async fn authenticate(
         let info = auth.limiter.check(caller.key_id, true);
         *rate = Some(info);
         if !info.allowed {
+            if info.first_refused {
+                // Once per key and window: an operator sees why a fleet slowed down.
+                tracing::info!(
+                    key = %uuid::Uuid::from_u128(caller.key_id),
+                    limit = info.limit,
+                    "a key reached its rate limit; its requests get 429 until the minute ends"
+                );
+            }
             return Err(error::RateLimited(format!(
-                "rate limit of {} requests a minute reached; retry after {} s",
+                "rate limit of {} requests a minute per key reached (the server's \
+                 --rate-limit-per-minute); retry after {} s",
                 info.limit, info.retry_after
             ))
             .into());

@@ -9,7 +9,7 @@
 //! Names follow Prometheus conventions: `agentq_` prefix, base units (seconds, bytes), `_total`
 //! on counters.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -385,15 +385,14 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
 /// Series of deleted projects are left out: the exporter cannot unregister a series, and a
 /// deleted project's gauges would otherwise report its last task counts forever.
 pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Instant) -> String {
-    let mut live: Option<HashSet<String>> = None;
-    let mut names = Vec::new();
+    // The live projects' names by id (ids of UUIDv7, so in creation order).
+    let mut live: Option<BTreeMap<String, String>> = None;
     if let Ok(r) = store.read() {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
-            let live = live.insert(HashSet::with_capacity(projects.len()));
+            let live = live.insert(BTreeMap::new());
             for (p, s) in projects {
                 let id = uuid::Uuid::from_u128(p.id).to_string();
-                live.insert(id.clone());
-                names.push((id.clone(), p.name));
+                live.insert(id.clone(), p.name);
                 // Every project shows every counter, at zero until its first event.
                 for event in TaskEvent::ALL {
                     counter!(event.metric(), "project" => id.clone()).increment(0);
@@ -412,18 +411,22 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();
     let text = handle.render();
-    let mut text = match live {
-        Some(live) => without_dead_projects(text, &live),
+    let mut text = match &live {
+        Some(live) => without_dead_projects(text, &|id| live.contains_key(id)),
         None => text,
     };
-    append_own_families(&mut text, &names, started);
+    append_own_families(&mut text, &live.unwrap_or_default(), started);
     text
 }
 
 /// Families rendered here rather than through the exporter, whose series cannot be removed:
 /// a project's name (a rename must not leave the old name's series behind) and the standard
 /// process figures that are not gauges of ours.
-fn append_own_families(text: &mut String, names: &[(String, String)], started: std::time::Instant) {
+fn append_own_families(
+    text: &mut String,
+    names: &BTreeMap<String, String>,
+    started: std::time::Instant,
+) {
     use std::fmt::Write;
     let since_epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -454,14 +457,13 @@ fn append_own_families(text: &mut String, names: &[(String, String)], started: s
     );
 }
 
-/// Drops the sample lines labelled with a project that is not in `live`.
-fn without_dead_projects(text: String, live: &HashSet<String>) -> String {
+/// Drops the sample lines labelled with a project that is not `live`.
+fn without_dead_projects(text: String, live: &dyn Fn(&str) -> bool) -> String {
     const LABEL: &str = "project=\"";
     let dead = |line: &str| {
         line.find(LABEL).is_some_and(|at| {
             let rest = &line[at + LABEL.len()..];
-            rest.find('"')
-                .is_some_and(|end| !live.contains(&rest[..end]))
+            rest.find('"').is_some_and(|end| !live(&rest[..end]))
         })
     };
     if !text.lines().any(dead) {
@@ -527,15 +529,18 @@ mod tests {
                     agentq_tasks{project=\"a\",status=\"queued\"} 3\n\
                     agentq_tasks{project=\"b\",status=\"queued\"} 5\n\
                     agentq_long_poll_waiters 0\n";
-        let live: HashSet<String> = ["a".to_string()].into();
-        let kept = without_dead_projects(text.to_string(), &live);
+        let live: std::collections::HashSet<String> = ["a".to_string()].into();
+        let kept = without_dead_projects(text.to_string(), &|id| live.contains(id));
         assert_eq!(
             kept,
             "# HELP agentq_tasks Tasks by status.\n\
              agentq_tasks{project=\"a\",status=\"queued\"} 3\n\
              agentq_long_poll_waiters 0\n"
         );
-        let all: HashSet<String> = ["a".to_string(), "b".to_string()].into();
-        assert_eq!(without_dead_projects(text.to_string(), &all), text);
+        let all: std::collections::HashSet<String> = ["a".to_string(), "b".to_string()].into();
+        assert_eq!(
+            without_dead_projects(text.to_string(), &|id| all.contains(id)),
+            text
+        );
     }
 }

@@ -235,11 +235,7 @@ fn cors(origins: &str) -> Cors {
             "x-correlation-id",
         ])
         .expose_headers(["x-correlation-id"]);
-    let list: Vec<&str> = origins
-        .split(',')
-        .map(str::trim)
-        .filter(|o| !o.is_empty())
-        .collect();
+    let list: Vec<&str> = listed_origins(origins).collect();
     // No origin listed: poem's Cors allows any.
     if !list.contains(&"*") {
         for origin in list {
@@ -252,10 +248,15 @@ fn cors(origins: &str) -> Cors {
     cors
 }
 
+/// The origins of a `--cors-origin` value: comma-separated, blanks ignored.
+fn listed_origins(origins: &str) -> impl Iterator<Item = &str> {
+    origins.split(',').map(str::trim).filter(|o| !o.is_empty())
+}
+
 /// Checks a `--cors-origin` value: each origin must be a valid header value (poem's `Cors`
 /// panics on one that is not).
 pub fn check_cors_origins(origins: &str) -> Result<String, String> {
-    for o in origins.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+    for o in listed_origins(origins) {
         if HeaderValue::from_str(o).is_err() {
             return Err(format!("{o:?} is not a valid origin"));
         }

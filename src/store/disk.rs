@@ -137,10 +137,15 @@ pub struct Faults {
     pub bad_sync: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// A full disk's error (ENOSPC), as the kernel reports it.
+fn no_space() -> io::Error {
+    io::Error::from_raw_os_error(28)
+}
+
 impl Faulty {
     fn check(&self) -> io::Result<()> {
         if self.faults.full.load(Ordering::SeqCst) {
-            Err(io::Error::from_raw_os_error(28)) // ENOSPC
+            Err(no_space())
         } else {
             Ok(())
         }
@@ -152,7 +157,7 @@ impl StorageBackend for Faulty {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.check()?;
         if self.faults.no_growth.load(Ordering::SeqCst) && len > self.inner.len()? {
-            return Err(io::Error::from_raw_os_error(28));
+            return Err(no_space());
         }
         self.inner.set_len(len)
     }

@@ -104,6 +104,12 @@ fn describe() {
     );
     describe_gauge!("agentq_tasks", "Tasks stored, by project and status.");
     describe_gauge!(
+        "agentq_queue_wait_seconds",
+        Unit::Seconds,
+        "How long the longest-waiting task at the front of the project's queue (the first of \
+         each priority level) has been ready and not handed out; 0 when no task is ready."
+    );
+    describe_gauge!(
         "agentq_active_leases",
         "Tasks running under a lease, by project."
     );
@@ -387,6 +393,7 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
 pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Instant) -> String {
     // The live projects' names by id (ids of UUIDv7, so in creation order).
     let mut live: Option<BTreeMap<String, String>> = None;
+    let now = store.clock.now();
     if let Ok(r) = store.read() {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
             let live = live.insert(BTreeMap::new());
@@ -401,6 +408,12 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
                     gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
                         .set(s.get(status) as f64);
                 }
+                let waited = match s.queued > s.delayed {
+                    true => r.longest_front_wait(p.id, now).ok().flatten().unwrap_or(0),
+                    false => 0,
+                };
+                gauge!("agentq_queue_wait_seconds", "project" => id.clone())
+                    .set(waited as f64 / 1000.0);
                 gauge!("agentq_active_leases", "project" => id).set(s.running as f64);
             }
         }

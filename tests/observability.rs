@@ -205,3 +205,48 @@ async fn json_metrics_count_live_sessions() {
     app.advance(24 * 3_600_000 + 1).await;
     assert_eq!(active().await, 0, "both expired");
 }
+
+/// The wait of the project's queue, as `/metrics` gives it.
+async fn queue_wait(app: &TestApp, project: &str) -> f64 {
+    let series = format!(r#"agentq_queue_wait_seconds{{project="{project}"}}"#);
+    app.metric(&series).await
+}
+
+/// How long work has waited is the first thing to alert on in a queue (SQS's age of the
+/// oldest message). It must show a low-priority task starved by higher ones, and count a
+/// delayed task from its `notBefore`, not from its creation.
+#[tokio::test]
+async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("waits").await;
+    assert_eq!(queue_wait(&app, &p).await, 0.0, "nothing queued");
+    app.task(&p, json!({"instructions": "low", "priority": 1}))
+        .await;
+    app.advance(30_000).await;
+    app.task(&p, json!({"instructions": "high", "priority": 9}))
+        .await;
+    app.advance(10_000).await;
+    assert_eq!(queue_wait(&app, &p).await, 40.0);
+    let high = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(high["instructions"], "high");
+    assert_eq!(queue_wait(&app, &p).await, 40.0, "the low task still waits");
+    app.next("b", json!({"projectId": p})).await;
+    assert_eq!(queue_wait(&app, &p).await, 0.0, "nothing ready");
+    // The clock started at 2026-01-01T00:00:00Z and stands at 00:00:40.
+    app.task(
+        &p,
+        json!({"instructions": "later", "notBefore": "2026-01-01T00:01:40.000Z"}),
+    )
+    .await;
+    assert_eq!(
+        queue_wait(&app, &p).await,
+        0.0,
+        "a delayed task is not ready"
+    );
+    app.advance(90_000).await;
+    assert_eq!(
+        queue_wait(&app, &p).await,
+        30.0,
+        "ready since its notBefore"
+    );
+}

@@ -324,6 +324,41 @@ impl Reader {
         Ok(stats.queued.saturating_sub(stats.delayed) + due)
     }
 
+    /// How long, in ms up to `now`, the longest-waiting task at the front of the project's
+    /// ready queue has waited: at each priority level, the task next-task would take first
+    /// at that level, waiting since its last change or its `notBefore`, whichever is later.
+    /// `None` when no task is ready. A task stuck behind a `typeIds` filter no agent asks
+    /// for, or a priority level starved by higher ones, keeps this growing.
+    ///
+    /// One seek and one row read per priority level that holds a ready task (at most 11).
+    pub fn longest_front_wait(&self, project: u128, now: Millis) -> Result<Option<Millis>> {
+        let index = self.table(INDEX)?;
+        let tasks = self.table(TASKS)?;
+        let level_at = ix::K::new(ix::READY).u128(project).len();
+        let end = ix::end_of(&ix::K::new(ix::READY).u128(project));
+        let mut longest: Option<Millis> = None;
+        let mut level = 0u8;
+        while level <= 10 {
+            let from = ix::K::new(ix::READY).u128(project).u8(level);
+            let Some(first) = index
+                .range::<&[u8]>(from.as_slice()..end.as_slice())?
+                .next()
+            else {
+                break;
+            };
+            let key = first?.0;
+            let key = key.value();
+            if let Some(v) = tasks.get(ix::seq_of(key))? {
+                let t: Task = decode(v.value())?;
+                let since = t.updated_at.max(t.not_before.unwrap_or(Millis::MIN));
+                let waited = now.saturating_sub(since).max(0);
+                longest = Some(longest.map_or(waited, |l| l.max(waited)));
+            }
+            level = key[level_at] + 1;
+        }
+        Ok(longest)
+    }
+
     /// The earliest stored timer: a delayed task's `notBefore` or a session expiry. Lease
     /// expiries are in the writer's memory: [`super::Store::next_timer`] adds them.
     pub fn next_timer(&self) -> Result<Option<Millis>> {

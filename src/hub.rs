@@ -21,6 +21,9 @@ pub struct Effects {
     /// Tasks that became available to claim, by project and task type (None: untyped).
     pub ready: HashMap<(u128, Option<u128>), usize>,
     pub earliest_timer: Option<Millis>,
+    /// Projects reopened (closed → active) with tasks queued: every poller of theirs looks
+    /// again.
+    pub reopened: Vec<u128>,
     /// Task transitions by project, for the counters.
     pub events: HashMap<(u128, TaskEvent), u64>,
 }
@@ -120,9 +123,15 @@ impl Hub {
         }
     }
 
-    /// Wakes every poller of a deleted project (their next look answers 404).
-    pub fn forget_project(&self, project: u128) {
-        if let Some(queue) = self.lock_waiting().remove(&project) {
+    /// Wakes every poller of the project to look again, and takes them out of its queue
+    /// (each looks, then queues again if it found nothing): the project was deleted (their
+    /// look answers 404) or reopened with tasks waiting, which no task event announces.
+    pub fn wake_all(&self, project: u128) {
+        Self::wake_all_in(&mut self.lock_waiting(), project);
+    }
+
+    fn wake_all_in(waiting: &mut HashMap<u128, VecDeque<Arc<Waiter>>>, project: u128) {
+        if let Some(queue) = waiting.remove(&project) {
             for w in queue {
                 w.wake_for(None);
             }
@@ -134,11 +143,14 @@ impl Hub {
         if !fx.events.is_empty() {
             telemetry::publish_events(&fx.events);
         }
-        if !fx.ready.is_empty() {
+        if !fx.ready.is_empty() || !fx.reopened.is_empty() {
             let mut waiting = self.lock_waiting();
             if !waiting.is_empty() {
                 for ((project, type_id), n) in fx.ready {
                     Self::wake(&mut waiting, project, type_id, n);
+                }
+                for project in fx.reopened {
+                    Self::wake_all_in(&mut waiting, project);
                 }
             }
         }
@@ -342,7 +354,7 @@ mod tests {
     async fn deleting_a_project_wakes_all_its_pollers() {
         let hub = Arc::new(Hub::default());
         let mut tickets: Vec<Ticket> = (0..3).map(|_| hub.wait_for(1, Some(&[5]))).collect();
-        hub.forget_project(1);
+        hub.wake_all(1);
         for t in tickets.iter_mut() {
             assert!(woken(t).await);
         }

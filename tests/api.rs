@@ -1816,13 +1816,16 @@ async fn deleting_a_project_being_deleted_answers_when_it_is_gone() {
     assert_eq!(app.delete("/api/projects/big").await.status, 404);
 }
 
-#[tokio::test]
-async fn long_poll_wakes_when_a_task_appears() {
-    let app = spawn_app().await;
-    let p = app.project("p").await;
+/// Starts agent `w` long-polling `project` for up to 30 s; answers its reply and how long it
+/// waited. Returns once the server counts it as waiting.
+async fn long_poller(
+    app: &TestApp,
+    project: &str,
+) -> tokio::task::JoinHandle<(Value, std::time::Duration)> {
     let url = format!("{}/api/agents/w/next-task", app.base);
     let client = app.client.clone();
-    let body = json!({"projectId": p, "waitSeconds": 30});
+    let body = json!({"projectId": project, "waitSeconds": 30});
+    let before = app.metric("agentq_long_poll_waiters").await;
     let waiter = tokio::spawn(async move {
         let started = std::time::Instant::now();
         let r: Value = client
@@ -1836,13 +1839,49 @@ async fn long_poll_wakes_when_a_task_appears() {
             .unwrap();
         (r, started.elapsed())
     });
-    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    for _ in 0..400 {
+        if app.metric("agentq_long_poll_waiters").await > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    waiter
+}
+
+#[tokio::test]
+async fn long_poll_wakes_when_a_task_appears() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let waiter = long_poller(&app, &p).await;
     let id = app.task(&p, json!({"instructions": "x"})).await;
     let (r, waited) = waiter.await.unwrap();
     assert_eq!(r["data"]["task"]["id"], id.as_str());
     assert!(
         waited < std::time::Duration::from_secs(25),
         "woke by timeout, not by the task"
+    );
+}
+
+/// A closed project hands out nothing, so its agents wait. Reopening it makes its queued
+/// tasks available without any task changing, and no task event woke the waiting agents:
+/// they sat out their `waitSeconds` (up to a minute) beside ready work.
+#[tokio::test]
+async fn reopening_a_project_wakes_its_long_pollers() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let id = app.task(&p, json!({"instructions": "x"})).await;
+    let project = format!("/api/projects/{p}");
+    app.put(&project, json!({"status": "closed"})).await;
+    let waiter = long_poller(&app, &p).await;
+    assert_eq!(
+        app.put(&project, json!({"status": "active"})).await.status,
+        200
+    );
+    let (r, waited) = waiter.await.unwrap();
+    assert_eq!(r["data"]["task"]["id"], id.as_str());
+    assert!(
+        waited < std::time::Duration::from_secs(25),
+        "woke by timeout, not by the reopening"
     );
 }
 

@@ -131,6 +131,11 @@ impl W<'_, '_> {
         self.fx.timer(at);
     }
 
+    /// Has every long-poller of `project` look again once this batch is committed.
+    pub fn wake_all(&mut self, project: u128) {
+        self.fx.reopened.push(project);
+    }
+
     /// Whether a delayed task may be due now (false means certainly none is).
     pub fn delayed_may_be_due(&self) -> bool {
         *self.delayed_from <= self.now
@@ -328,7 +333,7 @@ impl Store {
             store
                 .write(move |w| write::begin_project_delete(w, project))
                 .await?;
-            store.hub.forget_project(project);
+            store.hub.wake_all(project);
             store.finish_delete(project).await
         };
         to_the_end(delete).await

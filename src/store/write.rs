@@ -122,6 +122,7 @@ pub struct ProjectPatch {
 pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Project, Stats)> {
     let mut p = resolve_project(w.t, key)?;
     let old_name = p.name.clone();
+    let was_closed = p.status == ProjectStatus::Closed;
     if let Some(name) = &patch.name {
         if *name != p.name && w.t.project_id_by_name(name)?.is_some() {
             return Err(Error::Conflict(format!(
@@ -157,6 +158,11 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
     }
     w.t.put_project(&p)?;
     let stats = w.t.stats(p.id)?;
+    // A closed project hands out nothing, so its pollers wait; reopened, its queued tasks
+    // are available again without any task changing.
+    if was_closed && p.status == ProjectStatus::Active && stats.queued > stats.delayed {
+        w.wake_all(p.id);
+    }
     Ok((p, stats))
 }
 

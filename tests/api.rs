@@ -1464,6 +1464,79 @@ async fn not_before_holds_a_task_back() {
     assert_eq!(r.status, 400);
 }
 
+/// `null` in an update clears a field that may be empty. It used to be read as "unchanged",
+/// so a task given a `notBefore` could not be made available at once, nor a task type given
+/// its own `maxRetries` sent back to the project's default.
+#[tokio::test]
+async fn null_in_an_update_clears_what_may_be_empty() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let id = app
+        .task(
+            &p,
+            json!({"instructions": "x", "notBefore": "2099-01-01T00:00:00.000Z",
+                   "batchId": "b1", "priority": 7}),
+        )
+        .await;
+    assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
+    let task = format!("/api/tasks/{id}");
+    let r = app
+        .put(
+            &task,
+            json!({"notBefore": null, "batchId": null, "priority": null}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.data()["notBefore"], Value::Null);
+    assert_eq!(r.data()["batchId"], Value::Null);
+    assert_eq!(
+        r.data()["priority"],
+        7,
+        "a field that cannot be empty is left as it was"
+    );
+    let in_batch = app
+        .get(&format!("/api/projects/{p}/tasks?batchId=b1"))
+        .await;
+    assert_eq!(in_batch.body["pagination"]["total"], 0);
+    assert_eq!(
+        app.next("a", json!({"projectId": p})).await["id"],
+        id.as_str(),
+        "available at once"
+    );
+
+    let project = format!("/api/projects/{p}");
+    app.put(&project, json!({"instructions": "read me"})).await;
+    let r = app.put(&project, json!({"instructions": null})).await;
+    assert_eq!(r.data()["instructions"], Value::Null);
+
+    let t = app
+        .task_type(
+            &p,
+            json!({"name": "t", "template": "Do {{a}}", "variables": ["a"], "maxRetries": 7,
+                   "leaseDurationMinutes": 2}),
+        )
+        .await;
+    let r = app
+        .put(
+            &format!("/api/task-types/{t}"),
+            json!({"template": null, "maxRetries": null, "leaseDurationMinutes": null}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    for field in ["template", "maxRetries", "leaseDurationMinutes"] {
+        assert_eq!(r.data()[field], Value::Null, "{field}");
+    }
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": t, "variables": {"a": "1"}, "instructions": "own"}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    assert_eq!(r.data()["instructions"], "own", "no template to render");
+    assert_eq!(r.data()["maxRetries"], 3, "the project's default again");
+}
+
 /// A claim promotes delayed tasks whose time has come itself, without waiting for the
 /// scheduler: here the clock moves without waking it.
 #[tokio::test]

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::borrow::Cow;
 
 use poem_openapi::registry::MetaSchemaRef;
-use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
+use poem_openapi::types::{MaybeUndefined, ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{ApiResponse, Object};
 use uuid::Uuid;
 
@@ -279,7 +279,8 @@ pub struct UpdateProject {
     /// A new name: unique, and not a UUID.
     pub name: Option<Text>,
     pub description: Option<Text>,
-    pub instructions: Option<Text>,
+    /// `null` removes them.
+    pub instructions: MaybeUndefined<Text>,
     /// `active` or `closed`.
     pub status: Option<Text>,
     pub config: Option<ConfigIn>,
@@ -420,11 +421,14 @@ pub struct CreateTaskType {
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateTaskType {
     pub name: Option<Text>,
-    pub template: Option<Text>,
+    /// `null` removes it: tasks of the type then give their own instructions.
+    pub template: MaybeUndefined<Text>,
     pub variables: Option<Vec<Text>>,
     pub duplicate_handling: Option<Text>,
-    pub max_retries: Option<i64>,
-    pub lease_duration_minutes: Option<f64>,
+    /// `null`: the project's `defaultMaxRetries` again.
+    pub max_retries: MaybeUndefined<i64>,
+    /// `null`: the project's `defaultLeaseDurationMinutes` again.
+    pub lease_duration_minutes: MaybeUndefined<f64>,
     pub retry_delay_seconds: Option<f64>,
     pub backoff_multiplier: Option<f64>,
 }
@@ -513,8 +517,10 @@ pub struct UpdateTask {
     pub instructions: Option<Text>,
     pub variables: Option<Vars>,
     pub priority: Option<i64>,
-    pub not_before: Option<Text>,
-    pub batch_id: Option<Text>,
+    /// `null` removes it: the task is available at once.
+    pub not_before: MaybeUndefined<Text>,
+    /// `null` takes the task out of its batch.
+    pub batch_id: MaybeUndefined<Text>,
 }
 
 #[derive(Object, serde::Serialize)]

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 
+use poem_openapi::types::MaybeUndefined;
 use uuid::Uuid;
 
 use super::types::*;
@@ -168,6 +169,16 @@ pub fn create_project(b: CreateProject) -> Result<NewProject, Error> {
     })
 }
 
+/// A field of an update that `null` clears: absent leaves it (`None`), `null` clears it
+/// (`Some(None)`), a value sets it.
+fn clearable<T, U>(field: MaybeUndefined<T>, set: impl FnOnce(T) -> U) -> Option<Option<U>> {
+    match field {
+        MaybeUndefined::Undefined => None,
+        MaybeUndefined::Null => Some(None),
+        MaybeUndefined::Value(v) => Some(Some(set(v))),
+    }
+}
+
 pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
     let mut c = Check::default();
     if let Some(n) = &b.name {
@@ -176,7 +187,7 @@ pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
     if let Some(d) = &b.description {
         c.max_len("description", d, MAX_DESCRIPTION);
     }
-    if let Some(i) = &b.instructions {
+    if let Some(i) = b.instructions.value() {
         c.max_len("instructions", i, MAX_INSTRUCTIONS);
     }
     let status = match b.status.as_deref() {
@@ -191,7 +202,7 @@ pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
     let mut patch = ProjectPatch {
         name: b.name.map(String::from),
         description: b.description.map(String::from),
-        instructions: b.instructions.map(|i| Some(i.0)),
+        instructions: clearable(b.instructions, String::from),
         status,
         ..ProjectPatch::default()
     };
@@ -313,7 +324,7 @@ pub fn update_type(b: UpdateTaskType) -> Result<TypePatch, Error> {
     if let Some(v) = &variables {
         type_variables(&mut c, v);
     }
-    if let Some(t) = &b.template {
+    if let Some(t) = b.template.value() {
         c.max_len("template", t, MAX_TEMPLATE);
     }
     let patch = TypePatch {
@@ -322,19 +333,17 @@ pub fn update_type(b: UpdateTaskType) -> Result<TypePatch, Error> {
             .duplicate_handling
             .as_deref()
             .map(|v| duplicate_handling(&mut c, v)),
-        max_retries: b
-            .max_retries
-            .map(|v| Some(c.int_range("maxRetries", v, 0, 10))),
-        lease_duration_minutes: b
-            .lease_duration_minutes
-            .map(|v| Some(c.float_range("leaseDurationMinutes", v, 0.1, 1440.0))),
+        max_retries: clearable(b.max_retries, |v| c.int_range("maxRetries", v, 0, 10)),
+        lease_duration_minutes: clearable(b.lease_duration_minutes, |v| {
+            c.float_range("leaseDurationMinutes", v, 0.1, 1440.0)
+        }),
         retry_delay_seconds: b
             .retry_delay_seconds
             .map(|v| c.float_range("retryDelaySeconds", v, 0.0, 86_400.0)),
         backoff_multiplier: b
             .backoff_multiplier
             .map(|v| c.float_range("backoffMultiplier", v, 1.0, 10.0)),
-        template: b.template.map(|t| Some(t.0)),
+        template: clearable(b.template, String::from),
         variables,
     };
     c.finish(patch)
@@ -409,17 +418,18 @@ pub fn update_task(b: UpdateTask) -> Result<TaskPatch, Error> {
     if let Some(v) = &variables {
         task_variables(&mut c, "", v);
     }
-    if let Some(bid) = &b.batch_id {
+    if let Some(bid) = b.batch_id.value() {
         c.max_len("batchId", bid, MAX_BATCH_ID);
     }
     let patch = TaskPatch {
         priority: b
             .priority
             .map(|p| c.int_range("priority", p, 0, MAX_PRIORITY) as u8),
-        not_before: b.not_before.as_deref().map(|t| c.time("notBefore", t)),
+        // A time that does not parse is refused by `finish`, so its `None` is never applied.
+        not_before: clearable(b.not_before, |t: Text| c.time("notBefore", &t)).map(Option::flatten),
         instructions: b.instructions.map(String::from),
         variables,
-        batch_id: b.batch_id.map(|b| Some(b.0)),
+        batch_id: clearable(b.batch_id, String::from),
     };
     c.finish(patch)
 }

@@ -19,7 +19,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::model::{Outcome, Task, TaskStatus};
+use crate::model::{Outcome, ProjectStatus, Task, TaskStatus};
 use crate::store::Store;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -107,7 +107,8 @@ fn describe() {
         "agentq_queue_wait_seconds",
         Unit::Seconds,
         "How long the longest-waiting task at the front of the project's queue (the first of \
-         each priority level) has been ready and not handed out; 0 when no task is ready."
+         each priority level) has been ready and not handed out; 0 when no task is ready or \
+         the project is closed."
     );
     describe_gauge!(
         "agentq_active_leases",
@@ -408,7 +409,9 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
                     gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
                         .set(s.get(status) as f64);
                 }
-                let waited = match s.queued > s.delayed {
+                // A closed project hands out nothing: its tasks are not ready (as peek says).
+                let open = p.status == ProjectStatus::Active;
+                let waited = match open && s.queued > s.delayed {
                     true => r.longest_front_wait(p.id, now).ok().flatten().unwrap_or(0),
                     false => 0,
                 };

@@ -213,8 +213,9 @@ async fn queue_wait(app: &TestApp, project: &str) -> f64 {
 }
 
 /// How long work has waited is the first thing to alert on in a queue (SQS's age of the
-/// oldest message). It must show a low-priority task starved by higher ones, and count a
-/// delayed task from its `notBefore`, not from its creation.
+/// oldest message). It must show a low-priority task starved by higher ones, count a
+/// delayed task from its `notBefore`, not from its creation, and not page anyone for a
+/// project that was closed on purpose.
 #[tokio::test]
 async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
     let app = spawn_with_manual_clock().await;
@@ -249,4 +250,8 @@ async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
         30.0,
         "ready since its notBefore"
     );
+    let project = format!("/api/projects/{p}");
+    app.put(&project, json!({"status": "closed"})).await;
+    let closed = queue_wait(&app, &p).await;
+    assert_eq!(closed, 0.0, "a closed project hands out nothing");
 }

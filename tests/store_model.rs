@@ -1,6 +1,8 @@
-//! The store under random operations, restarts included: after every step the index holds
-//! exactly the entries the task rows imply, the counters equal the rows, and the writer's
-//! in-memory lease cache equals the leases the committed rows hold.
+//! The store under random operations of agents and producers (claims, completes, fails,
+//! extends; updates of priority and `notBefore`, `null` included; cancels, retries,
+//! deletes), restarts included. After every step the index holds exactly the entries the
+//! task rows imply, the counters equal the rows, the writer's in-memory lease cache equals
+//! the leases the committed rows hold, and no queued task is ready before its `notBefore`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -40,10 +42,38 @@ enum Op {
     Extend {
         agent: usize,
     },
+    /// A producer's `PUT` of the `pick`-th queued task: a new priority, and a `notBefore`
+    /// set, moved or cleared (`null`).
+    Update {
+        pick: usize,
+        priority: Option<u8>,
+        not_before: NotBefore,
+    },
+    /// Cancel the `pick`-th queued or running task.
+    Cancel {
+        pick: usize,
+    },
+    /// Retry the `pick`-th cancelled task.
+    Retry {
+        pick: usize,
+    },
+    /// Delete the `pick`-th task that is not finished (a finished task stays: the activity
+    /// rows checked below count it).
+    Delete {
+        pick: usize,
+    },
     Advance {
         ms: i64,
     },
     Restart,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NotBefore {
+    Keep,
+    Clear,
+    /// This many ms from now (negative: already past).
+    In(i64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -56,6 +86,19 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4).prop_map(|agent| Op::Extend { agent }),
         1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000), Just(1_800_000)].prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Restart),
+        1 => (any::<usize>(), prop::option::of(0u8..=10), not_before())
+            .prop_map(|(pick, priority, not_before)| Op::Update { pick, priority, not_before }),
+        1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Retry { pick }),
+        1 => any::<usize>().prop_map(|pick| Op::Delete { pick }),
+    ]
+}
+
+fn not_before() -> impl Strategy<Value = NotBefore> {
+    prop_oneof![
+        Just(NotBefore::Keep),
+        Just(NotBefore::Clear),
+        prop_oneof![Just(-5_000i64), Just(20_000), Just(90_000)].prop_map(NotBefore::In),
     ]
 }
 
@@ -227,6 +270,40 @@ impl World {
                     }
                 }))
             }
+            Op::Update {
+                pick,
+                priority,
+                not_before,
+            } => {
+                let now = self.clock.now();
+                let patch = write::TaskPatch {
+                    priority,
+                    not_before: match not_before {
+                        NotBefore::Keep => None,
+                        NotBefore::Clear => Some(None),
+                        NotBefore::In(ms) => Some(Some(now + ms)),
+                    },
+                    ..write::TaskPatch::default()
+                };
+                self.on_task(pick, &[TaskStatus::Queued], move |w, id| {
+                    write::update_task(w, id, patch).map(|_| ())
+                })
+            }
+            Op::Cancel { pick } => {
+                let open = [TaskStatus::Queued, TaskStatus::Running];
+                self.on_task(pick, &open, |w, id| write::cancel(w, id, None).map(|_| ()))
+            }
+            Op::Retry { pick } => self.on_task(pick, &[TaskStatus::Cancelled], |w, id| {
+                write::retry(w, id).map(|_| ())
+            }),
+            Op::Delete { pick } => {
+                let unfinished = [
+                    TaskStatus::Queued,
+                    TaskStatus::Running,
+                    TaskStatus::Cancelled,
+                ];
+                self.on_task(pick, &unfinished, write::delete_task)
+            }
             Op::Advance { ms } => {
                 self.clock.advance(ms);
                 self.rt.block_on(self.store().write(|w| {
@@ -253,6 +330,37 @@ impl World {
                 "storage error on {op:?}: {e}"
             );
         }
+    }
+
+    /// Runs `f` on the `pick`-th (modulo their number) task whose status is among `statuses`,
+    /// in creation order; nothing when there is none.
+    fn on_task(
+        &self,
+        pick: usize,
+        statuses: &[TaskStatus],
+        f: impl FnOnce(&mut agentq::store::W, &str) -> agentq::error::Result<()> + Send + 'static,
+    ) -> agentq::error::Result<()> {
+        let txn = self.store().begin_read().unwrap();
+        let (rows, bodies) = (
+            txn.open_table(TASKS).unwrap(),
+            txn.open_table(TASK_BODIES).unwrap(),
+        );
+        let ids: Vec<String> = rows
+            .iter()
+            .unwrap()
+            .map(|r| {
+                load_task(&rows, &bodies, r.unwrap().0.value())
+                    .unwrap()
+                    .unwrap()
+            })
+            .filter(|t| statuses.contains(&t.status))
+            .map(|t| t.id)
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let id = ids[pick % ids.len()].clone();
+        self.rt.block_on(self.store().write(move |w| f(w, &id)))
     }
 
     /// Index entries, counters and the lease cache against the committed rows.
@@ -284,6 +392,18 @@ impl World {
             }
             counts.delayed += (t.status == TaskStatus::Queued && t.delayed) as u64;
             assert_eq!(t.lease.is_some(), t.status == TaskStatus::Running, "{t:?}");
+            // A queued task waits for a `notBefore` still to come, in the delayed index; one
+            // whose time came may wait there until the scheduler's pass.
+            let future = t.not_before.is_some_and(|nb| nb > self.clock.now());
+            if t.status == TaskStatus::Queued && future {
+                assert!(t.delayed, "ready before its notBefore: {t:?}");
+            }
+            if t.delayed {
+                assert!(
+                    t.status == TaskStatus::Queued && t.not_before.is_some(),
+                    "{t:?}"
+                );
+            }
         }
         let index = txn.open_table(INDEX).unwrap();
         let mut stored: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();

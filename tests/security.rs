@@ -230,6 +230,7 @@ async fn a_path_that_names_no_operation_is_404_without_a_key() {
         ("POST", "/api/projects/p/nope", 404),
         ("PATCH", "/api/projects", 405),
         ("DELETE", "/health", 405),
+        ("OPTIONS", "/api/projects", 405),
         ("GET", "/api/projects", 401),
         ("HEAD", "/api/projects", 401),
         ("POST", "/api/agents/a/next-task", 401),

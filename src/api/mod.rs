@@ -346,8 +346,10 @@ async fn frame<E: Endpoint>(
         }
         // A request without a credential whose method and path name no operation skips this
         // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
-        // authenticated and counted as usual, so it carries the rate-limit headers.
-        let named = operation || *req.method() == Method::OPTIONS || credential(&req).is_some();
+        // authenticated and counted as usual, so it carries the rate-limit headers. An
+        // OPTIONS request is such a request too: a CORS preflight, when `--cors-origin` is
+        // given, is answered before this frame.
+        let named = operation || credential(&req).is_some();
         if named && !is_public(req.uri().path()) {
             let caller = authenticate(&req, auth, &mut rate).await?;
             req.extensions_mut().insert(caller);

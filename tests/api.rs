@@ -1230,6 +1230,8 @@ async fn next_task_validates_its_input() {
         ("a", json!({"projectId": p, "waitSeconds": -1}), 400),
         ("a", json!({"projectId": p, "typeIds": ["x"]}), 400),
         ("a", json!({"projectId": p, "typeIds": many(101)}), 400),
+        // An empty list would match no task: a long-poll would wait for nothing.
+        ("a", json!({"projectId": p, "typeIds": []}), 400),
         ("a", json!({"projectId": p, "typeIds": many(100)}), 200),
         ("a", json!({"projectId": "missing"}), 404),
         ("a", json!({}), 400),

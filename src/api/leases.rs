@@ -75,6 +75,11 @@ impl LeasesApi {
                 c.fail("typeIds", format!("at most {most} type ids"), ids.len());
                 return Vec::new();
             }
+            if ids.is_empty() {
+                // It would match no task, and a long-poll would wait for nothing.
+                let why = "must list at least one type id; leave it out to take any task";
+                c.fail("typeIds", why, serde_json::json!([]));
+            }
             let mut ids: Vec<u128> = ids
                 .iter()
                 .enumerate()

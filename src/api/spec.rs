@@ -97,7 +97,7 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         (
             "NextTaskIn",
             "typeIds",
-            json!({"items": uuid(), "maxItems": MAX_TYPE_IDS}),
+            json!({"items": uuid(), "minItems": 1, "maxItems": MAX_TYPE_IDS}),
         ),
         ("NextTaskIn", "waitSeconds", num(0.0, MAX_WAIT_SECONDS)),
         ("CompleteIn", "agentName", agent.clone()),

@@ -71,11 +71,19 @@ fn token_attempt(token: u128) -> u32 {
     (token >> RANDOM_BITS) as u32
 }
 
+/// The attempts a task keeps in its history, the latest ones; numbering goes on past it. A
+/// task is retried by hand as often as a producer likes, and its row (rewritten by every
+/// transition, read by every look at the task) must not grow with it: 100 attempts with
+/// errors of the longest allowed text are ~1 MB.
+pub const MAX_ATTEMPTS_KEPT: usize = 100;
+
 /// Leases a queued task to `agent` until `now + rules.lease_ms` and opens a new attempt, under
 /// a token made of the attempt's number and `random`.
 pub fn claim(task: &mut Task, agent: &str, random: u128, rules: &Rules, now: Millis) {
     debug_assert_eq!(task.status, TaskStatus::Queued);
-    let attempt = task.attempts.len() as u32 + 1;
+    let attempt = task.attempts.last().map_or(1, |a| a.attempt + 1);
+    let over = (task.attempts.len() + 1).saturating_sub(MAX_ATTEMPTS_KEPT);
+    task.attempts.drain(..over);
     let token = token(attempt, random);
     task.status = TaskStatus::Running;
     task.delayed = false;
@@ -410,6 +418,31 @@ mod tests {
         assert_eq!(t.retry_count, 1);
         assert_eq!(t.attempts.len(), 2);
         assert_eq!(t.error.as_deref(), Some("y"));
+    }
+
+    #[test]
+    fn a_task_keeps_its_last_100_attempts_and_counts_on() {
+        let mut t = queued(0);
+        for i in 0..150 {
+            claim(&mut t, "a", 1, &RULES, i);
+            assert_eq!(
+                fail(&mut t, "a", None, "x".into(), true, &RULES, i),
+                Ok(false)
+            );
+            retry(&mut t, i).unwrap();
+        }
+        claim(&mut t, "a", 1, &RULES, 200);
+        assert_eq!(t.attempts.len(), MAX_ATTEMPTS_KEPT);
+        assert_eq!(t.attempts[0].attempt, 52);
+        assert_eq!(t.attempts.last().unwrap().attempt, 151);
+        let held = t.lease.as_ref().unwrap().token;
+        assert_eq!(token_attempt(held), 151);
+        complete(&mut t, "a", Some(held), None, None, 201).unwrap();
+        assert_eq!(
+            complete(&mut t, "a", Some(held), None, None, 202),
+            Ok(Completion::AlreadyCompleted),
+            "the repeat of a complete still knows its attempt"
+        );
     }
 
     #[test]

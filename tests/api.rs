@@ -1591,16 +1591,16 @@ async fn extend_lease_and_progress_for_the_holder() {
         )
         .await;
     assert_eq!(r.status, 400);
-    // No agent name and no session: an incomplete request, not a lost lease (an agent told
-    // LEASE_LOST would give its task up).
+    // No agent name and no session: the body fits the schema (a session may name the agent),
+    // but the caller names no holder.
     let r = app
         .post(
             &format!("/api/tasks/{id}/extend-lease"),
             json!({"extensionMinutes": 5}),
         )
         .await;
-    assert_eq!((r.status, r.code()), (400, "VALIDATION_ERROR"));
-    assert_eq!(r.body["validationDetails"][0]["field"], "agentName");
+    assert_eq!((r.status, r.code()), (409, "LEASE_LOST"));
+    assert!(r.body["error"].as_str().unwrap().contains("agentName"));
     let r = app
         .post(
             &format!("/api/tasks/{id}/progress"),

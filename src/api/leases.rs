@@ -16,6 +16,7 @@ use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
 use crate::auth::Right;
+use crate::error::Error;
 use crate::lease::Completion;
 use crate::model::Progress;
 use crate::store::write::{self, Claim};
@@ -267,20 +268,16 @@ impl LeasesApi {
         let b = body.0;
         let mut c = Check::default();
         let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());
-        // The holder is named in the body, or by the session. Without either the request is
-        // incomplete (400), not a lost lease: an agent told LEASE_LOST would drop its work.
-        let agent = match b.agent_name.map(String::from).or(session_agent) {
-            Some(agent) => {
-                auth.caller().require_agent(&agent)?;
-                c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
-                agent
-            }
-            None => {
-                let why = "is required without a session: the agent that holds the lease";
-                c.fail("agentName", why, serde_json::Value::Null);
-                String::new()
-            }
+        let Some(agent) = b.agent_name.map(String::from).or(session_agent) else {
+            // No agent name and no session: the caller cannot be the lease holder.
+            return Err(Error::LeaseLost(format!(
+                "task {}: name the holder in agentName (or use a session)",
+                id.0
+            ))
+            .into());
         };
+        auth.caller().require_agent(&agent)?;
+        c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
         let minutes = c.float_range("extensionMinutes", b.extension_minutes, 0.1, 1440.0);
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
         c.finish(())?;

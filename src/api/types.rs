@@ -738,7 +738,7 @@ pub struct FailOut {
 #[derive(Object)]
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ExtendIn {
-    /// The agent that holds the lease; required unless a session names it.
+    /// The agent that holds the lease; may be left out with a session, which names it.
     pub agent_name: Option<Text>,
     pub extension_minutes: f64,
     pub lease_token: Option<Text>,

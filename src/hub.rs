@@ -24,6 +24,8 @@ pub struct Effects {
     /// Projects reopened (closed → active) with tasks queued: every poller of theirs looks
     /// again.
     pub reopened: Vec<u128>,
+    /// How long each task handed out in the batch had waited, ready, in ms.
+    pub waits: Vec<Millis>,
     /// Task transitions by project, for the counters.
     pub events: HashMap<(u128, TaskEvent), u64>,
 }
@@ -142,6 +144,9 @@ impl Hub {
     pub fn publish(&self, fx: Effects) {
         if !fx.events.is_empty() {
             telemetry::publish_events(&fx.events);
+        }
+        if !fx.waits.is_empty() {
+            telemetry::publish_waits(&fx.waits);
         }
         if !fx.ready.is_empty() || !fx.reopened.is_empty() {
             let mut waiting = self.lock_waiting();

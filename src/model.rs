@@ -460,6 +460,12 @@ pub struct Session {
 }
 
 impl Task {
+    /// Since when a queued task has been waiting for an agent: its last change (it was
+    /// queued, requeued or edited then) or its `notBefore`, whichever is later.
+    pub fn ready_since(&self) -> Millis {
+        self.updated_at.max(self.not_before.unwrap_or(Millis::MIN))
+    }
+
     /// A new queued task with no history: what creation stores before the fields a request
     /// sets (type, instructions, variables, batch, priority, `notBefore`, retries).
     pub fn queued(seq: u64, id: String, project_id: u128, now: Millis) -> Task {

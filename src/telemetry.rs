@@ -35,6 +35,11 @@ pub fn install() -> PrometheusHandle {
             let batch = [
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
             ];
+            // From a task taken at once to one left for a day.
+            let wait = [
+                0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0,
+                3600.0, 21_600.0, 86_400.0,
+            ];
             PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("agentq_http_request_duration_seconds".into()),
@@ -50,6 +55,12 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(
                         Matcher::Full("agentq_storage_commit_batch_size".into()),
                         &batch,
+                    )
+                })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(
+                        Matcher::Full("agentq_task_wait_seconds".into()),
+                        &wait,
                     )
                 })
                 .expect("bucket lists are not empty")
@@ -103,6 +114,12 @@ fn describe() {
         "Requests waiting in next-task with waitSeconds."
     );
     describe_gauge!("agentq_tasks", "Tasks stored, by project and status.");
+    describe_histogram!(
+        "agentq_task_wait_seconds",
+        Unit::Seconds,
+        "How long each task handed out had waited, ready, before an agent took it (since it \
+         was queued, requeued or last edited, or since its notBefore if later)."
+    );
     describe_gauge!(
         "agentq_queue_wait_seconds",
         Unit::Seconds,
@@ -384,6 +401,15 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
     for ((project, event), n) in events {
         counter!(event.metric(), "project" => uuid::Uuid::from_u128(*project).to_string())
             .increment(*n);
+    }
+}
+
+/// Records how long each task of a committed batch's claims had waited (ms).
+pub fn publish_waits(waits: &[crate::model::Millis]) {
+    static WAITED: OnceLock<metrics::Histogram> = OnceLock::new();
+    let waited = WAITED.get_or_init(|| histogram!("agentq_task_wait_seconds"));
+    for ms in waits {
+        waited.record(*ms as f64 / 1000.0);
     }
 }
 

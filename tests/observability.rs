@@ -213,7 +213,8 @@ async fn queue_wait(app: &TestApp, project: &str) -> f64 {
 }
 
 /// How long work has waited is the first thing to alert on in a queue (SQS's age of the
-/// oldest message). It must show a low-priority task starved by higher ones, count a
+/// oldest message; `agentq_task_wait_seconds` is how long the tasks handed out waited). It
+/// must show a low-priority task starved by higher ones, count a
 /// delayed task from its `notBefore`, not from its creation, and not page anyone for a
 /// project that was closed on purpose.
 #[tokio::test]
@@ -233,6 +234,15 @@ async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
     assert_eq!(queue_wait(&app, &p).await, 40.0, "the low task still waits");
     app.next("b", json!({"projectId": p})).await;
     assert_eq!(queue_wait(&app, &p).await, 0.0, "nothing ready");
+    // The two claims recorded how long their tasks had waited: 10 s and 40 s. Other tests of
+    // this process record waits under a second (the histogram has no project label).
+    let between_30_and_60 = app
+        .metric(r#"agentq_task_wait_seconds_bucket{le="60"}"#)
+        .await
+        - app
+            .metric(r#"agentq_task_wait_seconds_bucket{le="30"}"#)
+            .await;
+    assert_eq!(between_30_and_60, 1.0, "the low task waited 40 s");
     // The clock started at 2026-01-01T00:00:00Z and stands at 00:00:40.
     app.task(
         &p,

@@ -38,7 +38,7 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 use crate::hub::{Effects, Hub};
-use crate::model::{Millis, Task};
+use crate::model::{Millis, Task, TaskStatus};
 use crate::time::Clock;
 use disk::Disk;
 use leases::Leases;
@@ -159,6 +159,13 @@ impl W<'_, '_> {
         }
         if let Some(n) = new {
             let was_ready = old.is_some_and(is_ready);
+            if let Some(o) = old.filter(|o| o.status == TaskStatus::Queued) {
+                if n.status == TaskStatus::Running {
+                    self.fx
+                        .waits
+                        .push(self.now.saturating_sub(o.ready_since()).max(0));
+                }
+            }
             if is_ready(n) && !was_ready {
                 self.fx.ready(n.project_id, n.type_id);
             }
@@ -167,7 +174,7 @@ impl W<'_, '_> {
                     self.fx.timer(l.expires_at);
                 }
             }
-            if n.status == crate::model::TaskStatus::Queued && n.delayed {
+            if n.status == TaskStatus::Queued && n.delayed {
                 let at = n.not_before.unwrap_or(0);
                 self.fx.timer(at);
                 *self.delayed_from = (*self.delayed_from).min(at);
@@ -178,7 +185,7 @@ impl W<'_, '_> {
 }
 
 fn is_ready(t: &Task) -> bool {
-    t.status == crate::model::TaskStatus::Queued && !t.delayed
+    t.status == TaskStatus::Queued && !t.delayed
 }
 
 pub struct Store {

@@ -326,7 +326,7 @@ impl Reader {
 
     /// How long, in ms up to `now`, the longest-waiting task at the front of the project's
     /// ready queue has waited: at each priority level, the task next-task would take first
-    /// at that level, waiting since its last change or its `notBefore`, whichever is later.
+    /// at that level, waiting since [`Task::ready_since`].
     /// `None` when no task is ready. A task stuck behind a `typeIds` filter no agent asks
     /// for, or a priority level starved by higher ones, keeps this growing.
     ///
@@ -350,8 +350,7 @@ impl Reader {
             let key = key.value();
             if let Some(v) = tasks.get(ix::seq_of(key))? {
                 let t: Task = decode(v.value())?;
-                let since = t.updated_at.max(t.not_before.unwrap_or(Millis::MIN));
-                let waited = now.saturating_sub(since).max(0);
+                let waited = now.saturating_sub(t.ready_since()).max(0);
                 longest = Some(longest.map_or(waited, |l| l.max(waited)));
             }
             level = key[level_at] + 1;

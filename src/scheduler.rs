@@ -18,6 +18,32 @@ use crate::store::access::sweep_sessions;
 use crate::store::write::{promote_due, reclaim_expired, TIMER_BATCH};
 use crate::store::Store;
 
+/// Reclaimed leases logged one line each per pass; the rest of a pass's share one line (a
+/// fleet that dies at once must not flood the log: each task's attempts keep the detail).
+const RECLAIMED_LOGGED: usize = 20;
+
+fn log_reclaimed(reclaimed: &[crate::store::write::Reclaimed]) {
+    for r in reclaimed.iter().take(RECLAIMED_LOGGED) {
+        tracing::info!(
+            task = %r.task_id,
+            project = %Uuid::from_u128(r.project_id),
+            agent = %r.agent,
+            will_retry = r.will_retry,
+            "lease expired; task reclaimed"
+        );
+    }
+    let rest = reclaimed.get(RECLAIMED_LOGGED..).unwrap_or_default();
+    if !rest.is_empty() {
+        let requeued = rest.iter().filter(|r| r.will_retry).count();
+        tracing::info!(
+            more = rest.len(),
+            requeued,
+            failed = rest.len() - requeued,
+            "leases expired on more tasks in the same pass; reclaimed (see each task's attempts)"
+        );
+    }
+}
+
 /// Longest single sleep, so a clock jump is noticed within this bound even if nothing wakes us.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -54,17 +80,7 @@ pub async fn run(store: Arc<Store>) {
                     // costs almost nothing, so pause rather than spin on it.
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-                Ok((_, reclaimed)) => {
-                    for r in reclaimed {
-                        tracing::info!(
-                            task = %r.task_id,
-                            project = %Uuid::from_u128(r.project_id),
-                            agent = %r.agent,
-                            will_retry = r.will_retry,
-                            "lease expired; task reclaimed"
-                        );
-                    }
-                }
+                Ok((_, reclaimed)) => log_reclaimed(&reclaimed),
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduler pass failed");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -83,5 +99,50 @@ pub async fn run(store: Arc<Store>) {
             _ = hub.timer.notified() => {}
             _ = hub.shutting_down() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::write::Reclaimed;
+    use std::sync::Mutex;
+
+    static OUT: Mutex<Vec<u8>> = Mutex::new(Vec::new());
+
+    struct Capture;
+
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            OUT.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// 5,000 agents that die together used to log 5,000 lines in a second.
+    #[test]
+    fn a_pass_logs_its_first_reclaimed_leases_and_one_line_for_the_rest() {
+        let reclaimed: Vec<Reclaimed> = (0..30)
+            .map(|i| Reclaimed {
+                task_id: format!("task-{i}"),
+                project_id: 1,
+                agent: "a".into(),
+                will_retry: i % 3 != 0,
+            })
+            .collect();
+        let logs = tracing_subscriber::fmt()
+            .with_writer(|| Capture)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(logs, || log_reclaimed(&reclaimed));
+        let out = String::from_utf8(OUT.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.lines().count(), RECLAIMED_LOGGED + 1, "{out}");
+        assert_eq!(out.matches("task reclaimed").count(), RECLAIMED_LOGGED);
+        assert!(out.contains("task=task-19") && !out.contains("task=task-20"));
+        // Of tasks 20-29, those whose number is a multiple of 3 failed for good: 21, 24, 27.
+        assert!(out.contains("more=10 requeued=7 failed=3"), "{out}");
     }
 }

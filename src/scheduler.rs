@@ -15,14 +15,14 @@ use std::time::Duration;
 use uuid::Uuid;
 
 use crate::store::access::sweep_sessions;
-use crate::store::write::{promote_due, reclaim_expired, TIMER_BATCH};
+use crate::store::write::{promote_due, reclaim_expired, Reclaimed, TIMER_BATCH};
 use crate::store::Store;
 
 /// Reclaimed leases logged one line each per pass; the rest of a pass's share one line (a
 /// fleet that dies at once must not flood the log: each task's attempts keep the detail).
 const RECLAIMED_LOGGED: usize = 20;
 
-fn log_reclaimed(reclaimed: &[crate::store::write::Reclaimed]) {
+fn log_reclaimed(reclaimed: &[Reclaimed]) {
     for r in reclaimed.iter().take(RECLAIMED_LOGGED) {
         tracing::info!(
             task = %r.task_id,
@@ -105,7 +105,7 @@ pub async fn run(store: Arc<Store>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::write::Reclaimed;
+
     use std::sync::Mutex;
 
     static OUT: Mutex<Vec<u8>> = Mutex::new(Vec::new());

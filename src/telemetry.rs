@@ -19,7 +19,7 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::model::{Outcome, ProjectStatus, Task, TaskStatus};
+use crate::model::{Millis, Outcome, ProjectStatus, Task, TaskStatus};
 use crate::store::Store;
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -404,10 +404,11 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
     }
 }
 
-/// Records how long each task of a committed batch's claims had waited (ms).
-pub fn publish_waits(waits: &[crate::model::Millis]) {
-    static WAITED: OnceLock<metrics::Histogram> = OnceLock::new();
-    let waited = WAITED.get_or_init(|| histogram!("agentq_task_wait_seconds"));
+/// Records how long each task of a committed batch's claims had waited (ms). The handle is
+/// looked up once per batch, not kept: a handle taken before the recorder is installed would
+/// record nowhere for good.
+pub fn publish_waits(waits: &[Millis]) {
+    let waited = histogram!("agentq_task_wait_seconds");
     for ms in waits {
         waited.record(*ms as f64 / 1000.0);
     }

@@ -293,6 +293,15 @@ fn valid_correlation_id(v: &HeaderValue) -> Option<String> {
 
 /// Every request passes here: correlation id, body limit, the error envelope for anything
 /// that failed (ours or the framework's), and the security headers.
+/// Reads the request's body to its end and drops it (see the frame).
+async fn drop_body(req: &mut Request, max_body: usize) -> poem::Result<()> {
+    req.take_body()
+        .into_bytes_limit(max_body)
+        .await
+        .map_err(|_| error::PayloadTooLarge(max_body))?;
+    Ok(())
+}
+
 async fn frame<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
@@ -344,6 +353,17 @@ async fn frame<E: Endpoint>(
                 req.set_body(body);
             }
         }
+        // A body that nothing will read is read here and dropped: a body sent where the
+        // operation takes none (`retry`, a DELETE, a path that names no operation), or one
+        // whose request is refused before its operation runs (401, 429). Left unread, it made
+        // hyper close the connection after the answer whenever its bytes came after the
+        // headers, and the client's next request on that connection failed (a broken pipe,
+        // which clients do not retry for a POST).
+        let has_body = declared.is_some_and(|n| n > 0)
+            || req.headers().contains_key(header::TRANSFER_ENCODING);
+        if has_body && spec.body_schema(method.as_str(), route).is_none() {
+            drop_body(&mut req, max_body).await?;
+        }
         // A request without a credential whose method and path name no operation skips this
         // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
         // authenticated and counted as usual, so it carries the rate-limit headers. An
@@ -351,8 +371,15 @@ async fn frame<E: Endpoint>(
         // given, is answered before this frame.
         let named = operation || credential(&req).is_some();
         if named && !is_public(req.uri().path()) {
-            let caller = authenticate(&req, auth, &mut rate).await?;
-            req.extensions_mut().insert(caller);
+            match authenticate(&req, auth, &mut rate).await {
+                Ok(caller) => req.extensions_mut().insert(caller),
+                Err(refused) => {
+                    if has_body {
+                        drop_body(&mut req, max_body).await?;
+                    }
+                    return Err(refused);
+                }
+            };
         }
         if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
             // curl and many scripts send JSON without a content type; it is the only one we take.

@@ -122,7 +122,14 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for JsonBody<T> {
             Some(ct) if Self::check_content_type(ct) => {
                 <Self as ParsePayload>::from_request(request, body).await
             }
-            Some(ct) => Err(NotJson(ct.to_string()).into()),
+            Some(ct) => {
+                // Read and drop the body (the frame has bounded its size): left unread, it
+                // would cost the client its connection (see `frame`).
+                if let Ok(unread) = body.take() {
+                    let _ = unread.into_vec().await;
+                }
+                Err(NotJson(ct.to_string()).into())
+            }
             None => Err(ContentTypeError::ExpectContentType.into()),
         }
     }

@@ -361,7 +361,7 @@ async fn frame<E: Endpoint>(
         // which clients do not retry for a POST).
         let has_body = declared.is_some_and(|n| n > 0)
             || req.headers().contains_key(header::TRANSFER_ENCODING);
-        if has_body && spec.body_schema(method.as_str(), route).is_none() {
+        if has_body && !spec.takes_body(method.as_str(), route) {
             drop_body(&mut req, max_body).await?;
         }
         // A request without a credential whose method and path name no operation skips this

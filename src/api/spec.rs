@@ -351,6 +351,9 @@ pub struct Spec {
     shapes: Vec<Shape>,
     /// The JSON request body schema of each operation, by (method, path template).
     bodies: HashMap<(String, &'static str), Value>,
+    /// The operations that take a body, by (method, path template), for the request path:
+    /// looked up without allocating.
+    with_body: std::collections::HashSet<(&'static str, &'static str)>,
     /// The schema of each path and query parameter, by (method, path template, name).
     params: HashMap<(String, &'static str, String), Value>,
     /// The document's component schemas, which `bodies` refer to.
@@ -503,6 +506,10 @@ impl Spec {
             json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
             routes,
             shapes,
+            with_body: bodies
+                .keys()
+                .filter_map(|(m, t)| Some((static_method(m)?, *t)))
+                .collect(),
             bodies,
             params: param_schemas,
             schemas,
@@ -512,6 +519,11 @@ impl Spec {
     /// The JSON body schema of an operation, if it takes one.
     pub fn body_schema(&self, method: &str, template: &'static str) -> Option<&Value> {
         self.bodies.get(&(method.to_string(), template))
+    }
+
+    /// Whether the operation at `template` for `method` takes a request body.
+    pub fn takes_body(&self, method: &str, template: &'static str) -> bool {
+        static_method(method).is_some_and(|m| self.with_body.contains(&(m, template)))
     }
 
     /// The schema of a path or query parameter of an operation.
@@ -582,6 +594,13 @@ impl Spec {
     }
 }
 
+/// The methods an operation may have, as `'static` strings.
+fn static_method(method: &str) -> Option<&'static str> {
+    ["GET", "POST", "PUT", "DELETE", "PATCH"]
+        .into_iter()
+        .find(|m| *m == method)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -647,5 +666,21 @@ mod tests {
         assert_eq!(spec.template("/api/tasks/"), "unmatched");
         assert_eq!(spec.template("/api/tasks/abc/complete/x"), "unmatched");
         assert_eq!(spec.template("/api/tasks"), "unmatched");
+    }
+
+    #[test]
+    fn operations_that_take_a_body_are_known() {
+        let body = json!({"content": {"application/json; charset=utf-8": {"schema": {}}}});
+        let generated = json!({"paths": {
+            "/api/tasks/{taskId}/complete": {"post": {"requestBody": body}},
+            "/api/tasks/{taskId}/retry": {"post": {}}
+        }});
+        let spec = Spec::build(&generated.to_string());
+        let (complete, _) = spec.route("POST", "/api/tasks/a/complete");
+        let (retry, _) = spec.route("POST", "/api/tasks/a/retry");
+        assert!(spec.takes_body("POST", complete));
+        assert!(!spec.takes_body("POST", retry));
+        assert!(!spec.takes_body("PUT", complete));
+        assert!(!spec.takes_body("BREW", complete));
     }
 }

@@ -123,10 +123,10 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for JsonBody<T> {
                 <Self as ParsePayload>::from_request(request, body).await
             }
             Some(ct) => {
-                // Read and drop the body (the frame has bounded its size): left unread, it
-                // would cost the client its connection (see `frame`).
+                // Read and drop the body: left unread, it would cost the client its
+                // connection (see `frame`).
                 if let Ok(unread) = body.take() {
-                    let _ = unread.into_vec().await;
+                    super::discard(unread).await;
                 }
                 Err(NotJson(ct.to_string()).into())
             }

@@ -291,17 +291,21 @@ fn valid_correlation_id(v: &HeaderValue) -> Option<String> {
     .then(|| s.to_string())
 }
 
-/// Every request passes here: correlation id, body limit, the error envelope for anything
-/// that failed (ours or the framework's), and the security headers.
-/// Reads the request's body to its end and drops it (see the frame).
-async fn drop_body(req: &mut Request, max_body: usize) -> poem::Result<()> {
-    req.take_body()
-        .into_bytes_limit(max_body)
-        .await
-        .map_err(|_| error::PayloadTooLarge(max_body))?;
-    Ok(())
+/// The most of an unread request body that is read and dropped to keep its connection open
+/// (see `frame`). A larger one is left unread and the connection closes after the answer:
+/// cheaper than reading it, and nothing of it is kept in memory either way.
+const DISCARD_LIMIT: u64 = 64 * 1024;
+
+/// Reads a request body that nothing will read to its end (up to [`DISCARD_LIMIT`]) and
+/// drops it as it comes.
+pub(crate) async fn discard(body: poem::Body) {
+    use tokio::io::AsyncReadExt;
+    let mut rest = body.into_async_read().take(DISCARD_LIMIT);
+    let _ = tokio::io::copy(&mut rest, &mut tokio::io::sink()).await;
 }
 
+/// Every request passes here: correlation id, body limit, the error envelope for anything
+/// that failed (ours or the framework's), and the security headers.
 async fn frame<E: Endpoint>(
     ep: Arc<E>,
     mut req: Request,
@@ -353,16 +357,16 @@ async fn frame<E: Endpoint>(
                 req.set_body(body);
             }
         }
-        // A body that nothing will read is read here and dropped: a body sent where the
-        // operation takes none (`retry`, a DELETE, a path that names no operation), or one
-        // whose request is refused before its operation runs (401, 429). Left unread, it made
-        // hyper close the connection after the answer whenever its bytes came after the
-        // headers, and the client's next request on that connection failed (a broken pipe,
-        // which clients do not retry for a POST).
+        // A body that nothing will read is read here and dropped (`discard`): a body sent
+        // where the operation takes none (`retry`, a DELETE, a path that names no
+        // operation), or one whose request is refused before its operation runs (401, 429).
+        // Left unread, it made hyper close the connection after the answer whenever its bytes
+        // came after the headers, and the client's next request on that connection failed
+        // (a broken pipe, which clients do not retry for a POST).
         let has_body = declared.is_some_and(|n| n > 0)
             || req.headers().contains_key(header::TRANSFER_ENCODING);
         if has_body && !spec.takes_body(method.as_str(), route) {
-            drop_body(&mut req, max_body).await?;
+            discard(req.take_body()).await;
         }
         // A request without a credential whose method and path name no operation skips this
         // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
@@ -375,7 +379,7 @@ async fn frame<E: Endpoint>(
                 Ok(caller) => req.extensions_mut().insert(caller),
                 Err(refused) => {
                     if has_body {
-                        drop_body(&mut req, max_body).await?;
+                        discard(req.take_body()).await;
                     }
                     return Err(refused);
                 }

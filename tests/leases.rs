@@ -535,3 +535,124 @@ async fn tasks_in_order(app: &TestApp, project: &str, n: usize) -> Vec<String> {
     }
     ids
 }
+
+/// Producers and agents at once over HTTP: bulk creates, cancels, retries (with a `{}` body
+/// the operation does not take), updates (`notBefore` cleared with `null`, priorities) and
+/// deletes, beside claims, completes, fails and extends. Nothing answers 5xx and no request
+/// fails, and afterwards the counters equal the listing totals and a walk of every task, and
+/// each running task, and only those, holds a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn producers_and_agents_at_once_keep_the_counts_exact() {
+    use std::time::{Duration, Instant};
+    let app = spawn_app().await;
+    let p = app.project("mixed").await;
+    let ids: Arc<Mutex<Vec<String>>> = Arc::default();
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let mut workers = Vec::new();
+    for agent in 0..8u64 {
+        let (client, base, p) = (app.client.clone(), app.base.clone(), p.clone());
+        workers.push(tokio::spawn(async move {
+            let name = format!("agent-{agent}");
+            let mut turn = agent;
+            while Instant::now() < deadline {
+                turn += 1;
+                let url = format!("{base}/api/agents/{name}/next-task");
+                let r = client.post(url).json(&json!({"projectId": p})).send().await;
+                let answer: Value = r.unwrap().json().await.unwrap();
+                if answer["success"] != true {
+                    continue;
+                }
+                let task = &answer["data"]["task"];
+                let (id, token) = (task["id"].as_str().unwrap(), &task["leaseToken"]);
+                let holder = json!({"agentName": name, "leaseToken": token});
+                let (op, mut body) = match turn % 10 {
+                    0..=5 => ("complete", holder),
+                    6 | 7 => ("fail", holder),
+                    8 => ("extend-lease", holder),
+                    _ => continue, // left to expire
+                };
+                if op == "extend-lease" {
+                    body["extensionMinutes"] = json!(1);
+                }
+                let url = format!("{base}/api/tasks/{id}/{op}");
+                let status = client.post(url).json(&body).send().await.unwrap().status();
+                assert!(status.as_u16() < 500, "{op}: {status}");
+            }
+        }));
+    }
+    for producer in 0..2u64 {
+        let (client, base, p, ids) = (app.client.clone(), app.base.clone(), p.clone(), ids.clone());
+        workers.push(tokio::spawn(async move {
+            let mut turn = producer;
+            while Instant::now() < deadline {
+                turn += 1;
+                if turn % 3 == 0 {
+                    let tasks: Vec<Value> = (0..10)
+                        .map(|i| json!({"instructions": "x", "priority": (turn + i) % 11}))
+                        .collect();
+                    let url = format!("{base}/api/projects/{p}/tasks/bulk");
+                    let r = client.post(url).json(&json!({"tasks": tasks})).send().await;
+                    let created: Value = r.unwrap().json().await.unwrap();
+                    let new = created["data"]["createdTasks"].as_array().unwrap();
+                    let mut ids = ids.lock().unwrap();
+                    ids.extend(new.iter().map(|t| t["id"].as_str().unwrap().to_string()));
+                    continue;
+                }
+                let id = {
+                    let ids = ids.lock().unwrap();
+                    match ids.len() {
+                        0 => continue,
+                        n => ids[(turn as usize * 7919) % n].clone(),
+                    }
+                };
+                let task = format!("{base}/api/tasks/{id}");
+                let request = match turn % 5 {
+                    0 => client.post(format!("{task}/cancel")).json(&json!({})),
+                    1 => client.post(format!("{task}/retry")).json(&json!({})),
+                    2 => client.put(&task).json(&json!({"notBefore": null})),
+                    3 => client.put(&task).json(&json!({"priority": 3})),
+                    _ => client.delete(&task),
+                };
+                let status = request.send().await.unwrap().status();
+                assert!(status.as_u16() < 500, "{status}");
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let stats = app.stats(&p).await;
+    let mut walked: HashMap<String, u64> = HashMap::new();
+    let mut cursor = String::new();
+    loop {
+        let page = app
+            .get(&format!("/api/projects/{p}/tasks?limit=1000{cursor}"))
+            .await;
+        for t in page.data().as_array().unwrap() {
+            let running = t["status"] == "running";
+            assert_eq!(t["assignedTo"].is_string(), running, "{t}");
+            assert_eq!(t["leaseExpiresAt"].is_string(), running, "{t}");
+            *walked
+                .entry(t["status"].as_str().unwrap().into())
+                .or_default() += 1;
+        }
+        match page.body["pagination"]["nextCursor"].as_str() {
+            Some(next) => cursor = format!("&cursor={next}"),
+            None => break,
+        }
+    }
+    assert!(stats["totalTasks"].as_u64().unwrap() > 0);
+    assert_eq!(walked.values().sum::<u64>(), stats["totalTasks"]);
+    for status in ["queued", "running", "completed", "failed", "cancelled"] {
+        let listed = app
+            .get(&format!("/api/projects/{p}/tasks?status={status}&limit=1"))
+            .await;
+        let counted = &stats[format!("{status}Tasks")];
+        assert_eq!(&listed.body["pagination"]["total"], counted, "{status}");
+        assert_eq!(
+            walked.get(status).copied().unwrap_or(0),
+            *counted,
+            "{status}"
+        );
+    }
+}

@@ -87,9 +87,22 @@ pub struct Server {
     done: tokio::task::JoinHandle<()>,
 }
 
+/// Closes the database of a start that failed before serving, and removes its file when
+/// that start created it (`created`), so that no empty database is left behind.
+fn abandon(store: Arc<Store>, created: Option<&PathBuf>) {
+    store.close();
+    drop(store);
+    if let Some(path) = created {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 impl Server {
     /// Opens the database, binds, and starts serving and the scheduler in the background.
     pub async fn start(config: Config) -> Result<Server, StartError> {
+        // A file this start creates is removed again if the start fails before serving, so
+        // that a typo in --bind leaves no empty database behind.
+        let creates_file = !config.db.exists();
         let store = Store::open_with(
             &config.db,
             config.clock.clone(),
@@ -121,14 +134,14 @@ impl Server {
         let (listener, addr) = match bound.await {
             Ok(bound) => bound,
             Err(e) => {
-                store.close();
+                abandon(store, creates_file.then_some(&config.db));
                 return Err(bind_error(e));
             }
         };
         let generated_admin_key = match auth.bootstrap(config.admin_key.clone()).await {
             Ok(k) => k,
             Err(e) => {
-                store.close();
+                abandon(store, creates_file.then_some(&config.db));
                 return Err(StartError::Bootstrap(e));
             }
         };

@@ -196,20 +196,19 @@ async fn role_by_endpoint_matrix() {
 /// A first start that could not listen (its port taken) stored the generated admin key before
 /// binding and stopped without showing it; the next start found a key and printed none, so a
 /// new database was locked from its first minute. The key is now made only once the port is
-/// bound.
+/// bound, and the file such a start created is removed again.
 #[tokio::test]
 async fn a_first_start_that_cannot_listen_makes_no_admin_key() {
     let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("agentq.redb");
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = agentq::server::Config::new(
-        dir.path().join("agentq.redb"),
-        taken.local_addr().unwrap().to_string(),
-    );
+    let config = agentq::server::Config::new(db.clone(), taken.local_addr().unwrap().to_string());
     let refused = agentq::server::Server::start(config).await.err();
     assert!(
         matches!(refused, Some(agentq::server::StartError::Bind(..))),
         "the port is taken"
     );
+    assert!(!db.exists(), "no empty database is left behind");
     drop(taken);
     // Panics unless this start generates (and so shows) the first admin key.
     let app = start_in(dir, None).await;

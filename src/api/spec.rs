@@ -349,11 +349,9 @@ pub struct Spec {
     routes: Vec<(Vec<String>, Vec<String>, &'static str)>,
     /// Indices into `routes` by segment count, then by last segment (see [`Shape`]).
     shapes: Vec<Shape>,
-    /// The JSON request body schema of each operation, by (method, path template).
-    bodies: HashMap<(String, &'static str), Value>,
-    /// The operations that take a body, by (method, path template), for the request path:
-    /// looked up without allocating.
-    with_body: std::collections::HashSet<(&'static str, &'static str)>,
+    /// The JSON request body schema of each operation, by (method, path template); keyed by
+    /// `'static` strings, so that the request path looks it up without allocating.
+    bodies: HashMap<(&'static str, &'static str), Value>,
     /// The schema of each path and query parameter, by (method, path template, name).
     params: HashMap<(String, &'static str, String), Value>,
     /// The document's component schemas, which `bodies` refer to.
@@ -440,8 +438,9 @@ impl Spec {
                 let mut methods = Vec::new();
                 for (method, op) in item.as_object_mut().into_iter().flatten() {
                     let method = method.to_uppercase();
-                    if let Some(schema) = json_body_schema(op) {
-                        bodies.insert((method.clone(), label), schema.clone());
+                    if let (Some(m), Some(schema)) = (static_method(&method), json_body_schema(op))
+                    {
+                        bodies.insert((m, label), schema.clone());
                     }
                     let params = op.get_mut("parameters").and_then(Value::as_array_mut);
                     for p in params.into_iter().flatten() {
@@ -506,10 +505,6 @@ impl Spec {
             json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
             routes,
             shapes,
-            with_body: bodies
-                .keys()
-                .filter_map(|(m, t)| Some((static_method(m)?, *t)))
-                .collect(),
             bodies,
             params: param_schemas,
             schemas,
@@ -518,12 +513,12 @@ impl Spec {
 
     /// The JSON body schema of an operation, if it takes one.
     pub fn body_schema(&self, method: &str, template: &'static str) -> Option<&Value> {
-        self.bodies.get(&(method.to_string(), template))
+        self.bodies.get(&(static_method(method)?, template))
     }
 
     /// Whether the operation at `template` for `method` takes a request body.
     pub fn takes_body(&self, method: &str, template: &'static str) -> bool {
-        static_method(method).is_some_and(|m| self.with_body.contains(&(m, template)))
+        self.body_schema(method, template).is_some()
     }
 
     /// The schema of a path or query parameter of an operation.

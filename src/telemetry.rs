@@ -424,6 +424,13 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
     let now = store.clock.now();
     if let Ok(r) = store.read() {
         if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
+            // A closed project hands out nothing: its tasks are not ready (as peek says).
+            let ready = projects
+                .iter()
+                .filter(|(p, s)| p.status == ProjectStatus::Active && s.queued > s.delayed);
+            let waits = r
+                .longest_front_waits(ready.map(|(p, _)| p.id), now)
+                .unwrap_or_default();
             let live = live.insert(BTreeMap::new());
             for (p, s) in projects {
                 let id = uuid::Uuid::from_u128(p.id).to_string();
@@ -436,12 +443,7 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
                     gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
                         .set(s.get(status) as f64);
                 }
-                // A closed project hands out nothing: its tasks are not ready (as peek says).
-                let open = p.status == ProjectStatus::Active;
-                let waited = match open && s.queued > s.delayed {
-                    true => r.longest_front_wait(p.id, now).ok().flatten().unwrap_or(0),
-                    false => 0,
-                };
+                let waited = waits.get(&p.id).copied().unwrap_or(0);
                 gauge!("agentq_queue_wait_seconds", "project" => id.clone())
                     .set(waited as f64 / 1000.0);
                 gauge!("agentq_active_leases", "project" => id).set(s.running as f64);

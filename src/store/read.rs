@@ -1,6 +1,6 @@
 //! Read queries on one MVCC snapshot. Nothing here writes or waits for the writer.
 
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use uuid::Uuid;
@@ -324,38 +324,46 @@ impl Reader {
         Ok(stats.queued.saturating_sub(stats.delayed) + due)
     }
 
-    /// How long, in ms up to `now`, the longest-waiting task at the front of the project's
-    /// ready queue has waited: at each priority level, the task next-task would take first
-    /// at that level, waiting since [`Task::ready_since`].
-    /// `None` when no task is ready. A task stuck behind a `typeIds` filter no agent asks
-    /// for, or a priority level starved by higher ones, keeps this growing.
+    /// For each of `projects`, how long, in ms up to `now`, the longest-waiting task at the
+    /// front of its ready queue has waited: at each priority level, the task next-task would
+    /// take first at that level, waiting since [`Task::ready_since`]. A project with no ready
+    /// task is left out. A task stuck behind a `typeIds` filter no agent asks for, or a
+    /// priority level starved by higher ones, keeps this growing.
     ///
-    /// One seek and one row read per priority level that holds a ready task (at most 11).
-    pub fn longest_front_wait(&self, project: u128, now: Millis) -> Result<Option<Millis>> {
+    /// The tables are opened once for all projects; one seek and one row read per priority
+    /// level that holds a ready task (at most 11 per project).
+    pub fn longest_front_waits(
+        &self,
+        projects: impl IntoIterator<Item = u128>,
+        now: Millis,
+    ) -> Result<HashMap<u128, Millis>> {
         let index = self.table(INDEX)?;
         let tasks = self.table(TASKS)?;
-        let level_at = ix::K::new(ix::READY).u128(project).len();
-        let end = ix::end_of(&ix::K::new(ix::READY).u128(project));
-        let mut longest: Option<Millis> = None;
-        let mut level = 0u8;
-        while level <= 10 {
-            let from = ix::K::new(ix::READY).u128(project).u8(level);
-            let Some(first) = index
-                .range::<&[u8]>(from.as_slice()..end.as_slice())?
-                .next()
-            else {
-                break;
-            };
-            let key = first?.0;
-            let key = key.value();
-            if let Some(v) = tasks.get(ix::seq_of(key))? {
-                let t: Task = decode(v.value())?;
-                let waited = now.saturating_sub(t.ready_since()).max(0);
-                longest = Some(longest.map_or(waited, |l| l.max(waited)));
+        let mut waits = HashMap::new();
+        for project in projects {
+            let level_at = ix::K::new(ix::READY).u128(project).len();
+            let end = ix::end_of(&ix::K::new(ix::READY).u128(project));
+            let mut level = 0u8;
+            while level <= 10 {
+                let from = ix::K::new(ix::READY).u128(project).u8(level);
+                let Some(first) = index
+                    .range::<&[u8]>(from.as_slice()..end.as_slice())?
+                    .next()
+                else {
+                    break;
+                };
+                let key = first?.0;
+                let key = key.value();
+                if let Some(v) = tasks.get(ix::seq_of(key))? {
+                    let t: Task = decode(v.value())?;
+                    let waited = now.saturating_sub(t.ready_since()).max(0);
+                    let longest = waits.entry(project).or_insert(waited);
+                    *longest = (*longest).max(waited);
+                }
+                level = key[level_at] + 1;
             }
-            level = key[level_at] + 1;
         }
-        Ok(longest)
+        Ok(waits)
     }
 
     /// The earliest stored timer: a delayed task's `notBefore` or a session expiry. Lease

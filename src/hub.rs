@@ -21,9 +21,9 @@ pub struct Effects {
     /// Tasks that became available to claim, by project and task type (None: untyped).
     pub ready: HashMap<(u128, Option<u128>), usize>,
     pub earliest_timer: Option<Millis>,
-    /// Projects reopened (closed → active) with tasks queued: every poller of theirs looks
-    /// again.
-    pub reopened: Vec<u128>,
+    /// Projects whose pollers all look again: no task event announces their ready tasks (a
+    /// closed project reopened with tasks queued).
+    pub wake_all: Vec<u128>,
     /// How long each task handed out in the batch had waited, ready, in ms.
     pub waits: Vec<Millis>,
     /// Task transitions by project, for the counters.
@@ -148,13 +148,13 @@ impl Hub {
         if !fx.waits.is_empty() {
             telemetry::publish_waits(&fx.waits);
         }
-        if !fx.ready.is_empty() || !fx.reopened.is_empty() {
+        if !fx.ready.is_empty() || !fx.wake_all.is_empty() {
             let mut waiting = self.lock_waiting();
             if !waiting.is_empty() {
                 for ((project, type_id), n) in fx.ready {
                     Self::wake(&mut waiting, project, type_id, n);
                 }
-                for project in fx.reopened {
+                for project in fx.wake_all {
                     Self::wake_all_in(&mut waiting, project);
                 }
             }

@@ -91,7 +91,6 @@ pub struct Server {
 /// that start created it (`created`), so that no empty database is left behind.
 fn abandon(store: Arc<Store>, created: Option<&PathBuf>) {
     store.close();
-    drop(store);
     if let Some(path) = created {
         let _ = std::fs::remove_file(path);
     }

@@ -133,7 +133,7 @@ impl W<'_, '_> {
 
     /// Has every long-poller of `project` look again once this batch is committed.
     pub fn wake_all(&mut self, project: u128) {
-        self.fx.reopened.push(project);
+        self.fx.wake_all.push(project);
     }
 
     /// Whether a delayed task may be due now (false means certainly none is).

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
 
-use crate::model::Millis;
+use crate::model::{Millis, Outcome};
 use crate::telemetry::{self, TaskEvent};
 
 /// What one committed batch changed that someone may be waiting for.
@@ -26,6 +26,8 @@ pub struct Effects {
     pub wake_all: Vec<u128>,
     /// How long each task handed out in the batch had waited, ready, in ms.
     pub waits: Vec<Millis>,
+    /// How each lease that ended in the batch ended, and how long it had run, in ms.
+    pub runs: Vec<(Outcome, Millis)>,
     /// Task transitions by project, for the counters.
     pub events: HashMap<(u128, TaskEvent), u64>,
 }
@@ -147,6 +149,9 @@ impl Hub {
         }
         if !fx.waits.is_empty() {
             telemetry::publish_waits(&fx.waits);
+        }
+        if !fx.runs.is_empty() {
+            telemetry::publish_runs(&fx.runs);
         }
         if !fx.ready.is_empty() || !fx.wake_all.is_empty() {
             let mut waiting = self.lock_waiting();

@@ -63,6 +63,9 @@ pub fn install() -> PrometheusHandle {
                         &wait,
                     )
                 })
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full("agentq_task_run_seconds".into()), &wait)
+                })
                 .expect("bucket lists are not empty")
                 .install_recorder()
                 .inspect(|_| describe())
@@ -119,6 +122,12 @@ fn describe() {
         Unit::Seconds,
         "How long each task handed out had waited, ready, before an agent took it (since it \
          was queued, requeued or last edited, or since its notBefore if later)."
+    );
+    describe_histogram!(
+        "agentq_task_run_seconds",
+        Unit::Seconds,
+        "How long each lease ran, from the claim to its end, by how it ended: completed, \
+         failed (requeued or not), timeout (reclaimed by the reaper) or cancelled."
     );
     describe_gauge!(
         "agentq_queue_wait_seconds",
@@ -411,6 +420,19 @@ pub fn publish_waits(waits: &[Millis]) {
     let waited = histogram!("agentq_task_wait_seconds");
     for ms in waits {
         waited.record(*ms as f64 / 1000.0);
+    }
+}
+
+/// Records how long each lease that ended in a committed batch had run (ms), by its outcome.
+/// Each outcome's handle is looked up once per batch, as in [`publish_waits`].
+pub fn publish_runs(runs: &[(Outcome, Millis)]) {
+    let mut handles: [Option<metrics::Histogram>; 5] = Default::default();
+    for (outcome, ms) in runs {
+        handles[*outcome as usize]
+            .get_or_insert_with(
+                || histogram!("agentq_task_run_seconds", "outcome" => outcome.as_str()),
+            )
+            .record(*ms as f64 / 1000.0);
     }
 }
 

@@ -151,6 +151,8 @@ async fn lease_expiry_and_auth_failures_are_counted() {
     }
     assert!(text.contains(&want), "{text}");
     assert!(text.contains(&format!(r#"agentq_tasks_retried_total{{project="{p}"}} 1"#)));
+    let reclaimed = r#"agentq_task_run_seconds_count{outcome="timeout"}"#;
+    assert!(metric_value(&text, reclaimed) >= 1.0, "{text}");
     assert!(text.contains("agentq_auth_failures_total"));
 }
 
@@ -264,4 +266,62 @@ async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
     app.put(&project, json!({"status": "closed"})).await;
     let closed = queue_wait(&app, &p).await;
     assert_eq!(closed, 0.0, "a closed project hands out nothing");
+}
+
+/// The count in one bucket range of `agentq_task_run_seconds` for an outcome.
+async fn runs_between(app: &TestApp, outcome: &str, above: &str, upto: &str) -> f64 {
+    let bucket =
+        |le: &str| format!(r#"agentq_task_run_seconds_bucket{{outcome="{outcome}",le="{le}"}}"#);
+    app.metric(&bucket(upto)).await - app.metric(&bucket(above)).await
+}
+
+/// How long agents take is the other half of a queue's latency: a lease's run time is
+/// recorded when it ends, under how it ended. No other test of this process holds a lease
+/// for more than half an hour, so the long buckets count only this test's leases.
+#[tokio::test]
+async fn lease_run_times_are_recorded_by_outcome() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("runs").await;
+    let ty = app
+        .task_type(&p, json!({"name": "day", "leaseDurationMinutes": 1440}))
+        .await;
+    for i in 0..3 {
+        app.task(&p, json!({"typeId": ty, "instructions": format!("t{i}")}))
+            .await;
+    }
+    let done = app.next("a", json!({"projectId": p})).await;
+    let failed = app.next("b", json!({"projectId": p})).await;
+    let cancelled = app.next("c", json!({"projectId": p})).await;
+    app.advance(45 * 60_000).await;
+    let fail = format!("/api/tasks/{}/fail", failed["id"].as_str().unwrap());
+    let r = app
+        .post(
+            &fail,
+            json!({"agentName": "b", "error": "no", "canRetry": false}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    app.advance(75 * 60_000).await;
+    let complete = format!("/api/tasks/{}/complete", done["id"].as_str().unwrap());
+    let r = app
+        .post(&complete, json!({"agentName": "a", "result": "ok"}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let cancel = format!("/api/tasks/{}/cancel", cancelled["id"].as_str().unwrap());
+    assert_eq!(app.post(&cancel, json!({})).await.status, 200);
+    assert_eq!(
+        runs_between(&app, "failed", "1800", "3600").await,
+        1.0,
+        "failed after 45 minutes"
+    );
+    assert_eq!(
+        runs_between(&app, "completed", "3600", "21600").await,
+        1.0,
+        "completed after 2 hours"
+    );
+    assert_eq!(
+        runs_between(&app, "cancelled", "3600", "21600").await,
+        1.0,
+        "cancelled after 2 hours"
+    );
 }

@@ -166,6 +166,17 @@ impl W<'_, '_> {
                         .push(self.now.saturating_sub(o.ready_since()).max(0));
                 }
             }
+            if old.is_some_and(|o| o.status == TaskStatus::Running)
+                && n.status != TaskStatus::Running
+            {
+                if let Some(a) = n.attempts.last() {
+                    if let Some(ended) = a.ended_at {
+                        self.fx
+                            .runs
+                            .push((a.outcome, ended.saturating_sub(a.started_at).max(0)));
+                    }
+                }
+            }
             if is_ready(n) && !was_ready {
                 self.fx.ready(n.project_id, n.type_id);
             }

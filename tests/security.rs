@@ -998,3 +998,104 @@ async fn a_body_nothing_reads_does_not_cost_the_connection() {
         .unwrap();
     assert!(read_answer(&mut conn).await.starts_with("HTTP/1.1 200 "));
 }
+
+/// Starts `agent` long-polling `project` for up to 30 s with `client`; answers the reply's
+/// status and body. Returns once the server counts it as waiting.
+async fn poll_with(
+    app: &TestApp,
+    client: &reqwest::Client,
+    agent: &str,
+    project: &str,
+) -> tokio::task::JoinHandle<(u16, Value)> {
+    let request = client
+        .post(format!("{}/api/agents/{agent}/next-task", app.base))
+        .json(&json!({"projectId": project, "waitSeconds": 30}));
+    let before = app.metric("agentq_long_poll_waiters").await;
+    let poller = tokio::spawn(async move {
+        let r = request.send().await.unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    });
+    for _ in 0..400 {
+        if app.metric("agentq_long_poll_waiters").await > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    poller
+}
+
+/// A session's client for `agent` in `project`, logged in with `key_client`.
+async fn session_client(
+    app: &TestApp,
+    key_client: &reqwest::Client,
+    agent: &str,
+    project: &str,
+) -> (reqwest::Client, String) {
+    let body = json!({"agentName": agent, "projectId": project});
+    let r = app
+        .call_with(key_client, "POST", "/api/auth/login", Some(body))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let token = r.data()["token"].as_str().unwrap().to_string();
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let client = reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap();
+    (client, token)
+}
+
+/// A long-poll lasts up to a minute after its credential was checked. A key revoked, or a
+/// session ended or expired, in that minute must not be handed a task when one appears: the
+/// poller gets 401 and the task stays queued for the next agent.
+#[tokio::test]
+async fn a_long_poll_outlived_by_its_credential_is_handed_no_task() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("lp").await;
+    let (revoked_id, revoked) = app.key("agent", None).await;
+    let (_, kept) = app.key("agent", None).await;
+    let kept = client_with_key(&kept);
+    let (logged_out, token) = session_client(&app, &kept, "s1", &p).await;
+    let (expiring, _) = session_client(&app, &kept, "s2", &p).await;
+
+    // The task each case creates must stay queued: another agent takes it afterwards.
+    let refused_then_taken = |poller: tokio::task::JoinHandle<(u16, Value)>, case: &'static str| {
+        let app = &app;
+        let p = p.clone();
+        async move {
+            let id = app.task(&p, json!({"instructions": case})).await;
+            let (status, body) = poller.await.unwrap();
+            assert_eq!(status, 401, "{case}: {body}");
+            assert_eq!(body["code"], "UNAUTHORIZED", "{case}");
+            let next = app.next("other", json!({"projectId": p})).await;
+            assert_eq!(next["id"], id.as_str(), "{case}: the task stayed queued");
+            let done = format!("/api/tasks/{id}/complete");
+            let r = app
+                .post(&done, json!({"agentName": "other", "result": "ok"}))
+                .await;
+            assert_eq!(r.status, 200);
+        }
+    };
+
+    let poller = poll_with(&app, &client_with_key(&revoked), "k", &p).await;
+    assert_eq!(
+        app.delete(&format!("/api/keys/{revoked_id}")).await.status,
+        200
+    );
+    refused_then_taken(poller, "key revoked").await;
+
+    let poller = poll_with(&app, &logged_out, "s1", &p).await;
+    let out = reqwest::Client::new()
+        .post(format!("{}/api/auth/logout", app.base))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status().as_u16(), 200);
+    refused_then_taken(poller, "session logged out").await;
+
+    let poller = poll_with(&app, &expiring, "s2", &p).await;
+    app.advance(24 * 3_600_000 + 1).await;
+    refused_then_taken(poller, "session expired").await;
+}

@@ -139,6 +139,9 @@ impl LeasesApi {
             .0
             .project_for(caller, Right::Work, &body.0.project_id)?;
         let hub = store.hub.clone();
+        // Each look checks the credential again in the write: a wait outlives a revocation.
+        let key_id = caller.key_id;
+        let session = caller.session.as_ref().map(|s| s.token_hash);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
         loop {
@@ -151,6 +154,7 @@ impl LeasesApi {
             let done = done.take();
             let claim = store
                 .write(move |w| {
+                    crate::store::access::credential_live(w, key_id, session.as_ref())?;
                     let key = crate::api::types::uuid_str(pid);
                     write::next_task_after(w, done, &key, &name, ids.as_deref(), write::no_check)
                 })

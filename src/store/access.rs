@@ -75,6 +75,24 @@ pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) 
     Ok(true)
 }
 
+/// Whether a request's credential is still good, checked inside a write. A long-poll
+/// authenticated up to a minute ago must not be handed a task once its key was revoked or its
+/// session ended (logout, the key's revocation) or expired: the writer orders this look
+/// after any revocation that committed first.
+pub fn credential_live(w: &mut W, key_id: u128, session: Option<&[u8; 32]>) -> Result<()> {
+    let live = match session {
+        Some(h) => w.t.session(h)?.is_some_and(|s| s.expires_at > w.now),
+        None => w.t.key(key_id)?.is_some(),
+    };
+    if live {
+        Ok(())
+    } else {
+        Err(Error::Unauthorized(
+            "the credential was revoked, or its session ended, while this request waited".into(),
+        ))
+    }
+}
+
 /// Deletes a key and every session made with it. The last admin key cannot be deleted.
 pub fn delete_key(w: &mut W, id: u128) -> Result<ApiKey> {
     let key = w

@@ -82,7 +82,7 @@ pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) 
 pub fn credential_live(w: &mut W, key_id: u128, session: Option<&[u8; 32]>) -> Result<()> {
     let live = match session {
         Some(h) => w.t.session(h)?.is_some_and(|s| s.expires_at > w.now),
-        None => w.t.key(key_id)?.is_some(),
+        None => w.t.keys.get(key_id)?.is_some(),
     };
     if live {
         Ok(())

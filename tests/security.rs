@@ -542,12 +542,7 @@ async fn sessions_bind_agent_and_project_and_expire() {
     assert_eq!(r.status, 200, "{:?}", r.body);
     let token = r.data()["token"].as_str().unwrap().to_string();
     let expires = r.data()["expiresAt"].as_str().unwrap().to_string();
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let s = reqwest::Client::builder()
-        .default_headers(h)
-        .build()
-        .unwrap();
+    let s = bearer_client(&token);
 
     let info = app.call_with(&s, "GET", "/api/auth/session", None).await;
     assert_eq!(info.data()["agentName"], "a1");
@@ -1024,6 +1019,16 @@ async fn poll_with(
     poller
 }
 
+/// A client that sends `token` (a session's) as `Authorization: Bearer`.
+fn bearer_client(token: &str) -> reqwest::Client {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reqwest::Client::builder()
+        .default_headers(h)
+        .build()
+        .unwrap()
+}
+
 /// A session's client for `agent` in `project`, logged in with `key_client`.
 async fn session_client(
     app: &TestApp,
@@ -1037,13 +1042,7 @@ async fn session_client(
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
     let token = r.data()["token"].as_str().unwrap().to_string();
-    let mut h = reqwest::header::HeaderMap::new();
-    h.insert("authorization", format!("Bearer {token}").parse().unwrap());
-    let client = reqwest::Client::builder()
-        .default_headers(h)
-        .build()
-        .unwrap();
-    (client, token)
+    (bearer_client(&token), token)
 }
 
 /// A long-poll lasts up to a minute after its credential was checked. A key revoked, or a

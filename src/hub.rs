@@ -244,22 +244,30 @@ impl Waiter {
 }
 
 /// A long-poller's place in its project's queue, from [`Hub::wait_for`]. Dropping it leaves
-/// the queue. A poller that was woken but goes without looking again (it found a task
-/// anyway, timed out, or its client left) passes the wake-up on to the next poller that
-/// accepts the task, so that no available task waits for a poller's deadline.
+/// the queue. A poller that was woken but does not finish looking again (it found a task
+/// anyway, timed out, its client left, or its look failed) passes the wake-up on to the next
+/// poller that accepts the task, so that no available task waits for a poller's deadline.
+/// A woken ticket is kept until the look it calls for has ended, then given to
+/// [`Ticket::looked`].
 pub struct Ticket {
     hub: Arc<Hub>,
     project: u128,
     waiter: Arc<Waiter>,
-    /// The wake-up was taken: the poller will look for a task again.
+    /// The look the wake-up called for has ended: nothing to pass on.
     used: bool,
 }
 
 impl Ticket {
     /// Resolves when a task this poller accepts became available (or its project was
-    /// deleted). Look again after it.
+    /// deleted). Look again after it, and hand the ticket to [`Ticket::looked`] when that
+    /// look has ended.
     pub async fn woken(&mut self) {
         self.waiter.wake.notified().await;
+    }
+
+    /// The look after the wake-up ended, with a task or with none (another agent took it
+    /// first): the wake-up was answered and is not passed on.
+    pub fn looked(mut self) {
         self.used = true;
     }
 }
@@ -349,9 +357,9 @@ mod tests {
         drop(first);
         assert!(!woken(&mut only_20).await, "it does not take type 10");
         assert!(woken(&mut second).await, "the wake-up was passed on");
-        // A wake-up that was used is not passed on.
+        // A wake-up whose look ended is not passed on.
         let mut third = hub.wait_for(1, None);
-        drop(second);
+        second.looked();
         assert!(!woken(&mut third).await);
         // A poller that leaves unwoken just leaves the queue.
         drop(only_20);

@@ -1058,33 +1058,19 @@ async fn a_long_poll_outlived_by_its_credential_is_handed_no_task() {
     let (logged_out, token) = session_client(&app, &kept, "s1", &p).await;
     let (expiring, _) = session_client(&app, &kept, "s2", &p).await;
 
-    // The task each case creates must stay queued: another agent takes it afterwards.
-    let refused_then_taken = |poller: tokio::task::JoinHandle<(u16, Value)>, case: &'static str| {
-        let app = &app;
-        let p = p.clone();
-        async move {
-            let id = app.task(&p, json!({"instructions": case})).await;
-            let (status, body) = poller.await.unwrap();
-            assert_eq!(status, 401, "{case}: {body}");
-            assert_eq!(body["code"], "UNAUTHORIZED", "{case}");
-            let next = app.next("other", json!({"projectId": p})).await;
-            assert_eq!(next["id"], id.as_str(), "{case}: the task stayed queued");
-            let done = format!("/api/tasks/{id}/complete");
-            let r = app
-                .post(&done, json!({"agentName": "other", "result": "ok"}))
-                .await;
-            assert_eq!(r.status, 200);
-        }
-    };
+    // In each case an agent with a good key long-polls behind the refused one.
+    let admin = app.client.clone();
 
     let poller = poll_with(&app, &client_with_key(&revoked), "k", &p).await;
+    let backup = poll_with(&app, &admin, "backup", &p).await;
     assert_eq!(
         app.delete(&format!("/api/keys/{revoked_id}")).await.status,
         200
     );
-    refused_then_taken(poller, "key revoked").await;
+    refused_and_passed_on(&app, &p, poller, backup, "key revoked").await;
 
     let poller = poll_with(&app, &logged_out, "s1", &p).await;
+    let backup = poll_with(&app, &admin, "backup", &p).await;
     let out = reqwest::Client::new()
         .post(format!("{}/api/auth/logout", app.base))
         .bearer_auth(&token)
@@ -1092,9 +1078,36 @@ async fn a_long_poll_outlived_by_its_credential_is_handed_no_task() {
         .await
         .unwrap();
     assert_eq!(out.status().as_u16(), 200);
-    refused_then_taken(poller, "session logged out").await;
+    refused_and_passed_on(&app, &p, poller, backup, "session logged out").await;
 
     let poller = poll_with(&app, &expiring, "s2", &p).await;
+    let backup = poll_with(&app, &admin, "backup", &p).await;
     app.advance(24 * 3_600_000 + 1).await;
-    refused_then_taken(poller, "session expired").await;
+    refused_and_passed_on(&app, &p, poller, backup, "session expired").await;
+}
+
+type Poller = tokio::task::JoinHandle<(u16, Value)>;
+
+/// Creates a task while `refused` (a long-poll whose credential is gone, queued first) and
+/// `backup` wait. The task wakes `refused`, whose look is refused with 401; its wake-up must
+/// pass to `backup`, which gets the task (else it would sit out its 30 s and answer none).
+async fn refused_and_passed_on(
+    app: &TestApp,
+    project: &str,
+    refused: Poller,
+    backup: Poller,
+    case: &str,
+) {
+    let id = app.task(project, json!({"instructions": case})).await;
+    let (status, body) = refused.await.unwrap();
+    assert_eq!(status, 401, "{case}: {body}");
+    assert_eq!(body["code"], "UNAUTHORIZED", "{case}");
+    let (status, body) = backup.await.unwrap();
+    assert_eq!(status, 200, "{case}: {body}");
+    assert_eq!(body["data"]["task"]["id"], id.as_str(), "{case}: {body}");
+    let done = format!("/api/tasks/{id}/complete");
+    let r = app
+        .post(&done, json!({"agentName": "backup", "result": "ok"}))
+        .await;
+    assert_eq!(r.status, 200);
 }

@@ -17,6 +17,7 @@ use super::validate::{self, Check};
 use super::{ApiTags, State};
 use crate::auth::Right;
 use crate::error::Error;
+use crate::hub::Ticket;
 use crate::lease::Completion;
 use crate::model::Progress;
 use crate::store::write::{self, Claim};
@@ -144,11 +145,14 @@ impl LeasesApi {
         let session = caller.session.as_ref().map(|s| s.token_hash);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
+        // The ticket whose wake-up the current look answers. Dropped before the look has
+        // ended (the look failed, or the client left), it passes the wake-up on.
+        let mut woken: Option<Ticket> = None;
         loop {
             // Queue before looking, so a task made available between the look and the wait
             // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
             // we got but did not use).
-            let mut ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
+            let ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
             let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
             // The completion, if any, goes with the first look only.
             let done = done.take();
@@ -159,15 +163,18 @@ impl LeasesApi {
                     write::next_task_after(w, done, &key, &name, ids.as_deref(), write::no_check)
                 })
                 .await?;
+            if let Some(answered) = woken.take() {
+                answered.looked();
+            }
             if let Claim::Task(..) = claim {
                 return Ok(next_task_answer(claim, agent));
             }
-            let Some(ticket) = ticket.as_mut() else { break };
+            let Some(mut t) = ticket else { break };
             if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
                 break;
             }
             tokio::select! {
-                _ = ticket.woken() => {}
+                _ = t.woken() => woken = Some(t),
                 _ = tokio::time::sleep_until(deadline) => break,
                 _ = hub.shutting_down() => break,
             }

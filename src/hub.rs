@@ -165,23 +165,37 @@ impl Hub {
             }
         }
         if let Some(at) = fx.earliest_timer {
-            if at < self.timer_deadline.load(Ordering::Acquire) {
+            if at < self.timer_deadline.load(Ordering::SeqCst) {
                 self.timer.notify_one();
             }
         }
     }
 
+    // The timer handshake between the writer and the scheduler (SeqCst: each side stores,
+    // then loads what the other stores, and one of them must see the other's store). The
+    // writer sets `first_lease` (and commits the stored timers), then compares its earliest
+    // timer with `timer_deadline`. The scheduler sets `timer_deadline` to MAX
+    // ([`Hub::reading_timers`]), then reads the timers, then sets the deadline it will sleep
+    // to. A timer the read missed was published after the MAX was stored, so it wakes the
+    // scheduler, which reads again.
+
     pub fn set_first_lease(&self, at: Option<Millis>) {
         self.first_lease
-            .store(at.unwrap_or(i64::MAX), Ordering::Release);
+            .store(at.unwrap_or(i64::MAX), Ordering::SeqCst);
     }
 
     pub fn first_lease(&self) -> Option<Millis> {
-        Some(self.first_lease.load(Ordering::Acquire)).filter(|at| *at != i64::MAX)
+        Some(self.first_lease.load(Ordering::SeqCst)).filter(|at| *at != i64::MAX)
+    }
+
+    /// The scheduler is about to read the timers: until it sets the deadline it will sleep
+    /// to, any timer published wakes it, as it may be earlier than what the read finds.
+    pub fn reading_timers(&self) {
+        self.timer_deadline.store(i64::MAX, Ordering::SeqCst);
     }
 
     pub fn set_timer_deadline(&self, at: Millis) {
-        self.timer_deadline.store(at, Ordering::Release);
+        self.timer_deadline.store(at, Ordering::SeqCst);
     }
 
     pub fn shutdown(&self) {
@@ -366,6 +380,40 @@ mod tests {
         assert_eq!(hub.lock_waiting()[&1].len(), 1, "only the third is queued");
         ready(&hub, 1, Some(20), 1);
         assert!(woken(&mut third).await);
+    }
+
+    /// Whether the scheduler's `Notify` holds a wake-up.
+    async fn scheduler_woken(hub: &Hub) -> bool {
+        tokio::time::timeout(Duration::ZERO, hub.timer.notified())
+            .await
+            .is_ok()
+    }
+
+    fn publish_timer(hub: &Hub, at: Millis) {
+        let mut fx = Effects::default();
+        fx.timer(at);
+        hub.publish(fx);
+    }
+
+    /// A lease committed while the scheduler reads the timers (its read missed it; it has not
+    /// yet set the deadline it will sleep to) must wake it. It used to be compared with the
+    /// deadline the last sleep left behind, already past, so it woke nobody: the scheduler
+    /// slept to the timer it had read (up to an hour when none) while the lease expired.
+    #[tokio::test]
+    async fn a_timer_published_while_the_scheduler_reads_wakes_it() {
+        let hub = Hub::default();
+        hub.set_timer_deadline(1_000);
+        assert!(!scheduler_woken(&hub).await);
+        hub.reading_timers();
+        publish_timer(&hub, 60_000);
+        hub.set_timer_deadline(i64::MAX);
+        assert!(scheduler_woken(&hub).await, "it reads the timers again");
+        // Once it sleeps to a deadline, only an earlier timer wakes it.
+        hub.set_timer_deadline(60_000);
+        publish_timer(&hub, 120_000);
+        assert!(!scheduler_woken(&hub).await);
+        publish_timer(&hub, 30_000);
+        assert!(scheduler_woken(&hub).await);
     }
 
     #[tokio::test]

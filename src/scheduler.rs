@@ -53,6 +53,7 @@ pub async fn run(store: Arc<Store>) {
         if hub.is_shutting_down() {
             return;
         }
+        hub.reading_timers();
         let next = match store.next_timer() {
             Ok(t) => t,
             Err(e) => {

@@ -1035,14 +1035,13 @@ async fn session_client(
     key_client: &reqwest::Client,
     agent: &str,
     project: &str,
-) -> (reqwest::Client, String) {
+) -> reqwest::Client {
     let body = json!({"agentName": agent, "projectId": project});
     let r = app
         .call_with(key_client, "POST", "/api/auth/login", Some(body))
         .await;
     assert_eq!(r.status, 200, "{:?}", r.body);
-    let token = r.data()["token"].as_str().unwrap().to_string();
-    (bearer_client(&token), token)
+    bearer_client(r.data()["token"].as_str().unwrap())
 }
 
 /// A long-poll lasts up to a minute after its credential was checked. A key revoked, or a
@@ -1055,8 +1054,8 @@ async fn a_long_poll_outlived_by_its_credential_is_handed_no_task() {
     let (revoked_id, revoked) = app.key("agent", None).await;
     let (_, kept) = app.key("agent", None).await;
     let kept = client_with_key(&kept);
-    let (logged_out, token) = session_client(&app, &kept, "s1", &p).await;
-    let (expiring, _) = session_client(&app, &kept, "s2", &p).await;
+    let logged_out = session_client(&app, &kept, "s1", &p).await;
+    let expiring = session_client(&app, &kept, "s2", &p).await;
 
     // In each case an agent with a good key long-polls behind the refused one.
     let admin = app.client.clone();
@@ -1071,13 +1070,10 @@ async fn a_long_poll_outlived_by_its_credential_is_handed_no_task() {
 
     let poller = poll_with(&app, &logged_out, "s1", &p).await;
     let backup = poll_with(&app, &admin, "backup", &p).await;
-    let out = reqwest::Client::new()
-        .post(format!("{}/api/auth/logout", app.base))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(out.status().as_u16(), 200);
+    let out = app
+        .call_with(&logged_out, "POST", "/api/auth/logout", None)
+        .await;
+    assert_eq!(out.status, 200, "{:?}", out.body);
     refused_and_passed_on(&app, &p, poller, backup, "session logged out").await;
 
     let poller = poll_with(&app, &expiring, "s2", &p).await;

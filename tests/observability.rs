@@ -238,12 +238,8 @@ async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
     assert_eq!(queue_wait(&app, &p).await, 0.0, "nothing ready");
     // The two claims recorded how long their tasks had waited: 10 s and 40 s. Other tests of
     // this process record waits under a second (the histogram has no project label).
-    let between_30_and_60 = app
-        .metric(r#"agentq_task_wait_seconds_bucket{le="60"}"#)
-        .await
-        - app
-            .metric(r#"agentq_task_wait_seconds_bucket{le="30"}"#)
-            .await;
+    let bucket = |le: &str| format!(r#"agentq_task_wait_seconds_bucket{{le="{le}"}}"#);
+    let between_30_and_60 = count_between(&app, bucket, "30", "60").await;
     assert_eq!(between_30_and_60, 1.0, "the low task waited 40 s");
     // The clock started at 2026-01-01T00:00:00Z and stands at 00:00:40.
     app.task(
@@ -272,7 +268,19 @@ async fn queue_wait_is_the_longest_wait_at_the_front_of_the_queue() {
 async fn runs_between(app: &TestApp, outcome: &str, above: &str, upto: &str) -> f64 {
     let bucket =
         |le: &str| format!(r#"agentq_task_run_seconds_bucket{{outcome="{outcome}",le="{le}"}}"#);
-    app.metric(&bucket(upto)).await - app.metric(&bucket(above)).await
+    count_between(app, bucket, above, upto).await
+}
+
+/// How many samples of a histogram fell in (`above`, `upto`], from one scrape: between two
+/// scrapes, other tests of this process record samples below `above` too.
+async fn count_between(
+    app: &TestApp,
+    bucket: impl Fn(&str) -> String,
+    above: &str,
+    upto: &str,
+) -> f64 {
+    let text = app.metrics_text().await;
+    metric_value(&text, &bucket(upto)) - metric_value(&text, &bucket(above))
 }
 
 /// How long agents take is the other half of a queue's latency: a lease's run time is

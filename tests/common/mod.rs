@@ -248,8 +248,13 @@ impl TestApp {
 
     /// The value of the unlabelled series `name` in this server's `/metrics`.
     pub async fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics_text().await, name)
+    }
+
+    /// One scrape of this server's `/metrics`.
+    pub async fn metrics_text(&self) -> String {
         let scraped = self.get("/metrics").await;
-        metric_value(scraped.body.as_str().expect("/metrics is text"), name)
+        scraped.body.as_str().expect("/metrics is text").to_string()
     }
 
     pub async fn stats(&self, project: &str) -> Value {

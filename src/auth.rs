@@ -505,7 +505,7 @@ impl Authenticator {
     /// [`Self::forget_key`]); an extend needs not, as it only moves the expiry later.
     async fn session_caller(&self, token: &str) -> Result<Arc<Caller>, AuthError> {
         let h = digest(token);
-        let live = |s: &Session| s.expires_at > self.store.clock.now();
+        let live = |s: &Session| s.live_at(self.store.clock.now());
         let s = self
             .store
             .session(&h)

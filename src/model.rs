@@ -459,6 +459,13 @@ pub struct Session {
     pub last_activity: Millis,
 }
 
+impl Session {
+    /// Whether the session has not yet expired at `now`.
+    pub fn live_at(&self, now: Millis) -> bool {
+        self.expires_at > now
+    }
+}
+
 impl Task {
     /// Since when a queued task has been waiting for an agent: its last change (it was
     /// queued, requeued or edited then) or its `notBefore`, whichever is later.

@@ -35,8 +35,8 @@ pub fn install() -> PrometheusHandle {
             let batch = [
                 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0, 4096.0,
             ];
-            // From a task taken at once to one left for a day.
-            let wait = [
+            // Task waits and lease runs: from a moment to a day.
+            let task_times = [
                 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0,
                 3600.0, 21_600.0, 86_400.0,
             ];
@@ -60,11 +60,14 @@ pub fn install() -> PrometheusHandle {
                 .and_then(|b| {
                     b.set_buckets_for_metric(
                         Matcher::Full("agentq_task_wait_seconds".into()),
-                        &wait,
+                        &task_times,
                     )
                 })
                 .and_then(|b| {
-                    b.set_buckets_for_metric(Matcher::Full("agentq_task_run_seconds".into()), &wait)
+                    b.set_buckets_for_metric(
+                        Matcher::Full("agentq_task_run_seconds".into()),
+                        &task_times,
+                    )
                 })
                 .expect("bucket lists are not empty")
                 .install_recorder()
@@ -377,6 +380,22 @@ impl TaskEvent {
     fn metric(self) -> &'static str {
         self.family().0
     }
+}
+
+/// How long a task that this change hands out had waited, ready (ms).
+pub fn claim_wait(old: &Task, new: &Task, now: Millis) -> Option<Millis> {
+    let claimed = old.status == TaskStatus::Queued && new.status == TaskStatus::Running;
+    claimed.then(|| now.saturating_sub(old.ready_since()).max(0))
+}
+
+/// How a lease that this change ends ended, and how long it had run (ms).
+pub fn lease_run(old: &Task, new: &Task) -> Option<(Outcome, Millis)> {
+    if old.status != TaskStatus::Running || new.status == TaskStatus::Running {
+        return None;
+    }
+    let a = new.attempts.last()?;
+    let ran = a.ended_at?.saturating_sub(a.started_at).max(0);
+    Some((a.outcome, ran))
 }
 
 /// The events a row change means (deletions count as nothing).

@@ -81,7 +81,7 @@ pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) 
 /// after any revocation that committed first.
 pub fn credential_live(w: &mut W, key_id: u128, session: Option<&[u8; 32]>) -> Result<()> {
     let live = match session {
-        Some(h) => w.t.session(h)?.is_some_and(|s| s.expires_at > w.now),
+        Some(h) => w.t.session(h)?.is_some_and(|s| s.live_at(w.now)),
         None => w.t.keys.get(key_id)?.is_some(),
     };
     if live {
@@ -172,7 +172,7 @@ pub fn end_session(w: &mut W, token_hash: [u8; 32]) -> Result<bool> {
 pub fn extend_session(w: &mut W, token_hash: [u8; 32], by_ms: i64) -> Result<Session> {
     let old =
         w.t.session(&token_hash)?
-            .filter(|s| s.expires_at > w.now)
+            .filter(|s| s.live_at(w.now))
             .ok_or_else(|| Error::NotFound("session not found or expired".into()))?;
     let mut s = old.clone();
     s.expires_at = s.expires_at.saturating_add(by_ms);

@@ -159,23 +159,11 @@ impl W<'_, '_> {
         }
         if let Some(n) = new {
             let was_ready = old.is_some_and(is_ready);
-            if let Some(o) = old.filter(|o| o.status == TaskStatus::Queued) {
-                if n.status == TaskStatus::Running {
-                    self.fx
-                        .waits
-                        .push(self.now.saturating_sub(o.ready_since()).max(0));
-                }
-            }
-            if old.is_some_and(|o| o.status == TaskStatus::Running)
-                && n.status != TaskStatus::Running
-            {
-                if let Some(a) = n.attempts.last() {
-                    if let Some(ended) = a.ended_at {
-                        self.fx
-                            .runs
-                            .push((a.outcome, ended.saturating_sub(a.started_at).max(0)));
-                    }
-                }
+            if let Some(o) = old {
+                self.fx
+                    .waits
+                    .extend(crate::telemetry::claim_wait(o, n, self.now));
+                self.fx.runs.extend(crate::telemetry::lease_run(o, n));
             }
             if is_ready(n) && !was_ready {
                 self.fx.ready(n.project_id, n.type_id);

@@ -341,11 +341,12 @@ impl Reader {
         let tasks = self.table(TASKS)?;
         let mut waits = HashMap::new();
         for project in projects {
-            let level_at = ix::K::new(ix::READY).u128(project).len();
-            let end = ix::end_of(&ix::K::new(ix::READY).u128(project));
+            let ready = ix::K::new(ix::READY).u128(project);
+            let level_at = ready.len();
+            let end = ix::end_of(&ready);
             let mut level = 0u8;
             while level <= 10 {
-                let from = ix::K::new(ix::READY).u128(project).u8(level);
+                let from = ready.u8(level);
                 let Some(first) = index
                     .range::<&[u8]>(from.as_slice()..end.as_slice())?
                     .next()

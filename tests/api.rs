@@ -473,7 +473,8 @@ async fn openapi_document_and_ui_are_served() {
         }
     }
     let list_keys = paths["/api/keys"]["get"]["responses"].as_object().unwrap();
-    assert!(!list_keys.contains_key("400") && !list_keys.contains_key("404"));
+    // listKeys names no resource; it refuses only its paging parameters.
+    assert!(list_keys.contains_key("400") && !list_keys.contains_key("404"));
     // Every operation has an id of its own, and every link names one of them.
     let ops: Vec<&Value> = paths
         .values()
@@ -2226,4 +2227,85 @@ async fn cors_allows_the_configured_origins_only() {
     let (status, allowed) = preflight(&any, "https://evil.example").await;
     assert_eq!(status, 200);
     assert!(allowed.is_some());
+}
+
+/// The lists read whole (a task's attempts, a project's agents and task types, the keys)
+/// page by `limit` and `offset` like the others, with the whole list's length as the total.
+#[tokio::test]
+async fn short_lists_page_by_limit_and_offset() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    for name in ["t1", "t2", "t3"] {
+        app.task_type(&p, json!({"name": name, "maxRetries": 5}))
+            .await;
+    }
+    let ty = app
+        .get(&format!("/api/projects/{p}/task-types"))
+        .await
+        .data()[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // One task failed twice, then held: three attempts. Two more tasks held: three agents.
+    let id = app
+        .task(
+            &p,
+            json!({"typeId": ty, "instructions": "x", "priority": 9}),
+        )
+        .await;
+    for _ in 0..2 {
+        app.next("a", json!({"projectId": p})).await;
+        let r = app
+            .post(
+                &format!("/api/tasks/{id}/fail"),
+                json!({"agentName": "a", "error": "boom"}),
+            )
+            .await;
+        assert_eq!(r.data()["willRetry"], true);
+    }
+    app.next("a", json!({"projectId": p})).await;
+    for agent in ["b", "c"] {
+        app.task(&p, json!({"instructions": "y"})).await;
+        app.next(agent, json!({"projectId": p})).await;
+    }
+    app.key("viewer", None).await;
+
+    for (path, total) in [
+        (format!("/api/projects/{p}/task-types"), 3),
+        (format!("/api/tasks/{id}/attempts"), 3),
+        (format!("/api/projects/{p}/agents"), 3),
+        ("/api/keys".to_string(), 2),
+    ] {
+        let whole = app.get(&path).await;
+        assert_eq!(whole.status, 200, "{path}");
+        assert_eq!(whole.data().as_array().unwrap().len(), total, "{path}");
+        assert_eq!(
+            whole.body["pagination"],
+            json!({"total": total, "limit": 100, "offset": 0, "nextCursor": null}),
+            "{path}"
+        );
+        let r = app.get(&format!("{path}?limit=1&offset=1")).await;
+        assert_eq!(r.status, 200, "{path}");
+        assert_eq!(
+            r.data().as_array().unwrap(),
+            &[whole.data()[1].clone()],
+            "{path}"
+        );
+        assert_eq!(
+            r.body["pagination"],
+            json!({"total": total, "limit": 1, "offset": 1, "nextCursor": null}),
+            "{path}"
+        );
+        let r = app.get(&format!("{path}?offset={total}")).await;
+        assert_eq!(r.data(), &json!([]), "{path}");
+        assert_eq!(r.body["pagination"]["total"], total, "{path}");
+        for bad in ["limit=0", "limit=1001", "offset=-1"] {
+            let r = app.get(&format!("{path}?{bad}")).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (400, "VALIDATION_ERROR"),
+                "{path}?{bad}"
+            );
+        }
+    }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::body::JsonBody;
 use poem::Request;
 use poem_openapi::auth::{ApiKey, Bearer};
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::{Object, OpenApi, SecurityScheme};
 use uuid::Uuid;
 
@@ -227,7 +227,13 @@ impl AccessApi {
         operation_id = "listKeys",
         tag = "ApiTags::Access"
     )]
-    async fn list_keys(&self, auth: Auth) -> ApiResult<ListReply<KeyOut>> {
+    async fn list_keys(
+        &self,
+        auth: Auth,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
+    ) -> ApiResult<ListReply<KeyOut>> {
+        let (limit, offset) = validate::page(limit.0, offset.0)?;
         key_admin(auth.caller())?;
         let keys: Vec<KeyOut> = self
             .0
@@ -236,8 +242,7 @@ impl AccessApi {
             .into_iter()
             .map(|k| KeyOut::new(k, None))
             .collect();
-        let n = keys.len();
-        Ok(ListReply::new(keys, n as u64, n, 0, None))
+        Ok(ListReply::page(keys, limit, offset))
     }
 
     /// Revoke an API key (admin): it and its sessions stop working at once.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::body::JsonBody;
 use super::error::ApiResult as Result;
-use poem_openapi::param::Path;
+use poem_openapi::param::{Path, Query};
 use poem_openapi::OpenApi;
 
 use super::access::Auth;
@@ -406,12 +406,14 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "taskId")] id: Path<String>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
     ) -> Result<ListReply<AttemptOut>> {
+        let (limit, offset) = validate::page(limit.0, offset.0)?;
         self.0.check_task(auth.caller(), Right::Read, &id.0)?;
         let t = self.0.store.read()?.task_row(&id.0)?;
-        let n = t.attempts.len();
         let data = t.attempts.into_iter().map(Into::into).collect();
-        Ok(ListReply::new(data, n as u64, n, 0, None))
+        Ok(ListReply::page(data, limit, offset))
     }
 
     /// Agents currently holding a lease in the project.
@@ -425,7 +427,10 @@ impl LeasesApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
     ) -> Result<ListReply<AgentOut>> {
+        let (limit, offset) = validate::page(limit.0, offset.0)?;
         let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let data: Vec<AgentOut> = r
@@ -442,8 +447,7 @@ impl LeasesApi {
                 })
             })
             .collect();
-        let n = data.len();
-        Ok(ListReply::new(data, n as u64, n, 0, None))
+        Ok(ListReply::page(data, limit, offset))
     }
 
     /// How many tasks next-task could hand out now.

@@ -208,12 +208,14 @@ impl ProjectsApi {
         &self,
         auth: Auth,
         #[oai(name = "projectId")] id: Path<String>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
     ) -> Result<ListReply<TaskTypeOut>> {
+        let (limit, offset) = validate::page(limit.0, offset.0)?;
         let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let types: Vec<TaskTypeOut> = r.task_types(p.id)?.into_iter().map(Into::into).collect();
-        let n = types.len();
-        Ok(ListReply::new(types, n as u64, n, 0, None))
+        Ok(ListReply::page(types, limit, offset))
     }
 
     /// Create a task type.

@@ -240,6 +240,14 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> ListReply<T> {
             },
         }))
     }
+
+    /// One page of a short list read whole (a task's attempts, a project's agents or task
+    /// types, the keys): `total` is the list's length, paged by `limit` and `offset` only.
+    pub fn page(items: Vec<T>, limit: usize, offset: usize) -> Self {
+        let total = items.len() as u64;
+        let data = items.into_iter().skip(offset).take(limit).collect();
+        ListReply::new(data, total, limit, offset, None)
+    }
 }
 
 /// Data of deletions.

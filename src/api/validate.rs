@@ -485,6 +485,14 @@ pub fn completion(
 }
 
 /// `limit` and `offset` query parameters.
+/// `limit` and `offset` of a list that takes no other parameter: a 400 naming both when
+/// either is out of range.
+pub fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), Error> {
+    let mut c = Check::default();
+    let page = paging(&mut c, limit, offset);
+    c.finish(page)
+}
+
 pub fn paging(c: &mut Check, limit: Option<i64>, offset: Option<i64>) -> (usize, usize) {
     let limit = match limit {
         None => DEFAULT_LIMIT,

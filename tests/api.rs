@@ -1347,12 +1347,7 @@ async fn fail_requeues_until_retries_run_out() {
         .task(&p, json!({"typeId": ty, "instructions": "x"}))
         .await;
     app.next("a", json!({"projectId": p})).await;
-    let r = app
-        .post(
-            &format!("/api/tasks/{id}/fail"),
-            json!({"agentName": "a", "error": "boom"}),
-        )
-        .await;
+    let r = app.fail(&id, "a", "boom").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.data()["willRetry"], true);
     assert_eq!(r.data()["status"], "queued");
@@ -1360,12 +1355,7 @@ async fn fail_requeues_until_retries_run_out() {
     assert_eq!(r.data()["assignedTo"], Value::Null);
     assert_eq!(r.data()["leaseExpiresAt"], Value::Null);
     app.next("b", json!({"projectId": p})).await;
-    let r = app
-        .post(
-            &format!("/api/tasks/{id}/fail"),
-            json!({"agentName": "b", "error": "again"}),
-        )
-        .await;
+    let r = app.fail(&id, "b", "again").await;
     assert_eq!(r.data()["willRetry"], false);
     assert_eq!(r.data()["status"], "failed");
     assert_eq!(r.data()["error"], "again");
@@ -1416,12 +1406,7 @@ async fn retry_back_off_delays_the_next_attempt() {
         .await;
     for (n, delay_ms) in [(1, 10_000), (2, 20_000)] {
         app.next("a", json!({"projectId": p})).await;
-        let r = app
-            .post(
-                &format!("/api/tasks/{id}/fail"),
-                json!({"agentName": "a", "error": "e"}),
-            )
-            .await;
+        let r = app.fail(&id, "a", "e").await;
         assert_eq!(r.data()["retryCount"], n);
         assert_eq!(app.next("a", json!({"projectId": p})).await, Value::Null);
         let peek = app.get(&format!("/api/projects/{p}/peek-next-task")).await;
@@ -2255,12 +2240,7 @@ async fn short_lists_page_by_limit_and_offset() {
         .await;
     for _ in 0..2 {
         app.next("a", json!({"projectId": p})).await;
-        let r = app
-            .post(
-                &format!("/api/tasks/{id}/fail"),
-                json!({"agentName": "a", "error": "boom"}),
-            )
-            .await;
+        let r = app.fail(&id, "a", "boom").await;
         assert_eq!(r.data()["willRetry"], true);
     }
     app.next("a", json!({"projectId": p})).await;

@@ -37,11 +37,7 @@ async fn tasks_leases_and_attempts_survive_a_restart() {
     let lease = app.next("a", json!({"projectId": p})).await;
     assert_eq!(lease["id"], running.as_str());
     app.next("b", json!({"projectId": p})).await;
-    app.post(
-        &format!("/api/tasks/{failed_once}/fail"),
-        json!({"agentName": "b", "error": "x"}),
-    )
-    .await;
+    app.fail(&failed_once, "b", "x").await;
     let before = app.stats(&p).await;
 
     let app = app.restart().await;

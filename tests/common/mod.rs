@@ -235,6 +235,15 @@ impl TestApp {
         r.data()["task"].clone()
     }
 
+    /// `agent` fails task `id` with `error`.
+    pub async fn fail(&self, id: &str, agent: &str, error: &str) -> Resp {
+        self.post(
+            &format!("/api/tasks/{id}/fail"),
+            json!({"agentName": agent, "error": error}),
+        )
+        .await
+    }
+
     /// A task type "t" whose leases last one minute, and one task of it: (type id, task id).
     pub async fn minute_task(&self, project: &str) -> (String, String) {
         let ty = self

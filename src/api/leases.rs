@@ -26,6 +26,24 @@ pub struct LeasesApi(pub Arc<State>);
 
 const NO_TASK: &str = "No tasks available for assignment";
 
+/// How a holder call (complete, fail, progress) begins: the caller's right to work on the task
+/// (settled in the write, see [`State::task_access`]), its right to act as `agent`, and the
+/// body's checks, begun with the agent's name.
+fn holder(
+    auth: &Auth,
+    task: &str,
+    agent: &str,
+) -> poem::Result<(
+    impl FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static,
+    Check,
+)> {
+    let access = State::task_access(auth, Right::Work, task)?;
+    auth.caller().require_agent(agent)?;
+    let mut c = Check::default();
+    c.name("agentName", agent, validate::MAX_AGENT_NAME, "Agent name");
+    Ok((access, c))
+}
+
 /// The seed's next-task body: the leased (or resumed) task, or the no-task answer.
 fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
     match claim {
@@ -195,16 +213,8 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<CompleteIn>,
     ) -> Result<Reply<TaskOut>> {
-        let access = State::task_access(&auth, Right::Work, &id.0)?;
-        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
-        let mut c = Check::default();
-        c.name(
-            "agentName",
-            &b.agent_name,
-            validate::MAX_AGENT_NAME,
-            "Agent name",
-        );
+        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
         let (result, outputs, token) = validate::completion(
             &mut c,
             "",
@@ -236,16 +246,8 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<FailIn>,
     ) -> Result<Reply<FailOut>> {
-        let access = State::task_access(&auth, Right::Work, &id.0)?;
-        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
-        let mut c = Check::default();
-        c.name(
-            "agentName",
-            &b.agent_name,
-            validate::MAX_AGENT_NAME,
-            "Agent name",
-        );
+        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
         let error = b.error.map_or_else(|| "failed".to_string(), String::from);
         c.max_len("error", &error, validate::MAX_ERROR);
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
@@ -314,16 +316,8 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<ProgressIn>,
     ) -> Result<Reply<TaskOut>> {
-        let access = State::task_access(&auth, Right::Work, &id.0)?;
-        auth.caller().require_agent(&body.0.agent_name)?;
         let b = body.0;
-        let mut c = Check::default();
-        c.name(
-            "agentName",
-            &b.agent_name,
-            validate::MAX_AGENT_NAME,
-            "Agent name",
-        );
+        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
         if b.current < 0 {
             c.fail("current", "must be 0 or more", b.current);
         }

@@ -8,8 +8,11 @@
 It starts `target/release/agentq serve` (or $AGENTQ_BIN) on a fresh database ($DB, default in
 a temporary directory) and runs, for $DURATION seconds, per project (two projects): a producer
 creating tasks one at a time and in bulk (typed and untyped, random priorities, some with
-`notBefore`), six agents (next-task, sometimes long-polling or by `typeIds`; then progress,
-extend-lease, and complete, fail or abandon the lease, which expires after 6 s), and a meddler
+`notBefore`), six agents (half of them under sessions of a key limited to the project;
+next-task, sometimes long-polling or by `typeIds`; then progress, extend-lease, and complete,
+fail or abandon the lease, which expires after 6 s), a revoker (makes a key, takes a task
+with it and with a session of it, revokes the key, and expects 401 for the late completes),
+and a meddler
 that cancels, retries, deletes and re-prioritises tasks, cleans up leases, closes and reopens
 the project, edits task types, and makes, half works and deletes whole projects. $KILLS times
 it SIGKILLs the server and starts it again. Then, after a clean restart, it checks:
@@ -22,7 +25,8 @@ it SIGKILLs the server and starts it again. Then, after a clean restart, it chec
 - every complete that was answered 200 is still `completed` (unless the task was deleted);
 - every task handed out shows that hand-out (agent, start) in its attempts;
 - only the two projects are left, and no deleted project is in `/metrics`;
-- no answer was a 5xx other than 503, and every answer was JSON.
+- no answer was a 5xx other than 503, and every answer was JSON; no complete under a revoked
+  key or its session was taken.
 
 It prints each problem and their count, and exits 1 when there is one.
 """
@@ -47,6 +51,7 @@ acked_complete = {}  # task id -> token
 deleted = set()
 handouts = []  # (task, agent, token, assignedAt)
 errors = []
+refused_late = [0]  # completes under a revoked key or session, refused with 401
 stop = False
 up = threading.Event()
 
@@ -67,12 +72,12 @@ def start():
     raise SystemExit("server did not start")
 
 
-def call(s, method, path, body=None, timeout=70):
+def call(s, method, path, body=None, timeout=70, headers=H):
     if not up.wait(30):
         return None
     try:
         r = s.request(method, BASE + path, data=None if body is None else json.dumps(body),
-                      headers=H, timeout=timeout)
+                      headers=headers, timeout=timeout)
     except requests.RequestException:
         return None
     if r.status_code >= 500 and r.status_code != 503:
@@ -104,17 +109,31 @@ def producer(pid, types):
         time.sleep(random.random() * 0.01)
 
 
-def agent(pid, types, n):
+def bearer(token):
+    return {"Authorization": f"Bearer {token}", "content-type": "application/json"}
+
+
+def login(s, key, name, pid):
+    """A session for `name` in `pid` under `key`: its headers, or None."""
+    r = call(s, "POST", "/api/auth/login", {"agentName": name, "projectId": pid},
+             headers={"X-API-Key": key, "content-type": "application/json"})
+    return bearer(r[1]["data"]["token"]) if r and r[0] == 200 else None
+
+
+def agent(pid, types, n, key):
     s = requests.Session()
-    gen = 0
+    gen, h, h_gen = 0, H, None
     while not stop:
         name = f"a{n}-{gen}"
+        if h_gen != gen:
+            # Half the agents work under a session of a key limited to their project.
+            h, h_gen = (login(s, key, name, pid) or H) if random.random() < 0.5 else H, gen
         body = {"projectId": pid}
         if random.random() < 0.3:
             body["typeIds"] = [random.choice(types)]
         if random.random() < 0.3:
             body["waitSeconds"] = 1
-        r = call(s, "POST", f"/api/agents/{name}/next-task", body)
+        r = call(s, "POST", f"/api/agents/{name}/next-task", body, headers=h)
         if not r or r[0] != 200 or not r[1]["data"]["task"]:
             time.sleep(0.01)
             continue
@@ -125,13 +144,13 @@ def agent(pid, types, n):
         k = random.random()
         if random.random() < 0.2:
             call(s, "POST", f"/api/tasks/{tid}/progress",
-                 {"agentName": name, "current": 1, "total": 2, "leaseToken": tok})
+                 {"agentName": name, "current": 1, "total": 2, "leaseToken": tok}, headers=h)
         if random.random() < 0.1:
             call(s, "POST", f"/api/tasks/{tid}/extend-lease",
-                 {"agentName": name, "extensionMinutes": 0.1, "leaseToken": tok})
+                 {"agentName": name, "extensionMinutes": 0.1, "leaseToken": tok}, headers=h)
         if k < 0.6:
             r = call(s, "POST", f"/api/tasks/{tid}/complete",
-                     {"agentName": name, "result": "ok", "leaseToken": tok})
+                     {"agentName": name, "result": "ok", "leaseToken": tok}, headers=h)
             if r and r[0] == 200:
                 with log_lock:
                     if tid in acked_complete:
@@ -139,11 +158,49 @@ def agent(pid, types, n):
                     acked_complete[tid] = tok
         elif k < 0.9:
             call(s, "POST", f"/api/tasks/{tid}/fail",
-                 {"agentName": name, "error": "boom", "leaseToken": tok})
+                 {"agentName": name, "error": "boom", "leaseToken": tok}, headers=h)
         else:
             gen += 1  # abandon: the lease expires (0.1 min)
         if random.random() < 0.05:
             gen += 1
+
+
+def revoker(pid):
+    """Keys made, used and revoked while their agents hold leases: after the revocation the
+    key and its sessions get 401, and the lease they held runs out (the reaper's business)."""
+    s = requests.Session()
+    n = 0
+    while not stop:
+        n += 1
+        r = call(s, "POST", "/api/keys", {"name": f"k{n}", "role": "agent", "projects": [pid]})
+        if not r or r[0] != 201:
+            time.sleep(0.1)
+            continue
+        kid, key = r[1]["data"]["id"], r[1]["data"]["key"]
+        kh = {"X-API-Key": key, "content-type": "application/json"}
+        sh = login(s, key, f"r{n}", pid)
+        held = []
+        for name, h in [(f"k{n}", kh), (f"r{n}", sh)]:
+            if h is None:
+                continue
+            r = call(s, "POST", f"/api/agents/{name}/next-task", {"projectId": pid}, headers=h)
+            if r and r[0] == 200 and r[1]["data"]["task"]:
+                t = r[1]["data"]["task"]
+                with log_lock:
+                    handouts.append((t["id"], name, t["leaseToken"], t["assignedAt"]))
+                held.append((name, h, t))
+        time.sleep(random.random() * 0.2)
+        r = call(s, "DELETE", f"/api/keys/{kid}")
+        if not r or r[0] != 200:
+            continue
+        for name, h, t in held:
+            r = call(s, "POST", f"/api/tasks/{t['id']}/complete",
+                     {"agentName": name, "result": "late", "leaseToken": t["leaseToken"]}, headers=h)
+            if r and r[0] != 401:
+                errors.append(f"complete under a revoked key or its session answered {r[0]}")
+            elif r:
+                refused_late[0] += 1
+        time.sleep(random.random() * 0.5)
 
 
 def meddler(pid):
@@ -215,7 +272,12 @@ def check(pids):
                 ts = walk(s, pid, status)
                 counts[status] = len(ts)
                 local.append(ts)
-            ag = call(s, "GET", f"/api/projects/{pid}/agents")[1]["data"]
+            ag = []
+            while True:
+                r = call(s, "GET", f"/api/projects/{pid}/agents?limit=1000&offset={len(ag)}")[1]
+                ag += r["data"]
+                if not r["data"]:
+                    break
             after = call(s, "GET", f"/api/projects/{pid}/stats")[1]["data"]["project"]["stats"]
             if after == stats:
                 break
@@ -305,8 +367,12 @@ def main():
     for pid in pids:
         threads.append(threading.Thread(target=producer, args=(pid, types[pid])))
         threads.append(threading.Thread(target=meddler, args=(pid,)))
+        threads.append(threading.Thread(target=revoker, args=(pid,)))
+        key = call(s, "POST", "/api/keys", {"name": f"fleet-{pid}", "role": "agent",
+                                             "projects": [pid]})[1]["data"]["key"]
         for n in range(6):
-            threads.append(threading.Thread(target=agent, args=(pid, types[pid], len(threads))))
+            threads.append(threading.Thread(target=agent,
+                                            args=(pid, types[pid], len(threads), key)))
     for t in threads:
         t.start()
     t0 = time.time()
@@ -323,7 +389,8 @@ def main():
     stop = True
     for t in threads:
         t.join()
-    print("handouts", len(handouts), "acked completes", len(acked_complete), "deleted", len(deleted))
+    print("handouts", len(handouts), "acked completes", len(acked_complete), "deleted",
+          len(deleted), "refused after revocation", refused_late[0])
     # restart once more cleanly, then check
     server.send_signal(signal.SIGTERM)
     server.wait()

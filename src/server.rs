@@ -9,7 +9,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use poem::endpoint::ToDynEndpoint;
 use tokio::sync::oneshot;
 
 use crate::api::{self, HttpOptions, State};
@@ -172,7 +171,7 @@ impl Server {
         };
         let done = tokio::spawn(crate::listen::serve(
             listener,
-            Arc::new(ToDynEndpoint(app)),
+            app,
             async move {
                 let _ = stop_rx.await;
                 hub.shutdown();

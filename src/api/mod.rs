@@ -21,6 +21,7 @@ pub mod validate;
 use std::sync::Arc;
 use std::time::Instant;
 
+use poem::endpoint::ToDynEndpoint;
 use poem::http::{header, HeaderValue, Method, StatusCode};
 use poem::middleware::Cors;
 use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
@@ -157,7 +158,7 @@ pub struct HttpOptions {
 }
 
 /// The whole HTTP application.
-pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Response> {
+pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
     let service = OpenApiService::new(
         (
             SystemApi(state.clone()),
@@ -217,8 +218,12 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> impl Endpoint<Output = Resp
         // of dropping the connection.
         .with(poem::middleware::CatchPanic::new())
         .around(move |ep, req| frame(ep, req, max, frame_state.clone(), spec.clone()));
-    let cors = opts.cors_origin.as_deref().map(cors);
-    route.with_if(cors.is_some(), cors.unwrap_or_default())
+    // One endpoint or the other, not poem's `with_if`: its future is an enum as large as the
+    // larger branch (CORS adds ~1.5 KB), moved whole on every request.
+    match opts.cors_origin.as_deref().map(cors) {
+        Some(cors) => Arc::new(ToDynEndpoint(route.with(cors))),
+        None => Arc::new(ToDynEndpoint(route)),
+    }
 }
 
 /// CORS for `--cors-origin`: a comma-separated list of origins, each exact
@@ -349,9 +354,9 @@ async fn frame<E: Endpoint>(
                 }
             }
             None => {
-                let body = req
-                    .take_body()
-                    .into_bytes_limit(max_body)
+                // Boxed: this future (~4 KB) would otherwise size every request's frame, and
+                // only a chunked body awaits it.
+                let body = Box::pin(req.take_body().into_bytes_limit(max_body))
                     .await
                     .map_err(|_| error::PayloadTooLarge(max_body))?;
                 req.set_body(body);
@@ -392,7 +397,12 @@ async fn frame<E: Endpoint>(
                 HeaderValue::from_static("application/json"),
             );
         }
-        ep.call(req).await.map(IntoResponse::into_response)
+        // Boxed: the endpoints' future (~3 KB) is then moved once, into its box, instead of
+        // with every future that holds this one as poem's layers box them (docs/BENCHMARKS.md,
+        // eighteenth round).
+        Box::pin(ep.call(req))
+            .await
+            .map(IntoResponse::into_response)
     }
     .await
     .map_err(|e| explain_refusal(e, &spec, method.as_str(), &path));

@@ -145,7 +145,7 @@ impl LeasesApi {
             let (key, name, ids) = (body.0.project_id.0.clone(), agent.clone(), type_ids);
             let caller = auth.caller_arc();
             let claim = store
-                .write(move |w| {
+                .write_awaited(move |w| {
                     let access = |p: &crate::model::Project| {
                         caller.require_in(Right::Work, p.id, &format!("project {key}"))
                     };
@@ -175,7 +175,7 @@ impl LeasesApi {
             // The completion, if any, goes with the first look only.
             let done = done.take();
             let claim = store
-                .write(move |w| {
+                .write_awaited(move |w| {
                     crate::store::access::credential_live(w, key_id, session.as_ref())?;
                     let key = crate::api::types::uuid_str(pid);
                     write::next_task_after(w, done, &key, &name, ids.as_deref(), write::no_check)

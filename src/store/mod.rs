@@ -278,11 +278,37 @@ impl Store {
         &self,
         op: impl FnOnce(&mut W<'_, '_>) -> Result<R> + Send + 'static,
     ) -> Result<R> {
+        self.submit(op, false).await
+    }
+
+    /// [`Store::write`] for an operation worth doing only for a caller still waiting for its
+    /// answer: a claim. When the writer reaches it and its caller has stopped waiting (the
+    /// client went away and its request was dropped), `op` does not run: a task leased to
+    /// nobody listening would sit until its lease expired, and cost a retry. Once the
+    /// operation has run, its answer can still be lost on the way out; the same agent name
+    /// then resumes the task (see API-NOTES, "The lease protocol").
+    pub async fn write_awaited<R: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut W<'_, '_>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        self.submit(op, true).await
+    }
+
+    async fn submit<R: Send + 'static>(
+        &self,
+        op: impl FnOnce(&mut W<'_, '_>) -> Result<R> + Send + 'static,
+        unless_abandoned: bool,
+    ) -> Result<R> {
         if let Some(e) = self.shared.failure() {
             return Err(e);
         }
         let (reply_tx, reply_rx) = oneshot::channel::<Result<R>>();
         let job: Job = Box::new(move |w| {
+            if unless_abandoned && reply_tx.is_closed() {
+                // Nobody is waiting for the answer: change nothing.
+                let nobody: Reply = Box::new(|_| {});
+                return (false, nobody);
+            }
             // Not run (`None`): the batch's error is the answer, `result` is never seen.
             let result = w.map_or(Err(Error::ShuttingDown), op);
             let failed = matches!(result, Err(Error::Storage(_)));
@@ -969,6 +995,7 @@ mod batch_tests {
     fn with_project(dir: &tempfile::TempDir) -> (Arc<Store>, tokio::runtime::Runtime, String) {
         let store = Store::open(&dir.path().join("b.redb"), Arc::new(SystemClock)).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
             .build()
             .unwrap();
         let (project, _) = rt
@@ -1002,6 +1029,65 @@ mod batch_tests {
         {
             Claim::Task(t, _) => Some(t.id),
             Claim::None => None,
+        }
+    }
+
+    /// A claim whose caller stopped waiting before the writer reached it (its request was
+    /// dropped: the client went away) leases nothing with `write_awaited`; with `write` it
+    /// would have leased the task to nobody.
+    #[test]
+    fn a_claim_nobody_waits_for_leases_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, rt, pid) = with_project(&dir);
+        add_tasks(&rt, &store, &pid, 2);
+        let queued = |store: &Store| {
+            let id = uuid::Uuid::parse_str(&pid).unwrap().as_u128();
+            store.read().unwrap().stats(id).unwrap().queued
+        };
+        for awaited in [true, false] {
+            // Hold the writer in an operation until the claim is queued behind it and dropped.
+            let (hold, held) = std::sync::mpsc::channel::<()>();
+            let (started, holding) = std::sync::mpsc::channel::<()>();
+            let blocker = std::thread::spawn({
+                let store = store.clone();
+                move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    rt.block_on(store.write(move |_| {
+                        started.send(()).unwrap();
+                        held.recv().unwrap();
+                        Ok(())
+                    }))
+                }
+            });
+            holding.recv().unwrap();
+            let (p, s) = (pid.clone(), store.clone());
+            let claim = async move {
+                let op =
+                    move |w: &mut W<'_, '_>| write::next_task(w, &p, "a", None, write::no_check);
+                match awaited {
+                    true => s.write_awaited(op).await,
+                    false => s.write(op).await,
+                }
+            };
+            // Polled until it waits for its answer, then dropped, as hyper drops a request
+            // whose client has gone.
+            let wait = std::time::Duration::from_millis(50);
+            let gone = rt.block_on(async { tokio::time::timeout(wait, claim).await });
+            assert!(
+                gone.is_err(),
+                "the claim cannot be answered while the writer is held"
+            );
+            hold.send(()).unwrap();
+            blocker.join().unwrap().unwrap();
+            // Any later write runs after the dropped claim in the writer's order.
+            rt.block_on(store.write(|_| Ok(()))).unwrap();
+            assert_eq!(
+                queued(&store),
+                if awaited { 2 } else { 1 },
+                "awaited: {awaited}"
+            );
         }
     }
 

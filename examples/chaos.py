@@ -267,11 +267,11 @@ def check(pids):
     for pid in pids:
         for _ in range(20):
             stats = call(s, "GET", f"/api/projects/{pid}/stats")[1]["data"]["project"]["stats"]
-            counts, by_id, local = {}, {}, []
+            counts, by_id, listed = {}, {}, []
             for status in ["queued", "running", "completed", "failed", "cancelled"]:
                 ts = walk(s, pid, status)
                 counts[status] = len(ts)
-                local.append(ts)
+                listed.append(ts)
             ag = []
             while True:
                 r = call(s, "GET", f"/api/projects/{pid}/agents?limit=1000&offset={len(ag)}")[1]
@@ -284,7 +284,7 @@ def check(pids):
             time.sleep(0.5)
         else:
             problems.append(f"{pid}: never stable")
-        for ts in local:
+        for ts in listed:
             for t in ts:
                 if t["id"] in by_id:
                     problems.append(f"task {t['id']} listed twice")

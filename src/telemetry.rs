@@ -176,6 +176,11 @@ fn describe() {
         "agentq_http_accept_errors_total",
         "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
     );
+    describe_counter!(
+        "agentq_long_polls_abandoned_total",
+        "Long-polls (next-task with waitSeconds) whose client left before the answer; a client \
+         timeout shorter than waitSeconds shows here."
+    );
     for event in TaskEvent::ALL {
         let (name, help) = event.family();
         describe_counter!(name, help);
@@ -187,6 +192,7 @@ fn describe() {
     counter!("agentq_http_connections_total").increment(0);
     counter!("agentq_http_connections_idle_closed_total").increment(0);
     counter!("agentq_http_accept_errors_total").increment(0);
+    counter!("agentq_long_polls_abandoned_total").increment(0);
     gauge!("agentq_http_connections_open").increment(0.0);
 }
 
@@ -317,6 +323,10 @@ pub fn accept_failed() {
 
 pub fn rate_limited() {
     counter!("agentq_rate_limited_total").increment(1);
+}
+
+pub fn long_poll_abandoned() {
+    counter!("agentq_long_polls_abandoned_total").increment(1);
 }
 
 pub fn auth_failed() {

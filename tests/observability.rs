@@ -333,3 +333,37 @@ async fn lease_run_times_are_recorded_by_outcome() {
         "cancelled after 2 hours"
     );
 }
+
+/// A long-poll whose client gives up before the answer is counted as abandoned; one that ends
+/// with its answer (here: none after its wait) is not.
+#[tokio::test]
+async fn long_polls_whose_client_leaves_are_counted() {
+    let app = spawn_app().await;
+    let p = app.project("abandon").await;
+    let name = "agentq_long_polls_abandoned_total";
+    let before = app.metric(name).await;
+    app.next("answered", json!({"projectId": p, "waitSeconds": 0.2}))
+        .await;
+    assert_eq!(app.metric(name).await, before, "an answered long-poll");
+    // A client whose timeout is shorter than its waitSeconds.
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let gave_up = impatient
+        .post(format!("{}/api/agents/impatient/next-task", app.base))
+        .header("X-API-Key", &app.admin_key)
+        .json(&json!({"projectId": p, "waitSeconds": 30}))
+        .send()
+        .await;
+    assert!(gave_up.unwrap_err().is_timeout());
+    // The server notices the closed connection and drops the request: look for up to 5 s.
+    for _ in 0..500 {
+        if app.metric(name).await > before {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(app.metric(name).await, before + 1.0);
+    assert_eq!(app.metric("agentq_long_poll_waiters").await, 0.0);
+}

@@ -44,6 +44,19 @@ fn holder(
     Ok((access, c))
 }
 
+/// Held by a long-poll until it has its answer (a task, none, or an error): dropped before
+/// that, the request was dropped, because its client left, which
+/// `agentq_long_polls_abandoned_total` counts.
+struct Unanswered(bool);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.0 {
+            crate::telemetry::long_poll_abandoned();
+        }
+    }
+}
+
 /// The seed's next-task body: the leased (or resumed) task, or the no-task answer.
 fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
     match claim {
@@ -163,41 +176,54 @@ impl LeasesApi {
         let session = caller.session.as_ref().map(|s| s.token_hash);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
         let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
-        // The ticket whose wake-up the current look answers. Dropped before the look has
-        // ended (the look failed, or the client left), it passes the wake-up on.
-        let mut woken: Option<Ticket> = None;
-        loop {
-            // Queue before looking, so a task made available between the look and the wait
-            // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
-            // we got but did not use).
-            let ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
-            let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
-            // The completion, if any, goes with the first look only.
-            let done = done.take();
-            let claim = store
-                .write_awaited(move |w| {
-                    crate::store::access::credential_live(w, key_id, session.as_ref())?;
-                    let key = crate::api::types::uuid_str(pid);
-                    write::next_task_after(w, done, &key, &name, ids.as_deref(), write::no_check)
-                })
-                .await?;
-            if let Some(answered) = woken.take() {
-                answered.looked();
+        let mut unanswered = Unanswered(true);
+        let answer = async {
+            // The ticket whose wake-up the current look answers. Dropped before the look has
+            // ended (the look failed, or the client left), it passes the wake-up on.
+            let mut woken: Option<Ticket> = None;
+            loop {
+                // Queue before looking, so a task made available between the look and the wait
+                // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
+                // we got but did not use).
+                let ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
+                let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
+                // The completion, if any, goes with the first look only.
+                let done = done.take();
+                let claim = store
+                    .write_awaited(move |w| {
+                        crate::store::access::credential_live(w, key_id, session.as_ref())?;
+                        let key = crate::api::types::uuid_str(pid);
+                        write::next_task_after(
+                            w,
+                            done,
+                            &key,
+                            &name,
+                            ids.as_deref(),
+                            write::no_check,
+                        )
+                    })
+                    .await?;
+                if let Some(answered) = woken.take() {
+                    answered.looked();
+                }
+                if let Claim::Task(..) = claim {
+                    return Ok(next_task_answer(claim, agent));
+                }
+                let Some(mut t) = ticket else { break };
+                if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
+                    break;
+                }
+                tokio::select! {
+                    _ = t.woken() => woken = Some(t),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = hub.shutting_down() => break,
+                }
             }
-            if let Claim::Task(..) = claim {
-                return Ok(next_task_answer(claim, agent));
-            }
-            let Some(mut t) = ticket else { break };
-            if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
-                break;
-            }
-            tokio::select! {
-                _ = t.woken() => woken = Some(t),
-                _ = tokio::time::sleep_until(deadline) => break,
-                _ = hub.shutting_down() => break,
-            }
+            Ok(next_task_answer(Claim::None, agent))
         }
-        Ok(next_task_answer(Claim::None, agent))
+        .await;
+        unanswered.0 = false;
+        answer
     }
 
     /// Complete a task (holder only). Repeating the same complete is answered 200.

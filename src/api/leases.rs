@@ -44,9 +44,9 @@ fn holder(
     Ok((access, c))
 }
 
-/// Held by a long-poll until it has its answer (a task, none, or an error): dropped before
-/// that, the request was dropped, because its client left, which
-/// `agentq_long_polls_abandoned_total` counts.
+/// A long-poll holds this until it has its answer (a task, none, or an error). Dropped
+/// before that, it means the request was dropped because its client left; such long-polls
+/// are counted in `agentq_long_polls_abandoned_total`.
 struct Unanswered(bool);
 
 impl Drop for Unanswered {

@@ -215,7 +215,10 @@ impl Hub {
 
     pub fn waiter_guard(self: &Arc<Self>) -> WaiterGuard {
         self.waiters.fetch_add(1, Ordering::Relaxed);
-        WaiterGuard(self.clone())
+        WaiterGuard {
+            hub: self.clone(),
+            answered: false,
+        }
     }
 
     pub fn waiters(&self) -> usize {
@@ -223,12 +226,27 @@ impl Hub {
     }
 }
 
-/// Counts a long-poller while it waits.
-pub struct WaiterGuard(Arc<Hub>);
+/// Counts a long-poller while it waits. Dropped before [`WaiterGuard::answered`], the
+/// long-poll's request was dropped because its client left, which
+/// `agentq_long_polls_abandoned_total` counts.
+pub struct WaiterGuard {
+    hub: Arc<Hub>,
+    answered: bool,
+}
+
+impl WaiterGuard {
+    /// The long-poll has its answer: a task, none, or an error.
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
 
 impl Drop for WaiterGuard {
     fn drop(&mut self) {
-        self.0.waiters.fetch_sub(1, Ordering::Relaxed);
+        self.hub.waiters.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered {
+            telemetry::long_poll_abandoned();
+        }
     }
 }
 

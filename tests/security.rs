@@ -996,12 +996,7 @@ async fn a_body_nothing_reads_does_not_cost_the_connection() {
 
 /// Starts `agent` long-polling `project` for up to 30 s with `client`; answers the reply's
 /// status and body. Returns once the server counts it as waiting.
-async fn poll_with(
-    app: &TestApp,
-    client: &reqwest::Client,
-    agent: &str,
-    project: &str,
-) -> tokio::task::JoinHandle<(u16, Value)> {
+async fn poll_with(app: &TestApp, client: &reqwest::Client, agent: &str, project: &str) -> Poller {
     let request = client
         .post(format!("{}/api/agents/{agent}/next-task", app.base))
         .json(&json!({"projectId": project, "waitSeconds": 30}));
@@ -1010,12 +1005,7 @@ async fn poll_with(
         let r = request.send().await.unwrap();
         (r.status().as_u16(), r.json().await.unwrap())
     });
-    for _ in 0..400 {
-        if app.metric("agentq_long_poll_waiters").await > before {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    app.metric_above("agentq_long_poll_waiters", before).await;
     poller
 }
 

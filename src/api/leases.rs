@@ -44,19 +44,6 @@ fn holder(
     Ok((access, c))
 }
 
-/// A long-poll holds this until it has its answer (a task, none, or an error). Dropped
-/// before that, it means the request was dropped because its client left; such long-polls
-/// are counted in `agentq_long_polls_abandoned_total`.
-struct Unanswered(bool);
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if self.0 {
-            crate::telemetry::long_poll_abandoned();
-        }
-    }
-}
-
 /// The seed's next-task body: the leased (or resumed) task, or the no-task answer.
 fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
     match claim {
@@ -175,8 +162,7 @@ impl LeasesApi {
         let key_id = caller.key_id;
         let session = caller.session.as_ref().map(|s| s.token_hash);
         let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
-        let _waiting = (wait > 0.0).then(|| hub.waiter_guard());
-        let mut unanswered = Unanswered(true);
+        let waiting = hub.waiter_guard();
         let answer = async {
             // The ticket whose wake-up the current look answers. Dropped before the look has
             // ended (the look failed, or the client left), it passes the wake-up on.
@@ -185,7 +171,7 @@ impl LeasesApi {
                 // Queue before looking, so a task made available between the look and the wait
                 // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
                 // we got but did not use).
-                let ticket = (wait > 0.0).then(|| hub.wait_for(project.id, type_ids.as_deref()));
+                let mut ticket = hub.wait_for(project.id, type_ids.as_deref());
                 let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
                 // The completion, if any, goes with the first look only.
                 let done = done.take();
@@ -209,12 +195,11 @@ impl LeasesApi {
                 if let Claim::Task(..) = claim {
                     return Ok(next_task_answer(claim, agent));
                 }
-                let Some(mut t) = ticket else { break };
                 if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
                     break;
                 }
                 tokio::select! {
-                    _ = t.woken() => woken = Some(t),
+                    _ = ticket.woken() => woken = Some(ticket),
                     _ = tokio::time::sleep_until(deadline) => break,
                     _ = hub.shutting_down() => break,
                 }
@@ -222,7 +207,7 @@ impl LeasesApi {
             Ok(next_task_answer(Claim::None, agent))
         }
         .await;
-        unanswered.0 = false;
+        waiting.answered();
         answer
     }
 

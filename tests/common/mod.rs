@@ -260,6 +260,21 @@ impl TestApp {
         metric_value(&self.metrics_text().await, name)
     }
 
+    /// The value of the unlabelled series `name` once it is above `floor`, looking for up to
+    /// 5 s (what the server counts after an answer or a disconnect shows a moment later); the
+    /// last value seen if it never rises.
+    pub async fn metric_above(&self, name: &str, floor: f64) -> f64 {
+        let mut value = self.metric(name).await;
+        for _ in 0..500 {
+            if value > floor {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            value = self.metric(name).await;
+        }
+        value
+    }
+
     /// One scrape of this server's `/metrics`.
     pub async fn metrics_text(&self) -> String {
         let scraped = self.get("/metrics").await;

@@ -46,6 +46,10 @@ pub const AUTH_TARPIT: Duration = Duration::from_secs(1);
 pub const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
 /// Largest `extendBy` of a session, in seconds (30 days).
 pub const MAX_SESSION_EXTEND_SECS: i64 = 30 * 86_400;
+/// Live sessions one key may hold by default (`--max-sessions-per-key`): far above a fleet
+/// that logs in once per agent process, low enough that a client logging in in a loop meets
+/// it long before the sessions cost memory or disk (each is ~200 bytes in three tables).
+pub const DEFAULT_MAX_SESSIONS_PER_KEY: u32 = 1000;
 /// Shortest admin key accepted from `AGENTQ_ADMIN_KEY` / `--admin-key-file`.
 pub const MIN_ADMIN_KEY_LEN: usize = 16;
 
@@ -312,10 +316,17 @@ pub struct Authenticator {
     verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     pub limiter: Limiter<u128>,
     pub session_ttl_ms: i64,
+    /// Live sessions one key may hold; 0: no limit.
+    pub max_sessions_per_key: u32,
 }
 
 impl Authenticator {
-    pub fn new(store: Arc<Store>, rate_limit_per_minute: u32, session_ttl_ms: i64) -> Self {
+    pub fn new(
+        store: Arc<Store>,
+        rate_limit_per_minute: u32,
+        session_ttl_ms: i64,
+        max_sessions_per_key: u32,
+    ) -> Self {
         Authenticator {
             store,
             cache: Mutex::new(HashMap::new()),
@@ -326,6 +337,7 @@ impl Authenticator {
             verifying: Mutex::new(HashMap::new()),
             limiter: Limiter::new(rate_limit_per_minute),
             session_ttl_ms,
+            max_sessions_per_key,
         }
     }
 

@@ -85,6 +85,11 @@ struct ServeArgs {
     #[arg(long, env = "AGENTQ_SESSION_TTL_SECONDS", default_value_t = 86_400,
           value_parser = clap::value_parser!(u64).range(60..=2_592_000))]
     session_ttl_seconds: u64,
+    /// Live login sessions one API key may hold at a time; a login past it gets 409 until one
+    /// ends (logout, expiry, or the key's revocation). 0 = no limit.
+    #[arg(long, env = "AGENTQ_MAX_SESSIONS_PER_KEY",
+          default_value_t = agentq::auth::DEFAULT_MAX_SESSIONS_PER_KEY)]
+    max_sessions_per_key: u32,
     /// Database page cache, in MiB. More keeps more of a large database in memory (faster
     /// reads of old tasks); the resident set is about 45 MiB plus 1.5-1.8 times this.
     #[arg(long, env = "AGENTQ_CACHE_MIB",
@@ -164,6 +169,7 @@ fn main() -> ExitCode {
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;
     config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);
+    config.max_sessions_per_key = args.max_sessions_per_key;
     config.idle_timeout = (args.idle_timeout_secs > 0)
         .then(|| std::time::Duration::from_secs(args.idle_timeout_secs));
     config.admin_key = match (args.admin_key, args.admin_key_file) {

@@ -37,6 +37,8 @@ pub struct Config {
     pub rate_limit_per_minute: u32,
     /// Lifetime of a new session.
     pub session_ttl: Duration,
+    /// Live sessions one key may hold; a login past it is refused (409). 0: no limit.
+    pub max_sessions_per_key: u32,
     /// Size of the database page cache.
     pub cache_bytes: usize,
     /// How the database file is opened: the file itself, or (tests, drills) a
@@ -57,6 +59,7 @@ impl Config {
             admin_key: None,
             rate_limit_per_minute: 6000,
             session_ttl: Duration::from_secs(24 * 3600),
+            max_sessions_per_key: crate::auth::DEFAULT_MAX_SESSIONS_PER_KEY,
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             opener: Arc::new(crate::store::disk::file_backend),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
@@ -111,6 +114,7 @@ impl Server {
             store.clone(),
             config.rate_limit_per_minute,
             config.session_ttl.as_millis() as i64,
+            config.max_sessions_per_key,
         ));
         // Bind before the first admin key is made: a start that cannot listen (the port is
         // taken) must not store a key that nobody is ever shown.
@@ -246,7 +250,7 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
         )));
     }
     let store = Store::open(db, Arc::new(SystemClock))?;
-    let auth = Authenticator::new(store.clone(), 0, 0);
+    let auth = Authenticator::new(store.clone(), 0, 0, 0);
     let id = uuid::Uuid::now_v7().as_u128();
     let text = crate::auth::new_key_text(id);
     let added = async {

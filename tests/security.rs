@@ -669,6 +669,56 @@ async fn logout_ends_the_session() {
     assert_eq!(app.get("/api/auth/session").await.status, 404);
 }
 
+/// A key holds at most `--max-sessions-per-key` live sessions: a login past it is a 409 that
+/// starts nothing, other keys are not affected, and a session that ends (logout or expiry)
+/// makes room again.
+#[tokio::test]
+async fn a_key_holds_at_most_its_share_of_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = std::sync::Arc::new(agentq::time::ManualClock::new(1_767_225_600_000));
+    let app = start_with_key(dir, Some(clock), None, |c| {
+        c.max_sessions_per_key = 3;
+        c.session_ttl = std::time::Duration::from_secs(3600);
+    })
+    .await;
+    let p = app.project("capped").await;
+    let (_, agent_key) = app.key("agent", None).await;
+    let agent = client_with_key(&agent_key);
+    let mut tokens = Vec::new();
+    for _ in 0..3 {
+        let r = login(&app, &agent, &p).await;
+        assert_eq!(r.status, 200, "{:?}", r.body);
+        tokens.push(r.data()["token"].as_str().unwrap().to_string());
+    }
+    let live = || async { app.get("/metrics/json").await.data()["active_sessions"].clone() };
+    assert_eq!(live().await, 3);
+    let refused = login(&app, &agent, &p).await;
+    assert_eq!((refused.status, refused.code()), (409, "CONFLICT"));
+    let why = refused.body["error"].as_str().unwrap();
+    assert!(why.contains("3 live sessions"), "{why}");
+    assert_eq!(live().await, 3, "a refused login starts nothing");
+    // Another key has its own share.
+    assert_eq!(login(&app, &app.client, &p).await.status, 200);
+    assert_eq!(live().await, 4);
+    // A logout makes room for one more.
+    let out = reqwest::Client::new()
+        .post(format!("{}/api/auth/logout", app.base))
+        .bearer_auth(&tokens[0])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(out.status().as_u16(), 200);
+    assert_eq!(login(&app, &agent, &p).await.status, 200);
+    assert_eq!(login(&app, &agent, &p).await.status, 409);
+    // Sessions that expire are swept, and make room too.
+    app.advance(3_600_001).await;
+    assert_eq!(live().await, 0);
+    for _ in 0..3 {
+        assert_eq!(login(&app, &agent, &p).await.status, 200);
+    }
+    assert_eq!(login(&app, &agent, &p).await.status, 409);
+}
+
 #[tokio::test]
 async fn rate_limit_lets_exactly_n_through_then_429() {
     let dir = tempfile::tempdir().unwrap();
@@ -1017,6 +1067,13 @@ fn bearer_client(token: &str) -> reqwest::Client {
         .default_headers(h)
         .build()
         .unwrap()
+}
+
+/// Agent `a`'s login in `project` with `key_client`'s key.
+async fn login(app: &TestApp, key_client: &reqwest::Client, project: &str) -> Resp {
+    let body = json!({"agentName": "a", "projectId": project});
+    app.call_with(key_client, "POST", "/api/auth/login", Some(body))
+        .await
 }
 
 /// A session's client for `agent` in `project`, logged in with `key_client`.

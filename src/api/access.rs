@@ -280,6 +280,10 @@ impl AccessApi {
     }
 
     /// Start a session for one agent in one project, with the key's rights.
+    ///
+    /// A key holds at most `--max-sessions-per-key` live sessions (default 1,000); a login
+    /// past that answers 409 until one of them ends (logout, expiry, or the key's
+    /// revocation).
     #[oai(
         path = "/api/auth/login",
         method = "post",
@@ -300,12 +304,16 @@ impl AccessApi {
         )?;
         let token = auth::new_session_token();
         let hash = auth::digest(&token);
-        let (key_id, agent, ttl) = (c.key_id, body.0.agent_name.0, self.0.auth.session_ttl_ms);
+        let (key_id, agent) = (c.key_id, body.0.agent_name.0);
+        let limits = access::SessionLimits {
+            ttl_ms: self.0.auth.session_ttl_ms,
+            per_key: self.0.auth.max_sessions_per_key,
+        };
         let pid = uuid_str(project.id);
         let s = self
             .0
             .store
-            .write(move |w| access::create_session(w, key_id, agent, &pid, ttl, hash))
+            .write(move |w| access::create_session(w, key_id, agent, &pid, limits, hash))
             .await?;
         Ok(Reply::ok(LoginOut {
             session_id: uuid_str(s.id),

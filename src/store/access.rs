@@ -134,22 +134,54 @@ pub fn touch_key(w: &mut W, id: u128) -> Result<()> {
     Ok(())
 }
 
+/// The server's rules for new sessions.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    /// Lifetime of a new session.
+    pub ttl_ms: i64,
+    /// Sessions one key may hold; 0: no limit.
+    pub per_key: u32,
+}
+
+/// Starts a session of key `key_id`, unless the key already holds `limits.per_key` of them
+/// (409: a client that logs in without ever logging out would otherwise grow the tables
+/// without bound for as long as the key lives). Sessions past their expiry count until the
+/// scheduler sweeps them, which it does as they expire.
 pub fn create_session(
     w: &mut W,
     key_id: u128,
     agent: String,
     project_key: &str,
-    ttl_ms: i64,
+    limits: SessionLimits,
     token_hash: [u8; 32],
 ) -> Result<Session> {
     let project = resolve_project(w.t, project_key)?;
+    if limits.per_key > 0 {
+        let cap = limits.per_key as usize;
+        let mut held = 0;
+        for r in
+            w.t.sessions_by_key
+                .range((key_id, 0u128)..=(key_id, u128::MAX))?
+                .take(cap)
+        {
+            r?;
+            held += 1;
+        }
+        if held >= cap {
+            return Err(Error::Conflict(format!(
+                "this key already holds {cap} live sessions, the most one key may hold \
+                 (--max-sessions-per-key); end sessions that are no longer used (logout), or \
+                 wait for them to expire"
+            )));
+        }
+    }
     let s = Session {
         id: uuid::Uuid::now_v7().as_u128(),
         key_id,
         agent_name: agent,
         project_id: project.id,
         created_at: w.now,
-        expires_at: w.now.saturating_add(ttl_ms),
+        expires_at: w.now.saturating_add(limits.ttl_ms),
         last_activity: w.now,
     };
     w.t.put_session(&token_hash, None, &s)?;

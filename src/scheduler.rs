@@ -6,8 +6,10 @@
 //! reports an earlier one, or shutdown. An idle server with leases outstanding therefore wakes
 //! only when something is due: there are no periodic scans.
 //! Invariant: a lease is reclaimed only once `now >= leaseExpiresAt` (checked again inside the
-//! write by `lease::reclaim`), so no lease is ever reclaimed early; it is reclaimed within
-//! milliseconds of expiry, well inside the project's `reaperIntervalMinutes`.
+//! write by `lease::reclaim`) and its duration has passed on the steady clock (a step of the
+//! wall clock makes no lease due; see `store::leases`), so no lease is ever reclaimed early;
+//! it is reclaimed within milliseconds of expiry, well inside the project's
+//! `reaperIntervalMinutes`.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -10,9 +10,15 @@ use time::{format_description::well_known::Rfc3339, OffsetDateTime};
 
 use crate::model::Millis;
 
-/// A source of the current time in Unix milliseconds.
+/// A source of the current time in Unix milliseconds, and of a steady time that never jumps.
 pub trait Clock: Send + Sync + 'static {
+    /// The wall-clock time, Unix milliseconds: what is stored and shown.
     fn now(&self) -> Millis;
+    /// Milliseconds on a clock that only moves forward at the pace of real time (the
+    /// machine's monotonic clock), from an arbitrary origin: steps of the wall clock do not
+    /// move it. Durations that must not be cut short by such a step (a lease's) are also
+    /// measured on it; see `store::leases`.
+    fn steady(&self) -> Millis;
 }
 
 /// The real clock.
@@ -23,25 +29,51 @@ impl Clock for SystemClock {
     fn now(&self) -> Millis {
         (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as Millis
     }
+
+    fn steady(&self) -> Millis {
+        static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        ORIGIN
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as Millis
+    }
 }
 
-/// A clock that moves only when told to (tests).
+/// A clock that moves only when told to (tests). [`ManualClock::advance`] moves both its
+/// times, as real time passing does; [`ManualClock::step`] moves the wall clock alone, as an
+/// NTP step or a restored VM does.
 #[derive(Debug, Default)]
-pub struct ManualClock(AtomicI64);
+pub struct ManualClock {
+    now: AtomicI64,
+    steady: AtomicI64,
+}
 
 impl ManualClock {
     pub fn new(start: Millis) -> Self {
-        ManualClock(AtomicI64::new(start))
+        ManualClock {
+            now: AtomicI64::new(start),
+            steady: AtomicI64::new(0),
+        }
     }
 
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.steady.fetch_add(ms, Ordering::SeqCst);
+        self.now.fetch_add(ms, Ordering::SeqCst);
+    }
+
+    /// Steps the wall clock by `ms` (negative: back) without time passing.
+    pub fn step(&self, ms: i64) {
+        self.now.fetch_add(ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for ManualClock {
     fn now(&self) -> Millis {
-        self.0.load(Ordering::SeqCst)
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn steady(&self) -> Millis {
+        self.steady.load(Ordering::SeqCst)
     }
 }
 

@@ -63,6 +63,75 @@ async fn reaper_reclaims_expired_leases_but_never_early() {
     );
 }
 
+/// A step of the system clock never reclaims a lease early. Forward by an hour (an NTP step,
+/// a VM restored from a snapshot), every lease looks expired on the wall clock, but each still
+/// runs its real minute, and `cleanup-leases` takes none early either. Back by an hour, a
+/// lease taken before the step is reclaimed when the wall clock reaches its expiry again (an
+/// hour late, which loses nothing: its holder may still complete), while a lease taken after
+/// the step expires on time.
+#[tokio::test]
+async fn a_step_of_the_wall_clock_reclaims_no_lease_early() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let (ty, id) = app.minute_task(&p).await;
+    let status = |id: String| {
+        let app = &app;
+        async move { app.get(&format!("/api/tasks/{id}")).await.data()["status"].clone() }
+    };
+    app.next("a", json!({"projectId": p})).await;
+    app.advance(30_000).await;
+    app.step_wall_clock(3_600_000).await;
+    assert_eq!(
+        status(id.clone()).await,
+        "running",
+        "reclaimed by a clock step"
+    );
+    let cleaned = app
+        .post(&format!("/api/projects/{p}/cleanup-leases"), json!({}))
+        .await;
+    assert_eq!(cleaned.status, 200, "{:?}", cleaned.body);
+    assert_eq!(
+        status(id.clone()).await,
+        "running",
+        "cleaned up by a clock step"
+    );
+    app.advance(29_999).await;
+    assert_eq!(
+        status(id.clone()).await,
+        "running",
+        "reclaimed before its minute"
+    );
+    app.advance(1).await;
+    assert_eq!(status(id.clone()).await, "queued", "its minute ran out");
+
+    // Back by an hour: the lease taken before the step waits for its wall-clock expiry, a
+    // lease taken after it is reclaimed on time, before the older one.
+    let later = app
+        .task(&p, json!({"typeId": ty, "instructions": "later"}))
+        .await;
+    let held = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(held["id"], id.as_str());
+    app.step_wall_clock(-3_600_000).await;
+    app.advance(1_000).await;
+    let next = app.next("b", json!({"projectId": p})).await;
+    assert_eq!(next["id"], later.as_str());
+    app.advance(60_000).await;
+    assert_eq!(
+        status(later.clone()).await,
+        "queued",
+        "the later lease ran out on time"
+    );
+    assert_eq!(
+        status(id.clone()).await,
+        "running",
+        "reclaimed while the wall clock says not"
+    );
+    app.advance(3_600_000 - 61_000 + 59_999).await;
+    assert_eq!(status(id.clone()).await, "running");
+    app.advance(1).await;
+    assert_eq!(status(id.clone()).await, "queued");
+}
+
 /// A repeated complete is answered 200 so that an agent can retry it over a flaky network;
 /// but it answered 200 also to a stalled process whose lease had been reclaimed and whose task
 /// a new process of the same agent name then completed: the stale process was told its result

@@ -443,7 +443,7 @@ impl World {
             activity, implied,
             "activity equals what the finished rows imply"
         );
-        let committed = Leases::load(&projects, &index).unwrap();
+        let committed = Leases::load(&projects, &index, self.clock.as_ref()).unwrap();
         let cache = self
             .rt
             .block_on(self.store().write(|w| Ok(w.t.leases.clone())))
@@ -456,14 +456,19 @@ impl World {
             .iter()
             .filter_map(|t| t.lease.as_ref().map(|l| l.expires_at))
             .min();
-        assert_eq!(self.store().hub.first_lease(), first);
+        // The scheduler's next look is the first expiry; a lease already expired (one loaded
+        // after its expiry by a restart) is due now, whatever time says so.
         let now = self.clock.now();
+        assert_eq!(
+            self.store().hub.first_lease().map(|t| t.max(now)),
+            first.map(|t| t.max(now))
+        );
         let held = tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Running)
             .count();
         assert_eq!(committed.len(), held);
-        assert!(committed.due(now, usize::MAX).len() <= held);
+        assert!(committed.due(usize::MAX).len() <= held);
     }
 }
 

@@ -9,6 +9,17 @@
 //!
 //! Keeping these two lookups out of the B-tree saves four of the ten index changes of a claim
 //! and its complete (measured in docs/BENCHMARKS.md).
+//!
+//! **A step of the system clock never reclaims a lease early.** A lease's expiry is a wall-clock
+//! instant (it is stored, shown to agents and must survive a restart), but a wall clock can
+//! jump: an NTP step, a VM restored from a snapshot, an operator's `date -s`. Jumped forward by
+//! an hour, it would make every lease look expired at once and hand every running task to a
+//! second agent while the first still works on it. So each lease also has a deadline on the
+//! steady clock ([`Clock::steady`], the machine's monotonic clock), set when the lease is taken
+//! or extended, or when the cache is loaded (from the wall-clock time it had left then), and a
+//! lease is due only when both its wall-clock expiry and its steady deadline have passed.
+//! A step backward makes no lease due early either: it delays reclaiming by the step, which
+//! loses nothing (the holder may still complete).
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -17,25 +28,52 @@ use redb::ReadableTable;
 use super::tables::{ix, INDEX, PROJECTS};
 use crate::error::Result;
 use crate::model::{Millis, Task, TaskStatus};
+use crate::time::Clock;
 
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone)]
 pub struct Leases {
     /// project → agent → seq of the task the agent holds.
     by_agent: HashMap<u128, HashMap<String, u64>>,
-    /// (leaseExpiresAt, seq): the first expires next.
-    by_expiry: BTreeSet<(Millis, u64)>,
+    /// (steady deadline, seq): the first to pass its deadline first.
+    by_deadline: BTreeSet<(Millis, u64)>,
+    /// seq → (leaseExpiresAt, steady deadline).
+    of_task: HashMap<u64, (Millis, Millis)>,
+    /// The time of the batch being run: wall clock and steady clock ([`Self::set_time`]).
+    now: Millis,
+    steady: Millis,
+}
+
+/// Two caches are equal when they hold the same leases: the same holders and expiries. The
+/// steady deadlines are not compared: they depend on when each cache saw the lease (a
+/// lease loaded after its expiry is due at once, wherever its deadline fell before).
+impl PartialEq for Leases {
+    fn eq(&self, other: &Self) -> bool {
+        let expiries = |l: &Leases| -> HashMap<u64, Millis> {
+            l.of_task.iter().map(|(seq, e)| (*seq, e.0)).collect()
+        };
+        self.by_agent == other.by_agent && expiries(self) == expiries(other)
+    }
 }
 
 impl Leases {
-    /// Loads the leases from the running tasks' BY_STATUS entries of every project.
+    /// An empty cache at the clock's current time.
+    pub fn at(clock: &dyn Clock) -> Self {
+        let mut leases = Leases::default();
+        leases.set_time(clock.now(), clock.steady());
+        leases
+    }
+
+    /// Loads the leases from the running tasks' BY_STATUS entries of every project; each gets
+    /// a steady deadline as far off as its expiry is on the wall clock now.
     pub fn load<T>(
         projects: &T,
         index: &impl ReadableTable<&'static [u8], &'static [u8]>,
+        clock: &dyn Clock,
     ) -> Result<Self>
     where
         T: ReadableTable<u128, &'static [u8]>,
     {
-        let mut leases = Leases::default();
+        let mut leases = Leases::at(clock);
         for p in projects.iter()? {
             let project = p?.0.value();
             let prefix = ix::K::new(ix::BY_STATUS)
@@ -52,16 +90,52 @@ impl Leases {
         Ok(leases)
     }
 
-    /// Loads the leases from a read snapshot of `db`.
-    pub fn load_db(db: &redb::Database) -> Result<Self> {
+    /// Loads the leases from a read snapshot of `db` (after a batch that did not commit).
+    /// A lease that `before` also held, with the same expiry, keeps its steady deadline.
+    pub fn reload(db: &redb::Database, clock: &dyn Clock, before: &Leases) -> Result<Self> {
         use redb::ReadableDatabase;
         let txn = db.begin_read()?;
-        Self::load(&txn.open_table(PROJECTS)?, &txn.open_table(INDEX)?)
+        let mut fresh = Self::load(&txn.open_table(PROJECTS)?, &txn.open_table(INDEX)?, clock)?;
+        let kept: Vec<(u64, Millis, Millis)> = fresh
+            .of_task
+            .iter()
+            .filter_map(|(seq, (expires, deadline))| match before.of_task.get(seq) {
+                Some(&(e, old)) if e == *expires && old != *deadline => {
+                    Some((*seq, *deadline, old))
+                }
+                _ => None,
+            })
+            .collect();
+        for (seq, deadline, old) in kept {
+            fresh.by_deadline.remove(&(deadline, seq));
+            fresh.by_deadline.insert((old, seq));
+            if let Some(entry) = fresh.of_task.get_mut(&seq) {
+                entry.1 = old;
+            }
+        }
+        Ok(fresh)
+    }
+
+    /// Sets the time of the batch about to run: leases taken or extended in it get their
+    /// steady deadline from it, and [`Self::due`] looks at it.
+    pub fn set_time(&mut self, now: Millis, steady: Millis) {
+        self.now = now;
+        self.steady = steady;
     }
 
     fn insert(&mut self, project: u128, agent: String, expires: Millis, seq: u64) {
+        let deadline = self
+            .steady
+            .saturating_add(expires.saturating_sub(self.now).max(0));
         self.by_agent.entry(project).or_default().insert(agent, seq);
-        self.by_expiry.insert((expires, seq));
+        self.by_deadline.insert((deadline, seq));
+        self.of_task.insert(seq, (expires, deadline));
+    }
+
+    fn remove(&mut self, seq: u64) {
+        if let Some((_, deadline)) = self.of_task.remove(&seq) {
+            self.by_deadline.remove(&(deadline, seq));
+        }
     }
 
     /// Moves a task's lease from what `old` held to what `new` holds.
@@ -82,7 +156,7 @@ impl Leases {
                     self.by_agent.remove(&t.project_id);
                 }
             }
-            self.by_expiry.remove(&(l.expires_at, t.seq));
+            self.remove(t.seq);
         }
         if let Some((t, l)) = after {
             self.insert(t.project_id, l.agent.clone(), l.expires_at, t.seq);
@@ -94,25 +168,133 @@ impl Leases {
         self.by_agent.get(&project)?.get(agent).copied()
     }
 
-    /// Seqs of leases expired at `now` (`expiresAt <= now`), oldest first, at most `limit`.
-    pub fn due(&self, now: Millis, limit: usize) -> Vec<u64> {
-        self.by_expiry
-            .range(..=(now, u64::MAX))
+    /// Seqs of the leases due at the batch's time (both `expiresAt <= now` and the steady
+    /// deadline passed), in the order of their deadlines, at most `limit`.
+    pub fn due(&self, limit: usize) -> Vec<u64> {
+        self.by_deadline
+            .range(..=(self.steady, u64::MAX))
+            .filter(|(_, seq)| self.of_task.get(seq).is_some_and(|e| e.0 <= self.now))
             .take(limit)
             .map(|(_, seq)| *seq)
             .collect()
     }
 
-    /// When the next lease expires.
-    pub fn first_expiry(&self) -> Option<Millis> {
-        self.by_expiry.first().map(|(at, _)| *at)
+    /// When, on the wall clock, the next lease becomes due: the earliest over the leases of
+    /// the later of its expiry and the wall-clock time at which its steady deadline passes.
+    /// Leases are walked in deadline order, and the walk stops at the first whose deadline
+    /// alone comes after the best found, so it looks at one or two leases unless the wall
+    /// clock stepped.
+    pub fn next_due(&self) -> Option<Millis> {
+        let mut best = None::<Millis>;
+        for &(deadline, seq) in &self.by_deadline {
+            // No lease from here on is due before its steady deadline.
+            let floor = self
+                .now
+                .saturating_add(deadline.saturating_sub(self.steady));
+            if best.is_some_and(|b| floor >= b) {
+                break;
+            }
+            let expires = self.of_task.get(&seq).map_or(floor, |e| e.0);
+            let due = expires.max(floor);
+            best = Some(best.map_or(due, |b| b.min(due)));
+        }
+        best
     }
 
     pub fn len(&self) -> usize {
-        self.by_expiry.len()
+        self.of_task.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.by_expiry.is_empty()
+        self.of_task.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Lease;
+
+    const MIN: Millis = 60_000;
+
+    /// Task `seq` leased to `agent` until `expires`, as of the cache's batch time.
+    fn lease(leases: &mut Leases, seq: u64, agent: &str, expires: Millis) {
+        let mut t = Task::queued(seq, format!("t{seq}"), 1, 0);
+        t.status = TaskStatus::Running;
+        t.lease = Some(Lease {
+            agent: agent.into(),
+            token: 0,
+            assigned_at: 0,
+            expires_at: expires,
+        });
+        leases.apply(None, Some(&t));
+    }
+
+    #[test]
+    fn without_a_step_a_lease_is_due_at_its_expiry() {
+        let mut l = Leases::default();
+        l.set_time(1_000, 0);
+        lease(&mut l, 1, "a", 1_000 + MIN);
+        lease(&mut l, 2, "b", 1_000 + 2 * MIN);
+        assert_eq!(l.next_due(), Some(1_000 + MIN));
+        l.set_time(1_000 + MIN - 1, MIN - 1);
+        assert!(l.due(10).is_empty());
+        l.set_time(1_000 + MIN, MIN);
+        assert_eq!(l.due(10), vec![1]);
+        assert_eq!(l.held(1, "b"), Some(2));
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_forward_waits_for_the_steady_deadline() {
+        let mut l = Leases::default();
+        l.set_time(1_000, 0);
+        lease(&mut l, 1, "a", 1_000 + MIN);
+        // An hour's step, ten seconds later: expired on the wall clock, not in fact.
+        let stepped = 1_000 + 10_000 + 3_600_000;
+        l.set_time(stepped, 10_000);
+        assert!(l.due(10).is_empty());
+        assert_eq!(l.next_due(), Some(stepped + MIN - 10_000));
+        l.set_time(stepped + MIN - 10_000, MIN);
+        assert_eq!(l.due(10), vec![1]);
+    }
+
+    /// After a step back, the leases taken before it wait for their wall-clock expiry, and a
+    /// lease taken after it, due sooner though its steady deadline is later, is the next.
+    #[test]
+    fn a_wall_clock_stepped_back_delays_the_older_leases_only() {
+        let mut l = Leases::default();
+        l.set_time(10 * MIN, 0);
+        lease(&mut l, 1, "a", 11 * MIN);
+        lease(&mut l, 2, "b", 11 * MIN + 1);
+        // Back an hour, one second later; then a lease of a minute.
+        let back = 10 * MIN + 1_000 - 3_600_000;
+        l.set_time(back, 1_000);
+        lease(&mut l, 3, "c", back + MIN);
+        assert_eq!(l.next_due(), Some(back + MIN));
+        l.set_time(back + MIN, 1_000 + MIN);
+        assert_eq!(
+            l.due(10),
+            vec![3],
+            "the older leases are past their deadline only"
+        );
+        l.remove(3); // reclaimed
+        assert_eq!(l.next_due(), Some(11 * MIN));
+        l.set_time(11 * MIN, 1_000 + MIN + 3_600_000);
+        assert_eq!(l.due(10), vec![1]);
+    }
+
+    /// The cache compared with the committed leases (the store model's check) compares holders
+    /// and expiries, not when each cache saw a lease.
+    #[test]
+    fn equal_caches_hold_the_same_leases_whatever_their_deadlines() {
+        let mut a = Leases::default();
+        a.set_time(0, 0);
+        lease(&mut a, 1, "a", MIN);
+        let mut b = Leases::default();
+        b.set_time(0, 500);
+        lease(&mut b, 1, "a", MIN);
+        assert_eq!(a, b);
+        lease(&mut b, 2, "b", MIN);
+        assert_ne!(a, b);
     }
 }

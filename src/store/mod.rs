@@ -238,13 +238,13 @@ impl Store {
             redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
             other => OpenError::Io(path.to_path_buf(), other.to_string()),
         })?;
-        let state = init_schema(&db, path)?;
+        let state = init_schema(&db, path, clock.as_ref())?;
         let batches = state.counts.clone();
         let db = Arc::new(db);
         *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
         let shared = file.shared.clone();
         let hub = Arc::new(Hub::default());
-        hub.set_first_lease(state.leases.first_expiry());
+        hub.set_first_lease(state.leases.next_due());
         let (tx, rx) = mpsc::channel();
         let writer = {
             let hub = hub.clone();
@@ -452,13 +452,13 @@ pub enum OpenError {
 /// Creates every table, records the schema version on a new file, refuses a newer one,
 /// migrates an older one, and returns what the writer starts from: the next task seq and the
 /// leases held.
-fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
+fn init_schema(db: &Database, path: &Path, clock: &dyn Clock) -> Result<WriterState, OpenError> {
     let io = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
     let run = || -> Result<Result<WriterState, OpenError>> {
         let txn = db.begin_write()?;
         let next_seq;
         let mut migrated = None;
-        let mut leases = Leases::default();
+        let mut leases = Leases::at(clock);
         {
             let mut t = Tables::open(&txn, &mut leases)?;
             let version = t.meta.get("schema_version")?.map(|v| v.value());
@@ -492,7 +492,7 @@ fn init_schema(db: &Database, path: &Path) -> Result<WriterState, OpenError> {
                 }
             }
             next_seq = t.tasks.last()?.map(|(k, _)| k.value() + 1).unwrap_or(1);
-            *t.leases = Leases::load(&*t.projects, &*t.index)?;
+            *t.leases = Leases::load(&*t.projects, &*t.index, clock)?;
         }
         txn.commit()?;
         if let Some((from, tasks, leases, batched)) = migrated {
@@ -630,7 +630,7 @@ fn writer_loop(
         if stopping {
             continue;
         }
-        match reopen(db, file, &rx, hub, &mut state, cause) {
+        match reopen(db, file, &rx, hub, clock, &mut state, cause) {
             Some(again) => db = again,
             None => return,
         }
@@ -692,6 +692,7 @@ fn reopen(
     file: &File,
     rx: &mpsc::Receiver<Msg>,
     hub: &Hub,
+    clock: &dyn Clock,
     st: &mut WriterState,
     cause: String,
 ) -> Option<Arc<Database>> {
@@ -725,12 +726,12 @@ fn reopen(
             }
         }
         if let Some(db) = opened.take() {
-            match init_schema(&db, &file.path) {
+            match init_schema(&db, &file.path, clock) {
                 Ok(fresh) => {
                     st.next_seq = fresh.next_seq;
                     st.delayed_from = Millis::MIN;
                     st.leases = fresh.leases;
-                    hub.set_first_lease(st.leases.first_expiry());
+                    hub.set_first_lease(st.leases.next_due());
                     let db = Arc::new(db);
                     *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
                     st.reopened = Some(std::time::Instant::now());
@@ -832,11 +833,13 @@ fn run_batch(
         let txn = db.begin_write()?;
         let mut failed = false;
         {
+            let now = clock.now();
+            st.leases.set_time(now, clock.steady());
             let mut tables = Tables::open(&txn, &mut st.leases)?;
             let jobs = pending.take().unwrap_or_default();
             let mut w = W {
                 t: &mut tables,
-                now: clock.now(),
+                now,
                 next_seq: &mut st.next_seq,
                 delayed_from: &mut st.delayed_from,
                 fx: &mut fx,
@@ -898,7 +901,7 @@ fn run_batch(
         } else {
             // Its lease changes were rolled back too: reload the cache from what is committed
             // (a reopen rereads it anyway).
-            match Leases::load_db(db) {
+            match Leases::reload(db, clock, &st.leases) {
                 Ok(l) => st.leases = l,
                 Err(e) => {
                     tracing::error!(error = %e, "could not reload leases after a failed batch")
@@ -918,7 +921,7 @@ fn run_batch(
         }
     }
     st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
-    hub.set_first_lease(st.leases.first_expiry());
+    hub.set_first_lease(st.leases.next_due());
     // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees
     // its own transition counted.
     hub.publish(fx);

@@ -834,7 +834,7 @@ pub struct Reclaimed {
 /// Reclaims up to `limit` expired leases, optionally of one project only.
 pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result<Vec<Reclaimed>> {
     let cap = if project.is_none() { limit } else { usize::MAX };
-    let expired = w.t.leases.due(w.now, cap);
+    let expired = w.t.leases.due(cap);
     let mut out = Vec::new();
     for seq in expired {
         let Some(old) = w.t.task(seq)? else { continue };

@@ -287,8 +287,19 @@ impl TestApp {
 
     /// Moves the manual clock and lets the scheduler look again.
     pub async fn advance(&self, ms: i64) {
+        self.clock.as_ref().expect("manual clock").advance(ms);
+        self.scheduler_looks().await;
+    }
+
+    /// Steps the manual clock's wall time alone (an NTP step; negative: back) and lets the
+    /// scheduler look again.
+    pub async fn step_wall_clock(&self, ms: i64) {
+        self.clock.as_ref().expect("manual clock").step(ms);
+        self.scheduler_looks().await;
+    }
+
+    async fn scheduler_looks(&self) {
         let clock = self.clock.as_ref().expect("manual clock");
-        clock.advance(ms);
         let server = self.server.as_ref().unwrap();
         server.store.hub.timer.notify_one();
         // The scheduler runs its pass through the writer; give it a moment to commit.

@@ -4,10 +4,10 @@
 //! task rows imply, the counters equal the rows, the writer's in-memory lease cache equals
 //! the leases the committed rows hold, and no queued task is ready before its `notBefore`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use agentq::model::{Activity, Millis, ProjectConfig, Stats, Task, TaskStatus};
+use agentq::model::{Activity, Millis, Outcome, ProjectConfig, Stats, Task, TaskStatus};
 use agentq::store::leases::Leases;
 use agentq::store::tables::{
     index_entries, ix, load_task, ACTIVITY_MINUTES, INDEX, PROJECTS, TASKS, TASK_BODIES,
@@ -65,6 +65,11 @@ enum Op {
     Advance {
         ms: i64,
     },
+    /// The wall clock steps forward without time passing (an NTP step): a reaper's pass then
+    /// finds leases expired on the wall clock whose time has not passed.
+    Step {
+        ms: i64,
+    },
     Restart,
 }
 
@@ -86,6 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0usize..4).prop_map(|agent| Op::Extend { agent }),
         1 => prop_oneof![Just(1_000i64), Just(30_000), Just(61_000), Just(1_800_000)].prop_map(|ms| Op::Advance { ms }),
         1 => Just(Op::Restart),
+        1 => prop_oneof![Just(61_000i64), Just(3_600_000)].prop_map(|ms| Op::Step { ms }),
         1 => (any::<usize>(), prop::option::of(0u8..=10), not_before())
             .prop_map(|(pick, priority, not_before)| Op::Update { pick, priority, not_before }),
         1 => any::<usize>().prop_map(|pick| Op::Cancel { pick }),
@@ -109,6 +115,12 @@ struct World {
     store: Option<Arc<Store>>,
     project: u128,
     ty: u128,
+    /// (task seq, leaseExpiresAt) → the lease's deadline on the steady clock, noted when the
+    /// check first sees the lease (every operation is followed by a check, at the time the
+    /// operation ran): as far off as its expiry was on the wall clock then.
+    deadlines: HashMap<(u64, Millis), Millis>,
+    /// Whether the last operation was a reaper's pass (the only one that reclaims).
+    reaped: bool,
 }
 
 impl World {
@@ -160,6 +172,8 @@ impl World {
             store: Some(store),
             project: project.id,
             ty: ty.id,
+            deadlines: HashMap::new(),
+            reaped: false,
         }
     }
 
@@ -173,6 +187,7 @@ impl World {
 
     /// Runs one operation; refusals (lease lost, nothing to claim) are part of the game.
     fn apply(&mut self, op: &Op) {
+        self.reaped = matches!(op, Op::Advance { .. } | Op::Step { .. });
         let (key, ty, project) = (self.key(), self.ty, self.project);
         let agent = |a: &usize| format!("agent-{a}");
         let result: agentq::error::Result<()> = match op.clone() {
@@ -304,8 +319,12 @@ impl World {
                 ];
                 self.on_task(pick, &unfinished, write::delete_task)
             }
-            Op::Advance { ms } => {
-                self.clock.advance(ms);
+            Op::Advance { ms } | Op::Step { ms } => {
+                if matches!(op, Op::Advance { .. }) {
+                    self.clock.advance(ms);
+                } else {
+                    self.clock.step(ms);
+                }
                 self.rt.block_on(self.store().write(|w| {
                     write::promote_due(w, 1000)?;
                     write::reclaim_expired(w, None, 1000)?;
@@ -313,6 +332,8 @@ impl World {
                 }))
             }
             Op::Restart => {
+                // The new process measures its leases again from the wall clock.
+                self.deadlines.clear();
                 let old = self.store.take().expect("open");
                 old.close();
                 drop(old);
@@ -364,7 +385,7 @@ impl World {
     }
 
     /// Index entries, counters and the lease cache against the committed rows.
-    fn check(&self) {
+    fn check(&mut self) {
         let txn = self.store().begin_read().unwrap();
         let (rows, bodies) = (
             txn.open_table(TASKS).unwrap(),
@@ -452,17 +473,44 @@ impl World {
             cache, committed,
             "the lease cache equals the committed leases"
         );
-        let first: Option<Millis> = tasks
+        // The scheduler's next look: the earliest of each lease's expiry and the wall-clock
+        // time at which its steady deadline passes (a step of the wall clock reclaims no lease
+        // early; see store::leases).
+        let (now, steady) = (self.clock.now(), self.clock.steady());
+        let leases: HashSet<(u64, Millis)> = tasks
             .iter()
-            .filter_map(|t| t.lease.as_ref().map(|l| l.expires_at))
+            .filter_map(|t| t.lease.as_ref().map(|l| (t.seq, l.expires_at)))
+            .collect();
+        // A lease the last operation reclaimed had passed both its expiry and its deadline.
+        for (&(seq, expires), &deadline) in &self.deadlines {
+            let reclaimed_now = self.reaped
+                && !leases.contains(&(seq, expires))
+                && tasks.iter().any(|t| {
+                    t.seq == seq
+                        && t.attempts
+                            .iter()
+                            .any(|a| a.outcome == Outcome::Timeout && a.ended_at == Some(now))
+                });
+            if reclaimed_now {
+                assert!(
+                    expires <= now && deadline <= steady,
+                    "task {seq} reclaimed early: expires {expires}, deadline {deadline}, \
+                     now {now}, steady {steady}"
+                );
+            }
+        }
+        self.deadlines.retain(|k, _| leases.contains(k));
+        let first = leases
+            .iter()
+            .map(|&(seq, expires)| {
+                let deadline = *self
+                    .deadlines
+                    .entry((seq, expires))
+                    .or_insert(steady + (expires - now).max(0));
+                expires.max(now + (deadline - steady))
+            })
             .min();
-        // The scheduler's next look is the first expiry; a lease already expired (one loaded
-        // after its expiry by a restart) is due now, whatever time says so.
-        let now = self.clock.now();
-        assert_eq!(
-            self.store().hub.first_lease().map(|t| t.max(now)),
-            first.map(|t| t.max(now))
-        );
+        assert_eq!(self.store().hub.first_lease(), first);
         let held = tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Running)

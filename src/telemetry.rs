@@ -181,6 +181,11 @@ fn describe() {
         "Long-polls (next-task with waitSeconds) whose client left before the answer; a client \
          timeout shorter than waitSeconds shows here."
     );
+    describe_counter!(
+        "agentq_clock_steps_total",
+        "Steps of the system clock of a second or more that the writer saw between two batches \
+         (NTP, a restored VM). Leases keep their real durations across them."
+    );
     for event in TaskEvent::ALL {
         let (name, help) = event.family();
         describe_counter!(name, help);
@@ -193,6 +198,7 @@ fn describe() {
     counter!("agentq_http_connections_idle_closed_total").increment(0);
     counter!("agentq_http_accept_errors_total").increment(0);
     counter!("agentq_long_polls_abandoned_total").increment(0);
+    counter!("agentq_clock_steps_total").increment(0);
     gauge!("agentq_http_connections_open").increment(0.0);
 }
 
@@ -327,6 +333,10 @@ pub fn rate_limited() {
 
 pub fn long_poll_abandoned() {
     counter!("agentq_long_polls_abandoned_total").increment(1);
+}
+
+pub fn clock_stepped() {
+    counter!("agentq_clock_steps_total").increment(1);
 }
 
 pub fn auth_failed() {

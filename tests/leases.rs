@@ -86,6 +86,8 @@ async fn a_step_of_the_wall_clock_reclaims_no_lease_early() {
         "running",
         "reclaimed by a clock step"
     );
+    // The writer saw the step (no other test of this binary steps the clock).
+    assert_eq!(app.metric("agentq_clock_steps_total").await, 1.0);
     let cleaned = app
         .post(&format!("/api/projects/{p}/cleanup-leases"), json!({}))
         .await;
@@ -114,6 +116,8 @@ async fn a_step_of_the_wall_clock_reclaims_no_lease_early() {
     app.step_wall_clock(-3_600_000).await;
     app.advance(1_000).await;
     let next = app.next("b", json!({"projectId": p})).await;
+    // Seen at the writer's next batch, this claim's.
+    assert_eq!(app.metric("agentq_clock_steps_total").await, 2.0);
     assert_eq!(next["id"], later.as_str());
     app.advance(60_000).await;
     assert_eq!(

@@ -511,6 +511,7 @@ fn init_schema(db: &Database, path: &Path, clock: &dyn Clock) -> Result<WriterSt
             leases,
             reopened: None,
             hold: std::time::Duration::ZERO,
+            clock_offset: None,
         }))
     };
     run().map_err(io)?
@@ -808,6 +809,29 @@ struct WriterState {
     /// refused after that (see [`reopen`]).
     reopened: Option<std::time::Instant>,
     hold: std::time::Duration,
+    /// The wall clock less the steady clock at the last batch (see [`note_clock_step`]).
+    clock_offset: Option<Millis>,
+}
+
+/// Smallest change of the wall clock against the steady clock reported as a step.
+const CLOCK_STEP_MS: Millis = 1000;
+
+/// Notes a step of the system clock since the last batch: the wall clock moved against the
+/// steady one by a second or more (NTP slews smaller corrections). Leases are not cut short
+/// by it (`leases`), but an operator should know why `leaseExpiresAt` reads as past, or why
+/// timestamps jumped.
+fn note_clock_step(last: &mut Option<Millis>, offset: Millis) {
+    if let Some(before) = last.replace(offset) {
+        let step = offset - before;
+        if step.abs() >= CLOCK_STEP_MS {
+            crate::telemetry::clock_stepped();
+            tracing::warn!(
+                step_ms = step,
+                "the system clock stepped; leases keep their real durations (a lease's \
+                 leaseExpiresAt may read as past, or lie further off, by the step)"
+            );
+        }
+    }
 }
 
 /// Runs one batch and answers its callers. Returns the cause when the batch failed on an I/O
@@ -833,8 +857,9 @@ fn run_batch(
         let txn = db.begin_write()?;
         let mut failed = false;
         {
-            let now = clock.now();
-            st.leases.set_time(now, clock.steady());
+            let (now, steady) = (clock.now(), clock.steady());
+            note_clock_step(&mut st.clock_offset, now - steady);
+            st.leases.set_time(now, steady);
             let mut tables = Tables::open(&txn, &mut st.leases)?;
             let jobs = pending.take().unwrap_or_default();
             let mut w = W {

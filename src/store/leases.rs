@@ -30,6 +30,9 @@ use crate::error::Result;
 use crate::model::{Millis, Task, TaskStatus};
 use crate::time::Clock;
 
+/// Most leases [`Leases::next_due`] looks at after each batch.
+const NEXT_DUE_WALK: usize = 256;
+
 #[derive(Debug, Default, Clone)]
 pub struct Leases {
     /// project → agent → seq of the task the agent holds.
@@ -183,16 +186,22 @@ impl Leases {
     /// the later of its expiry and the wall-clock time at which its steady deadline passes.
     /// Leases are walked in deadline order, and the walk stops at the first whose deadline
     /// alone comes after the best found, so it looks at one or two leases unless the wall
-    /// clock stepped.
+    /// clock stepped back (then every lease taken before the step is past its deadline and
+    /// waits for its expiry). It looks at [`NEXT_DUE_WALK`] leases at most, and then answers
+    /// the deadline it reached if that is earlier: never later than the true time, so the
+    /// reaper may look early (and find nothing), never late.
     pub fn next_due(&self) -> Option<Millis> {
         let mut best = None::<Millis>;
-        for &(deadline, seq) in &self.by_deadline {
+        for (n, &(deadline, seq)) in self.by_deadline.iter().enumerate() {
             // No lease from here on is due before its steady deadline.
             let floor = self
                 .now
                 .saturating_add(deadline.saturating_sub(self.steady));
             if best.is_some_and(|b| floor >= b) {
                 break;
+            }
+            if n == NEXT_DUE_WALK {
+                return Some(floor);
             }
             let expires = self.of_task.get(&seq).map_or(floor, |e| e.0);
             let due = expires.max(floor);
@@ -281,6 +290,24 @@ mod tests {
         assert_eq!(l.next_due(), Some(11 * MIN));
         l.set_time(11 * MIN, 1_000 + MIN + 3_600_000);
         assert_eq!(l.due(10), vec![1]);
+    }
+
+    /// After a step back, past the walk's bound, the next look is early rather than late.
+    #[test]
+    fn a_long_walk_answers_no_later_than_the_next_lease_due() {
+        let mut l = Leases::default();
+        l.set_time(10 * MIN, 0);
+        let n = NEXT_DUE_WALK as u64 + 10;
+        for seq in 0..n {
+            lease(&mut l, seq, &format!("a{seq}"), 11 * MIN + seq as Millis);
+        }
+        // Back an hour, after the leases' minute: all past their deadline, none expired.
+        let back = 11 * MIN + n as Millis - 3_600_000;
+        l.set_time(back, MIN + n as Millis);
+        lease(&mut l, n, "late", back + 10);
+        assert!(l.due(usize::MAX).is_empty());
+        let next = l.next_due().unwrap();
+        assert!(next <= back + 10, "{next} is after the new lease's expiry");
     }
 
     /// The cache compared with the committed leases (the store model's check) compares holders

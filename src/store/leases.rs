@@ -93,13 +93,22 @@ impl Leases {
         Ok(leases)
     }
 
-    /// Loads the leases from a read snapshot of `db` (after a batch that did not commit).
-    /// A lease that `before` also held, with the same expiry, keeps its steady deadline.
+    /// Loads the leases from a read snapshot of `db` (after a batch that did not commit),
+    /// keeping the deadlines `before` had ([`Self::keep_deadlines`]).
     pub fn reload(db: &redb::Database, clock: &dyn Clock, before: &Leases) -> Result<Self> {
         use redb::ReadableDatabase;
         let txn = db.begin_read()?;
         let mut fresh = Self::load(&txn.open_table(PROJECTS)?, &txn.open_table(INDEX)?, clock)?;
-        let kept: Vec<(u64, Millis, Millis)> = fresh
+        fresh.keep_deadlines(before);
+        Ok(fresh)
+    }
+
+    /// A lease that `before` also held, with the same expiry, keeps the steady deadline it
+    /// had there: a cache loaded again (after a failed batch, or when the file is opened
+    /// again after an I/O error) must not measure a lease again from a wall clock that may
+    /// have stepped since.
+    pub fn keep_deadlines(&mut self, before: &Leases) {
+        let kept: Vec<(u64, Millis, Millis)> = self
             .of_task
             .iter()
             .filter_map(|(seq, (expires, deadline))| match before.of_task.get(seq) {
@@ -110,13 +119,12 @@ impl Leases {
             })
             .collect();
         for (seq, deadline, old) in kept {
-            fresh.by_deadline.remove(&(deadline, seq));
-            fresh.by_deadline.insert((old, seq));
-            if let Some(entry) = fresh.of_task.get_mut(&seq) {
+            self.by_deadline.remove(&(deadline, seq));
+            self.by_deadline.insert((old, seq));
+            if let Some(entry) = self.of_task.get_mut(&seq) {
                 entry.1 = old;
             }
         }
-        Ok(fresh)
     }
 
     /// Sets the time of the batch about to run: leases taken or extended in it get their
@@ -308,6 +316,27 @@ mod tests {
         assert!(l.due(usize::MAX).is_empty());
         let next = l.next_due().unwrap();
         assert!(next <= back + 10, "{next} is after the new lease's expiry");
+    }
+
+    /// A cache loaded again keeps the deadlines of the leases it still holds unchanged.
+    #[test]
+    fn a_reloaded_cache_keeps_the_deadlines_it_had() {
+        let mut before = Leases::default();
+        before.set_time(0, 0);
+        lease(&mut before, 1, "a", MIN);
+        lease(&mut before, 2, "b", MIN);
+        // Loaded an hour's step later (the wall clock only): measured again, both look due.
+        let mut fresh = Leases::default();
+        fresh.set_time(3_600_000, 1_000);
+        lease(&mut fresh, 1, "a", MIN);
+        lease(&mut fresh, 2, "b", 3_600_000 + MIN); // extended meanwhile: measured anew
+        assert_eq!(fresh.due(10), vec![1]);
+        fresh.keep_deadlines(&before);
+        assert!(fresh.due(10).is_empty());
+        fresh.set_time(3_600_000 + MIN - 1_000, MIN);
+        assert_eq!(fresh.due(10), vec![1]);
+        fresh.set_time(3_600_000 + MIN, 1_000 + MIN);
+        assert_eq!(fresh.due(10), vec![1, 2]);
     }
 
     /// The cache compared with the committed leases (the store model's check) compares holders

@@ -731,7 +731,9 @@ fn reopen(
                 Ok(fresh) => {
                     st.next_seq = fresh.next_seq;
                     st.delayed_from = Millis::MIN;
-                    st.leases = fresh.leases;
+                    let mut leases = fresh.leases;
+                    leases.keep_deadlines(&st.leases);
+                    st.leases = leases;
                     hub.set_first_lease(st.leases.next_due());
                     let db = Arc::new(db);
                     *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());

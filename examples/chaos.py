@@ -28,6 +28,14 @@ it SIGKILLs the server and starts it again. Then, after a clean restart, it chec
 - no answer was a 5xx other than 503, and every answer was JSON; no complete under a revoked
   key or its session was taken.
 
+With STEPS=N (and libfaketime: `apt-get install faketime`) the server runs under libfaketime,
+and N times, between the kills, its wall clock steps forward (61 s to 30 min; its monotonic
+clock stays real, as under an NTP step). A keeper, in a third project nobody else touches,
+meanwhile takes tasks with 6 s leases, holds each for 2 s and completes it: a step must never
+cost it its lease (a LEASE_LOST is a problem unless the server was restarted meanwhile: a
+restart measures leases again from the wall clock). The attempt checks above hold because the
+steps only go forward.
+
 It prints each problem and their count, and exits 1 when there is one.
 """
 import json, os, random, signal, subprocess, sys, tempfile, threading, time
@@ -44,6 +52,10 @@ BASE = f"http://127.0.0.1:{PORT}"
 H = {"X-API-Key": KEY, "content-type": "application/json"}
 DURATION = float(os.environ.get("DURATION", "40"))
 KILLS = int(os.environ.get("KILLS", "2"))
+STEPS = int(os.environ.get("STEPS", "0"))
+FAKETIME_LIB = os.environ.get("FAKETIME_LIB",
+                              "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+OFFSET_FILE = os.path.join(WORK, "clock-offset")
 
 server = None
 log_lock = threading.Lock()
@@ -54,13 +66,22 @@ errors = []
 refused_late = [0]  # completes under a revoked key or session, refused with 401
 stop = False
 up = threading.Event()
+starts = [0]  # server starts so far
+keeper_stats = {"held": 0, "lost_over_restart": 0}
 
 
 def start():
     global server
+    env = None
+    if STEPS:
+        # The wall clock (CLOCK_REALTIME) follows OFFSET_FILE, read again at most every second;
+        # the monotonic clock stays real.
+        env = dict(os.environ, LD_PRELOAD=FAKETIME_LIB, FAKETIME_TIMESTAMP_FILE=OFFSET_FILE,
+                   FAKETIME_CACHE_DURATION="1", FAKETIME_DONT_FAKE_MONOTONIC="1")
+    starts[0] += 1
     server = subprocess.Popen([BIN, "serve", "--db", DB, "--bind", f"127.0.0.1:{PORT}",
                                "--admin-key", KEY, "--rate-limit-per-minute", "0"],
-                              stdout=subprocess.DEVNULL, stderr=open(LOG, "a"))
+                              stdout=subprocess.DEVNULL, stderr=open(LOG, "a"), env=env)
     for _ in range(200):
         try:
             if requests.get(BASE + "/health", timeout=1).status_code == 200:
@@ -247,6 +268,36 @@ def meddler(pid):
         time.sleep(random.random() * 0.02)
 
 
+def keeper(pid, ty):
+    """Takes tasks with 6 s leases, holds each for 2 s, completes it: steps of the wall clock
+    in between must not cost it the lease."""
+    s = requests.Session()
+    n = 0
+    while not stop:
+        n += 1
+        r = call(s, "POST", f"/api/projects/{pid}/tasks", {"typeId": ty, "instructions": f"k{n}"})
+        if not r or r[0] != 201:
+            time.sleep(0.1)
+            continue
+        before = starts[0]
+        r = call(s, "POST", "/api/agents/keeper/next-task", {"projectId": pid})
+        if not r or r[0] != 200 or not r[1]["data"]["task"]:
+            time.sleep(0.1)
+            continue
+        t = r[1]["data"]["task"]
+        time.sleep(2)
+        r = call(s, "POST", f"/api/tasks/{t['id']}/complete",
+                 {"agentName": "keeper", "result": "ok", "leaseToken": t["leaseToken"]})
+        if r and r[0] == 200:
+            keeper_stats["held"] += 1
+        elif r and r[1].get("code") == "LEASE_LOST":
+            if starts[0] != before:
+                keeper_stats["lost_over_restart"] += 1
+            else:
+                errors.append(f"keeper lost the lease of {t['id']} after 2 s of its 6 "
+                              f"without a restart: {r[1].get('error')}")
+
+
 def walk(s, pid, status):
     out, cursor = [], None
     while True:
@@ -347,6 +398,11 @@ def main():
     global stop
     if os.path.exists(DB):
         os.remove(DB)
+    if STEPS and not os.path.exists(FAKETIME_LIB):
+        raise SystemExit(f"STEPS needs libfaketime at {FAKETIME_LIB} (apt-get install faketime)")
+    offset = 0
+    with open(OFFSET_FILE, "w") as f:
+        f.write("+0\n")
     start()
     s = requests.Session()
     pids, types = [], {}
@@ -373,12 +429,26 @@ def main():
         for n in range(6):
             threads.append(threading.Thread(target=agent,
                                             args=(pid, types[pid], len(threads), key)))
+    if STEPS:
+        kp = call(s, "POST", "/api/projects", {"name": "keeper", "description": "k"})[1]["data"]
+        kty = call(s, "POST", f"/api/projects/{kp['id']}/task-types",
+                   {"name": "k", "leaseDurationMinutes": 0.1})[1]["data"]["id"]
+        threads.append(threading.Thread(target=keeper, args=(kp["id"], kty)))
+        pids.append(kp["id"])
     for t in threads:
         t.start()
     t0 = time.time()
-    kills = 0
+    kills = steps = 0
+    events = KILLS + STEPS
     while time.time() - t0 < DURATION:
-        time.sleep(DURATION / (KILLS + 1))
+        time.sleep(DURATION / (events + 1))
+        if steps < STEPS and (steps <= kills or kills >= KILLS):
+            steps += 1
+            offset += random.choice([61, 300, 1800])
+            with open(OFFSET_FILE, "w") as f:
+                f.write(f"+{offset}\n")
+            print("stepped", steps, "wall clock now", offset, "s ahead", flush=True)
+            continue
         if kills < KILLS and time.time() - t0 < DURATION:
             up.clear()
             server.send_signal(signal.SIGKILL)
@@ -391,6 +461,9 @@ def main():
         t.join()
     print("handouts", len(handouts), "acked completes", len(acked_complete), "deleted",
           len(deleted), "refused after revocation", refused_late[0])
+    if STEPS:
+        print("keeper: leases held to their complete", keeper_stats["held"],
+              "lost over a restart", keeper_stats["lost_over_restart"])
     # restart once more cleanly, then check
     server.send_signal(signal.SIGTERM)
     server.wait()

@@ -49,8 +49,16 @@ fn log_reclaimed(reclaimed: &[Reclaimed]) {
 /// Longest single sleep, so a clock jump is noticed within this bound even if nothing wakes us.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
+/// The pause after a pass that found nothing due, doubled for each such pass in a row up to
+/// [`MAX_EMPTY_PASS_PAUSE`]. Such passes follow a timer that looked due but was not: the wall
+/// clock stepped back between the look and the pass, or, after a step back with more leases
+/// out than `Leases::next_due` looks at, its estimate is early for as long as the step.
+const EMPTY_PASS_PAUSE: Duration = Duration::from_millis(50);
+const MAX_EMPTY_PASS_PAUSE: Duration = Duration::from_secs(1);
+
 pub async fn run(store: Arc<Store>) {
     let hub = store.hub.clone();
+    let mut empty_pause = EMPTY_PASS_PAUSE;
     loop {
         if hub.is_shutting_down() {
             return;
@@ -78,12 +86,23 @@ pub async fn run(store: Arc<Store>) {
                 .await;
             match result {
                 Ok((0, reclaimed)) if reclaimed.is_empty() => {
-                    // A timer looked due but the pass found nothing to do (the clock stepped
-                    // back between the look and the batch). Such a pass commits nothing and
-                    // costs almost nothing, so pause rather than spin on it.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // A timer looked due but the pass found nothing to do (see
+                    // EMPTY_PASS_PAUSE). Such a pass commits nothing and costs little, but
+                    // pause rather than spin on it, longer each time in a row; a timer that
+                    // falls due within the pause still wakes it.
+                    let pause_ms = empty_pause.as_millis() as i64;
+                    hub.set_timer_deadline(store.clock.now().saturating_add(pause_ms));
+                    tokio::select! {
+                        _ = tokio::time::sleep(empty_pause) => {}
+                        _ = hub.timer.notified() => {}
+                        _ = hub.shutting_down() => return,
+                    }
+                    empty_pause = (empty_pause * 2).min(MAX_EMPTY_PASS_PAUSE);
                 }
-                Ok((_, reclaimed)) => log_reclaimed(&reclaimed),
+                Ok((_, reclaimed)) => {
+                    empty_pause = EMPTY_PASS_PAUSE;
+                    log_reclaimed(&reclaimed);
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "scheduler pass failed");
                     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -91,6 +110,7 @@ pub async fn run(store: Arc<Store>) {
             }
             continue;
         }
+        empty_pause = EMPTY_PASS_PAUSE;
         let deadline = next.unwrap_or(i64::MAX);
         hub.set_timer_deadline(deadline);
         let sleep = match next {

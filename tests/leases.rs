@@ -136,6 +136,46 @@ async fn a_step_of_the_wall_clock_reclaims_no_lease_early() {
     assert_eq!(status(id.clone()).await, "queued");
 }
 
+/// After the wall clock stepped back with more leases out than the reaper's look-ahead walks
+/// (256), its estimate of the next lease due is early for as long as the step: the passes
+/// that find nothing due back off (50 ms, doubling to 1 s) rather than run 20 times a second,
+/// and none reclaims a lease.
+#[tokio::test]
+async fn after_a_step_back_the_reapers_empty_passes_back_off() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    let (ty, _) = app.minute_task(&p).await;
+    let tasks: Vec<Value> = (0..300)
+        .map(|i| json!({"typeId": ty, "instructions": format!("t{i}")}))
+        .collect();
+    app.bulk(&p, &tasks).await;
+    for i in 0..301 {
+        app.next(&format!("a{i}"), json!({"projectId": p})).await;
+    }
+    app.step_wall_clock(-3_600_000).await;
+    // Past every lease's minute on the steady clock, an hour before any expiry on the wall.
+    app.advance(61_000).await;
+    // A new lease, which expires before the old ones on the wall clock, wakes the reaper; the
+    // writer's estimate of the next lease due is now early (past the 256 it walks).
+    app.task(&p, json!({"typeId": ty, "instructions": "new"}))
+        .await;
+    app.next("b", json!({"projectId": p})).await;
+    let store = app.server.as_ref().unwrap().store.clone();
+    let unwritten = || {
+        store
+            .batches
+            .unwritten
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = unwritten();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let passes = unwritten() - before;
+    // 50, 100, 200, 400, 800 and 1,000 ms make 2.55 s: about 7 passes in 3 s, where a fixed
+    // 50 ms pause made 60.
+    assert!(passes <= 12, "{passes} empty passes in 3 s");
+    assert_eq!(app.stats(&p).await["runningTasks"], 302);
+}
+
 /// A repeated complete is answered 200 so that an agent can retry it over a flaky network;
 /// but it answered 200 also to a stalled process whose lease had been reclaimed and whose task
 /// a new process of the same agent name then completed: the stale process was told its result

@@ -195,7 +195,7 @@ impl Leases {
     /// Leases are walked in deadline order, and the walk stops at the first whose deadline
     /// alone comes after the best found, so it looks at one or two leases unless the wall
     /// clock stepped back (then every lease taken before the step is past its deadline and
-    /// waits for its expiry). It looks at [`NEXT_DUE_WALK`] leases at most, and then answers
+    /// waits for its expiry). It looks at 256 leases at most (`NEXT_DUE_WALK`), and then answers
     /// the deadline it reached if that is earlier: never later than the true time, so the
     /// reaper may look early (and find nothing), never late.
     pub fn next_due(&self) -> Option<Millis> {

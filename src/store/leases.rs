@@ -1,4 +1,5 @@
-//! The leases held now, in memory: which task each agent holds, and the leases by expiry.
+//! The leases held now, in memory: which task each agent holds, and the leases in the order
+//! they fall due.
 //!
 //! The durable record of a lease is its task row (status `running`, with `lease`) and the
 //! task's BY_STATUS index entry, whose value carries the lease's expiry and agent (see

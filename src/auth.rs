@@ -315,17 +315,15 @@ pub struct Authenticator {
     /// key pays argon2 once, not once per connection.
     verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     pub limiter: Limiter<u128>,
-    pub session_ttl_ms: i64,
-    /// Live sessions one key may hold; 0: no limit.
-    pub max_sessions_per_key: u32,
+    /// The lifetime of new sessions and how many one key may hold.
+    pub sessions: access::SessionLimits,
 }
 
 impl Authenticator {
     pub fn new(
         store: Arc<Store>,
         rate_limit_per_minute: u32,
-        session_ttl_ms: i64,
-        max_sessions_per_key: u32,
+        sessions: access::SessionLimits,
     ) -> Self {
         Authenticator {
             store,
@@ -336,8 +334,7 @@ impl Authenticator {
             tarpits: Mutex::new(HashMap::new()),
             verifying: Mutex::new(HashMap::new()),
             limiter: Limiter::new(rate_limit_per_minute),
-            session_ttl_ms,
-            max_sessions_per_key,
+            sessions,
         }
     }
 

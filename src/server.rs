@@ -14,6 +14,7 @@ use tokio::sync::oneshot;
 use crate::api::{self, HttpOptions, State};
 use crate::auth::Authenticator;
 use crate::listen::{Limits, Listener};
+use crate::store::access::SessionLimits;
 use crate::store::{OpenError, Store};
 use crate::time::{Clock, SystemClock};
 
@@ -113,8 +114,10 @@ impl Server {
         let auth = Arc::new(Authenticator::new(
             store.clone(),
             config.rate_limit_per_minute,
-            config.session_ttl.as_millis() as i64,
-            config.max_sessions_per_key,
+            SessionLimits {
+                ttl_ms: config.session_ttl.as_millis() as i64,
+                per_key: config.max_sessions_per_key,
+            },
         ));
         // Bind before the first admin key is made: a start that cannot listen (the port is
         // taken) must not store a key that nobody is ever shown.
@@ -250,7 +253,14 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
         )));
     }
     let store = Store::open(db, Arc::new(SystemClock))?;
-    let auth = Authenticator::new(store.clone(), 0, 0, 0);
+    let auth = Authenticator::new(
+        store.clone(),
+        0,
+        SessionLimits {
+            ttl_ms: 0,
+            per_key: 0,
+        },
+    );
     let id = uuid::Uuid::now_v7().as_u128();
     let text = crate::auth::new_key_text(id);
     let added = async {

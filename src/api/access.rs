@@ -304,11 +304,7 @@ impl AccessApi {
         )?;
         let token = auth::new_session_token();
         let hash = auth::digest(&token);
-        let (key_id, agent) = (c.key_id, body.0.agent_name.0);
-        let limits = access::SessionLimits {
-            ttl_ms: self.0.auth.session_ttl_ms,
-            per_key: self.0.auth.max_sessions_per_key,
-        };
+        let (key_id, agent, limits) = (c.key_id, body.0.agent_name.0, self.0.auth.sessions);
         let pid = uuid_str(project.id);
         let s = self
             .0

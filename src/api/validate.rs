@@ -484,7 +484,6 @@ pub fn completion(
     (result.map(String::from), outputs, token)
 }
 
-/// `limit` and `offset` query parameters.
 /// `limit` and `offset` of a list that takes no other parameter: a 400 naming both when
 /// either is out of range.
 pub fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), Error> {
@@ -493,6 +492,7 @@ pub fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), E
     c.finish(page)
 }
 
+/// `limit` and `offset` query parameters.
 pub fn paging(c: &mut Check, limit: Option<i64>, offset: Option<i64>) -> (usize, usize) {
     let limit = match limit {
         None => DEFAULT_LIMIT,

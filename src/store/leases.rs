@@ -109,21 +109,14 @@ impl Leases {
     /// again after an I/O error) must not measure a lease again from a wall clock that may
     /// have stepped since.
     pub fn keep_deadlines(&mut self, before: &Leases) {
-        let kept: Vec<(u64, Millis, Millis)> = self
-            .of_task
-            .iter()
-            .filter_map(|(seq, (expires, deadline))| match before.of_task.get(seq) {
+        for (&seq, (expires, deadline)) in self.of_task.iter_mut() {
+            match before.of_task.get(&seq) {
                 Some(&(e, old)) if e == *expires && old != *deadline => {
-                    Some((*seq, *deadline, old))
+                    self.by_deadline.remove(&(*deadline, seq));
+                    self.by_deadline.insert((old, seq));
+                    *deadline = old;
                 }
-                _ => None,
-            })
-            .collect();
-        for (seq, deadline, old) in kept {
-            self.by_deadline.remove(&(deadline, seq));
-            self.by_deadline.insert((old, seq));
-            if let Some(entry) = self.of_task.get_mut(&seq) {
-                entry.1 = old;
+                _ => {}
             }
         }
     }

@@ -237,8 +237,15 @@ async fn framework_rejections_use_the_envelope_and_change_nothing() {
         assert_eq!(r.status().as_u16(), want);
         assert_eq!(r.headers()["x-correlation-id"], "test-123");
         assert_eq!(r.headers()["x-content-type-options"], "nosniff");
-        let body: Value = r.json().await.unwrap();
-        assert_eq!(body["success"], false, "{body}");
+        let text = r.text().await.unwrap();
+        // The contract's field order, so a person reading a raw answer sees it as documented.
+        assert!(text.starts_with(r#"{"success":false,"error":"#), "{text}");
+        let at: Vec<usize> = ["error", "code", "timestamp", "correlationId"]
+            .iter()
+            .map(|k| text.find(&format!("\"{k}\":")).expect("a contract field"))
+            .collect();
+        assert!(at.is_sorted(), "{text}");
+        let body: Value = serde_json::from_str(&text).unwrap();
         assert_eq!(body["correlationId"], "test-123");
         assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
         assert!(body["code"].as_str().is_some());

@@ -7,7 +7,6 @@
 use poem::error::ResponseError;
 use poem::http::StatusCode;
 use poem::Response;
-use serde_json::{json, Value};
 
 use crate::error::{Error, FieldError};
 
@@ -69,19 +68,32 @@ fn code_for_status(status: StatusCode) -> &'static str {
     }
 }
 
-fn details_json(details: &[FieldError]) -> Value {
-    Value::Array(
-        details
-            .iter()
-            .map(|d| {
-                let mut o = json!({"field": d.field, "message": d.message});
-                if let Some(v) = &d.value {
-                    o["value"] = v.clone();
-                }
-                o
-            })
-            .collect(),
-    )
+/// The contract's error body, its fields in the contract's order.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Envelope<'a> {
+    success: bool,
+    error: &'a str,
+    code: &'a str,
+    timestamp: String,
+    correlation_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    validation_details: Option<&'a [FieldError]>,
+}
+
+impl serde::Serialize for FieldError {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut o = s.serialize_struct("FieldError", 3)?;
+        o.serialize_field("field", &self.field)?;
+        o.serialize_field("message", &self.message)?;
+        if let Some(value) = &self.value {
+            o.serialize_field("value", value)?;
+        } else {
+            o.skip_field("value")?;
+        }
+        o.end()
+    }
 }
 
 /// The answer to a write the storage refused before applying it.
@@ -92,7 +104,7 @@ pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
     let (status, code, message, details) = if let Some(e) = err.downcast_ref::<Error>() {
         let (status, code) = status_and_code(e);
         let details = match e {
-            Error::Validation(d) | Error::Unprocessable(d) => Some(details_json(d)),
+            Error::Validation(d) | Error::Unprocessable(d) => Some(d.as_slice()),
             _ => None,
         };
         let message = match e {
@@ -133,27 +145,25 @@ pub fn error_response(err: &poem::Error, correlation_id: &str) -> Response {
     envelope(status, code, &message, details, correlation_id)
 }
 
-pub fn envelope(
+fn envelope(
     status: StatusCode,
     code: &str,
     message: &str,
-    details: Option<Value>,
+    details: Option<&[FieldError]>,
     correlation_id: &str,
 ) -> Response {
-    let mut body = json!({
-        "success": false,
-        "error": message,
-        "code": code,
-        "timestamp": crate::time::format(crate::time::Clock::now(&crate::time::SystemClock)),
-        "correlationId": correlation_id,
-    });
-    if let Some(d) = details {
-        body["validationDetails"] = d;
-    }
+    let body = Envelope {
+        success: false,
+        error: message,
+        code,
+        timestamp: crate::time::format(crate::time::Clock::now(&crate::time::SystemClock)),
+        correlation_id,
+        validation_details: details,
+    };
     Response::builder()
         .status(status)
         .content_type("application/json; charset=utf-8")
-        .body(body.to_string())
+        .body(serde_json::to_vec(&body).expect("the envelope serializes"))
 }
 
 /// The error side of every operation: any failure, carried to `frame` as a

@@ -475,24 +475,53 @@ fn metrics_json(state: &State) -> Response {
     let uptime = state.started.elapsed().as_secs_f64();
     let (rss, cpu_secs) = telemetry::process_usage();
     let sessions = state.store.session_count().unwrap_or(0);
-    let body = serde_json::json!({
-        "success": true,
-        "data": {
-            "requests_total": total,
-            "requests_success": total - errors,
-            "requests_error": errors,
-            "response_time_avg": if total == 0 { 0.0 } else { micros as f64 / total as f64 / 1000.0 },
-            "active_sessions": sessions,
-            "system": {
-                "memory_usage": rss as f64 / 1_048_576.0,
-                "cpu_usage": if uptime > 0.0 { cpu_secs / uptime * 100.0 } else { 0.0 },
-                "uptime": uptime.floor() as u64,
-            }
-        }
-    });
+    // Structs rather than `json!`, so the fields come out in the seed's order.
+    #[derive(serde::Serialize)]
+    struct Body {
+        success: bool,
+        data: Data,
+    }
+    #[derive(serde::Serialize)]
+    struct Data {
+        requests_total: u64,
+        requests_success: u64,
+        requests_error: u64,
+        response_time_avg: f64,
+        active_sessions: u64,
+        system: System,
+    }
+    #[derive(serde::Serialize)]
+    struct System {
+        memory_usage: f64,
+        cpu_usage: f64,
+        uptime: u64,
+    }
+    let body = Body {
+        success: true,
+        data: Data {
+            requests_total: total,
+            requests_success: total - errors,
+            requests_error: errors,
+            response_time_avg: if total == 0 {
+                0.0
+            } else {
+                micros as f64 / total as f64 / 1000.0
+            },
+            active_sessions: sessions,
+            system: System {
+                memory_usage: rss as f64 / 1_048_576.0,
+                cpu_usage: if uptime > 0.0 {
+                    cpu_secs / uptime * 100.0
+                } else {
+                    0.0
+                },
+                uptime: uptime.floor() as u64,
+            },
+        },
+    };
     Response::builder()
         .content_type("application/json; charset=utf-8")
-        .body(body.to_string())
+        .body(serde_json::to_vec(&body).expect("the body serializes"))
 }
 
 /// Paths anyone may call without credentials.

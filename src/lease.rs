@@ -420,6 +420,22 @@ mod tests {
         assert_eq!(t.error.as_deref(), Some("y"));
     }
 
+    /// Without a retry delay (the default) a failed task is ready again at once: not filed
+    /// as delayed, no `notBefore`, nothing for the scheduler to promote.
+    #[test]
+    fn a_failure_without_back_off_is_ready_at_once() {
+        let mut t = queued(1);
+        claim(&mut t, "a", 1, &RULES, 0);
+        assert_eq!(
+            fail(&mut t, "a", None, "x".into(), true, &RULES, 10),
+            Ok(true)
+        );
+        assert_eq!(t.status, TaskStatus::Queued);
+        assert!(!t.delayed);
+        assert_eq!(t.not_before, None);
+        assert!(!promote(&mut t, 10));
+    }
+
     #[test]
     fn a_task_keeps_its_last_100_attempts_and_counts_on() {
         let mut t = queued(0);

@@ -346,5 +346,13 @@ mod tests {
         assert_eq!(a, b);
         lease(&mut b, 2, "b", MIN);
         assert_ne!(a, b);
+        // The same holder under another expiry, and another holder under the same expiry,
+        // are other leases.
+        let mut later = Leases::default();
+        lease(&mut later, 1, "a", MIN + 1);
+        assert_ne!(a, later);
+        let mut other = Leases::default();
+        lease(&mut other, 1, "z", MIN);
+        assert_ne!(a, other);
     }
 }

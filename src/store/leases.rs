@@ -329,6 +329,10 @@ mod tests {
         assert!(fresh.due(10).is_empty());
         fresh.set_time(3_600_000 + MIN - 1_000, MIN);
         assert_eq!(fresh.due(10), vec![1]);
+        // Task 2's lease changed (extended), so it keeps its new deadline, not the old one: a
+        // second forward step does not make it due before that.
+        fresh.set_time(2 * 3_600_000, MIN);
+        assert_eq!(fresh.due(10), vec![1]);
         fresh.set_time(3_600_000 + MIN, 1_000 + MIN);
         assert_eq!(fresh.due(10), vec![1, 2]);
     }

@@ -1178,22 +1178,36 @@ mod batch_tests {
 
     /// A batch that fails after a claim rolls the claim back, in the file and in the writer's
     /// lease cache: the agent holds nothing, and the task goes to the next agent that asks.
+    /// The leases committed before it stay in the cache: their holder resumes.
     #[test]
     fn a_failed_batch_leaves_no_lease_behind() {
         let dir = tempfile::tempdir().unwrap();
         let (store, rt, pid) = with_project(&dir);
-        add_tasks(&rt, &store, &pid, 1);
+        add_tasks(&rt, &store, &pid, 2);
+        let c = claim(&rt, &store, &pid, "c").expect("a task for c");
+        let committed = store.hub.first_lease();
+        assert!(committed.is_some());
         let key = pid.clone();
         let failed = rt.block_on(store.write(move |w| {
             write::next_task(w, &key, "a", None, write::no_check)?;
             Err::<(), _>(Error::Storage("injected after the claim".into()))
         }));
         assert!(matches!(failed, Err(Error::Storage(_))));
-        assert_eq!(store.hub.first_lease(), None, "no lease is outstanding");
+        assert_eq!(
+            store.hub.first_lease(),
+            committed,
+            "only c's lease is outstanding"
+        );
         let b = claim(&rt, &store, &pid, "b");
         assert!(b.is_some(), "the task is still queued");
+        assert_ne!(b.as_ref(), Some(&c));
         assert_eq!(claim(&rt, &store, &pid, "a"), None, "agent a holds nothing");
         assert_eq!(claim(&rt, &store, &pid, "b"), b, "agent b resumes its task");
+        assert_eq!(
+            claim(&rt, &store, &pid, "c"),
+            Some(c),
+            "agent c resumes the task it held before the failed batch"
+        );
         store.close();
     }
 

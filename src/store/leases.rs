@@ -244,9 +244,12 @@ mod tests {
     #[test]
     fn without_a_step_a_lease_is_due_at_its_expiry() {
         let mut l = Leases::default();
+        assert!(l.is_empty());
         l.set_time(1_000, 0);
         lease(&mut l, 1, "a", 1_000 + MIN);
         lease(&mut l, 2, "b", 1_000 + 2 * MIN);
+        assert!(!l.is_empty());
+        assert_eq!(l.len(), 2);
         assert_eq!(l.next_due(), Some(1_000 + MIN));
         l.set_time(1_000 + MIN - 1, MIN - 1);
         assert!(l.due(10).is_empty());

@@ -628,6 +628,11 @@ mod tests {
         assert_eq!(key_id_of(&k), Some(id));
         assert_eq!(key_id_of("aq_zz"), None);
         assert_eq!(key_id_of("some-operator-chosen-key"), None);
+        // Either part of the wrong length: not our format (such a text can only be the
+        // operator-supplied admin key, checked against that key's hash).
+        let (head, secret) = k.rsplit_once('_').unwrap();
+        assert_eq!(key_id_of(&format!("{head}_{}", &secret[1..])), None);
+        assert_eq!(key_id_of(&format!("{head}0_{secret}")), None);
         assert_ne!(new_session_token(), new_session_token());
     }
 

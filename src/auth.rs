@@ -221,6 +221,11 @@ pub struct Limiter<K> {
 
 const WINDOW: Duration = Duration::from_secs(60);
 
+/// Past this many keys, a check first drops the windows that have ended, so that a flood of
+/// distinct keys (client addresses, for failed authentications) cannot grow the map without
+/// bound.
+const PRUNE_PAST: usize = 100_000;
+
 impl<K: Hash + Eq + Copy> Limiter<K> {
     pub fn new(limit: u32) -> Self {
         Limiter {
@@ -235,9 +240,12 @@ impl<K: Hash + Eq + Copy> Limiter<K> {
 
     /// Counts one request of `key` (when `take`) and says whether it may pass.
     pub fn check(&self, key: K, take: bool) -> RateInfo {
-        let now = Instant::now();
+        self.check_at(key, take, Instant::now())
+    }
+
+    fn check_at(&self, key: K, take: bool, now: Instant) -> RateInfo {
         let mut map = self.windows.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 100_000 {
+        if map.len() > PRUNE_PAST {
             map.retain(|_, (start, _)| now.duration_since(*start) < WINDOW);
         }
         let entry = map.entry(key).or_insert((now, 0));
@@ -619,6 +627,32 @@ mod tests {
             let got = [Read, ManageProjects, ManageTasks, Work, Admin].map(|r| grants(role, r));
             assert_eq!(got, want, "{role:?}");
         }
+    }
+
+    /// The windows of a flood of distinct keys are dropped once they have ended; live ones stay.
+    #[test]
+    fn a_limiter_drops_ended_windows_past_its_size() {
+        let limiter = Limiter::<u64>::new(10);
+        let start = Instant::now();
+        for k in 0..=PRUNE_PAST as u64 {
+            limiter.check_at(k, true, start);
+        }
+        let len = || limiter.windows.lock().unwrap().len();
+        assert_eq!(len(), PRUNE_PAST + 1, "all windows still running");
+        limiter.check_at(0, true, start + WINDOW / 2);
+        assert_eq!(len(), PRUNE_PAST + 1, "no window has ended yet");
+        let later = start + WINDOW + Duration::from_secs(1);
+        let info = limiter.check_at(u64::MAX, true, later);
+        assert!(info.allowed);
+        assert_eq!(len(), 1, "only the new key's window is left");
+
+        // Up to the size, ended windows are left alone (each is reset on its key's next use).
+        let small = Limiter::<u64>::new(10);
+        for k in 0..PRUNE_PAST as u64 {
+            small.check_at(k, true, start);
+        }
+        small.check_at(u64::MAX, true, later);
+        assert_eq!(small.windows.lock().unwrap().len(), PRUNE_PAST + 1);
     }
 
     #[test]

@@ -293,6 +293,46 @@ async fn requests_without_valid_credentials_get_401() {
     assert_eq!(docs.status().as_u16(), 200);
 }
 
+/// A key is its secret, not its id: the id of a real key with any other secret is refused,
+/// and so is any text other than an operator-chosen admin key (which has no id to look up,
+/// so every unformatted text is checked against its hash).
+#[tokio::test]
+async fn a_known_key_id_with_another_secret_gets_401() {
+    let app = spawn_app().await;
+    let (_, agent_key) = app.key("agent", None).await;
+    for real in [app.admin_key.clone(), agent_key] {
+        let (head, secret) = real.rsplit_once('_').unwrap();
+        let last = secret.chars().last().unwrap();
+        let flipped = if last == '0' { '1' } else { '0' };
+        let forged = format!("{head}_{}{flipped}", &secret[..secret.len() - 1]);
+        let r = app
+            .call_with(&client_with_key(&forged), "GET", "/api/projects", None)
+            .await;
+        assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"), "{forged}");
+        let r = app
+            .call_with(&client_with_key(&real), "GET", "/api/projects", None)
+            .await;
+        assert_eq!(r.status, 200);
+    }
+
+    let chosen = "an-operator-chosen-admin-key-0123";
+    let dir = tempfile::tempdir().unwrap();
+    let app = start_with_key(dir, None, Some(chosen.into()), |c| {
+        c.admin_key = Some(chosen.into())
+    })
+    .await;
+    for other in ["an-operator-chosen-admin-key-0124", "anything-else-at-all"] {
+        let r = app
+            .call_with(&client_with_key(other), "GET", "/api/projects", None)
+            .await;
+        assert_eq!((r.status, r.code()), (401, "UNAUTHORIZED"), "{other}");
+    }
+    let r = app
+        .call_with(&client_with_key(chosen), "GET", "/api/projects", None)
+        .await;
+    assert_eq!(r.status, 200);
+}
+
 #[tokio::test]
 async fn a_scoped_key_sees_only_its_projects() {
     let app = spawn_app().await;

@@ -670,6 +670,14 @@ async fn sessions_bind_agent_and_project_and_expire() {
             .status,
         401
     );
+    // And stays refused later on, whatever the credential cache holds.
+    app.advance(60_000).await;
+    assert_eq!(
+        app.call_with(&s, "GET", "/api/auth/session", None)
+            .await
+            .status,
+        401
+    );
     // The sweep removed it from storage.
     let server = app.server.as_ref().unwrap();
     assert!(server

@@ -564,6 +564,62 @@ async fn keys_are_shown_once_and_never_stored_in_clear() {
     );
 }
 
+/// A key records when it was last used (the key listing's `lastUsedAt`) and a session its
+/// last activity (`GET /api/auth/session`), written just after the request that used them.
+#[tokio::test]
+async fn keys_and_sessions_record_their_last_use() {
+    let app = spawn_with_manual_clock().await;
+    app.project("p").await;
+    let (id, key) = app.key("agent", None).await;
+    let last_used = || async {
+        let keys = app.get("/api/keys").await;
+        keys.data()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["id"] == id.as_str())
+            .expect("the key is listed")["lastUsedAt"]
+            .clone()
+    };
+    assert_eq!(last_used().await, Value::Null, "never used");
+    app.advance(5_000).await;
+    let c = client_with_key(&key);
+    assert_eq!(
+        app.call_with(&c, "GET", "/api/projects", None).await.status,
+        200
+    );
+    let mut used = Value::Null;
+    for _ in 0..100 {
+        used = last_used().await;
+        if !used.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(used.is_string(), "lastUsedAt was never written");
+
+    let r = login(&app, &c, "p").await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let s = bearer_client(r.data()["token"].as_str().unwrap());
+    // The session's first use comes 7 s after its login, so its activity is then later than
+    // its creation (the write follows the request: look until it shows).
+    app.advance(7_000).await;
+    let (mut created, mut activity) = (String::new(), String::new());
+    for _ in 0..100 {
+        let r = app.call_with(&s, "GET", "/api/auth/session", None).await;
+        created = r.data()["createdAt"].as_str().unwrap().to_string();
+        activity = r.data()["lastActivity"].as_str().unwrap().to_string();
+        if activity != created {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(
+        activity > created,
+        "lastActivity {activity}, created {created}"
+    );
+}
+
 #[tokio::test]
 async fn sessions_bind_agent_and_project_and_expire() {
     let app = spawn_with_manual_clock().await;

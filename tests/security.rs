@@ -562,6 +562,33 @@ async fn keys_are_shown_once_and_never_stored_in_clear() {
         app.delete(&format!("/api/keys/{admin_id}")).await.status,
         409
     );
+    // With a second admin key either may go, but not both; other keys do not count.
+    let (second, second_key) = app.key("admin", None).await;
+    app.key("agent", None).await;
+    assert_eq!(app.delete(&format!("/api/keys/{second}")).await.status, 200);
+    assert_eq!(
+        app.delete(&format!("/api/keys/{admin_id}")).await.status,
+        409,
+        "the last admin key, beside agent and viewer keys"
+    );
+    app.key("admin", None).await;
+    let second_client = client_with_key(&second_key);
+    assert_eq!(
+        app.call_with(&second_client, "GET", "/api/keys", None)
+            .await
+            .status,
+        401,
+        "a revoked admin key"
+    );
+    assert_eq!(
+        app.delete(&format!("/api/keys/{admin_id}")).await.status,
+        200
+    );
+    assert_eq!(
+        app.get("/api/keys").await.status,
+        401,
+        "the test's own admin key is gone"
+    );
 }
 
 /// A key records when it was last used (the key listing's `lastUsedAt`) and a session its

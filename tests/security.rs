@@ -746,7 +746,16 @@ async fn sessions_bind_agent_and_project_and_expire() {
             .status,
         200
     );
+    let active_sessions = || async {
+        let r = reqwest::get(format!("{}/metrics/json", app.base))
+            .await
+            .unwrap();
+        r.json::<Value>().await.unwrap()["data"]["active_sessions"].clone()
+    };
+    assert_eq!(active_sessions().await, 1);
     app.advance(1).await;
+    // Expired, whether or not the sweep has removed it yet.
+    assert_eq!(active_sessions().await, 0);
     assert_eq!(
         app.call_with(&s, "GET", "/api/auth/session", None)
             .await

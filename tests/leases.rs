@@ -769,3 +769,39 @@ async fn producers_and_agents_at_once_keep_the_counts_exact() {
         );
     }
 }
+
+/// On the real clock the reaper sleeps until the next lease falls due and reclaims it then
+/// (the other tests move a manual clock, which wakes the reaper itself). A 6-second lease is
+/// back in the queue well within 30 s, never before its expiry.
+#[tokio::test]
+async fn on_the_real_clock_the_reaper_wakes_when_a_lease_falls_due() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let t = app
+        .task_type(&p, json!({"name": "short", "leaseDurationMinutes": 0.1}))
+        .await;
+    let id = app
+        .task(&p, json!({"typeId": t, "instructions": "x"}))
+        .await;
+    let started = std::time::Instant::now();
+    let held = app.next("a", json!({"projectId": p})).await;
+    assert_eq!(held["id"], id.as_str());
+    let mut status = String::new();
+    while started.elapsed() < std::time::Duration::from_secs(30) {
+        let task = app.get(&format!("/api/tasks/{id}")).await;
+        status = task.data()["status"].as_str().unwrap().to_string();
+        if status != "running" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(status, "queued", "the lease was not reclaimed within 30 s");
+    assert!(started.elapsed() >= std::time::Duration::from_secs(6));
+    let attempts = app.get(&format!("/api/tasks/{id}/attempts")).await;
+    assert_eq!(
+        attempts.data()[0]["outcome"],
+        "timeout",
+        "{:?}",
+        attempts.body
+    );
+}

@@ -6,11 +6,13 @@
 
 use crate::lease::LeaseError;
 
-/// One field that broke a rule: the contract's `validationDetails` entry.
-#[derive(Debug, Clone, PartialEq)]
+/// One field that broke a rule: the contract's `validationDetails` entry (serialized as
+/// that entry).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub value: Option<serde_json::Value>,
 }
 

@@ -16,6 +16,8 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
+use crate::hub::Hub;
+use crate::model::Millis;
 use crate::store::access::sweep_sessions;
 use crate::store::write::{promote_due, reclaim_expired, Reclaimed, TIMER_BATCH};
 use crate::store::Store;
@@ -91,11 +93,9 @@ pub async fn run(store: Arc<Store>) {
                     // pause rather than spin on it, longer each time in a row; a timer that
                     // falls due within the pause still wakes it.
                     let pause_ms = empty_pause.as_millis() as i64;
-                    hub.set_timer_deadline(store.clock.now().saturating_add(pause_ms));
-                    tokio::select! {
-                        _ = tokio::time::sleep(empty_pause) => {}
-                        _ = hub.timer.notified() => {}
-                        _ = hub.shutting_down() => return,
+                    let until = store.clock.now().saturating_add(pause_ms);
+                    if !wait(&hub, until, empty_pause).await {
+                        return;
                     }
                     empty_pause = (empty_pause * 2).min(MAX_EMPTY_PASS_PAUSE);
                 }
@@ -111,17 +111,24 @@ pub async fn run(store: Arc<Store>) {
             continue;
         }
         empty_pause = EMPTY_PASS_PAUSE;
-        let deadline = next.unwrap_or(i64::MAX);
-        hub.set_timer_deadline(deadline);
         let sleep = match next {
             Some(at) => Duration::from_millis((at - now).max(0) as u64).min(MAX_SLEEP),
             None => MAX_SLEEP,
         };
-        tokio::select! {
-            _ = tokio::time::sleep(sleep) => {}
-            _ = hub.timer.notified() => {}
-            _ = hub.shutting_down() => return,
+        if !wait(&hub, next.unwrap_or(i64::MAX), sleep).await {
+            return;
         }
+    }
+}
+
+/// Sleeps for `sleep`, or until a timer earlier than `deadline` (wall clock) is set; false
+/// when the server is shutting down.
+async fn wait(hub: &Hub, deadline: Millis, sleep: Duration) -> bool {
+    hub.set_timer_deadline(deadline);
+    tokio::select! {
+        _ = tokio::time::sleep(sleep) => true,
+        _ = hub.timer.notified() => true,
+        _ = hub.shutting_down() => false,
     }
 }
 

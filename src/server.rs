@@ -253,14 +253,7 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
         )));
     }
     let store = Store::open(db, Arc::new(SystemClock))?;
-    let auth = Authenticator::new(
-        store.clone(),
-        0,
-        SessionLimits {
-            ttl_ms: 0,
-            per_key: 0,
-        },
-    );
+    let auth = Authenticator::new(store.clone(), 0, SessionLimits::default());
     let id = uuid::Uuid::now_v7().as_u128();
     let text = crate::auth::new_key_text(id);
     let added = async {

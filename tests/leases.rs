@@ -786,15 +786,12 @@ async fn on_the_real_clock_the_reaper_wakes_when_a_lease_falls_due() {
     let started = std::time::Instant::now();
     let held = app.next("a", json!({"projectId": p})).await;
     assert_eq!(held["id"], id.as_str());
-    let mut status = String::new();
-    while started.elapsed() < std::time::Duration::from_secs(30) {
+    let status = || async {
         let task = app.get(&format!("/api/tasks/{id}")).await;
-        status = task.data()["status"].as_str().unwrap().to_string();
-        if status != "running" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        task.data()["status"].as_str().unwrap().to_string()
+    };
+    let limit = std::time::Duration::from_secs(30);
+    let status = eventually(limit, status, |s| s != "running").await;
     assert_eq!(status, "queued", "the lease was not reclaimed within 30 s");
     assert!(started.elapsed() >= std::time::Duration::from_secs(6));
     let attempts = app.get(&format!("/api/tasks/{id}/attempts")).await;

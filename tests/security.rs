@@ -615,14 +615,8 @@ async fn keys_and_sessions_record_their_last_use() {
         app.call_with(&c, "GET", "/api/projects", None).await.status,
         200
     );
-    let mut used = Value::Null;
-    for _ in 0..100 {
-        used = last_used().await;
-        if !used.is_null() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    let limit = std::time::Duration::from_secs(5);
+    let used = eventually(limit, last_used, |v| !v.is_null()).await;
     assert!(used.is_string(), "lastUsedAt was never written");
 
     let r = login(&app, &c, "p").await;
@@ -631,16 +625,12 @@ async fn keys_and_sessions_record_their_last_use() {
     // The session's first use comes 7 s after its login, so its activity is then later than
     // its creation (the write follows the request: look until it shows).
     app.advance(7_000).await;
-    let (mut created, mut activity) = (String::new(), String::new());
-    for _ in 0..100 {
+    let session = || async {
         let r = app.call_with(&s, "GET", "/api/auth/session", None).await;
-        created = r.data()["createdAt"].as_str().unwrap().to_string();
-        activity = r.data()["lastActivity"].as_str().unwrap().to_string();
-        if activity != created {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        let field = |name: &str| r.data()[name].as_str().unwrap().to_string();
+        (field("createdAt"), field("lastActivity"))
+    };
+    let (created, activity) = eventually(limit, session, |(c, a)| a != c).await;
     assert!(
         activity > created,
         "lastActivity {activity}, created {created}"

@@ -81,21 +81,6 @@ struct Envelope<'a> {
     validation_details: Option<&'a [FieldError]>,
 }
 
-impl serde::Serialize for FieldError {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let mut o = s.serialize_struct("FieldError", 3)?;
-        o.serialize_field("field", &self.field)?;
-        o.serialize_field("message", &self.message)?;
-        if let Some(value) = &self.value {
-            o.serialize_field("value", value)?;
-        } else {
-            o.skip_field("value")?;
-        }
-        o.end()
-    }
-}
-
 /// The answer to a write the storage refused before applying it.
 const NOT_APPLIED: &str = "storage is unavailable; the request was not applied";
 

@@ -134,8 +134,9 @@ pub fn touch_key(w: &mut W, id: u128) -> Result<()> {
     Ok(())
 }
 
-/// The server's rules for new sessions.
-#[derive(Debug, Clone, Copy)]
+/// The server's rules for new sessions (the default, all zero, is for a tool that makes
+/// none).
+#[derive(Debug, Clone, Copy, Default)]
 pub struct SessionLimits {
     /// Lifetime of a new session.
     pub ttl_ms: i64,

@@ -17,6 +17,24 @@ pub struct TestApp {
     pub clock: Option<Arc<ManualClock>>,
 }
 
+/// What `look` answers once `done` holds for it, asking again every 10 ms for up to `limit`
+/// (what the server writes or counts after an answer shows a moment later); the last answer
+/// if it never does, for the caller's assertion to show.
+pub async fn eventually<T, F: std::future::Future<Output = T>>(
+    limit: std::time::Duration,
+    mut look: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let start = std::time::Instant::now();
+    loop {
+        let seen = look().await;
+        if done(&seen) || start.elapsed() >= limit {
+            return seen;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// The `id` of every item of a listing's `data`.
 pub fn ids(list: &Value) -> Vec<String> {
     list.as_array()
@@ -264,15 +282,8 @@ impl TestApp {
     /// 5 s (what the server counts after an answer or a disconnect shows a moment later); the
     /// last value seen if it never rises.
     pub async fn metric_above(&self, name: &str, floor: f64) -> f64 {
-        let mut value = self.metric(name).await;
-        for _ in 0..500 {
-            if value > floor {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            value = self.metric(name).await;
-        }
-        value
+        let limit = std::time::Duration::from_secs(5);
+        eventually(limit, || self.metric(name), |v| *v > floor).await
     }
 
     /// One scrape of this server's `/metrics`.

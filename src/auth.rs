@@ -312,6 +312,16 @@ pub enum AuthError {
     Store(Error),
 }
 
+/// Why the first admin key was not created.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    #[error(transparent)]
+    Store(#[from] crate::error::Error),
+    /// The generated key could not be shown (stdout closed or full), so it was not stored.
+    #[error("cannot show the key: {0}")]
+    Show(std::io::Error),
+}
+
 pub struct Authenticator {
     store: Arc<Store>,
     cache: Mutex<HashMap<[u8; 32], Cached>>,
@@ -369,8 +379,13 @@ impl Authenticator {
     }
 
     /// Creates the first admin key on an empty database. Returns the key text when it was
-    /// generated here (the caller prints it once); None when keys exist or one was given.
-    pub async fn bootstrap(&self, given: Option<String>) -> Result<Option<String>> {
+    /// generated here; None when keys exist or one was given. A generated key is handed to
+    /// `show` before it is stored: if that fails, nothing is stored.
+    pub async fn bootstrap(
+        &self,
+        given: Option<String>,
+        show: impl FnOnce(&str) -> std::io::Result<()>,
+    ) -> Result<Option<String>, BootstrapError> {
         if !self.store.keys()?.is_empty() {
             if given.is_some() {
                 // Said, because an operator may expect the file to replace the keys.
@@ -390,6 +405,9 @@ impl Authenticator {
             },
             None => (new_key_text(fresh), fresh, false, true),
         };
+        if generated {
+            show(&text).map_err(BootstrapError::Show)?;
+        }
         let hash = self.hash(text.clone()).await?;
         let created = self
             .store

@@ -188,6 +188,11 @@ fn end_failed(
 }
 
 /// The holder reports failure. Returns whether the task will be retried.
+///
+/// A repeat by the agent of the last attempt, after its fail was applied and before the task
+/// was claimed again, is accepted without change (its answer may have been lost, in a crash
+/// say); with a token, only the token of that attempt's lease repeats it. Its `willRetry` is
+/// what the task as it stands says: queued again, or not (failed, or cancelled since).
 pub fn fail(
     task: &mut Task,
     agent: &str,
@@ -197,6 +202,16 @@ pub fn fail(
     rules: &Rules,
     now: Millis,
 ) -> Result<bool, LeaseError> {
+    if task.status != TaskStatus::Running {
+        let repeat = task.attempts.last().is_some_and(|a| {
+            a.agent_name == agent
+                && a.outcome == Outcome::Failed
+                && token.is_none_or(|t| token_attempt(t) == a.attempt)
+        });
+        if repeat {
+            return Ok(task.status == TaskStatus::Queued);
+        }
+    }
     check_holder(task, agent, token)?;
     Ok(end_failed(
         task,
@@ -459,6 +474,67 @@ mod tests {
             Ok(Completion::AlreadyCompleted),
             "the repeat of a complete still knows its attempt"
         );
+    }
+
+    /// A fail whose answer was lost is repeated by its agent (with its token, or without
+    /// one): the same answer, nothing changed; another agent, an older attempt's token, or a
+    /// repeat after the task was claimed again are refused.
+    #[test]
+    fn a_repeated_fail_answers_as_the_first_did() {
+        let mut t = queued(1);
+        claim(&mut t, "a", 7, &RULES, 0);
+        let first = t.lease.as_ref().unwrap().token;
+        assert_eq!(
+            fail(&mut t, "a", Some(first), "x".into(), true, &RULES, 1),
+            Ok(true)
+        );
+        let after = t.clone();
+        assert_eq!(
+            fail(&mut t, "a", Some(first), "x".into(), true, &RULES, 2),
+            Ok(true)
+        );
+        assert_eq!(
+            fail(&mut t, "a", None, "y".into(), true, &RULES, 3),
+            Ok(true)
+        );
+        assert_eq!(t, after, "a repeat changes nothing");
+        assert!(matches!(
+            fail(&mut t, "b", None, "x".into(), true, &RULES, 4),
+            Err(LeaseError::LeaseLost(_))
+        ));
+        // The second and last attempt fails for good; the first attempt's token is stale.
+        claim(&mut t, "a", 7, &RULES, 5);
+        assert!(matches!(
+            fail(&mut t, "a", Some(first), "x".into(), true, &RULES, 6),
+            Err(LeaseError::LeaseLost(_))
+        ));
+        let second = t.lease.as_ref().unwrap().token;
+        assert_eq!(
+            fail(&mut t, "a", Some(second), "z".into(), true, &RULES, 7),
+            Ok(false)
+        );
+        assert_eq!(
+            fail(&mut t, "a", Some(second), "z".into(), true, &RULES, 8),
+            Ok(false)
+        );
+        assert!(matches!(
+            fail(&mut t, "a", Some(first), "x".into(), true, &RULES, 9),
+            Err(LeaseError::LeaseLost(_))
+        ));
+        assert_eq!(t.status, TaskStatus::Failed);
+        assert_eq!(t.attempts.len(), 2);
+    }
+
+    /// A lease that expired was not failed by its holder: a late fail is refused.
+    #[test]
+    fn a_fail_after_the_lease_expired_is_not_a_repeat() {
+        let mut t = queued(1);
+        claim(&mut t, "a", 7, &RULES, 0);
+        assert_eq!(reclaim(&mut t, &RULES, 60_000), Some(true));
+        assert!(matches!(
+            fail(&mut t, "a", None, "x".into(), true, &RULES, 60_001),
+            Err(LeaseError::LeaseLost(_))
+        ));
     }
 
     #[test]

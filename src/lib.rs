@@ -10,6 +10,7 @@
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
+//! - [`logs`]: the log's writer, which drops (and counts) what stderr refuses.
 //! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
 //! - [`time`]: the injected clock and the wire format of instants.
 //! - [`ids`]: task ids and the random part of lease tokens, without a system call each.
@@ -22,6 +23,7 @@ pub mod hub;
 pub mod ids;
 pub mod lease;
 pub mod listen;
+pub mod logs;
 pub mod model;
 pub mod scheduler;
 pub mod server;

@@ -9,6 +9,12 @@
 //!   bounds what a client that connects and sends nothing, or trickles a request head byte
 //!   by byte, can hold; a request in progress, a long-poll included, is never cut, and
 //!   neither is an answer still being sent (a client slowly reading a large listing).
+//! - **Request bodies must keep arriving.** A body that stalls (no byte for
+//!   [`Limits::body`]) or trickles (below [`MIN_BODY_RATE`] on average, past its first
+//!   [`Limits::body`]) fails its reader; the request is marked ([`BodyTimer`]) and answered
+//!   408, and its connection closed, by the request frame. Without it, a request whose body
+//!   never ends holds its connection (and a descriptor) forever, since a request in progress
+//!   is never idle.
 //! - **Sockets are tuned** as they are accepted: Nagle off, TCP keep-alive on.
 //!
 //! HTTP/1.1 and HTTP/2 (prior knowledge) are served as poem served them; every request goes
@@ -42,6 +48,8 @@ pub type App = Arc<dyn DynEndpoint<Output = poem::Response>>;
 pub struct Limits {
     /// Close a connection after this long without a request in progress; `None`: never.
     pub idle: Option<Duration>,
+    /// The longest wait for more of a request body; `None`: no limit (see [`TimedBody`]).
+    pub body: Option<Duration>,
     /// How long shutdown waits for requests in progress before it drops them.
     pub grace: Duration,
 }
@@ -159,7 +167,7 @@ pub async fn serve(
             stream,
             conn,
             closing.clone(),
-            limits.idle,
+            limits,
         ));
     }
     drop(listener);
@@ -204,21 +212,39 @@ async fn serve_connection(
     stream: TcpStream,
     conn: Arc<Connection>,
     mut closing: watch::Receiver<bool>,
-    idle: Option<Duration>,
+    limits: Limits,
 ) {
     let _open = crate::telemetry::connection_opened();
     let service = hyper::service::service_fn({
         let conn = conn.clone();
-        move |req| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
             let busy = conn.clone().begin();
             async move {
                 let conn = &busy.0;
-                let req = poem::Request::from((
-                    req,
-                    conn.local.clone(),
-                    conn.remote.clone(),
-                    poem::http::uri::Scheme::HTTP,
-                ));
+                let req = match limits.body {
+                    Some(limit) if !req.body().is_end_stream() => {
+                        let (mut parts, body) = req.into_parts();
+                        let timer = BodyTimer::default();
+                        parts.extensions.insert(timer.clone());
+                        let body = TimedBody::new(body, limit, timer);
+                        poem::Request::from_parts(
+                            (
+                                parts,
+                                conn.local.clone(),
+                                conn.remote.clone(),
+                                poem::http::uri::Scheme::HTTP,
+                            )
+                                .into(),
+                            http_body_util::combinators::BoxBody::new(body).into(),
+                        )
+                    }
+                    _ => poem::Request::from((
+                        req,
+                        conn.local.clone(),
+                        conn.remote.clone(),
+                        poem::http::uri::Scheme::HTTP,
+                    )),
+                };
                 let resp = conn.app.get_response(req).await;
                 // Busy until its answer has been handed to the socket, not only made.
                 let resp = hyper::Response::from(resp).map(|body| Sending {
@@ -232,7 +258,7 @@ async fn serve_connection(
     let http = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(http);
     let idle = async {
-        match idle {
+        match limits.idle {
             Some(limit) => conn.activity.idle_for(limit).await,
             None => std::future::pending().await,
         }
@@ -291,6 +317,125 @@ impl<B: Body + Unpin> Body for Sending<B> {
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
     }
+}
+
+/// The slowest a request body may arrive on average, in bytes a second, past its first
+/// [`Limits::body`]: Apache's `mod_reqtimeout` default. A body of the largest size the server
+/// takes (2 MiB by default) may so take up to about 70 minutes; one that trickles a byte now
+/// and then is cut after about [`Limits::body`].
+pub const MIN_BODY_RATE: u64 = 500;
+
+/// Set once a request's body took too long (see [`TimedBody`]); a request extension, which
+/// the request frame reads to answer 408 and close the connection.
+#[derive(Clone, Default, Debug)]
+pub struct BodyTimer(Arc<std::sync::atomic::AtomicBool>);
+
+impl BodyTimer {
+    /// Whether the body took too long.
+    pub fn expired(&self) -> bool {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// A request body that fails its reader with a `TimedOut` error when no byte of it came for
+/// `limit`, or when it came slower than [`MIN_BODY_RATE`] past its first `limit`. The timer
+/// starts only when the reader has to wait: a body that came with its head costs none.
+struct TimedBody {
+    inner: hyper::body::Incoming,
+    limit: Duration,
+    started: tokio::time::Instant,
+    received: u64,
+    /// The current wait's deadline; `rearm` after bytes came, for the next wait.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    rearm: bool,
+    timer: BodyTimer,
+}
+
+impl TimedBody {
+    fn new(inner: hyper::body::Incoming, limit: Duration, timer: BodyTimer) -> TimedBody {
+        TimedBody {
+            inner,
+            limit,
+            started: tokio::time::Instant::now(),
+            received: 0,
+            sleep: None,
+            rearm: false,
+            timer,
+        }
+    }
+
+    /// When the wait that begins now ends: `limit` from now, or sooner if the body is below
+    /// the minimum rate by then.
+    fn deadline(&self) -> tokio::time::Instant {
+        let stalled = tokio::time::Instant::now() + self.limit;
+        let slow = self.started
+            + self.limit
+            + Duration::from_millis(self.received.saturating_mul(1000) / MIN_BODY_RATE);
+        stalled.min(slow)
+    }
+}
+
+impl Body for TimedBody {
+    type Data = hyper::body::Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        if self.timer.expired() {
+            return Poll::Ready(Some(Err(body_timed_out())));
+        }
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    self.received += data.len() as u64;
+                }
+                self.rearm = true;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(std::io::Error::other(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let deadline = self.deadline();
+                let this = &mut *self;
+                let sleep = match &mut this.sleep {
+                    Some(sleep) => {
+                        if std::mem::take(&mut this.rearm) {
+                            sleep.as_mut().reset(deadline);
+                        }
+                        sleep
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        this.timer.0.store(true, Ordering::Release);
+                        crate::telemetry::body_timed_out();
+                        Poll::Ready(Some(Err(body_timed_out())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+fn body_timed_out() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the request body did not arrive in time",
+    )
 }
 
 /// Whether a connection has requests in progress, and since when it has had none.

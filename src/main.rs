@@ -103,6 +103,13 @@ struct ServeArgs {
           default_value_t = agentq::server::DEFAULT_IDLE_TIMEOUT.as_secs(),
           value_parser = clap::value_parser!(u64).range(0..=86_400))]
     idle_timeout_secs: u64,
+    /// Answer 408 and close the connection when a request body stalls this many seconds
+    /// without a byte, or arrives slower than 500 bytes/s on average past its first this many
+    /// seconds; 0 = never.
+    #[arg(long, env = "AGENTQ_BODY_TIMEOUT_SECS",
+          default_value_t = agentq::server::DEFAULT_BODY_TIMEOUT.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    body_timeout_secs: u64,
 }
 
 fn main() -> ExitCode {
@@ -112,17 +119,22 @@ fn main() -> ExitCode {
         Err(_) => match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
             Ok(f) => f,
             Err(e) => {
-                eprintln!("agentq: invalid --log-level {}: {e}", cli.log_level);
+                agentq::logs::say(format!(
+                    "agentq: invalid --log-level {}: {e}\n",
+                    cli.log_level
+                ));
                 return ExitCode::FAILURE;
             }
         },
     };
     // Colours only for a person at a terminal: a log file or the journal gets plain text.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    // A line stderr refuses is dropped and counted, never a panic (see `agentq::logs`).
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(colour)
-        .with_writer(std::io::stderr);
+        .log_internal_errors(false)
+        .with_writer(agentq::logs::Stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().init(),
@@ -152,12 +164,14 @@ fn main() -> ExitCode {
         Command::AddAdminKey(a) => {
             return match rt.block_on(agentq::server::add_admin_key(&a.db, &a.name)) {
                 Ok(key) => {
-                    eprintln!(
-                        "agentq: added an admin key to {} (shown only now):",
+                    agentq::logs::say(format!(
+                        "agentq: added an admin key to {} (shown only now):\n",
                         a.db.display()
-                    );
-                    println!("{key}");
-                    ExitCode::SUCCESS
+                    ));
+                    match agentq::server::print_stdout(&format!("{key}\n")) {
+                        Ok(()) => ExitCode::SUCCESS,
+                        Err(e) => fatal(cli.log_format, format_args!("cannot print the key: {e}")),
+                    }
                 }
                 Err(e) => fatal(cli.log_format, e),
             };
@@ -172,6 +186,8 @@ fn main() -> ExitCode {
     config.max_sessions_per_key = args.max_sessions_per_key;
     config.idle_timeout = (args.idle_timeout_secs > 0)
         .then(|| std::time::Duration::from_secs(args.idle_timeout_secs));
+    config.body_timeout = (args.body_timeout_secs > 0)
+        .then(|| std::time::Duration::from_secs(args.body_timeout_secs));
     config.admin_key = match (args.admin_key, args.admin_key_file) {
         (Some(k), _) => Some(k),
         (None, Some(path)) => match std::fs::read_to_string(&path) {
@@ -211,7 +227,7 @@ fn main() -> ExitCode {
 /// `--log-format json`, so that stderr then carries only JSON.
 fn fatal(format: LogFormat, message: impl std::fmt::Display) -> ExitCode {
     match format {
-        LogFormat::Text => eprintln!("agentq: {message}"),
+        LogFormat::Text => agentq::logs::say(format!("agentq: {message}\n")),
         LogFormat::Json => tracing::error!("{message}"),
     }
     ExitCode::FAILURE

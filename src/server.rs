@@ -22,6 +22,10 @@ use crate::time::{Clock, SystemClock};
 /// Longer than the longest long-poll, and than the usual heartbeat of a working agent.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The longest wait for more of a request body before it is answered 408 (see
+/// [`crate::listen`]).
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// How long shutdown waits for in-flight requests.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
@@ -47,7 +51,17 @@ pub struct Config {
     pub opener: crate::store::Opener,
     /// Close a connection after this long without a request in progress; `None`: never.
     pub idle_timeout: Option<Duration>,
+    /// The longest wait for more of a request body (408 after it); `None`: no limit.
+    pub body_timeout: Option<Duration>,
+    /// Shows the admin key generated on the first start of an empty database, before it is
+    /// stored: if it fails, the start fails and no key is stored (a key shown to nobody must
+    /// not exist). `None`: not shown (it is in [`Server::generated_admin_key`]); [`run`]
+    /// prints it on stdout.
+    pub show_admin_key: Option<ShowKey>,
 }
+
+/// See [`Config::show_admin_key`].
+pub type ShowKey = Arc<dyn Fn(&str) -> std::io::Result<()> + Send + Sync>;
 
 impl Config {
     pub fn new(db: impl Into<PathBuf>, bind: impl Into<String>) -> Self {
@@ -64,6 +78,8 @@ impl Config {
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             opener: Arc::new(crate::store::disk::file_backend),
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
+            body_timeout: Some(DEFAULT_BODY_TIMEOUT),
+            show_admin_key: None,
         }
     }
 }
@@ -76,6 +92,8 @@ pub enum StartError {
     Bind(String, std::io::Error),
     #[error("cannot create the admin key: {0}")]
     Bootstrap(crate::error::Error),
+    #[error("cannot show the new admin key on stdout ({0}); no key was created")]
+    ShowKey(std::io::Error),
 }
 
 /// A running server.
@@ -143,11 +161,19 @@ impl Server {
                 return Err(bind_error(e));
             }
         };
-        let generated_admin_key = match auth.bootstrap(config.admin_key.clone()).await {
+        let show = config.show_admin_key.clone();
+        let bootstrap = auth.bootstrap(config.admin_key.clone(), move |key| match show {
+            Some(show) => show(key),
+            None => Ok(()),
+        });
+        let generated_admin_key = match bootstrap.await {
             Ok(k) => k,
             Err(e) => {
                 abandon(store, creates_file.then_some(&config.db));
-                return Err(StartError::Bootstrap(e));
+                return Err(match e {
+                    crate::auth::BootstrapError::Store(e) => StartError::Bootstrap(e),
+                    crate::auth::BootstrapError::Show(e) => StartError::ShowKey(e),
+                });
             }
         };
         let state = Arc::new(State {
@@ -174,6 +200,7 @@ impl Server {
         let hub = store.hub.clone();
         let limits = Limits {
             idle: config.idle_timeout,
+            body: config.body_timeout,
             grace: SHUTDOWN_GRACE,
         };
         let done = tokio::spawn(crate::listen::serve(
@@ -275,18 +302,33 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
     Ok(text)
 }
 
+/// Writes `text` to stdout and flushes it: an error (a closed or full stdout) is returned,
+/// never a panic as from `println!`.
+pub fn print_stdout(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
+}
+
 /// Runs until SIGINT, SIGTERM or SIGHUP, then shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), StartError> {
+pub async fn run(mut config: Config) -> Result<(), StartError> {
     // Before the server answers: a signal sent as soon as `/health` is up must find the
     // handlers, not the default action (which ends the process without closing the file).
     let stop = StopSignals::install();
+    // Printed once, on the first start of an empty database, before it is stored; only its
+    // hash is. On stdout, as `add-admin-key` does: stderr carries only log lines, which a
+    // collector may parse (`--log-format json`).
+    config.show_admin_key.get_or_insert_with(|| {
+        Arc::new(|key| {
+            print_stdout(&format!(
+                "\nagentq: created the first admin API key (shown only now, store it safely):\
+                 \n\n    {key}\n\nSend it as `X-API-Key: <key>` or `Authorization: Bearer <key>`; \
+                 create\nnarrower keys with POST /api/keys.\n\n"
+            ))
+        })
+    });
     let server = Server::start(config.clone()).await?;
-    if let Some(key) = &server.generated_admin_key {
-        // Printed once, on the first start of an empty database; only its hash is stored. On
-        // stdout, as `add-admin-key` does: stderr carries only log lines, which a collector
-        // may parse (`--log-format json`).
-        println!("\nagentq: created the first admin API key (shown only now, store it safely):\n\n    {key}\n\nSend it as `X-API-Key: <key>` or `Authorization: Bearer <key>`; create\nnarrower keys with POST /api/keys.\n");
-    }
     tracing::info!(
         version = api::VERSION,
         db = %config.db.display(),

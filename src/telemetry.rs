@@ -144,6 +144,16 @@ fn describe() {
         "Tasks running under a lease, by project."
     );
     describe_gauge!(
+        "agentq_storage_writable",
+        "1 while writes reach the disk; 0 from a storage error (a full disk, a failed sync) \
+         until a write succeeds again, as /health's \"degraded\"."
+    );
+    describe_counter!(
+        "agentq_log_lines_dropped_total",
+        "Log lines that could not be written to stderr (a full disk, a closed pipe) and were \
+         dropped; the server goes on."
+    );
+    describe_gauge!(
         "agentq_build_info",
         "Always 1; the version label names the build."
     );
@@ -177,6 +187,11 @@ fn describe() {
         "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
     );
     describe_counter!(
+        "agentq_http_body_timeouts_total",
+        "Requests whose body stalled (--body-timeout-secs without a byte) or came slower than \
+         500 bytes/s; answered 408 and their connection closed."
+    );
+    describe_counter!(
         "agentq_long_polls_abandoned_total",
         "Long-polls (next-task with waitSeconds) whose client left before the answer; a client \
          timeout shorter than waitSeconds shows here."
@@ -197,6 +212,7 @@ fn describe() {
     counter!("agentq_http_connections_total").increment(0);
     counter!("agentq_http_connections_idle_closed_total").increment(0);
     counter!("agentq_http_accept_errors_total").increment(0);
+    counter!("agentq_http_body_timeouts_total").increment(0);
     counter!("agentq_long_polls_abandoned_total").increment(0);
     counter!("agentq_clock_steps_total").increment(0);
     gauge!("agentq_http_connections_open").increment(0.0);
@@ -323,6 +339,11 @@ pub fn connection_idle_closed() {
 }
 
 /// A failed accept.
+/// A request body that stalled or trickled past its limit (answered 408).
+pub fn body_timed_out() {
+    counter!("agentq_http_body_timeouts_total").increment(1);
+}
+
 pub fn accept_failed() {
     counter!("agentq_http_accept_errors_total").increment(1);
 }
@@ -514,6 +535,9 @@ pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Inst
     gauge!("agentq_long_poll_waiters").set(store.hub.waiters() as f64);
     gauge!("process_resident_memory_bytes").set(resident_bytes() as f64);
     gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
+    let writable = store.outage().is_none() && store.failure().is_none();
+    gauge!("agentq_storage_writable").set(if writable { 1.0 } else { 0.0 });
+    counter!("agentq_log_lines_dropped_total").absolute(crate::logs::lines_dropped());
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();
     let text = handle.render();

@@ -4,11 +4,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::binary::*;
 use common::*;
 use serde_json::{json, Value};
 
@@ -485,51 +486,6 @@ async fn a_project_delete_cut_short_is_finished_at_the_next_start() {
     assert_eq!(app.stats(&other).await["totalTasks"], 1);
 }
 
-const ADMIN_KEY: &str = "test-admin-key-for-the-binary";
-
-fn agentq_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_agentq")
-}
-
-/// Starts the real binary on a free port and returns it (killed when dropped) with its base
-/// URL.
-fn start_binary(db: &std::path::Path) -> (Reaped, String) {
-    let (mut cmd, base) = binary_command(Command::new(agentq_bin()), db);
-    (Reaped(cmd.spawn().unwrap()), base)
-}
-
-/// `cmd` (the binary, or a shell that execs it) with the arguments of a server on `db` and a
-/// free port, and the base URL.
-fn binary_command(mut cmd: Command, db: &std::path::Path) -> (Command, String) {
-    let port = free_port();
-    cmd.args(["serve", "--db"])
-        .arg(db)
-        .args(["--bind", &format!("127.0.0.1:{port}")])
-        .args(["--admin-key", ADMIN_KEY, "--rate-limit-per-minute", "0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    (cmd, format!("http://127.0.0.1:{port}"))
-}
-
-/// A port nobody listens on now (the probe's socket is closed on return).
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
-
-async fn wait_healthy(client: &reqwest::Client, base: &str) {
-    for _ in 0..200 {
-        if let Ok(r) = client.get(format!("{base}/health")).send().await {
-            if r.status().is_success() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("server at {base} never became healthy");
-}
-
 /// SIGKILL during a burst of completes: every complete that was answered 200 must be there
 /// after a restart, and the counters must equal what the listing shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -800,21 +756,6 @@ async fn json_logs_are_all_json_and_the_first_key_is_on_stdout() {
     }
 }
 
-/// Sends `signal` (`TERM`, `HUP`, ...) to a child process, with `kill`.
-fn send(signal: &str, child: &Child) {
-    Command::new("kill")
-        .args([&format!("-{signal}"), &child.id().to_string()])
-        .status()
-        .unwrap();
-}
-
-/// What a child wrote on `pipe` (its piped stdout or stderr), to its end.
-fn read_all(pipe: Option<impl std::io::Read>) -> String {
-    let mut text = String::new();
-    std::io::Read::read_to_string(&mut pipe.expect("a piped stream"), &mut text).unwrap();
-    text
-}
-
 /// Starts a server on `db` after a stop and checks that it opened the file without a repair
 /// (the stop had closed it).
 async fn opens_without_repair(db: &std::path::Path, client: &reqwest::Client) {
@@ -824,30 +765,6 @@ async fn opens_without_repair(db: &std::path::Path, client: &reqwest::Client) {
     again.wait().unwrap();
     let log = read_all(again.stderr.take());
     assert!(!log.contains("not closed cleanly"), "{log}");
-}
-
-/// A child process killed when dropped, so a test that fails half way leaves no server
-/// running behind it.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for Reaped {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
 }
 
 /// User and system CPU time of a process so far, in clock ticks (1/100 s on Linux).
@@ -998,7 +915,7 @@ async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
     // Recorded before the 503 was sent: no window where /health still says healthy.
     let health = app.get("/health").await;
     assert_eq!(health.status, 503);
-    assert_eq!(health.data()["status"], "unhealthy");
+    assert_eq!(health.data()["status"], "degraded");
     full.store(false, Ordering::SeqCst);
     health_becomes(&app, 200).await;
     assert_eq!(create().await.status, 201);

@@ -174,6 +174,8 @@ struct Model {
     /// The agent and token of the lease that completed the task, while it is completed.
     completed: Option<(String, u128)>,
     first_token: Option<u128>,
+    /// The agent whose fail ended the last lease, until the next claim.
+    failed: Option<String>,
     claims: u32,
     retries: u32,
 }
@@ -206,6 +208,7 @@ proptest! {
                         lease::claim(&mut t, &agent(a), next_token, &rules, now);
                         let token = lease::token(m.claims + 1, next_token);
                         m.holder = Some((agent(a), token));
+                        m.failed = None;
                         m.first_token.get_or_insert(token);
                         m.claims += 1;
                         next_token += 1;
@@ -236,12 +239,18 @@ proptest! {
                 }
                 Op::Fail(a, can_retry) => {
                     let was_holder = m.holder.as_ref().is_some_and(|h| h.0 == agent(a));
+                    let before = t.clone();
                     let r = lease::fail(&mut t, &agent(a), None, "e".into(), can_retry, &rules, now);
                     if was_holder {
                         let will = r.unwrap();
                         prop_assert_eq!(will, can_retry && m.retries < max);
                         m.retries += will as u32;
                         m.holder = None;
+                        m.failed = Some(agent(a));
+                    } else if m.failed == Some(agent(a)) {
+                        // A repeat of that fail: its answer as the task stands, nothing changed.
+                        prop_assert_eq!(r, Ok(t.status == TaskStatus::Queued));
+                        prop_assert_eq!(&t, &before);
                     } else {
                         prop_assert!(r.is_err());
                     }

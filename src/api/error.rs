@@ -43,6 +43,17 @@ impl ResponseError for PayloadTooLarge {
     }
 }
 
+/// A request body that did not arrive in time (408), raised by the request frame.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body stalled or came too slowly (see --body-timeout-secs); the connection is closed")]
+pub struct RequestTimeout;
+
+impl ResponseError for RequestTimeout {
+    fn status(&self) -> StatusCode {
+        StatusCode::REQUEST_TIMEOUT
+    }
+}
+
 /// Too many requests (429), raised by the request frame.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -59,6 +70,7 @@ fn code_for_status(status: StatusCode) -> &'static str {
         401 => "UNAUTHORIZED",
         403 => "FORBIDDEN",
         404 | 405 => "NOT_FOUND",
+        408 => "REQUEST_TIMEOUT",
         409 => "CONFLICT",
         413 => "PAYLOAD_TOO_LARGE",
         429 => "RATE_LIMITED",
@@ -194,7 +206,7 @@ pub struct ErrorBody {
     /// A human-readable message.
     pub error: String,
     /// VALIDATION_ERROR, UNAUTHORIZED, FORBIDDEN, NOT_FOUND, CONFLICT, LEASE_LOST,
-    /// PAYLOAD_TOO_LARGE, RATE_LIMITED, UNAVAILABLE or INTERNAL_ERROR.
+    /// REQUEST_TIMEOUT, PAYLOAD_TOO_LARGE, RATE_LIMITED, UNAVAILABLE or INTERNAL_ERROR.
     pub code: String,
     pub timestamp: String,
     pub correlation_id: String,
@@ -208,7 +220,7 @@ impl poem_openapi::ApiResponse for ApiError {
         use poem_openapi::registry::{MetaMediaType, MetaResponse, MetaResponses};
         use poem_openapi::types::Type;
         // 405 is not here: it answers a method a path does not have, never an operation.
-        let statuses: [(u16, &'static str); 10] = [
+        let statuses: [(u16, &'static str); 11] = [
             (400, "Malformed JSON, a wrong type, or a broken field rule"),
             (401, "Missing or invalid credentials"),
             (403, "The credentials lack the right"),
@@ -217,6 +229,7 @@ impl poem_openapi::ApiResponse for ApiError {
                 409,
                 "A state conflict (CONFLICT) or not the lease holder (LEASE_LOST)",
             ),
+            (408, "The request body stalled or came too slowly"),
             (413, "Request body too large"),
             (415, "Request body is not JSON"),
             (422, "A task that does not fit its task type"),

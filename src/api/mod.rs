@@ -122,12 +122,19 @@ impl SystemApi {
     )]
     async fn health(&self) -> HealthReply {
         let store = &self.0.store;
-        // Unhealthy while the file is being reopened after an I/O error (writes fail then,
-        // though reads of redb's cache might not), or when it cannot be read.
-        let healthy =
-            store.failure().is_none() && store.read().and_then(|r| r.next_timer()).is_ok();
+        // Degraded from a storage error until a write succeeds again (a file that opens again
+        // on a disk that is still full fails the next write); unhealthy when it cannot be read.
+        let outage = store.outage();
+        let status = if outage.is_some() || store.failure().is_some() {
+            "degraded"
+        } else if store.read().and_then(|r| r.next_timer()).is_err() {
+            "unhealthy"
+        } else {
+            "healthy"
+        };
+        let healthy = status == "healthy";
         let out = HealthOut {
-            status: if healthy { "healthy" } else { "unhealthy" }.to_string(),
+            status: status.to_string(),
             timestamp: crate::time::format(store.clock.now()),
             version: VERSION.to_string(),
             uptime: self.0.started.elapsed().as_secs(),
@@ -136,6 +143,8 @@ impl SystemApi {
                 provider: "redb".to_string(),
                 path: store.path().display().to_string(),
                 size_bytes: store.size_bytes(),
+                failing_since: outage.as_ref().map(|o| crate::time::format(o.since)),
+                error: outage.map(|o| o.cause),
             },
         };
         let env = Fast(Envelope {
@@ -329,6 +338,7 @@ async fn frame<E: Endpoint>(
         .and_then(valid_correlation_id)
         .unwrap_or_else(new_correlation_id);
     req.extensions_mut().insert(CorrelationId(cid.clone()));
+    let body_timer = req.extensions().get::<crate::listen::BodyTimer>().cloned();
     let mut rate: Option<RateInfo> = None;
     let result = async {
         let declared = req
@@ -413,6 +423,16 @@ async fn frame<E: Endpoint>(
         Ok(resp) => resp,
         Err(e) => error::error_response(&e, &cid),
     };
+    // Whatever the body's reader made of it (a 400 for a body cut short, say): 408, and the
+    // connection closes, as the rest of that body may never come.
+    if body_timer
+        .as_ref()
+        .is_some_and(crate::listen::BodyTimer::expired)
+    {
+        resp = error::error_response(&error::RequestTimeout.into(), &cid);
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let resp_status = resp.status();
     let h = resp.headers_mut();
     if resp_status == StatusCode::METHOD_NOT_ALLOWED {

@@ -801,16 +801,27 @@ pub struct CleanupOut {
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
 pub struct StorageOut {
+    /// False while writes fail or the file cannot be read.
     pub healthy: bool,
     pub provider: String,
     pub path: String,
     pub size_bytes: u64,
+    /// While writes fail: the storage error that began the outage (a full disk, say).
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// While writes fail: since when.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failing_since: Option<String>,
 }
 
 #[derive(Object, serde::Serialize)]
 #[oai(rename_all = "camelCase")]
 #[serde(rename_all = "camelCase")]
 pub struct HealthOut {
+    /// `healthy`; `degraded` while writes fail (reads may still work); `unhealthy` when the
+    /// database cannot be read.
     pub status: String,
     pub timestamp: String,
     pub version: String,

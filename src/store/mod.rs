@@ -80,6 +80,20 @@ struct Shared {
     failed: std::sync::atomic::AtomicBool,
     /// Set by [`Store::close`]: a write dropped unanswered after it was stopped by the stop.
     stopped: std::sync::atomic::AtomicBool,
+    /// Writes are failing: from an I/O error until a batch commits a write again (which may
+    /// be long after the file is open again: a disk that stays full). See [`Outage`].
+    outage: Mutex<Option<Outage>>,
+    /// Whether `outage` is set: every batch looks, so it reads no lock.
+    failing: std::sync::atomic::AtomicBool,
+}
+
+/// Why writes are failing, and since when: what `/health` reports during a write outage.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outage {
+    /// The storage error that began it (for operators; never a client's answer).
+    pub cause: String,
+    /// When it began (the store's clock).
+    pub since: Millis,
 }
 
 impl Shared {
@@ -99,6 +113,42 @@ impl Shared {
         let mut f = self.failure.lock().unwrap_or_else(|e| e.into_inner());
         self.failed.store(cause.is_some(), Ordering::Release);
         *f = cause;
+    }
+
+    fn outage(&self) -> Option<Outage> {
+        if !self.failing.load(Ordering::Acquire) {
+            return None;
+        }
+        self.outage
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records that writes fail (the first cause of a run of failures is kept).
+    fn writes_failed(&self, cause: &str, now: Millis) {
+        let mut o = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            *o = Some(Outage {
+                cause: cause.to_string(),
+                since: now,
+            });
+            self.failing.store(true, Ordering::Release);
+        }
+    }
+
+    /// Records that a write reached the disk: the outage, if any, is over.
+    fn write_succeeded(&self) {
+        if self.failing.load(Ordering::Acquire) {
+            let mut o = self.outage.lock().unwrap_or_else(|e| e.into_inner());
+            self.failing.store(false, Ordering::Release);
+            if let Some(o) = o.take() {
+                tracing::info!(
+                    cause = %o.cause,
+                    "writes succeed again; the storage outage is over"
+                );
+            }
+        }
     }
 }
 
@@ -232,6 +282,8 @@ impl Store {
                 failure: Mutex::new(None),
                 failed: Default::default(),
                 stopped: Default::default(),
+                outage: Mutex::new(None),
+                failing: Default::default(),
             }),
         };
         let db = file.open().map_err(|e| match e {
@@ -336,6 +388,13 @@ impl Store {
     /// by opening the file again. `None` when it works.
     pub fn failure(&self) -> Option<Error> {
         self.shared.failure()
+    }
+
+    /// Whether writes are failing now: from a storage error until a write is committed again
+    /// (the writer tries one of its own when nobody writes, see [`PROBE_EVERY`], so the
+    /// outage ends by itself once the cause is gone). `None` when writes work.
+    pub fn outage(&self) -> Option<Outage> {
+        self.shared.outage()
     }
 
     /// A read transaction on the open file, begun under the slot's read lock (no clone of the
@@ -603,8 +662,11 @@ fn writer_loop(
 ) {
     let mut stopping = false;
     let mut last = 0usize;
+    let mut probe_wait = PROBE_EVERY.0;
     while !stopping {
-        let Ok(first) = rx.recv() else { break };
+        let Some(first) = next_message(&rx, &file.shared, &mut probe_wait) else {
+            break;
+        };
         let mut jobs = Vec::new();
         match first {
             Msg::Job(j) => jobs.push(j),
@@ -641,6 +703,45 @@ fn writer_loop(
     // not yet noticed the stop (a scheduler pass, a background write's caller) would hold it
     // open past `close`, and a new store on the same file would find it locked.
     close_file(db, file, "closing the database file");
+}
+
+/// How long the writer waits, while writes are failing and nobody writes, before it tries a
+/// write of its own (first, and longest: the wait doubles after each probe). So the outage
+/// ends (and `/health` says so) soon after its cause is gone, without waiting for a client,
+/// and a disk that stays full is not reopened (and logged) more than twice a minute for it.
+pub const PROBE_EVERY: (std::time::Duration, std::time::Duration) = (
+    std::time::Duration::from_secs(1),
+    std::time::Duration::from_secs(30),
+);
+
+/// The writer's next message: the next one sent, or during an outage, after `probe_wait`
+/// without one, a probe. `None`: every sender is gone.
+fn next_message(
+    rx: &mpsc::Receiver<Msg>,
+    shared: &Shared,
+    probe_wait: &mut std::time::Duration,
+) -> Option<Msg> {
+    if !shared.failing.load(Ordering::Acquire) {
+        *probe_wait = PROBE_EVERY.0;
+        return rx.recv().ok();
+    }
+    match rx.recv_timeout(*probe_wait) {
+        Ok(msg) => Some(msg),
+        Err(mpsc::RecvTimeoutError::Timeout) => {
+            *probe_wait = (*probe_wait * 2).min(PROBE_EVERY.1);
+            Some(Msg::Job(probe()))
+        }
+        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+    }
+}
+
+/// A write that proves the file takes writes again: the time of the probe, in the meta table.
+fn probe() -> Job {
+    Box::new(|w| {
+        let failed = w.is_some_and(|w| w.t.meta.insert("write_probe", w.now as u64).is_err());
+        let nobody: Reply = Box::new(|_| {});
+        (failed, nobody)
+    })
 }
 
 /// Moves what is queued into `jobs`, up to [`MAX_BATCH`]; whether a stop was among it.
@@ -923,6 +1024,7 @@ fn run_batch(
                 Error::Storage(cause) | Error::CommitUnknown(cause) => cause.clone(),
                 other => other.to_string(),
             };
+            file.shared.writes_failed(&cause, clock.now());
             file.shared.set_failure(Some(cause.clone()));
             reopen_cause = Some(cause);
         } else {
@@ -938,6 +1040,9 @@ fn run_batch(
         fx = Effects::default();
     }
     let n = replies.len();
+    if outcome.is_ok() && written {
+        file.shared.write_succeeded();
+    }
     if outcome.is_ok() && !written {
         crate::telemetry::unwritten_batch();
         st.counts.unwritten.fetch_add(1, Ordering::Relaxed);

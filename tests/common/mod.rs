@@ -1,6 +1,8 @@
 //! The one way tests start a server: on 127.0.0.1:0 with a database in a temp dir.
 #![allow(dead_code)]
 
+pub mod binary;
+
 use std::sync::Arc;
 
 use agentq::time::{Clock, ManualClock};

@@ -16,6 +16,11 @@
 //!   never ends holds its connection (and a descriptor) forever, since a request in progress
 //!   is never idle.
 //! - **Sockets are tuned** as they are accepted: Nagle off, TCP keep-alive on.
+//! - **The parser's own rejections carry the envelope.** A request hyper cannot parse (bad
+//!   bytes in the request line or a header: 400; a URI too long: 414; headers too large: 431)
+//!   is answered by hyper itself with an empty body before any handler runs. [`Rewriting`]
+//!   replaces that answer on its way out with the one [`Reject`] makes (the error envelope, a
+//!   correlation id, the security headers).
 //!
 //! HTTP/1.1 and HTTP/2 (prior knowledge) are served as poem served them; every request goes
 //! to the one poem endpoint built by [`crate::api::app`].
@@ -42,6 +47,10 @@ use tokio::task::JoinSet;
 
 /// The endpoint every request goes to.
 pub type App = Arc<dyn DynEndpoint<Output = poem::Response>>;
+
+/// Makes the whole answer (head and body, HTTP/1.1) to a request the HTTP parser refused
+/// with the given status: 400, 414 or 431.
+pub type Reject = fn(u16) -> Vec<u8>;
 
 /// How connections are bounded.
 #[derive(Clone, Copy, Debug)]
@@ -136,6 +145,7 @@ fn keepalive() -> socket2::TcpKeepalive {
 pub async fn serve(
     mut listener: Listener,
     app: App,
+    reject: Reject,
     shutdown: impl Future<Output = ()>,
     limits: Limits,
 ) {
@@ -164,7 +174,7 @@ pub async fn serve(
         });
         connections.spawn(serve_connection(
             builder.clone(),
-            stream,
+            Rewriting::new(stream, reject),
             conn,
             closing.clone(),
             limits,
@@ -209,7 +219,7 @@ impl Connection {
 
 async fn serve_connection(
     builder: Arc<auto::Builder<TokioExecutor>>,
-    stream: TcpStream,
+    stream: Rewriting<TcpStream>,
     conn: Arc<Connection>,
     mut closing: watch::Receiver<bool>,
     limits: Limits,
@@ -281,6 +291,134 @@ async fn serve_connection(
     } else {
         // Shutting down: an idle connection closes now, a busy one after its answer.
         let _ = http.await;
+    }
+}
+
+/// A connection's stream that replaces hyper's own answer to a request it could not parse
+/// (a head alone: `HTTP/1.1 400|414|431`, `content-length: 0`, none of the headers each
+/// answer of ours carries) with the one `reject` makes. hyper writes that answer in one
+/// piece and then closes the connection, so this happens at most once per connection; every
+/// other write passes through after a look at its first bytes.
+pub struct Rewriting<S> {
+    inner: S,
+    reject: Reject,
+    /// The answer being written in place of hyper's: its bytes, how many are written, and
+    /// the length of hyper's, reported as written once all of ours are.
+    replacing: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl<S> Rewriting<S> {
+    pub fn new(inner: S, reject: Reject) -> Rewriting<S> {
+        Rewriting {
+            inner,
+            reject,
+            replacing: None,
+        }
+    }
+}
+
+/// The status of `buf` if it is hyper's own answer to a request it could not parse.
+fn parser_rejection(buf: &[u8]) -> Option<u16> {
+    if !buf.starts_with(b"HTTP/1.1 4") {
+        return None;
+    }
+    let status = [400, 414, 431]
+        .into_iter()
+        .find(|s| buf.get(9..13) == Some(format!("{s} ").as_bytes()))?;
+    let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
+    (buf.ends_with(b"\r\n\r\n") && has(b"\r\ncontent-length: 0\r\n") && !has(b"x-correlation-id"))
+        .then_some(status)
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> Rewriting<S> {
+    /// Writes the replacement on its way; hyper's length once it is all written.
+    fn write_replacement(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let Some((bytes, written, claimed)) = &mut self.replacing else {
+            return Poll::Ready(Ok(0));
+        };
+        while *written < bytes.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let claimed = *claimed;
+        self.replacing = None;
+        Poll::Ready(Ok(claimed))
+    }
+
+    /// Starts replacing `buf` if it is hyper's rejection: whether it is.
+    fn replaces(&mut self, buf: &[u8]) -> bool {
+        if self.replacing.is_some() {
+            return true;
+        }
+        match parser_rejection(buf) {
+            Some(status) => {
+                crate::telemetry::request_unparsed(status);
+                self.replacing = Some(((self.reject)(status), 0, buf.len()));
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Rewriting<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Rewriting<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        if self.replaces(buf) {
+            return self.write_replacement(cx);
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        // hyper's rejection is a head alone: one slice.
+        if let [only] = bufs {
+            if self.replaces(only) {
+                return self.write_replacement(cx);
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.replacing.is_some() {
+            std::task::ready!(self.write_replacement(cx))?;
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        if self.replacing.is_some() {
+            std::task::ready!(self.write_replacement(cx))?;
+        }
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -493,6 +631,33 @@ impl Drop for Busy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only hyper's own rejection is taken for one: not our answers of the same statuses
+    /// (which carry a correlation id and a body), nor other statuses.
+    #[test]
+    fn only_the_parsers_own_rejections_are_replaced() {
+        let hyper = |status: &str| {
+            format!("HTTP/1.1 {status}\r\nconnection: close\r\ncontent-length: 0\r\ndate: Mon, 07 Dec 2026 21:12:37 GMT\r\n\r\n")
+        };
+        assert_eq!(
+            parser_rejection(hyper("400 Bad Request").as_bytes()),
+            Some(400)
+        );
+        assert_eq!(
+            parser_rejection(hyper("414 URI Too Long").as_bytes()),
+            Some(414)
+        );
+        assert_eq!(
+            parser_rejection(hyper("431 Request Header Fields Too Large").as_bytes()),
+            Some(431)
+        );
+        assert_eq!(parser_rejection(hyper("404 Not Found").as_bytes()), None);
+        assert_eq!(parser_rejection(hyper("200 OK").as_bytes()), None);
+        let ours = "HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nx-correlation-id: a-1\r\n\r\n";
+        assert_eq!(parser_rejection(ours.as_bytes()), None);
+        let with_body = "HTTP/1.1 400 Bad Request\r\ncontent-length: 12\r\n\r\n";
+        assert_eq!(parser_rejection(with_body.as_bytes()), None);
+    }
 
     /// Accepted connections have Nagle off and TCP keep-alive on, with our timings.
     #[tokio::test]

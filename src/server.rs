@@ -206,6 +206,7 @@ impl Server {
         let done = tokio::spawn(crate::listen::serve(
             listener,
             app,
+            crate::api::error::rejected_request,
             async move {
                 let _ = stop_rx.await;
                 hub.shutdown();

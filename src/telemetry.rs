@@ -187,6 +187,11 @@ fn describe() {
         "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
     );
     describe_counter!(
+        "agentq_http_unparsed_requests_total",
+        "Requests the HTTP parser refused before any handler ran, by status: 400 (malformed \
+         request line, path or header), 414 (URI too long), 431 (headers too large)."
+    );
+    describe_counter!(
         "agentq_http_body_timeouts_total",
         "Requests whose body stalled (--body-timeout-secs without a byte) or came slower than \
          500 bytes/s; answered 408 and their connection closed."
@@ -339,6 +344,11 @@ pub fn connection_idle_closed() {
 }
 
 /// A failed accept.
+/// A request the HTTP parser refused before any handler ran (400, 414 or 431).
+pub fn request_unparsed(status: u16) {
+    counter!("agentq_http_unparsed_requests_total", "status" => status.to_string()).increment(1);
+}
+
 /// A request body that stalled or trickled past its limit (answered 408).
 pub fn body_timed_out() {
     counter!("agentq_http_body_timeouts_total").increment(1);

@@ -496,3 +496,82 @@ async fn a_slow_but_steady_body_is_taken() {
     .unwrap();
     assert!(answer.starts_with("HTTP/1.1 201"), "{answer}");
 }
+
+/// Requests the HTTP parser refuses before any handler runs are answered in the envelope:
+/// bad bytes in the path or request line, or a header without its colon (400
+/// `VALIDATION_ERROR`), a 100 KB URI (414) and too many or too large headers (431, both
+/// `PAYLOAD_TOO_LARGE`), each with a correlation id (the body's, in the header too) and the
+/// security headers; then the connection closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_the_parser_refuses_get_the_envelope() {
+    let app = spawn_app().await;
+    let addr = app.base.trim_start_matches("http://").to_string();
+    let many_headers: String = (0..200).map(|i| format!("X-H{i}: a\r\n")).collect();
+    let cases: Vec<(Vec<u8>, u16, &str)> = vec![
+        (
+            b"GET /api/\x01projects HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            b"GET /health HTTP/1.1 extra\r\nHost: x\r\n\r\n".to_vec(),
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            b"GET /health HTTP/1.1\r\nno colon here\r\n\r\n".to_vec(),
+            400,
+            "VALIDATION_ERROR",
+        ),
+        (
+            format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(100_000)).into_bytes(),
+            414,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            format!("GET /health HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n").into_bytes(),
+            431,
+            "PAYLOAD_TOO_LARGE",
+        ),
+        (
+            format!(
+                "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(500_000)
+            )
+            .into_bytes(),
+            431,
+            "PAYLOAD_TOO_LARGE",
+        ),
+    ];
+    for (request, status, code) in cases {
+        let addr = addr.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            let mut s = raw(&addr, &request);
+            read_until_closed(&mut s, Duration::from_secs(5))
+        })
+        .await
+        .unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
+        let header = |name: &str| {
+            head.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+                .unwrap_or_else(|| panic!("no {name} in {head}"))
+                .to_string()
+        };
+        assert_eq!(header("content-type"), "application/json; charset=utf-8");
+        assert_eq!(header("connection"), "close");
+        assert_eq!(header("x-content-type-options"), "nosniff");
+        assert_eq!(header("x-frame-options"), "DENY");
+        assert_eq!(header("referrer-policy"), "no-referrer");
+        assert_eq!(header("content-length"), body.len().to_string());
+        let body: Value = serde_json::from_str(body).unwrap();
+        assert_eq!(body["success"], false);
+        assert_eq!(body["code"], code, "{body}");
+        assert!(body["error"].as_str().is_some_and(|e| !e.is_empty()));
+        assert!(body["timestamp"].is_string());
+        assert_eq!(body["correlationId"], header("x-correlation-id").as_str());
+    }
+    // The server is none the worse.
+    assert_eq!(app.get("/health").await.status, 200);
+}

@@ -163,6 +163,59 @@ fn envelope(
         .body(serde_json::to_vec(&body).expect("the envelope serializes"))
 }
 
+/// The whole HTTP/1.1 answer to a request that the HTTP parser refused before any handler
+/// could see it (see [`crate::listen::Reject`]): `status` 400 (a malformed request line, path
+/// or header), 414 (a URI past 65,534 bytes) or 431 (more than 100 headers, or a head past
+/// about 400 KB). In the envelope like every error, with a fresh correlation id and the
+/// security headers; the connection closes after it.
+pub fn rejected_request(status: u16) -> Vec<u8> {
+    let (reason, code, message) = match status {
+        414 => (
+            "URI Too Long",
+            "PAYLOAD_TOO_LARGE",
+            "the request URI is too long (at most 65,534 bytes)",
+        ),
+        431 => (
+            "Request Header Fields Too Large",
+            "PAYLOAD_TOO_LARGE",
+            "the request headers are too large (at most 100 headers and about 400 KB in all)",
+        ),
+        _ => (
+            "Bad Request",
+            "VALIDATION_ERROR",
+            "malformed request: its request line, path or a header is not valid HTTP/1.1",
+        ),
+    };
+    let correlation_id = super::new_correlation_id();
+    let now = time::OffsetDateTime::now_utc();
+    let body = serde_json::to_vec(&Envelope {
+        success: false,
+        error: message,
+        code,
+        timestamp: crate::time::format((now.unix_timestamp_nanos() / 1_000_000) as i64),
+        correlation_id: &correlation_id,
+        validation_details: None,
+    })
+    .expect("the envelope serializes");
+    let date = now
+        .format(time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        ))
+        .unwrap_or_default();
+    let mut head = format!(
+        "HTTP/1.1 {status} {reason}\r\ncontent-type: application/json; charset=utf-8\r\n\
+         content-length: {}\r\nconnection: close\r\nx-correlation-id: {correlation_id}\r\n",
+        body.len()
+    );
+    for (name, value) in super::SECURITY_HEADERS {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str(&format!("date: {date}\r\n\r\n"));
+    let mut answer = head.into_bytes();
+    answer.extend_from_slice(&body);
+    answer
+}
+
 /// The error side of every operation: any failure, carried to `frame` as a
 /// `poem::Error` so that the envelope (with the request's correlation id) is built in one
 /// place. Its only other job is to describe the error responses in the OpenAPI document.

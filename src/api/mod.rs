@@ -278,9 +278,16 @@ pub fn check_cors_origins(origins: &str) -> Result<String, String> {
     Ok(origins.to_string())
 }
 
+/// The headers every answer carries, errors included.
+pub(crate) const SECURITY_HEADERS: [(&str, &str); 3] = [
+    ("x-content-type-options", "nosniff"),
+    ("x-frame-options", "DENY"),
+    ("referrer-policy", "no-referrer"),
+];
+
 /// A fresh correlation id: a per-process random prefix and a counter (unique within the
 /// process, no system call per request).
-fn new_correlation_id() -> String {
+pub(crate) fn new_correlation_id() -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
     static PREFIX: OnceLock<u64> = OnceLock::new();
@@ -459,12 +466,9 @@ async fn frame<E: Endpoint>(
     if let Ok(v) = HeaderValue::from_str(&cid) {
         h.insert("x-correlation-id", v);
     }
-    h.insert(
-        "x-content-type-options",
-        HeaderValue::from_static("nosniff"),
-    );
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    h.insert("referrer-policy", HeaderValue::from_static("no-referrer"));
+    for (name, value) in SECURITY_HEADERS {
+        h.insert(name, HeaderValue::from_static(value));
+    }
     let status = resp_status.as_u16();
     let elapsed = started.elapsed();
     telemetry::http_request(&method, route, status, elapsed.as_secs_f64());

@@ -889,7 +889,7 @@ async fn health_becomes(app: &TestApp, status: u16) {
 
 /// The disk fills up, then a sync fails, under a running server: each refused write answers
 /// 503 `UNAVAILABLE` with `Retry-After` and says whether it may have been applied, `/health`
-/// says unhealthy until the file is open again, and the server recovers by itself each time.
+/// says degraded until a write succeeds again, and the server recovers by itself each time.
 /// (A full disk used to leave a server that refused every write as "shutting down" while
 /// `/health` said healthy, until it was restarted.)
 #[tokio::test]

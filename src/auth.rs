@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use crate::error::{Error, Result};
 use crate::model::{ApiKey, Millis, Role, Session};
-use crate::store::{access, Store};
+use crate::store::{keys, Store};
 
 /// At most this many argon2 computations at once.
 pub const ARGON2_CONCURRENCY: usize = 2;
@@ -334,14 +334,14 @@ pub struct Authenticator {
     verifying: Mutex<HashMap<[u8; 32], Arc<tokio::sync::Mutex<()>>>>,
     pub limiter: Limiter<u128>,
     /// The lifetime of new sessions and how many one key may hold.
-    pub sessions: access::SessionLimits,
+    pub sessions: keys::SessionLimits,
 }
 
 impl Authenticator {
     pub fn new(
         store: Arc<Store>,
         rate_limit_per_minute: u32,
-        sessions: access::SessionLimits,
+        sessions: keys::SessionLimits,
     ) -> Self {
         Authenticator {
             store,
@@ -411,7 +411,7 @@ impl Authenticator {
         let hash = self.hash(text.clone()).await?;
         let created = self
             .store
-            .write(move |w| access::bootstrap_admin(w, id, hash, foreign))
+            .write(move |w| keys::bootstrap_admin(w, id, hash, foreign))
             .await?;
         Ok((created && generated).then_some(text))
     }
@@ -577,7 +577,7 @@ impl Authenticator {
             let store = self.store.clone();
             tokio::spawn(async move {
                 let _ = store
-                    .write(move |w| access::touch_session(w, token_hash))
+                    .write(move |w| keys::touch_session(w, token_hash))
                     .await;
             });
         }
@@ -613,7 +613,7 @@ impl Authenticator {
         if self.due(id) {
             let store = self.store.clone();
             tokio::spawn(async move {
-                let _ = store.write(move |w| access::touch_key(w, id)).await;
+                let _ = store.write(move |w| keys::touch_key(w, id)).await;
             });
         }
     }

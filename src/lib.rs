@@ -9,6 +9,7 @@
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
+//! - [`spawn`]: work that must not stop half way when its caller stops waiting.
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
 //! - [`logs`]: the log's writer, which drops (and counts) what stderr refuses.
 //! - [`telemetry`]: metrics (Prometheus and JSON) and what they count.
@@ -27,6 +28,7 @@ pub mod logs;
 pub mod model;
 pub mod scheduler;
 pub mod server;
+pub mod spawn;
 pub mod store;
 pub mod telemetry;
 pub mod time;

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::hub::Hub;
 use crate::model::Millis;
-use crate::store::access::sweep_sessions;
+use crate::store::keys::sweep_sessions;
 use crate::store::write::{promote_due, reclaim_expired, Reclaimed, TIMER_BATCH};
 use crate::store::Store;
 

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use crate::api::{self, HttpOptions, State};
 use crate::auth::Authenticator;
 use crate::listen::{Limits, Listener};
-use crate::store::access::SessionLimits;
+use crate::store::keys::SessionLimits;
 use crate::store::{OpenError, Store};
 use crate::time::{Clock, SystemClock};
 
@@ -286,7 +286,7 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
     let text = crate::auth::new_key_text(id);
     let added = async {
         let hash = auth.hash(text.clone()).await?;
-        let new = crate::store::access::NewKey {
+        let new = crate::store::keys::NewKey {
             id,
             name: name.to_string(),
             role: crate::model::Role::Admin,
@@ -294,7 +294,7 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
             hash,
         };
         store
-            .write(move |w| crate::store::access::create_key(w, new))
+            .write(move |w| crate::store::keys::create_key(w, new))
             .await
     }
     .await;

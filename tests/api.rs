@@ -388,7 +388,10 @@ async fn security_headers_and_generated_correlation_id() {
     // As API-NOTES says: 16 hex digits (random per process), a dash, a 10-hex-digit counter.
     let cid = r.headers["x-correlation-id"].to_str().unwrap();
     let (prefix, counter) = cid.split_once('-').unwrap();
-    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    let hex = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
     assert!(prefix.len() == 16 && hex(prefix), "{cid}");
     assert!(counter.len() == 10 && hex(counter), "{cid}");
     assert_eq!(r.data()["status"], "healthy");

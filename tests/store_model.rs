@@ -233,10 +233,10 @@ impl World {
             } => {
                 let name = agent(&a);
                 self.rt.block_on(self.store().write(move |w| {
-                    let Some(seq) = w.t.leases.held(project, &name) else {
+                    let Some(seq) = w.tables.leases.held(project, &name) else {
                         return Ok(());
                     };
-                    let Some(t) = w.t.task(seq)? else {
+                    let Some(t) = w.tables.task(seq)? else {
                         return Ok(());
                     };
                     let done = write::Done {
@@ -265,10 +265,10 @@ impl World {
                 let name = agent(&a);
                 let op = op.clone();
                 self.rt.block_on(self.store().write(move |w| {
-                    let Some(seq) = w.t.leases.held(project, &name) else {
+                    let Some(seq) = w.tables.leases.held(project, &name) else {
                         return Ok(());
                     };
-                    let Some(t) = w.t.task(seq)? else {
+                    let Some(t) = w.tables.task(seq)? else {
                         return Ok(());
                     };
                     match op {
@@ -359,7 +359,7 @@ impl World {
         &self,
         pick: usize,
         statuses: &[TaskStatus],
-        f: impl FnOnce(&mut agentq::store::W, &str) -> agentq::error::Result<()> + Send + 'static,
+        f: impl FnOnce(&mut agentq::store::WriteCtx, &str) -> agentq::error::Result<()> + Send + 'static,
     ) -> agentq::error::Result<()> {
         let txn = self.store().begin_read().unwrap();
         let (rows, bodies) = (
@@ -467,7 +467,7 @@ impl World {
         let committed = Leases::load(&projects, &index, self.clock.as_ref()).unwrap();
         let cache = self
             .rt
-            .block_on(self.store().write(|w| Ok(w.t.leases.clone())))
+            .block_on(self.store().write(|w| Ok(w.tables.leases.clone())))
             .unwrap();
         assert_eq!(
             cache, committed,

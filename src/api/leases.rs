@@ -11,7 +11,7 @@ use super::error::ApiResult as Result;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::OpenApi;
 
-use super::access::Auth;
+use super::keys::Auth;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};
@@ -27,7 +27,7 @@ pub struct LeasesApi(pub Arc<State>);
 const NO_TASK: &str = "No tasks available for assignment";
 
 /// How a holder call (complete, fail, progress) begins: the caller's right to work on the task
-/// (settled in the write, see [`State::task_access`]), its right to act as `agent`, and the
+/// (settled in the write, see [`State::holder_check`]), its right to act as `agent`, and the
 /// body's checks, begun with the agent's name.
 fn holder(
     auth: &Auth,
@@ -37,7 +37,7 @@ fn holder(
     impl FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static,
     Check,
 )> {
-    let access = State::task_access(auth, Right::Work, task)?;
+    let access = State::holder_check(auth, Right::Work, task)?;
     auth.caller().require_agent(agent)?;
     let mut c = Check::default();
     c.name("agentName", agent, validate::MAX_AGENT_NAME, "Agent name");
@@ -45,9 +45,9 @@ fn holder(
 }
 
 /// The seed's next-task body: the leased (or resumed) task, or the no-task answer.
-fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
+fn next_task_answer(claim: Claim, agent: String) -> SerdeJson<NextTaskOut> {
     match claim {
-        Claim::Task(t, _) => Fast(NextTaskOut {
+        Claim::Task(t, _) => SerdeJson(NextTaskOut {
             success: true,
             error: None,
             data: NextTaskData {
@@ -55,7 +55,7 @@ fn next_task_answer(claim: Claim, agent: String) -> Fast<NextTaskOut> {
                 agent_name: agent,
             },
         }),
-        Claim::None => Fast(NextTaskOut {
+        Claim::None => SerdeJson(NextTaskOut {
             success: false,
             error: Some(NO_TASK.to_string()),
             data: NextTaskData {
@@ -82,7 +82,7 @@ impl LeasesApi {
         auth: Auth,
         #[oai(name = "agentName")] agent: Path<String>,
         body: JsonBody<NextTaskIn>,
-    ) -> Result<Fast<NextTaskOut>> {
+    ) -> Result<SerdeJson<NextTaskOut>> {
         auth.caller().require_agent(&agent.0)?;
         let agent = agent.0;
         let mut c = Check::default();
@@ -111,7 +111,7 @@ impl LeasesApi {
         });
         let mut done = match &body.0.complete {
             Some(d) => {
-                let access = State::task_access(&auth, Right::Work, &d.task_id)?;
+                let access = State::holder_check(&auth, Right::Work, &d.task_id)?;
                 let (result, outputs, token) = validate::completion(
                     &mut c,
                     "complete.",
@@ -177,7 +177,7 @@ impl LeasesApi {
                 let done = done.take();
                 let claim = store
                     .write_awaited(move |w| {
-                        crate::store::access::credential_live(w, key_id, session.as_ref())?;
+                        crate::store::keys::credential_live(w, key_id, session.as_ref())?;
                         let key = crate::api::types::uuid_str(pid);
                         write::next_task_after(
                             w,
@@ -288,7 +288,7 @@ impl LeasesApi {
         #[oai(name = "taskId")] id: Path<String>,
         body: JsonBody<ExtendIn>,
     ) -> Result<Reply<TaskOut>> {
-        let access = State::task_access(&auth, Right::Work, &id.0)?;
+        let access = State::holder_check(&auth, Right::Work, &id.0)?;
         let b = body.0;
         let mut c = Check::default();
         let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());

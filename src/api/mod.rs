@@ -7,10 +7,10 @@
 //! Authentication and rate limits run in `frame`, before the operation; authorization (the
 //! caller's role and projects) in each operation.
 
-pub mod access;
 pub mod body;
 pub mod error;
 pub mod explain;
+pub mod keys;
 pub mod leases;
 pub mod projects;
 pub mod spec;
@@ -70,8 +70,8 @@ impl State {
     /// returned check runs in the write on the task it found, where a scoped caller gets 404
     /// outside its projects and then 403, as from [`State::check_task`], without a read of its
     /// own.
-    pub fn task_access(
-        auth: &access::Auth,
+    pub fn holder_check(
+        auth: &keys::Auth,
         right: Right,
         id: &str,
     ) -> poem::Result<impl FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static>
@@ -147,7 +147,7 @@ impl SystemApi {
                 error: outage.map(|o| o.cause),
             },
         };
-        let env = Fast(Envelope {
+        let env = SerdeJson(Envelope {
             success: healthy,
             data: out,
         });
@@ -174,7 +174,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
             projects::ProjectsApi(state.clone()),
             tasks::TasksApi(state.clone()),
             leases::LeasesApi(state.clone()),
-            access::AccessApi(state.clone()),
+            keys::KeysApi(state.clone()),
         ),
         "agentq",
         VERSION,

@@ -7,7 +7,7 @@ use super::error::ApiResult as Result;
 use poem_openapi::param::{Path, Query};
 use poem_openapi::OpenApi;
 
-use super::access::Auth;
+use super::keys::Auth;
 use super::types::*;
 use super::validate::{self, Check};
 use super::{ApiTags, State};

@@ -78,9 +78,9 @@ pub fn vars_plain(v: Vars) -> BTreeMap<String, String> {
 /// A JSON response body serialized straight from the struct with serde (poem-openapi's
 /// `Json` builds a `serde_json::Value` tree first). The schema is the type's own, and field
 /// names and optional fields are declared identically for both derives.
-pub struct Fast<T>(pub T);
+pub struct SerdeJson<T>(pub T);
 
-impl<T: Type> poem_openapi::payload::Payload for Fast<T> {
+impl<T: Type> poem_openapi::payload::Payload for SerdeJson<T> {
     const CONTENT_TYPE: &'static str = "application/json; charset=utf-8";
 
     fn check_content_type(content_type: &str) -> bool {
@@ -96,7 +96,7 @@ impl<T: Type> poem_openapi::payload::Payload for Fast<T> {
     }
 }
 
-impl<T: serde::Serialize + Send> poem::IntoResponse for Fast<T> {
+impl<T: serde::Serialize + Send> poem::IntoResponse for SerdeJson<T> {
     fn into_response(self) -> poem::Response {
         match serde_json::to_vec(&self.0) {
             Ok(body) => poem::Response::builder()
@@ -109,7 +109,7 @@ impl<T: serde::Serialize + Send> poem::IntoResponse for Fast<T> {
     }
 }
 
-impl<T: Type + serde::Serialize + Send> ApiResponse for Fast<T> {
+impl<T: Type + serde::Serialize + Send> ApiResponse for SerdeJson<T> {
     fn meta() -> poem_openapi::registry::MetaResponses {
         use poem_openapi::payload::Payload;
         poem_openapi::registry::MetaResponses {
@@ -159,8 +159,8 @@ pub struct ListEnvelope<T: ParseFromJSON + ToJSON> {
 }
 
 /// `{"success": true, "data": ...}`, serialized straight from the struct.
-fn success<T: ParseFromJSON + ToJSON>(data: T) -> Fast<Envelope<T>> {
-    Fast(Envelope {
+fn success<T: ParseFromJSON + ToJSON>(data: T) -> SerdeJson<Envelope<T>> {
+    SerdeJson(Envelope {
         success: true,
         data,
     })
@@ -170,7 +170,7 @@ fn success<T: ParseFromJSON + ToJSON>(data: T) -> Fast<Envelope<T>> {
 #[derive(ApiResponse)]
 pub enum Reply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     #[oai(status = 200)]
-    Ok(Fast<Envelope<T>>),
+    Ok(SerdeJson<Envelope<T>>),
 }
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
@@ -184,7 +184,7 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
 pub enum CreatedReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     /// Created.
     #[oai(status = 201)]
-    Created(Fast<Envelope<T>>),
+    Created(SerdeJson<Envelope<T>>),
 }
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T> {
@@ -199,10 +199,10 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> CreatedReply<T>
 pub enum TaskCreated {
     /// Created.
     #[oai(status = 201)]
-    Created(Fast<Envelope<TaskOut>>),
+    Created(SerdeJson<Envelope<TaskOut>>),
     /// A duplicate under `duplicateHandling: ignore`: the existing task, nothing created.
     #[oai(status = 200)]
-    Existing(Fast<Envelope<TaskOut>>),
+    Existing(SerdeJson<Envelope<TaskOut>>),
 }
 
 impl TaskCreated {
@@ -218,7 +218,7 @@ impl TaskCreated {
 #[derive(ApiResponse)]
 pub enum ListReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {
     #[oai(status = 200)]
-    Ok(Fast<ListEnvelope<T>>),
+    Ok(SerdeJson<ListEnvelope<T>>),
 }
 
 impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> ListReply<T> {
@@ -229,7 +229,7 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> ListReply<T> {
         offset: usize,
         next: Option<String>,
     ) -> Self {
-        ListReply::Ok(Fast(ListEnvelope {
+        ListReply::Ok(SerdeJson(ListEnvelope {
             success: true,
             data,
             pagination: Pagination {
@@ -832,7 +832,7 @@ pub struct HealthOut {
 #[derive(ApiResponse)]
 pub enum HealthReply {
     #[oai(status = 200)]
-    Ok(Fast<Envelope<HealthOut>>),
+    Ok(SerdeJson<Envelope<HealthOut>>),
     #[oai(status = 503)]
-    Unhealthy(Fast<Envelope<HealthOut>>),
+    Unhealthy(SerdeJson<Envelope<HealthOut>>),
 }

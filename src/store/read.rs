@@ -381,7 +381,7 @@ impl Reader {
             }
         };
         let delay = first_time(ix::DELAYED)?;
-        let session = super::access::next_session_expiry(&self.txn)?;
+        let session = super::keys::next_session_expiry(&self.txn)?;
         Ok([delay, session].into_iter().flatten().min())
     }
 

@@ -10,7 +10,7 @@ use redb::ReadableTable;
 use uuid::Uuid;
 
 use super::tables::{ix, Tables};
-use super::W;
+use super::WriteCtx;
 use crate::error::{Error, FieldError, Result};
 use crate::lease::{self, Completion};
 use crate::model::{
@@ -84,8 +84,8 @@ impl NewProject {
     }
 }
 
-pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
-    if w.t.project_id_by_name(&p.name)?.is_some() {
+pub fn create_project(w: &mut WriteCtx, p: NewProject) -> Result<(Project, Stats)> {
+    if w.tables.project_id_by_name(&p.name)?.is_some() {
         return Err(Error::Conflict(format!(
             "a project named {} already exists",
             p.name
@@ -101,10 +101,11 @@ pub fn create_project(w: &mut W, p: NewProject) -> Result<(Project, Stats)> {
         created_at: w.now,
         updated_at: w.now,
     };
-    w.t.put_project(&project)?;
-    w.t.project_names
+    w.tables.put_project(&project)?;
+    w.tables
+        .project_names
         .insert(project.name.as_str(), project.id)?;
-    w.t.put_stats(project.id, Stats::default());
+    w.tables.put_stats(project.id, Stats::default());
     Ok((project, Stats::default()))
 }
 
@@ -119,12 +120,16 @@ pub struct ProjectPatch {
     pub reaper_interval_minutes: Option<u32>,
 }
 
-pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Project, Stats)> {
-    let mut p = resolve_project(w.t, key)?;
+pub fn update_project(
+    w: &mut WriteCtx,
+    key: &str,
+    patch: ProjectPatch,
+) -> Result<(Project, Stats)> {
+    let mut p = resolve_project(w.tables, key)?;
     let old_name = p.name.clone();
     let was_closed = p.status == ProjectStatus::Closed;
     if let Some(name) = &patch.name {
-        if *name != p.name && w.t.project_id_by_name(name)?.is_some() {
+        if *name != p.name && w.tables.project_id_by_name(name)?.is_some() {
             return Err(Error::Conflict(format!(
                 "a project named {name} already exists"
             )));
@@ -153,11 +158,11 @@ pub fn update_project(w: &mut W, key: &str, patch: ProjectPatch) -> Result<(Proj
     }
     p.updated_at = w.now;
     if p.name != old_name {
-        w.t.project_names.remove(old_name.as_str())?;
-        w.t.project_names.insert(p.name.as_str(), p.id)?;
+        w.tables.project_names.remove(old_name.as_str())?;
+        w.tables.project_names.insert(p.name.as_str(), p.id)?;
     }
-    w.t.put_project(&p)?;
-    let stats = w.t.stats(p.id)?;
+    w.tables.put_project(&p)?;
+    let stats = w.tables.stats(p.id)?;
     // A closed project hands out nothing, so its pollers wait; reopened, its queued tasks
     // are available again without any task changing.
     if was_closed && p.status == ProjectStatus::Active && stats.queued > stats.delayed {
@@ -173,12 +178,12 @@ pub const DELETE_CHUNK: usize = 2_000;
 
 /// Deletes up to `limit` of a project's tasks, oldest first, and answers how many
 /// ([`super::Store::delete_project`] runs it in chunks before [`finish_project_delete`]).
-pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<usize> {
+pub fn delete_project_tasks(w: &mut WriteCtx, project: u128, limit: usize) -> Result<usize> {
     let prefix = ix::K::new(ix::BY_PROJECT).u128(project);
-    let keys = w.t.first_keys(&prefix, limit)?;
+    let keys = w.tables.first_keys(&prefix, limit)?;
     for k in &keys {
-        if let Some(task) = w.t.task(ix::seq_of(k))? {
-            w.t.put_task(Some(&task), None)?;
+        if let Some(task) = w.tables.task(ix::seq_of(k))? {
+            w.tables.put_task(Some(&task), None)?;
         }
     }
     Ok(keys.len())
@@ -189,18 +194,18 @@ pub fn delete_project_tasks(w: &mut W, project: u128, limit: usize) -> Result<us
 /// for a new project. [`finish_project_delete`] ends the delete, after
 /// [`delete_project_tasks`] has removed the tasks in chunks. A project already marked is
 /// taken up again as it is: its delete was cut short, or is still running.
-pub fn begin_project_delete(w: &mut W, project: u128) -> Result<()> {
-    let Some(mut p) = w.t.project(project)? else {
+pub fn begin_project_delete(w: &mut WriteCtx, project: u128) -> Result<()> {
+    let Some(mut p) = w.tables.project(project)? else {
         return Err(Error::NotFound(format!(
             "project {} not found",
             Uuid::from_u128(project)
         )));
     };
     if p.status != ProjectStatus::Deleting {
-        w.t.project_names.remove(p.name.as_str())?;
+        w.tables.project_names.remove(p.name.as_str())?;
         p.status = ProjectStatus::Deleting;
         p.updated_at = w.now;
-        w.t.put_project(&p)?;
+        w.tables.put_project(&p)?;
     }
     Ok(())
 }
@@ -208,8 +213,8 @@ pub fn begin_project_delete(w: &mut W, project: u128) -> Result<()> {
 /// Removes a project marked for deletion with its task types and remaining tasks (and so
 /// their leases), in one write; answers how many tasks it removed. A project already gone
 /// is not an error: the delete is done.
-pub fn finish_project_delete(w: &mut W, project: u128) -> Result<usize> {
-    let Some(p) = w.t.project(project)? else {
+pub fn finish_project_delete(w: &mut WriteCtx, project: u128) -> Result<usize> {
+    let Some(p) = w.tables.project(project)? else {
         return Ok(0);
     };
     if p.status != ProjectStatus::Deleting {
@@ -219,19 +224,20 @@ pub fn finish_project_delete(w: &mut W, project: u128) -> Result<usize> {
         )));
     }
     let tasks = delete_project_tasks(w, p.id, usize::MAX)?;
-    let types: Vec<(String, u128)> =
-        w.t.type_names
-            .range((p.id, "")..)?
-            .map(|r| r.map(|(k, v)| (k.value().0, k.value().1.to_string(), v.value())))
-            .take_while(|r| r.as_ref().map_or(true, |(pid, _, _)| *pid == p.id))
-            .map(|r| r.map(|(_, n, id)| (n, id)))
-            .collect::<Result<_, _>>()?;
+    let types: Vec<(String, u128)> = w
+        .tables
+        .type_names
+        .range((p.id, "")..)?
+        .map(|r| r.map(|(k, v)| (k.value().0, k.value().1.to_string(), v.value())))
+        .take_while(|r| r.as_ref().map_or(true, |(pid, _, _)| *pid == p.id))
+        .map(|r| r.map(|(_, n, id)| (n, id)))
+        .collect::<Result<_, _>>()?;
     for (name, id) in types {
-        w.t.type_names.remove((p.id, name.as_str()))?;
-        w.t.types.remove(id)?;
+        w.tables.type_names.remove((p.id, name.as_str()))?;
+        w.tables.types.remove(id)?;
     }
-    w.t.drop_counters(p.id)?;
-    w.t.projects.remove(p.id)?;
+    w.tables.drop_counters(p.id)?;
+    w.tables.projects.remove(p.id)?;
     Ok(tasks)
 }
 
@@ -248,9 +254,9 @@ pub struct NewTaskType {
     pub backoff_multiplier: f64,
 }
 
-pub fn create_type(w: &mut W, project_key: &str, n: NewTaskType) -> Result<TaskType> {
-    let p = resolve_project(w.t, project_key)?;
-    if w.t.type_names.get((p.id, n.name.as_str()))?.is_some() {
+pub fn create_type(w: &mut WriteCtx, project_key: &str, n: NewTaskType) -> Result<TaskType> {
+    let p = resolve_project(w.tables, project_key)?;
+    if w.tables.type_names.get((p.id, n.name.as_str()))?.is_some() {
         return Err(Error::Conflict(format!(
             "a task type named {} already exists in project {}",
             n.name, p.name
@@ -270,8 +276,10 @@ pub fn create_type(w: &mut W, project_key: &str, n: NewTaskType) -> Result<TaskT
         created_at: w.now,
         updated_at: w.now,
     };
-    w.t.type_names.insert((p.id, ty.name.as_str()), ty.id)?;
-    w.t.put_type(&ty)?;
+    w.tables
+        .type_names
+        .insert((p.id, ty.name.as_str()), ty.id)?;
+    w.tables.put_type(&ty)?;
     Ok(ty)
 }
 
@@ -287,12 +295,12 @@ pub struct TypePatch {
     pub backoff_multiplier: Option<f64>,
 }
 
-pub fn update_type(w: &mut W, id: &str, patch: TypePatch) -> Result<TaskType> {
-    let mut ty = type_by_id(w.t, id)?;
+pub fn update_type(w: &mut WriteCtx, id: &str, patch: TypePatch) -> Result<TaskType> {
+    let mut ty = type_by_id(w.tables, id)?;
     let old_name = ty.name.clone();
     if let Some(name) = &patch.name {
         if *name != ty.name
-            && w.t
+            && w.tables
                 .type_names
                 .get((ty.project_id, name.as_str()))?
                 .is_some()
@@ -343,20 +351,25 @@ pub fn update_type(w: &mut W, id: &str, patch: TypePatch) -> Result<TaskType> {
     }
     ty.updated_at = w.now;
     if ty.name != old_name {
-        w.t.type_names.remove((ty.project_id, old_name.as_str()))?;
-        w.t.type_names
+        w.tables
+            .type_names
+            .remove((ty.project_id, old_name.as_str()))?;
+        w.tables
+            .type_names
             .insert((ty.project_id, ty.name.as_str()), ty.id)?;
     }
-    w.t.put_type(&ty)?;
+    w.tables.put_type(&ty)?;
     Ok(ty)
 }
 
 /// Deletes a task type. Its tasks stay; they keep the type id and fall back to the project's
 /// lease and retry defaults.
-pub fn delete_type(w: &mut W, id: &str) -> Result<()> {
-    let ty = type_by_id(w.t, id)?;
-    w.t.type_names.remove((ty.project_id, ty.name.as_str()))?;
-    w.t.types.remove(ty.id)?;
+pub fn delete_type(w: &mut WriteCtx, id: &str) -> Result<()> {
+    let ty = type_by_id(w.tables, id)?;
+    w.tables
+        .type_names
+        .remove((ty.project_id, ty.name.as_str()))?;
+    w.tables.types.remove(ty.id)?;
     Ok(())
 }
 
@@ -376,11 +389,11 @@ pub struct NewTask {
 /// Creates tasks in request order. Each entry is the task and whether it is new (false: an
 /// existing duplicate returned under `duplicateHandling: ignore`), or why it was refused.
 pub fn create_tasks(
-    w: &mut W,
+    w: &mut WriteCtx,
     project_key: &str,
     tasks: Vec<NewTask>,
 ) -> Result<Vec<Result<(Task, bool)>>> {
-    let p = resolve_project(w.t, project_key)?;
+    let p = resolve_project(w.tables, project_key)?;
     if p.status == ProjectStatus::Closed {
         return Err(Error::Conflict(format!(
             "project {} is closed and accepts no new tasks",
@@ -400,7 +413,7 @@ pub fn create_tasks(
 }
 
 fn create_one(
-    w: &mut W,
+    w: &mut WriteCtx,
     p: &Project,
     n: NewTask,
     type_cache: &mut Option<TaskType>,
@@ -409,7 +422,7 @@ fn create_one(
         None => None,
         Some(id) => {
             if type_cache.as_ref().map(|t| t.id) != Some(id) {
-                *type_cache = w.t.task_type(id)?;
+                *type_cache = w.tables.task_type(id)?;
             }
             match type_cache {
                 Some(t) if t.project_id == p.id => Some(t.clone()),
@@ -448,7 +461,7 @@ fn create_one(
         }
     };
     if let Some(id) = &n.id {
-        if w.t.task_ids.get(id.as_str())?.is_some() {
+        if w.tables.task_ids.get(id.as_str())?.is_some() {
             return Err(Error::Conflict(format!(
                 "a task with id {id} already exists"
             )));
@@ -456,7 +469,7 @@ fn create_one(
     }
     if let Some(ty) = &ty {
         if ty.duplicate_handling != DuplicateHandling::Allow {
-            if let Some(existing) = find_duplicate(w.t, ty.id, &n.variables)? {
+            if let Some(existing) = find_duplicate(w.tables, ty.id, &n.variables)? {
                 return match ty.duplicate_handling {
                     DuplicateHandling::Ignore => Ok((existing, false)),
                     _ => Err(Error::Conflict(format!(
@@ -521,8 +534,8 @@ pub struct TaskPatch {
 }
 
 /// Updates a queued task. New variables re-render the instructions from the type's template.
-pub fn update_task(w: &mut W, id: &str, patch: TaskPatch) -> Result<Task> {
-    let old = task_by_id(w.t, id)?;
+pub fn update_task(w: &mut WriteCtx, id: &str, patch: TaskPatch) -> Result<Task> {
+    let old = task_by_id(w.tables, id)?;
     if old.status != TaskStatus::Queued {
         return Err(Error::Conflict(format!(
             "only queued tasks can be updated; task {id} is {}",
@@ -531,7 +544,7 @@ pub fn update_task(w: &mut W, id: &str, patch: TaskPatch) -> Result<Task> {
     }
     let mut t = old.clone();
     let ty = match t.type_id {
-        Some(id) => w.t.task_type(id)?,
+        Some(id) => w.tables.task_type(id)?,
         None => None,
     };
     if let Some(vars) = patch.variables {
@@ -569,8 +582,8 @@ pub fn update_task(w: &mut W, id: &str, patch: TaskPatch) -> Result<Task> {
     Ok(t)
 }
 
-pub fn delete_task(w: &mut W, id: &str) -> Result<()> {
-    let old = task_by_id(w.t, id)?;
+pub fn delete_task(w: &mut WriteCtx, id: &str) -> Result<()> {
+    let old = task_by_id(w.tables, id)?;
     w.put_task(Some(&old), None)
 }
 
@@ -593,21 +606,26 @@ pub fn no_check<T>(_: &T) -> Result<()> {
 /// found: the caller's access to it, which then costs no read of its own before the write
 /// ([`no_check`] when that was settled before).
 pub fn next_task(
-    w: &mut W,
+    w: &mut WriteCtx,
     project_key: &str,
     agent: &str,
     type_ids: Option<&[u128]>,
     check: impl FnOnce(&Project) -> Result<()>,
 ) -> Result<Claim> {
-    let p = resolve_project(w.t, project_key)?;
+    let p = resolve_project(w.tables, project_key)?;
     check(&p)?;
     claim_in(w, &p, agent, type_ids)
 }
 
 /// next-task's work once the project is found and the caller may work in it.
-fn claim_in(w: &mut W, p: &Project, agent: &str, type_ids: Option<&[u128]>) -> Result<Claim> {
-    if let Some(seq) = w.t.leases.held(p.id, agent) {
-        if let Some(task) = w.t.task(seq)? {
+fn claim_in(
+    w: &mut WriteCtx,
+    p: &Project,
+    agent: &str,
+    type_ids: Option<&[u128]>,
+) -> Result<Claim> {
+    if let Some(seq) = w.tables.leases.held(p.id, agent) {
+        if let Some(task) = w.tables.task(seq)? {
             return Ok(Claim::Task(Box::new(task), false));
         }
     }
@@ -616,17 +634,17 @@ fn claim_in(w: &mut W, p: &Project, agent: &str, type_ids: Option<&[u128]>) -> R
     }
     promote_due(w, TIMER_BATCH)?;
     let best: Option<u64> = match type_ids {
-        None => {
-            w.t.first_key(&ix::K::new(ix::READY).u128(p.id))?
-                .map(|k| ix::seq_of(&k))
-        }
+        None => w
+            .tables
+            .first_key(&ix::K::new(ix::READY).u128(p.id))?
+            .map(|k| ix::seq_of(&k)),
         Some(ids) => {
             // Keys of one project and kind order by (10 - priority, seq): the smallest key
             // over the listed types is the best task.
             let mut best: Option<Vec<u8>> = None;
             for &ty in ids {
                 let prefix = ix::K::new(ix::READY_TYPE).u128(p.id).u128(ty);
-                if let Some(k) = w.t.first_key(&prefix)? {
+                if let Some(k) = w.tables.first_key(&prefix)? {
                     let rank = k[prefix.len()..].to_vec();
                     if best.as_ref().is_none_or(|b| rank < *b) {
                         best = Some(rank);
@@ -639,11 +657,12 @@ fn claim_in(w: &mut W, p: &Project, agent: &str, type_ids: Option<&[u128]>) -> R
     let Some(seq) = best else {
         return Ok(Claim::None);
     };
-    let old =
-        w.t.task(seq)?
-            .ok_or_else(|| Error::Storage(format!("ready index names missing task seq {seq}")))?;
+    let old = w
+        .tables
+        .task(seq)?
+        .ok_or_else(|| Error::Storage(format!("ready index names missing task seq {seq}")))?;
     let ty = match old.type_id {
-        Some(id) => w.t.task_type(id)?,
+        Some(id) => w.tables.task_type(id)?,
         None => None,
     };
     let rules = Rules::resolve(p, ty.as_ref());
@@ -669,7 +688,7 @@ pub struct Done {
 /// must come before an operation's first write: once the complete is written, only a storage
 /// error (which fails the whole batch) can stop the claim.
 pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
-    w: &mut W,
+    w: &mut WriteCtx,
     done: Option<(Done, F)>,
     project_key: &str,
     agent: &str,
@@ -679,7 +698,7 @@ pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
     let Some((done, check_done)) = done else {
         return next_task(w, project_key, agent, type_ids, check);
     };
-    let p = resolve_project(w.t, project_key)?;
+    let p = resolve_project(w.tables, project_key)?;
     check(&p)?;
     complete(
         w,
@@ -696,17 +715,17 @@ pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
 /// Loads a task for a holder operation, runs `check` on it before anything else (a scoped
 /// caller's access, see [`next_task`]), applies `f`, writes it back.
 fn holder_op<T>(
-    w: &mut W,
+    w: &mut WriteCtx,
     id: &str,
     needs_rules: bool,
     check: impl FnOnce(&Task) -> Result<()>,
     f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
 ) -> Result<(Task, T)> {
-    let old = task_by_id(w.t, id)?;
+    let old = task_by_id(w.tables, id)?;
     check(&old)?;
     // Only fail needs the back-off rules: the others skip reading the project and type.
     let rules = if needs_rules {
-        rules_for(w.t, &old)?
+        rules_for(w.tables, &old)?
     } else {
         Rules {
             lease_ms: 0,
@@ -725,7 +744,7 @@ fn holder_op<T>(
 /// Completes a task for its lease holder. `check` runs on the task as soon as it is found,
 /// before anything changes, as for [`next_task`]; the same for the other holder operations.
 pub fn complete(
-    w: &mut W,
+    w: &mut WriteCtx,
     id: &str,
     agent: &str,
     token: Option<u128>,
@@ -739,7 +758,7 @@ pub fn complete(
 }
 
 pub fn fail(
-    w: &mut W,
+    w: &mut WriteCtx,
     id: &str,
     agent: &str,
     token: Option<u128>,
@@ -753,7 +772,7 @@ pub fn fail(
 }
 
 pub fn extend(
-    w: &mut W,
+    w: &mut WriteCtx,
     id: &str,
     agent: &str,
     token: Option<u128>,
@@ -767,7 +786,7 @@ pub fn extend(
 }
 
 pub fn progress(
-    w: &mut W,
+    w: &mut WriteCtx,
     id: &str,
     agent: &str,
     token: Option<u128>,
@@ -780,16 +799,16 @@ pub fn progress(
     .map(|r| r.0)
 }
 
-pub fn cancel(w: &mut W, id: &str, reason: Option<String>) -> Result<Task> {
+pub fn cancel(w: &mut WriteCtx, id: &str, reason: Option<String>) -> Result<Task> {
     holder_op(w, id, false, no_check, |t, _, now| {
         Ok(lease::cancel(t, reason, now)?)
     })
     .map(|r| r.0)
 }
 
-pub fn retry(w: &mut W, id: &str) -> Result<Task> {
-    let old = task_by_id(w.t, id)?;
-    if let Some(p) = w.t.project(old.project_id)? {
+pub fn retry(w: &mut WriteCtx, id: &str) -> Result<Task> {
+    let old = task_by_id(w.tables, id)?;
+    if let Some(p) = w.tables.project(old.project_id)? {
         if p.status == ProjectStatus::Closed {
             return Err(Error::Conflict(format!(
                 "project {} is closed; its tasks cannot be retried",
@@ -804,21 +823,21 @@ pub fn retry(w: &mut W, id: &str) -> Result<Task> {
 }
 
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
-pub fn promote_due(w: &mut W, limit: usize) -> Result<usize> {
+pub fn promote_due(w: &mut WriteCtx, limit: usize) -> Result<usize> {
     if !w.delayed_may_be_due() {
         return Ok(0);
     }
-    let due = w.t.due(ix::DELAYED, w.now, limit)?;
+    let due = w.tables.due(ix::DELAYED, w.now, limit)?;
     let n = due.len();
     for seq in due {
-        if let Some(old) = w.t.task(seq)? {
+        if let Some(old) = w.tables.task(seq)? {
             let mut t = old.clone();
             if lease::promote(&mut t, w.now) {
                 w.put_task(Some(&old), Some(&t))?;
             }
         }
     }
-    let next = w.t.first_key(&[ix::DELAYED])?;
+    let next = w.tables.first_key(&[ix::DELAYED])?;
     w.set_delayed_from(next.map(|k| ix::i64_at(&k, 1)));
     Ok(n)
 }
@@ -832,16 +851,22 @@ pub struct Reclaimed {
 }
 
 /// Reclaims up to `limit` expired leases, optionally of one project only.
-pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result<Vec<Reclaimed>> {
+pub fn reclaim_expired(
+    w: &mut WriteCtx,
+    project: Option<u128>,
+    limit: usize,
+) -> Result<Vec<Reclaimed>> {
     let cap = if project.is_none() { limit } else { usize::MAX };
-    let expired = w.t.leases.due(cap);
+    let expired = w.tables.leases.due(cap);
     let mut out = Vec::new();
     for seq in expired {
-        let Some(old) = w.t.task(seq)? else { continue };
+        let Some(old) = w.tables.task(seq)? else {
+            continue;
+        };
         if project.is_some_and(|p| p != old.project_id) {
             continue;
         }
-        let rules = rules_for(w.t, &old)?;
+        let rules = rules_for(w.tables, &old)?;
         let mut t = old.clone();
         let agent = old
             .lease
@@ -865,8 +890,8 @@ pub fn reclaim_expired(w: &mut W, project: Option<u128>, limit: usize) -> Result
 }
 
 /// `cleanup-leases`: reclaim every expired lease of one project now.
-pub fn cleanup_leases(w: &mut W, project_key: &str) -> Result<(usize, usize)> {
-    let p = resolve_project(w.t, project_key)?;
+pub fn cleanup_leases(w: &mut WriteCtx, project_key: &str) -> Result<(usize, usize)> {
+    let p = resolve_project(w.tables, project_key)?;
     let done = reclaim_expired(w, Some(p.id), usize::MAX)?;
     let mut agents: Vec<&str> = done.iter().map(|r| r.agent.as_str()).collect();
     agents.sort_unstable();

@@ -20,7 +20,8 @@ use super::{ApiTags, State};
 use crate::auth::{self, Caller, Right};
 use crate::error::Error;
 use crate::model::{ApiKey as Key, Role};
-use crate::store::{access, to_the_end};
+use crate::spawn::to_the_end;
+use crate::store::keys;
 
 async fn caller_of(req: &Request) -> Option<Arc<Caller>> {
     req.extensions().get::<Arc<Caller>>().cloned()
@@ -156,7 +157,7 @@ pub struct LoggedOut {
     pub logged_out: bool,
 }
 
-pub struct AccessApi(pub Arc<State>);
+pub struct KeysApi(pub Arc<State>);
 
 fn no_session() -> Error {
     Error::NotFound("this request carries no session: log in first".into())
@@ -173,7 +174,7 @@ fn key_admin(c: &Caller) -> Result<(), Error> {
 }
 
 #[OpenApi]
-impl AccessApi {
+impl KeysApi {
     /// Create an API key (admin). The key is in the answer, once; only its hash is stored.
     #[oai(
         path = "/api/keys",
@@ -203,7 +204,7 @@ impl AccessApi {
         let id = Uuid::now_v7().as_u128();
         let text = auth::new_key_text(id);
         let hash = self.0.auth.hash(text.clone()).await?;
-        let new = access::NewKey {
+        let new = keys::NewKey {
             id,
             name: b.name.0,
             role: role.expect("checked"),
@@ -215,7 +216,7 @@ impl AccessApi {
         let key = self
             .0
             .store
-            .write(move |w| access::create_key(w, new))
+            .write(move |w| keys::create_key(w, new))
             .await?;
         Ok(CreatedReply::created(KeyOut::new(key, Some(text))))
     }
@@ -265,10 +266,7 @@ impl AccessApi {
         // leave the revoked key (or its sessions) in the cache.
         let state = self.0.clone();
         to_the_end(async move {
-            state
-                .store
-                .write(move |w| access::delete_key(w, kid))
-                .await?;
+            state.store.write(move |w| keys::delete_key(w, kid)).await?;
             state.auth.forget_key(kid);
             Ok(())
         })
@@ -309,7 +307,7 @@ impl AccessApi {
         let s = self
             .0
             .store
-            .write(move |w| access::create_session(w, key_id, agent, &pid, limits, hash))
+            .write(move |w| keys::create_session(w, key_id, agent, &pid, limits, hash))
             .await?;
         Ok(Reply::ok(LoginOut {
             session_id: uuid_str(s.id),
@@ -332,7 +330,7 @@ impl AccessApi {
         let done = to_the_end(async move {
             let done = state
                 .store
-                .write(move |w| access::end_session(w, hash))
+                .write(move |w| keys::end_session(w, hash))
                 .await?;
             state.auth.forget_session(&hash);
             Ok(done)
@@ -382,7 +380,7 @@ impl AccessApi {
         let s = self
             .0
             .store
-            .write(move |w| access::extend_session(w, b.token_hash, secs as i64 * 1000))
+            .write(move |w| keys::extend_session(w, b.token_hash, secs as i64 * 1000))
             .await?;
         Ok(Reply::ok(session_out(s)))
     }

@@ -7,7 +7,7 @@ use redb::ReadableTable;
 
 use super::tables::*;
 use super::write::resolve_project;
-use super::{Store, W};
+use super::{Store, WriteCtx};
 use crate::error::{Error, Result};
 use crate::model::{ApiKey, Millis, Role, Session};
 
@@ -24,13 +24,13 @@ pub struct NewKey {
     pub hash: String,
 }
 
-pub fn create_key(w: &mut W, n: NewKey) -> Result<ApiKey> {
+pub fn create_key(w: &mut WriteCtx, n: NewKey) -> Result<ApiKey> {
     let projects = match n.projects {
         None => None,
         Some(refs) => {
             let mut ids = Vec::with_capacity(refs.len());
             for r in &refs {
-                ids.push(resolve_project(w.t, r)?.id);
+                ids.push(resolve_project(w.tables, r)?.id);
             }
             ids.sort_unstable();
             ids.dedup();
@@ -46,13 +46,18 @@ pub fn create_key(w: &mut W, n: NewKey) -> Result<ApiKey> {
         created_at: w.now,
         last_used_at: None,
     };
-    w.t.keys.insert(key.id, encode(&key)?.as_slice())?;
+    w.tables.keys.insert(key.id, encode(&key)?.as_slice())?;
     Ok(key)
 }
 
 /// On an empty key table, stores the first admin key. Returns whether it did.
-pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) -> Result<bool> {
-    if w.t.keys.first()?.is_some() {
+pub fn bootstrap_admin(
+    w: &mut WriteCtx,
+    id: u128,
+    hash: String,
+    foreign_format: bool,
+) -> Result<bool> {
+    if w.tables.keys.first()?.is_some() {
         return Ok(false);
     }
     let key = ApiKey {
@@ -64,12 +69,14 @@ pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) 
         created_at: w.now,
         last_used_at: None,
     };
-    w.t.keys.insert(key.id, encode(&key)?.as_slice())?;
+    w.tables.keys.insert(key.id, encode(&key)?.as_slice())?;
     if foreign_format {
         // The meta table holds u64 values: store the id's two halves.
-        w.t.meta
+        w.tables
+            .meta
             .insert(format!("{BOOTSTRAP_KEY}_hi").as_str(), (id >> 64) as u64)?;
-        w.t.meta
+        w.tables
+            .meta
             .insert(format!("{BOOTSTRAP_KEY}_lo").as_str(), id as u64)?;
     }
     Ok(true)
@@ -79,10 +86,10 @@ pub fn bootstrap_admin(w: &mut W, id: u128, hash: String, foreign_format: bool) 
 /// authenticated up to a minute ago must not be handed a task once its key was revoked or its
 /// session ended (logout, the key's revocation) or expired: the writer orders this look
 /// after any revocation that committed first.
-pub fn credential_live(w: &mut W, key_id: u128, session: Option<&[u8; 32]>) -> Result<()> {
+pub fn credential_live(w: &mut WriteCtx, key_id: u128, session: Option<&[u8; 32]>) -> Result<()> {
     let live = match session {
-        Some(h) => w.t.session(h)?.is_some_and(|s| s.live_at(w.now)),
-        None => w.t.keys.get(key_id)?.is_some(),
+        Some(h) => w.tables.session(h)?.is_some_and(|s| s.live_at(w.now)),
+        None => w.tables.keys.get(key_id)?.is_some(),
     };
     if live {
         Ok(())
@@ -94,14 +101,14 @@ pub fn credential_live(w: &mut W, key_id: u128, session: Option<&[u8; 32]>) -> R
 }
 
 /// Deletes a key and every session made with it. The last admin key cannot be deleted.
-pub fn delete_key(w: &mut W, id: u128) -> Result<ApiKey> {
+pub fn delete_key(w: &mut WriteCtx, id: u128) -> Result<ApiKey> {
     let key = w
-        .t
+        .tables
         .key(id)?
         .ok_or_else(|| Error::NotFound(format!("key {} not found", uuid::Uuid::from_u128(id))))?;
     if key.role == Role::Admin {
         let mut admins = 0;
-        for r in w.t.keys.iter()? {
+        for r in w.tables.keys.iter()? {
             let (_, v) = r?;
             let k: ApiKey = decode(v.value())?;
             admins += (k.role == Role::Admin) as usize;
@@ -112,24 +119,25 @@ pub fn delete_key(w: &mut W, id: u128) -> Result<ApiKey> {
             ));
         }
     }
-    let sessions: Vec<[u8; 32]> =
-        w.t.sessions_by_key
-            .range((id, 0u128)..=(id, u128::MAX))?
-            .map(|r| r.map(|(_, v)| v.value()))
-            .collect::<Result<_, _>>()?;
+    let sessions: Vec<[u8; 32]> = w
+        .tables
+        .sessions_by_key
+        .range((id, 0u128)..=(id, u128::MAX))?
+        .map(|r| r.map(|(_, v)| v.value()))
+        .collect::<Result<_, _>>()?;
     for h in sessions {
-        if let Some(s) = w.t.session(&h)? {
-            w.t.delete_session(&h, &s)?;
+        if let Some(s) = w.tables.session(&h)? {
+            w.tables.delete_session(&h, &s)?;
         }
     }
-    w.t.keys.remove(id)?;
+    w.tables.keys.remove(id)?;
     Ok(key)
 }
 
-pub fn touch_key(w: &mut W, id: u128) -> Result<()> {
-    if let Some(mut k) = w.t.key(id)? {
+pub fn touch_key(w: &mut WriteCtx, id: u128) -> Result<()> {
+    if let Some(mut k) = w.tables.key(id)? {
         k.last_used_at = Some(w.now);
-        w.t.keys.insert(id, encode(&k)?.as_slice())?;
+        w.tables.keys.insert(id, encode(&k)?.as_slice())?;
     }
     Ok(())
 }
@@ -149,21 +157,22 @@ pub struct SessionLimits {
 /// without bound for as long as the key lives). Sessions past their expiry count until the
 /// scheduler sweeps them, which it does as they expire.
 pub fn create_session(
-    w: &mut W,
+    w: &mut WriteCtx,
     key_id: u128,
     agent: String,
     project_key: &str,
     limits: SessionLimits,
     token_hash: [u8; 32],
 ) -> Result<Session> {
-    let project = resolve_project(w.t, project_key)?;
+    let project = resolve_project(w.tables, project_key)?;
     if limits.per_key > 0 {
         let cap = limits.per_key as usize;
         let mut held = 0;
-        for r in
-            w.t.sessions_by_key
-                .range((key_id, 0u128)..=(key_id, u128::MAX))?
-                .take(cap)
+        for r in w
+            .tables
+            .sessions_by_key
+            .range((key_id, 0u128)..=(key_id, u128::MAX))?
+            .take(cap)
         {
             r?;
             held += 1;
@@ -185,16 +194,16 @@ pub fn create_session(
         expires_at: w.now.saturating_add(limits.ttl_ms),
         last_activity: w.now,
     };
-    w.t.put_session(&token_hash, None, &s)?;
+    w.tables.put_session(&token_hash, None, &s)?;
     w.timer(s.expires_at);
     Ok(s)
 }
 
 /// Ends a session. Returns false when there was none.
-pub fn end_session(w: &mut W, token_hash: [u8; 32]) -> Result<bool> {
-    match w.t.session(&token_hash)? {
+pub fn end_session(w: &mut WriteCtx, token_hash: [u8; 32]) -> Result<bool> {
+    match w.tables.session(&token_hash)? {
         Some(s) => {
-            w.t.delete_session(&token_hash, &s)?;
+            w.tables.delete_session(&token_hash, &s)?;
             Ok(true)
         }
         None => Ok(false),
@@ -202,39 +211,41 @@ pub fn end_session(w: &mut W, token_hash: [u8; 32]) -> Result<bool> {
 }
 
 /// Pushes a session's expiry `by_ms` later.
-pub fn extend_session(w: &mut W, token_hash: [u8; 32], by_ms: i64) -> Result<Session> {
-    let old =
-        w.t.session(&token_hash)?
-            .filter(|s| s.live_at(w.now))
-            .ok_or_else(|| Error::NotFound("session not found or expired".into()))?;
+pub fn extend_session(w: &mut WriteCtx, token_hash: [u8; 32], by_ms: i64) -> Result<Session> {
+    let old = w
+        .tables
+        .session(&token_hash)?
+        .filter(|s| s.live_at(w.now))
+        .ok_or_else(|| Error::NotFound("session not found or expired".into()))?;
     let mut s = old.clone();
     s.expires_at = s.expires_at.saturating_add(by_ms);
     s.last_activity = w.now;
-    w.t.put_session(&token_hash, Some(&old), &s)?;
+    w.tables.put_session(&token_hash, Some(&old), &s)?;
     Ok(s)
 }
 
-pub fn touch_session(w: &mut W, token_hash: [u8; 32]) -> Result<()> {
-    if let Some(old) = w.t.session(&token_hash)? {
+pub fn touch_session(w: &mut WriteCtx, token_hash: [u8; 32]) -> Result<()> {
+    if let Some(old) = w.tables.session(&token_hash)? {
         let mut s = old.clone();
         s.last_activity = w.now;
-        w.t.put_session(&token_hash, Some(&old), &s)?;
+        w.tables.put_session(&token_hash, Some(&old), &s)?;
     }
     Ok(())
 }
 
 /// Removes up to `limit` sessions that have expired.
-pub fn sweep_sessions(w: &mut W, limit: usize) -> Result<usize> {
-    let due: Vec<[u8; 32]> =
-        w.t.session_expiry
-            .range((i64::MIN, 0u128)..=(w.now, u128::MAX))?
-            .take(limit)
-            .map(|r| r.map(|(_, v)| v.value()))
-            .collect::<Result<_, _>>()?;
+pub fn sweep_sessions(w: &mut WriteCtx, limit: usize) -> Result<usize> {
+    let due: Vec<[u8; 32]> = w
+        .tables
+        .session_expiry
+        .range((i64::MIN, 0u128)..=(w.now, u128::MAX))?
+        .take(limit)
+        .map(|r| r.map(|(_, v)| v.value()))
+        .collect::<Result<_, _>>()?;
     let n = due.len();
     for h in due {
-        if let Some(s) = w.t.session(&h)? {
-            w.t.delete_session(&h, &s)?;
+        if let Some(s) = w.tables.session(&h)? {
+            w.tables.delete_session(&h, &s)?;
         }
     }
     Ok(n)

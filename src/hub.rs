@@ -12,35 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::{watch, Notify};
 
-use crate::model::{Millis, Outcome};
-use crate::telemetry::{self, TaskEvent};
-
-/// What one committed batch changed that someone may be waiting for.
-#[derive(Debug, Default)]
-pub struct Effects {
-    /// Tasks that became available to claim, by project and task type (None: untyped).
-    pub ready: HashMap<(u128, Option<u128>), usize>,
-    pub earliest_timer: Option<Millis>,
-    /// Projects whose pollers all look again: no task event announces their ready tasks (a
-    /// closed project reopened with tasks queued).
-    pub wake_all: Vec<u128>,
-    /// How long each task handed out in the batch had waited, ready, in ms.
-    pub waits: Vec<Millis>,
-    /// How each lease that ended in the batch ended, and how long it had run, in ms.
-    pub runs: Vec<(Outcome, Millis)>,
-    /// Task transitions by project, for the counters.
-    pub events: HashMap<(u128, TaskEvent), u64>,
-}
-
-impl Effects {
-    pub fn ready(&mut self, project: u128, type_id: Option<u128>) {
-        *self.ready.entry((project, type_id)).or_default() += 1;
-    }
-
-    pub fn timer(&mut self, at: Millis) {
-        self.earliest_timer = Some(self.earliest_timer.map_or(at, |t| t.min(at)));
-    }
-}
+use crate::model::Millis;
+use crate::report::BatchReport;
+use crate::telemetry;
 
 pub struct Hub {
     /// Long-pollers by project, longest waiting first.
@@ -142,24 +116,17 @@ impl Hub {
         }
     }
 
-    /// Called by the writer after a commit.
-    pub fn publish(&self, fx: Effects) {
-        if !fx.events.is_empty() {
-            telemetry::publish_events(&fx.events);
-        }
-        if !fx.waits.is_empty() {
-            telemetry::publish_waits(&fx.waits);
-        }
-        if !fx.runs.is_empty() {
-            telemetry::publish_runs(&fx.runs);
-        }
+    /// Wakes who a committed batch concerns: a poller for each task it made available, every
+    /// poller of a project it asks to wake, and the scheduler for a timer earlier than its
+    /// deadline. Called by the writer after each commit.
+    pub fn publish(&self, fx: &BatchReport) {
         if !fx.ready.is_empty() || !fx.wake_all.is_empty() {
             let mut waiting = self.lock_waiting();
             if !waiting.is_empty() {
-                for ((project, type_id), n) in fx.ready {
+                for (&(project, type_id), &n) in &fx.ready {
                     Self::wake(&mut waiting, project, type_id, n);
                 }
-                for project in fx.wake_all {
+                for &project in &fx.wake_all {
                     Self::wake_all_in(&mut waiting, project);
                 }
             }
@@ -337,11 +304,11 @@ mod tests {
     }
 
     fn ready(hub: &Hub, project: u128, type_id: Option<u128>, n: usize) {
-        let mut fx = Effects::default();
+        let mut fx = BatchReport::default();
         for _ in 0..n {
             fx.ready(project, type_id);
         }
-        hub.publish(fx);
+        hub.publish(&fx);
     }
 
     #[tokio::test]
@@ -408,9 +375,9 @@ mod tests {
     }
 
     fn publish_timer(hub: &Hub, at: Millis) {
-        let mut fx = Effects::default();
+        let mut fx = BatchReport::default();
         fx.timer(at);
-        hub.publish(fx);
+        hub.publish(&fx);
     }
 
     /// A lease committed while the scheduler reads the timers (its read missed it; it has not

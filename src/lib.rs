@@ -5,6 +5,7 @@
 //! - [`lease`]: the lease state machine, pure functions over a task row; the protocol's home.
 //! - [`store`]: redb tables and indexes, the group-commit writer, and read queries.
 //! - [`auth`]: API keys, sessions, roles and rights, project scoping, rate limits.
+//! - [`report`]: what a committed write batch did, as plain data for the hub and the metrics.
 //! - [`hub`]: wake-ups for long-pollers, the scheduler and shutdown.
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
@@ -26,6 +27,7 @@ pub mod lease;
 pub mod listen;
 pub mod logs;
 pub mod model;
+pub mod report;
 pub mod scheduler;
 pub mod server;
 pub mod spawn;

@@ -192,9 +192,10 @@ impl Server {
         );
         tokio::spawn(keep_scheduling(store.clone()));
         tokio::spawn(resume_deletes(store.clone()));
+        let hub = store.hub.clone();
         tokio::spawn(crate::telemetry::upkeep(
             state.metrics.clone(),
-            store.hub.clone(),
+            async move { hub.shutting_down().await },
         ));
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let hub = store.hub.clone();

@@ -19,8 +19,8 @@ use metrics::{
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use crate::model::{Millis, Outcome, ProjectStatus, Task, TaskStatus};
-use crate::store::Store;
+use crate::model::{Millis, Outcome, Stats, TaskStatus};
+use crate::report::{BatchReport, TaskEvent};
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -207,7 +207,7 @@ fn describe() {
          (NTP, a restored VM). Leases keep their real durations across them."
     );
     for event in TaskEvent::ALL {
-        let (name, help) = event.family();
+        let (name, help) = family(event);
         describe_counter!(name, help);
     }
     counter!("agentq_rate_limited_total").increment(0);
@@ -229,11 +229,12 @@ const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Folds recorded histogram samples into their buckets every few seconds until shutdown.
 /// The exporter keeps raw samples until a render or an upkeep; without this, a server that is
 /// never scraped would hold every request's duration in memory.
-pub async fn upkeep(handle: PrometheusHandle, hub: std::sync::Arc<crate::hub::Hub>) {
+pub async fn upkeep(handle: PrometheusHandle, shutdown: impl std::future::Future<Output = ()>) {
+    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = tokio::time::sleep(UPKEEP_EVERY) => handle.run_upkeep(),
-            _ = hub.shutting_down() => return,
+            _ = &mut shutdown => return,
         }
     }
 }
@@ -268,22 +269,21 @@ thread_local! {
 
 /// The `method` label: the standard methods by name, any other token as `OTHER`, so that a
 /// client inventing methods cannot create series without bound.
-fn method_label(method: &poem::http::Method) -> &'static str {
-    use poem::http::Method;
-    match *method {
-        Method::GET => "GET",
-        Method::POST => "POST",
-        Method::PUT => "PUT",
-        Method::DELETE => "DELETE",
-        Method::PATCH => "PATCH",
-        Method::HEAD => "HEAD",
-        Method::OPTIONS => "OPTIONS",
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "DELETE" => "DELETE",
+        "PATCH" => "PATCH",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
         _ => "OTHER",
     }
 }
 
 /// Records one HTTP request.
-pub fn http_request(method: &poem::http::Method, route: &'static str, status: u16, seconds: f64) {
+pub fn http_request(method: &str, route: &'static str, status: u16, seconds: f64) {
     let method = method_label(method);
     HTTP_SERIES.with(|series| {
         let mut series = series.borrow_mut();
@@ -374,111 +374,59 @@ pub fn auth_failed() {
     counter!("agentq_auth_failures_total").increment(1);
 }
 
-/// What one task transition counts as.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskEvent {
-    Created,
-    Claimed,
-    Completed,
-    Failed,
-    Retried,
-    LeaseExpired,
-    Cancelled,
-}
-
-impl TaskEvent {
-    pub const ALL: [TaskEvent; 7] = [
-        TaskEvent::Created,
-        TaskEvent::Claimed,
-        TaskEvent::Completed,
-        TaskEvent::Failed,
-        TaskEvent::Retried,
-        TaskEvent::LeaseExpired,
-        TaskEvent::Cancelled,
-    ];
-
-    /// The counter's name and its help text.
-    fn family(self) -> (&'static str, &'static str) {
-        match self {
-            TaskEvent::Created => ("agentq_tasks_created_total", "Tasks created, by project."),
-            TaskEvent::Claimed => (
-                "agentq_tasks_claimed_total",
-                "Tasks handed to an agent under a lease, by project.",
-            ),
-            TaskEvent::Completed => (
-                "agentq_tasks_completed_total",
-                "Tasks completed by their agent, by project.",
-            ),
-            TaskEvent::Failed => (
-                "agentq_tasks_failed_total",
-                "Tasks failed for good (no retries left), by project.",
-            ),
-            TaskEvent::Retried => (
-                "agentq_tasks_retried_total",
-                "Failed or expired attempts put back in the queue, by project.",
-            ),
-            TaskEvent::LeaseExpired => (
-                "agentq_tasks_lease_expired_total",
-                "Leases that ran out before the agent answered, by project.",
-            ),
-            TaskEvent::Cancelled => (
-                "agentq_tasks_cancelled_total",
-                "Tasks cancelled, by project.",
-            ),
-        }
-    }
-
-    fn metric(self) -> &'static str {
-        self.family().0
+/// A task event's counter: its name and its help text.
+fn family(event: TaskEvent) -> (&'static str, &'static str) {
+    match event {
+        TaskEvent::Created => ("agentq_tasks_created_total", "Tasks created, by project."),
+        TaskEvent::Claimed => (
+            "agentq_tasks_claimed_total",
+            "Tasks handed to an agent under a lease, by project.",
+        ),
+        TaskEvent::Completed => (
+            "agentq_tasks_completed_total",
+            "Tasks completed by their agent, by project.",
+        ),
+        TaskEvent::Failed => (
+            "agentq_tasks_failed_total",
+            "Tasks failed for good (no retries left), by project.",
+        ),
+        TaskEvent::Retried => (
+            "agentq_tasks_retried_total",
+            "Failed or expired attempts put back in the queue, by project.",
+        ),
+        TaskEvent::LeaseExpired => (
+            "agentq_tasks_lease_expired_total",
+            "Leases that ran out before the agent answered, by project.",
+        ),
+        TaskEvent::Cancelled => (
+            "agentq_tasks_cancelled_total",
+            "Tasks cancelled, by project.",
+        ),
     }
 }
 
-/// How long a task that this change hands out had waited, ready (ms).
-pub fn claim_wait(old: &Task, new: &Task, now: Millis) -> Option<Millis> {
-    let claimed = old.status == TaskStatus::Queued && new.status == TaskStatus::Running;
-    claimed.then(|| now.saturating_sub(old.ready_since()).max(0))
+fn metric(event: TaskEvent) -> &'static str {
+    family(event).0
 }
 
-/// How a lease that this change ends ended, and how long it had run (ms).
-pub fn lease_run(old: &Task, new: &Task) -> Option<(Outcome, Millis)> {
-    if old.status != TaskStatus::Running || new.status == TaskStatus::Running {
-        return None;
+/// Records what a committed batch did: its task events, the waits of the tasks it handed
+/// out and the run times of the leases it ended.
+pub fn record_batch(report: &BatchReport) {
+    if !report.events.is_empty() {
+        publish_events(&report.events);
     }
-    let a = new.attempts.last()?;
-    let ran = a.ended_at?.saturating_sub(a.started_at).max(0);
-    Some((a.outcome, ran))
-}
-
-/// The events a row change means (deletions count as nothing).
-pub fn task_events(old: Option<&Task>, new: Option<&Task>, out: &mut Vec<TaskEvent>) {
-    let Some(n) = new else { return };
-    let Some(o) = old else {
-        out.push(TaskEvent::Created);
-        return;
-    };
-    if o.status == n.status {
-        return;
+    if !report.waits.is_empty() {
+        publish_waits(&report.waits);
     }
-    let timed_out = o.status == TaskStatus::Running
-        && n.attempts
-            .last()
-            .is_some_and(|a| a.outcome == Outcome::Timeout);
-    if timed_out {
-        out.push(TaskEvent::LeaseExpired);
+    if !report.runs.is_empty() {
+        publish_runs(&report.runs);
     }
-    out.push(match n.status {
-        TaskStatus::Running => TaskEvent::Claimed,
-        TaskStatus::Completed => TaskEvent::Completed,
-        TaskStatus::Failed => TaskEvent::Failed,
-        TaskStatus::Cancelled => TaskEvent::Cancelled,
-        TaskStatus::Queued => TaskEvent::Retried,
-    });
 }
 
 /// Adds a committed batch's task events to the counters.
-pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
+fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
     for ((project, event), n) in events {
-        counter!(event.metric(), "project" => uuid::Uuid::from_u128(*project).to_string())
+        counter!(metric(*event), "project" => uuid::Uuid::from_u128(*project).to_string())
             .increment(*n);
     }
 }
@@ -486,7 +434,7 @@ pub fn publish_events(events: &HashMap<(u128, TaskEvent), u64>) {
 /// Records how long each task of a committed batch's claims had waited (ms). The handle is
 /// looked up once per batch, not kept: a handle taken before the recorder is installed would
 /// record nowhere for good.
-pub fn publish_waits(waits: &[Millis]) {
+fn publish_waits(waits: &[Millis]) {
     let waited = histogram!("agentq_task_wait_seconds");
     for ms in waits {
         waited.record(*ms as f64 / 1000.0);
@@ -495,7 +443,7 @@ pub fn publish_waits(waits: &[Millis]) {
 
 /// Records how long each lease that ended in a committed batch had run (ms), by its outcome.
 /// Each outcome's handle is looked up once per batch, as in [`publish_waits`].
-pub fn publish_runs(runs: &[(Outcome, Millis)]) {
+fn publish_runs(runs: &[(Outcome, Millis)]) {
     let mut handles: [Option<metrics::Histogram>; 5] = Default::default();
     for (outcome, ms) in runs {
         handles[*outcome as usize]
@@ -506,47 +454,55 @@ pub fn publish_runs(runs: &[(Outcome, Millis)]) {
     }
 }
 
+/// What `/metrics` shows of the stored state, gathered by its caller at scrape time: plain
+/// numbers, so that this module knows nothing of the store.
+pub struct Snapshot {
+    /// Every live project in creation order; `None` when the database could not be read.
+    pub projects: Option<Vec<ProjectGauges>>,
+    pub long_poll_waiters: usize,
+    pub storage_size_bytes: u64,
+    /// Whether writes reach the disk (no write outage).
+    pub storage_writable: bool,
+}
+
+/// One project's gauges.
+pub struct ProjectGauges {
+    pub id: u128,
+    pub name: String,
+    pub stats: Stats,
+    /// How long the longest-waiting task at the front of its queue has waited, ready (ms).
+    pub queue_wait_ms: Millis,
+}
+
 /// Sets the gauges that mirror stored state, then renders the Prometheus text.
 ///
 /// Series of deleted projects are left out: the exporter cannot unregister a series, and a
 /// deleted project's gauges would otherwise report its last task counts forever.
-pub fn render(handle: &PrometheusHandle, store: &Store, started: std::time::Instant) -> String {
+pub fn render(handle: &PrometheusHandle, state: Snapshot, started: std::time::Instant) -> String {
     // The live projects' names by id (ids of UUIDv7, so in creation order).
-    let mut live: Option<BTreeMap<String, String>> = None;
-    let now = store.clock.now();
-    if let Ok(r) = store.read() {
-        if let Ok((projects, _)) = r.projects(None, &|_| true, usize::MAX, 0) {
-            // A closed project hands out nothing: its tasks are not ready (as peek says).
-            let ready = projects
-                .iter()
-                .filter(|(p, s)| p.status == ProjectStatus::Active && s.queued > s.delayed);
-            let waits = r
-                .longest_front_waits(ready.map(|(p, _)| p.id), now)
-                .unwrap_or_default();
-            let live = live.insert(BTreeMap::new());
-            for (p, s) in projects {
-                let id = uuid::Uuid::from_u128(p.id).to_string();
-                live.insert(id.clone(), p.name);
-                // Every project shows every counter, at zero until its first event.
-                for event in TaskEvent::ALL {
-                    counter!(event.metric(), "project" => id.clone()).increment(0);
-                }
-                for status in TaskStatus::ALL {
-                    gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
-                        .set(s.get(status) as f64);
-                }
-                let waited = waits.get(&p.id).copied().unwrap_or(0);
-                gauge!("agentq_queue_wait_seconds", "project" => id.clone())
-                    .set(waited as f64 / 1000.0);
-                gauge!("agentq_active_leases", "project" => id).set(s.running as f64);
+    let live: Option<BTreeMap<String, String>> = state.projects.map(|projects| {
+        let mut live = BTreeMap::new();
+        for p in projects {
+            let id = uuid::Uuid::from_u128(p.id).to_string();
+            // Every project shows every counter, at zero until its first event.
+            for event in TaskEvent::ALL {
+                counter!(metric(event), "project" => id.clone()).increment(0);
             }
+            for status in TaskStatus::ALL {
+                gauge!("agentq_tasks", "project" => id.clone(), "status" => status.as_str())
+                    .set(p.stats.get(status) as f64);
+            }
+            gauge!("agentq_queue_wait_seconds", "project" => id.clone())
+                .set(p.queue_wait_ms as f64 / 1000.0);
+            gauge!("agentq_active_leases", "project" => id.clone()).set(p.stats.running as f64);
+            live.insert(id, p.name);
         }
-    }
-    gauge!("agentq_long_poll_waiters").set(store.hub.waiters() as f64);
+        live
+    });
+    gauge!("agentq_long_poll_waiters").set(state.long_poll_waiters as f64);
     gauge!("process_resident_memory_bytes").set(resident_bytes() as f64);
-    gauge!("agentq_storage_size_bytes").set(store.size_bytes() as f64);
-    let writable = store.outage().is_none() && store.failure().is_none();
-    gauge!("agentq_storage_writable").set(if writable { 1.0 } else { 0.0 });
+    gauge!("agentq_storage_size_bytes").set(state.storage_size_bytes as f64);
+    gauge!("agentq_storage_writable").set(if state.storage_writable { 1.0 } else { 0.0 });
     counter!("agentq_log_lines_dropped_total").absolute(crate::logs::lines_dropped());
     gauge!("agentq_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle.run_upkeep();

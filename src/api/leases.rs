@@ -244,7 +244,8 @@ impl LeasesApi {
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
 
-    /// Fail a task (holder only): requeued with back-off while retries remain.
+    /// Fail a task (holder only): requeued with back-off while retries remain. Repeating the
+    /// same fail is answered 200.
     #[oai(
         path = "/api/tasks/:taskId/fail",
         method = "post",

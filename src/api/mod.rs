@@ -28,7 +28,7 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route};
 use poem_openapi::{OpenApi, OpenApiService, Tags};
 
 use crate::auth::{AuthError, Authenticator, Caller, RateInfo, Right};
-use crate::model::Project;
+use crate::model::{Project, ProjectStatus};
 use crate::store::Store;
 use crate::telemetry::{self, RequestTotals};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -195,7 +195,11 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
                 let state = m_state.clone();
                 async move {
                     let text = tokio::task::spawn_blocking(move || {
-                        telemetry::render(&state.metrics, &state.store, state.started)
+                        telemetry::render(
+                            &state.metrics,
+                            metrics_snapshot(&state.store),
+                            state.started,
+                        )
                     })
                     .await
                     .map_err(|e| {
@@ -415,8 +419,7 @@ async fn frame<E: Endpoint>(
             );
         }
         // Boxed: the endpoints' future (~3 KB) is then moved once, into its box, instead of
-        // with every future that holds this one as poem's layers box them (docs/BENCHMARKS.md,
-        // eighteenth round).
+        // with every future that holds this one as poem's layers box them.
         Box::pin(ep.call(req))
             .await
             .map(IntoResponse::into_response)
@@ -471,7 +474,7 @@ async fn frame<E: Endpoint>(
     }
     let status = resp_status.as_u16();
     let elapsed = started.elapsed();
-    telemetry::http_request(&method, route, status, elapsed.as_secs_f64());
+    telemetry::http_request(method.as_str(), route, status, elapsed.as_secs_f64());
     state.totals.record(status, elapsed.as_micros() as u64);
     match status {
         429 => telemetry::rate_limited(),
@@ -488,6 +491,37 @@ async fn frame<E: Endpoint>(
         "request"
     );
     Ok(resp)
+}
+
+/// What `/metrics` shows of the stored state, read on a snapshot.
+fn metrics_snapshot(store: &Store) -> telemetry::Snapshot {
+    let projects = store.read().ok().and_then(|r| {
+        let (projects, _) = r.projects(None, &|_| true, usize::MAX, 0).ok()?;
+        // A closed project hands out nothing: its tasks are not ready (as peek says).
+        let ready = projects
+            .iter()
+            .filter(|(p, s)| p.status == ProjectStatus::Active && s.queued > s.delayed);
+        let waits = r
+            .longest_front_waits(ready.map(|(p, _)| p.id), store.clock.now())
+            .unwrap_or_default();
+        Some(
+            projects
+                .into_iter()
+                .map(|(p, stats)| telemetry::ProjectGauges {
+                    id: p.id,
+                    queue_wait_ms: waits.get(&p.id).copied().unwrap_or(0),
+                    name: p.name,
+                    stats,
+                })
+                .collect(),
+        )
+    });
+    telemetry::Snapshot {
+        projects,
+        long_poll_waiters: store.hub.waiters(),
+        storage_size_bytes: store.size_bytes(),
+        storage_writable: store.outage().is_none() && store.failure().is_none(),
+    }
 }
 
 /// The seed's `/metrics/json` body.

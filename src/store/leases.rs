@@ -3,13 +3,13 @@
 //!
 //! The durable record of a lease is its task row (status `running`, with `lease`) and the
 //! task's BY_STATUS index entry, whose value carries the lease's expiry and agent (see
-//! [`super::tables::ix::lease_value`]). This cache is derived from those entries: the writer
+//! [`super::schema::ix::lease_value`]). This cache is derived from those entries: the writer
 //! loads it at start-up and again after a batch that did not commit, and keeps it in step in
 //! [`super::tables::Tables::put_task`]. Running tasks are bounded by the agents working, so
 //! loading it reads a few entries per agent, never all tasks.
 //!
 //! Keeping these two lookups out of the B-tree saves four of the ten index changes of a claim
-//! and its complete (measured in docs/BENCHMARKS.md).
+//! and its complete, about a fifth of the writer's CPU per cycle (docs/STORAGE.md).
 //!
 //! **A step of the system clock never reclaims a lease early.** A lease's expiry is a wall-clock
 //! instant (it is stored, shown to agents and must survive a restart), but a wall clock can
@@ -26,7 +26,7 @@ use std::collections::{BTreeSet, HashMap};
 
 use redb::ReadableTable;
 
-use super::tables::{ix, INDEX, PROJECTS};
+use super::schema::{ix, INDEX, PROJECTS};
 use crate::error::Result;
 use crate::model::{Millis, Task, TaskStatus};
 use crate::time::Clock;

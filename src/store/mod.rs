@@ -27,13 +27,13 @@ pub mod keys;
 pub mod leases;
 mod open;
 pub mod read;
-mod reopen;
+pub mod schema;
 pub mod tables;
 pub mod write;
 mod writer;
 
 use open::{init_schema, File};
-use writer::{writer_loop, Job, Msg, Reply};
+use writer::{writer_loop, Job, Msg, Reply, WriterState};
 pub use writer::{BatchCounts, WriteCtx, MAX_BATCH, PROBE_EVERY};
 
 use std::path::{Path, PathBuf};
@@ -45,8 +45,9 @@ use redb::{Database, ReadTransaction, ReadableDatabase, ReadableTable};
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::hub::{Effects, Hub};
+use crate::hub::Hub;
 use crate::model::{Millis, Task, TaskStatus};
+use crate::report::BatchReport;
 use crate::time::Clock;
 use disk::Disk;
 use leases::Leases;
@@ -54,7 +55,8 @@ use tables::{Tables, SCHEMA_VERSION};
 
 /// Default size of redb's page cache (read cache and write buffer together). The hot pages
 /// of the queue fit easily; redb's own default (1 GiB) lets a large database grow the
-/// resident set far past what a queue needs. Measured trade-off in docs/BENCHMARKS.md.
+/// resident set far past what a queue needs: with 1M tasks stored the server's resident set
+/// is about 45 MiB plus 1.5-1.8 times this (docs/OPERATIONS.md, memory sizing).
 pub const DEFAULT_CACHE_BYTES: usize = 96 * 1024 * 1024;
 
 /// Opens the database file as redb's storage backend: [`disk::file_backend`], or in tests a
@@ -196,17 +198,18 @@ impl Store {
             redb::DatabaseError::DatabaseAlreadyOpen => OpenError::Locked(path.to_path_buf()),
             other => OpenError::Io(path.to_path_buf(), other.to_string()),
         })?;
-        let state = init_schema(&db, path, clock.as_ref())?;
-        let batches = state.counts.clone();
+        let opened = init_schema(&db, path, clock.as_ref())?;
+        let batches = Arc::new(BatchCounts::default());
         let db = Arc::new(db);
         *file.shared.db.write().unwrap_or_else(|e| e.into_inner()) = Some(db.clone());
         let shared = file.shared.clone();
         let hub = Arc::new(Hub::default());
-        hub.set_first_lease(state.leases.next_due());
+        hub.set_first_lease(opened.leases.next_due());
         let (tx, rx) = mpsc::channel();
         let writer = {
             let hub = hub.clone();
             let clock = clock.clone();
+            let state = WriterState::new(opened, batches.clone());
             std::thread::Builder::new()
                 .name("agentq-writer".into())
                 .spawn(move || writer_loop(db, &file, rx, &hub, clock.as_ref(), state))

@@ -1,8 +1,13 @@
 //! Opening the database file: redb's repair of a file that was not closed (logged as it
 //! goes), the schema check, the migrations of an older file, and what the writer starts from.
 
-use super::writer::WriterState;
 use super::*;
+
+/// What the writer starts from, read from the file: the next task seq and the leases held.
+pub(super) struct Opened {
+    pub(super) next_seq: u64,
+    pub(super) leases: Leases,
+}
 
 /// Creates every table, records the schema version on a new file, refuses a newer one,
 /// migrates an older one, and returns what the writer starts from: the next task seq and the
@@ -11,9 +16,9 @@ pub(super) fn init_schema(
     db: &Database,
     path: &Path,
     clock: &dyn Clock,
-) -> Result<WriterState, OpenError> {
+) -> Result<Opened, OpenError> {
     let io = |e: Error| OpenError::Io(path.to_path_buf(), e.to_string());
-    let run = || -> Result<Result<WriterState, OpenError>> {
+    let run = || -> Result<Result<Opened, OpenError>> {
         let txn = db.begin_write()?;
         let next_seq;
         let mut migrated = None;
@@ -63,15 +68,7 @@ pub(super) fn init_schema(
                 "database migrated from schema {from} to {SCHEMA_VERSION}"
             );
         }
-        Ok(Ok(WriterState {
-            counts: Arc::default(),
-            next_seq,
-            delayed_from: Millis::MIN,
-            leases,
-            reopened: None,
-            hold: std::time::Duration::ZERO,
-            clock_offset: None,
-        }))
+        Ok(Ok(Opened { next_seq, leases }))
     };
     run().map_err(io)?
 }

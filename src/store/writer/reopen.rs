@@ -3,8 +3,7 @@
 //! redb refusing every write transaction. See docs/STORAGE.md, "I/O errors and the write
 //! outage".
 
-use super::open::{init_schema, File};
-use super::writer::{Msg, WriterState};
+use super::super::open::{init_schema, File};
 use super::*;
 
 /// The longest pause between two attempts to open the file again after an I/O error.
@@ -147,8 +146,8 @@ fn refuse_for(hold: std::time::Duration, file: &File, rx: &mpsc::Receiver<Msg>) 
 
 #[cfg(test)]
 mod reopen_tests {
-    use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
+    use crate::store::write::{self, Claim, NewProject, NewTask};
     use crate::time::SystemClock;
 
     fn tasks(n: usize) -> Vec<NewTask> {

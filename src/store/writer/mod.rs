@@ -5,9 +5,11 @@
 //! batch did to the hub, and only then answers each caller. The rules that keep batching safe
 //! are in the store's module doc; the file's reopening after an I/O error is in `reopen`.
 
-use super::open::File;
-use super::reopen::{close_file, poisoned, reopen};
+mod reopen;
+
+use super::open::{File, Opened};
 use super::*;
+use reopen::{close_file, poisoned, reopen};
 
 /// The most operations one write transaction takes.
 pub const MAX_BATCH: usize = 4096;
@@ -41,7 +43,7 @@ pub struct WriteCtx<'a, 'txn> {
     /// to promote. A lower bound: [`Millis::MIN`] means "unknown, look".
     delayed_from: &'a mut Millis,
     /// What the batch did, for the hub to act on after the commit.
-    effects: &'a mut Effects,
+    effects: &'a mut BatchReport,
 }
 
 impl WriteCtx<'_, '_> {
@@ -76,7 +78,7 @@ impl WriteCtx<'_, '_> {
     pub fn put_task(&mut self, old: Option<&Task>, new: Option<&Task>) -> Result<()> {
         self.tables.put_task(old, new)?;
         let mut events = Vec::new();
-        crate::telemetry::task_events(old, new, &mut events);
+        crate::report::task_events(old, new, &mut events);
         if let Some(project) = new.or(old).map(|t| t.project_id) {
             for e in events {
                 *self.effects.events.entry((project, e)).or_default() += 1;
@@ -87,8 +89,8 @@ impl WriteCtx<'_, '_> {
             if let Some(o) = old {
                 self.effects
                     .waits
-                    .extend(crate::telemetry::claim_wait(o, n, self.now));
-                self.effects.runs.extend(crate::telemetry::lease_run(o, n));
+                    .extend(crate::report::claim_wait(o, n, self.now));
+                self.effects.runs.extend(crate::report::lease_run(o, n));
             }
             if is_ready(n) && !was_ready {
                 self.effects.ready(n.project_id, n.type_id);
@@ -245,6 +247,20 @@ pub(super) struct WriterState {
     pub(super) clock_offset: Option<Millis>,
 }
 
+impl WriterState {
+    pub(super) fn new(opened: Opened, counts: Arc<BatchCounts>) -> WriterState {
+        WriterState {
+            counts,
+            next_seq: opened.next_seq,
+            delayed_from: Millis::MIN,
+            leases: opened.leases,
+            reopened: None,
+            hold: std::time::Duration::ZERO,
+            clock_offset: None,
+        }
+    }
+}
+
 /// Smallest change of the wall clock against the steady clock reported as a step.
 const CLOCK_STEP_MS: Millis = 1000;
 
@@ -279,7 +295,7 @@ fn run_batch(
 ) -> Option<String> {
     let started = std::time::Instant::now();
     let seq_before = st.next_seq;
-    let mut fx = Effects::default();
+    let mut fx = BatchReport::default();
     let mut replies = Vec::with_capacity(jobs.len());
     let mut written = false;
     // Taken when the jobs run; left here if the batch fails before that.
@@ -366,7 +382,7 @@ fn run_batch(
                 }
             }
         }
-        fx = Effects::default();
+        fx = BatchReport::default();
     }
     let n = replies.len();
     if outcome.is_ok() && written {
@@ -383,9 +399,11 @@ fn run_batch(
     }
     st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
     hub.set_first_lease(st.leases.next_due());
-    // Counters and wake-ups first, so that a caller who reads /metrics after its answer sees
-    // its own transition counted.
-    hub.publish(fx);
+    // The one place a batch's report leaves the store: to the metrics and to the wake-ups,
+    // both before the answers, so that a caller who reads /metrics after its answer sees its
+    // own transition counted.
+    crate::telemetry::record_batch(&fx);
+    hub.publish(&fx);
     for reply in replies {
         reply(outcome.clone());
     }
@@ -395,8 +413,8 @@ fn run_batch(
 
 #[cfg(test)]
 mod batch_tests {
-    use super::write::{self, Claim, NewProject, NewTask};
     use super::*;
+    use crate::store::write::{self, Claim, NewProject, NewTask};
     use crate::time::SystemClock;
 
     /// A store on a new file `b.redb` in `dir`, a runtime to drive it, and the id of its one

@@ -40,16 +40,30 @@ pub fn param(
     name: &str,
     reason: &str,
 ) -> FieldError {
-    let ty = spec
+    let schema = spec
         .param_schema(method, template, name)
-        .map(|s| spec.resolve(s))
-        .and_then(|s| s.get("type"))
-        .and_then(Value::as_str);
-    let message = match ty.and_then(expected) {
-        Some(e) => format!("must be {e}"),
-        None => format!("is not valid ({reason})"),
+        .map(|s| spec.resolve(s));
+    // An enumeration (a query enum type) names its values: "must be asc or desc".
+    let values: Option<Vec<&str>> = schema
+        .and_then(|s| s.get("enum"))
+        .and_then(Value::as_array)
+        .map(|values| values.iter().filter_map(Value::as_str).collect());
+    let ty = schema.and_then(|s| s.get("type")).and_then(Value::as_str);
+    let message = match (values, ty.and_then(expected)) {
+        (Some(values), _) if !values.is_empty() => format!("must be {}", one_of(&values)),
+        (_, Some(e)) => format!("must be {e}"),
+        _ => format!("is not valid ({reason})"),
     };
     FieldError::new(name, message)
+}
+
+/// `a`, `a or b`, `a, b or c`.
+fn one_of(values: &[&str]) -> String {
+    match values {
+        [] => String::new(),
+        [one] => one.to_string(),
+        [init @ .., last] => format!("{} or {last}", init.join(", ")),
+    }
 }
 
 /// How a JSON type reads in a message.

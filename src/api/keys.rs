@@ -373,8 +373,7 @@ impl KeysApi {
         let secs = c.int_range(
             "extendBy",
             body.0.extend_by,
-            1,
-            auth::MAX_SESSION_EXTEND_SECS,
+            &validate::SESSION_EXTEND_SECONDS,
         );
         c.finish(())?;
         let s = self

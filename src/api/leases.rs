@@ -88,7 +88,7 @@ impl LeasesApi {
         let mut c = Check::default();
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
         let wait = body.0.wait_seconds.unwrap_or(0.0);
-        c.float_range("waitSeconds", wait, 0.0, validate::MAX_WAIT_SECONDS);
+        c.float_range("waitSeconds", wait, &validate::WAIT_SECONDS);
         let type_ids: Option<Vec<u128>> = body.0.type_ids.as_ref().map(|ids| {
             if ids.len() > validate::MAX_TYPE_IDS {
                 let most = validate::MAX_TYPE_IDS;
@@ -303,7 +303,11 @@ impl LeasesApi {
         };
         auth.caller().require_agent(&agent)?;
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
-        let minutes = c.float_range("extensionMinutes", b.extension_minutes, 0.1, 1440.0);
+        let minutes = c.float_range(
+            "extensionMinutes",
+            b.extension_minutes,
+            &validate::EXTENSION_MINUTES,
+        );
         let token = validate::lease_token(&mut c, b.lease_token.as_deref());
         c.finish(())?;
         let ms = (minutes * 60_000.0).round() as i64;

@@ -181,7 +181,18 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
     )
     .description("A durable, fast task queue for AI agents.");
     let ui = service.swagger_ui();
-    let spec = Arc::new(spec::Spec::build(&service.spec()));
+    let spec = spec::Spec::build(&service.spec());
+    // A patch of the document that found nothing to patch is a field renamed without its
+    // rule: every test that starts a server fails on it.
+    debug_assert!(
+        spec.unmatched.is_empty(),
+        "OpenAPI patches without a target: {:?}",
+        spec.unmatched
+    );
+    if !spec.unmatched.is_empty() {
+        tracing::error!(unmatched = ?spec.unmatched, "OpenAPI patches without a target");
+    }
+    let spec = Arc::new(spec);
     let document = spec.json.clone();
     let max = opts.max_body_bytes;
     let frame_state = state.clone();

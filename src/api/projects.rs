@@ -31,19 +31,15 @@ impl ProjectsApi {
         &self,
         auth: Auth,
         /// `active` (default), `closed` or `all`.
-        status: Query<Option<String>>,
+        status: Query<Option<ProjectFilter>>,
         limit: Query<Option<i64>>,
         offset: Query<Option<i64>>,
     ) -> Result<ListReply<ProjectOut>> {
         let mut c = Check::default();
-        let status = match status.0.as_deref() {
-            None | Some("active") => Some(ProjectStatus::Active),
-            Some("closed") => Some(ProjectStatus::Closed),
-            Some("all") => None,
-            Some(other) => {
-                c.fail("status", "must be active, closed or all", other);
-                None
-            }
+        let status = match status.0.unwrap_or_default() {
+            ProjectFilter::Active => Some(ProjectStatus::Active),
+            ProjectFilter::Closed => Some(ProjectStatus::Closed),
+            ProjectFilter::All => None,
         };
         let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
         c.finish(())?;

@@ -14,6 +14,7 @@
 //! 5. The route table for the `Allow` header of 405 answers.
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 
 use serde_json::{json, Map, Value};
 
@@ -36,12 +37,12 @@ fn text(max: usize) -> Value {
     json!({"maxLength": max})
 }
 
-fn int(min: i64, max: i64) -> Value {
-    json!({"minimum": min, "maximum": max})
+fn int(range: &RangeInclusive<i64>) -> Value {
+    json!({"minimum": range.start(), "maximum": range.end()})
 }
 
-fn num(min: f64, max: f64) -> Value {
-    json!({"minimum": min, "maximum": max})
+fn num(range: &RangeInclusive<f64>) -> Value {
+    json!({"minimum": range.start(), "maximum": range.end()})
 }
 
 fn one_of(values: &[&str]) -> Value {
@@ -77,21 +78,29 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         ("UpdateProject", "description", text(MAX_DESCRIPTION)),
         ("UpdateProject", "instructions", text(MAX_INSTRUCTIONS)),
         ("UpdateProject", "status", one_of(&["active", "closed"])),
-        ("ConfigIn", "defaultMaxRetries", int(0, 10)),
-        ("ConfigIn", "defaultLeaseDurationMinutes", int(1, 1440)),
-        ("ConfigIn", "reaperIntervalMinutes", int(1, 60)),
+        ("ConfigIn", "defaultMaxRetries", int(&MAX_RETRIES)),
+        (
+            "ConfigIn",
+            "defaultLeaseDurationMinutes",
+            int(&PROJECT_LEASE_MINUTES),
+        ),
+        (
+            "ConfigIn",
+            "reaperIntervalMinutes",
+            int(&REAPER_INTERVAL_MINUTES),
+        ),
         ("CreateTask", "id", name(MAX_NAME)),
         ("CreateTask", "typeId", uuid()),
         ("CreateTask", "instructions", text(MAX_INSTRUCTIONS)),
         ("CreateTask", "variables", task_vars.clone()),
         ("CreateTask", "batchId", text(MAX_BATCH_ID)),
-        ("CreateTask", "priority", int(0, MAX_PRIORITY)),
+        ("CreateTask", "priority", int(&PRIORITY)),
         ("CreateTask", "notBefore", date_time()),
         ("BulkCreate", "tasks", json!({"maxItems": MAX_BULK})),
         ("BulkCreate", "batchId", text(MAX_BATCH_ID)),
         ("UpdateTask", "instructions", text(MAX_INSTRUCTIONS)),
         ("UpdateTask", "variables", task_vars),
-        ("UpdateTask", "priority", int(0, MAX_PRIORITY)),
+        ("UpdateTask", "priority", int(&PRIORITY)),
         ("UpdateTask", "notBefore", date_time()),
         ("UpdateTask", "batchId", text(MAX_BATCH_ID)),
         (
@@ -99,7 +108,7 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
             "typeIds",
             json!({"items": uuid(), "minItems": 1, "maxItems": MAX_TYPE_IDS}),
         ),
-        ("NextTaskIn", "waitSeconds", num(0.0, MAX_WAIT_SECONDS)),
+        ("NextTaskIn", "waitSeconds", num(&WAIT_SECONDS)),
         ("CompleteIn", "agentName", agent.clone()),
         ("CompleteIn", "result", text(MAX_RESULT)),
         ("CompleteIn", "outputs", json!({"type": "object"})),
@@ -111,7 +120,7 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         ("FailIn", "error", text(MAX_ERROR)),
         ("FailIn", "leaseToken", token.clone()),
         ("ExtendIn", "agentName", agent.clone()),
-        ("ExtendIn", "extensionMinutes", num(0.1, 1440.0)),
+        ("ExtendIn", "extensionMinutes", num(&EXTENSION_MINUTES)),
         ("ExtendIn", "leaseToken", token.clone()),
         ("ProgressIn", "agentName", agent.clone()),
         ("ProgressIn", "current", json!({"minimum": 0})),
@@ -127,11 +136,7 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         ),
         ("CreateKeyIn", "projects", json!({"minItems": 1})),
         ("LoginIn", "agentName", agent),
-        (
-            "ExtendSessionIn",
-            "extendBy",
-            int(1, crate::auth::MAX_SESSION_EXTEND_SECS),
-        ),
+        ("ExtendSessionIn", "extendBy", int(&SESSION_EXTEND_SECONDS)),
     ];
     for schema in ["CreateTaskType", "UpdateTaskType"] {
         rules.extend([
@@ -139,10 +144,10 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
             (schema, "template", text(MAX_TEMPLATE)),
             (schema, "variables", type_vars.clone()),
             (schema, "duplicateHandling", duplicate.clone()),
-            (schema, "maxRetries", int(0, 10)),
-            (schema, "leaseDurationMinutes", num(0.1, 1440.0)),
-            (schema, "retryDelaySeconds", num(0.0, 86_400.0)),
-            (schema, "backoffMultiplier", num(1.0, 10.0)),
+            (schema, "maxRetries", int(&MAX_RETRIES)),
+            (schema, "leaseDurationMinutes", num(&LEASE_MINUTES)),
+            (schema, "retryDelaySeconds", num(&RETRY_DELAY_SECONDS)),
+            (schema, "backoffMultiplier", num(&BACKOFF_MULTIPLIER)),
         ]);
     }
     rules
@@ -267,13 +272,11 @@ fn trim_errors(method: &str, op: &mut Value) {
 fn param_rules() -> Vec<(&'static str, Value)> {
     vec![
         ("agentName", name(MAX_AGENT_NAME)),
-        ("limit", int(1, MAX_LIMIT as i64)),
+        ("limit", int(&LIMIT)),
         ("offset", json!({"minimum": 0})),
         ("typeId", uuid()),
         ("createdAfter", date_time()),
         ("createdBefore", date_time()),
-        ("sort", one_of(&["createdAt", "updatedAt", "priority"])),
-        ("order", one_of(&["asc", "desc"])),
         (
             "cursor",
             json!({"pattern": "^(k-?[0-9]{1,19}\\.[0-9]{1,20}|o[0-9]{1,18})$"}),
@@ -356,6 +359,9 @@ pub struct Spec {
     params: HashMap<(String, &'static str, String), Value>,
     /// The document's component schemas, which `bodies` refer to.
     schemas: Map<String, Value>,
+    /// The patches that found nothing to patch (see [`Spec::build`]); empty for the served
+    /// document, which `api::app` checks.
+    pub unmatched: Vec<String>,
 }
 
 /// The routes of one segment count that a path may match, by the path's last segment: the
@@ -367,135 +373,191 @@ struct Shape {
     param_last: Vec<usize>,
 }
 
+/// Completes the component schemas: nullable optionals, closed request bodies, the bulk item,
+/// the field rules of `validate`, and what a task needs.
+fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String>) {
+    for s in schemas.values_mut().filter_map(Value::as_object_mut) {
+        nullable_optionals(s);
+    }
+    for name in REQUEST_SCHEMAS {
+        match schemas.get_mut(*name).and_then(Value::as_object_mut) {
+            Some(s) => {
+                s.insert("additionalProperties".into(), Value::Bool(false));
+            }
+            None => unmatched.push(format!("schema {name}")),
+        }
+    }
+    // Bulk items with a broken field rule are reported in `errors`, not refused: the items
+    // are documented with their types but without the rules.
+    if let Some(mut item) = schemas.get("CreateTask").cloned() {
+        if let Some(o) = item.as_object_mut() {
+            o.insert(
+                "description".into(),
+                "A task of a bulk request. Field rules are those of CreateTask; an item that breaks one is reported in `errors` by index.".into(),
+            );
+        }
+        schemas.insert("BulkTask".into(), item);
+        match schemas
+            .get_mut("BulkCreate")
+            .and_then(|b| b.pointer_mut("/properties/tasks/items"))
+        {
+            Some(items) => *items = json!({"$ref": "#/components/schemas/BulkTask"}),
+            None => unmatched.push("BulkCreate.tasks".into()),
+        }
+    }
+    for (schema, prop, rule) in body_rules() {
+        match schemas
+            .get_mut(schema)
+            .and_then(|s| s.pointer_mut(&format!("/properties/{prop}")))
+        {
+            Some(p) => merge(p, &rule),
+            None => unmatched.push(format!("{schema}.{prop}")),
+        }
+    }
+    // A task needs instructions unless its type has a template.
+    if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {
+        o.insert(
+            "anyOf".into(),
+            json!([
+                {"required": ["instructions"], "properties": {"instructions": {"type": "string"}}},
+                {"required": ["typeId"], "properties": {"typeId": {"type": "string"}}}
+            ]),
+        );
+    }
+}
+
+/// What [`complete_paths`] finds in the paths.
+struct Paths {
+    routes: Vec<(Vec<String>, Vec<String>, &'static str)>,
+    bodies: HashMap<(&'static str, &'static str), Value>,
+    params: HashMap<(String, &'static str, String), Value>,
+}
+
+/// Completes each operation (optional bodies, parameter rules, its own error statuses) and
+/// collects the route table, the body schemas and the parameter schemas.
+fn complete_paths(doc: &mut Value, unmatched: &mut Vec<String>) -> Paths {
+    let rules = param_rules();
+    let mut used = vec![false; rules.len()];
+    let mut found = Paths {
+        routes: Vec::new(),
+        bodies: HashMap::new(),
+        params: HashMap::new(),
+    };
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        unmatched.push("paths".into());
+        return found;
+    };
+    for optional in OPTIONAL_BODIES {
+        let body = paths
+            .get_mut(*optional)
+            .and_then(|item| item.pointer_mut("/post/requestBody"))
+            .and_then(Value::as_object_mut);
+        match body {
+            Some(body) => {
+                body.insert("required".into(), Value::Bool(false));
+            }
+            None => unmatched.push(format!("POST {optional} body")),
+        }
+    }
+    for (path, item) in paths.iter_mut() {
+        let segs: Vec<String> = path.split('/').map(String::from).collect();
+        // A fixed set, made once per process start: leaking gives `'static` labels.
+        let label: &'static str = Box::leak(path.clone().into_boxed_str());
+        let mut methods = Vec::new();
+        for (method, op) in item.as_object_mut().into_iter().flatten() {
+            let method = method.to_uppercase();
+            if let (Some(m), Some(schema)) = (static_method(&method), json_body_schema(op)) {
+                found.bodies.insert((m, label), schema.clone());
+            }
+            let params = op.get_mut("parameters").and_then(Value::as_array_mut);
+            for p in params.into_iter().flatten() {
+                let Some(n) = p.get("name").and_then(Value::as_str).map(String::from) else {
+                    continue;
+                };
+                if n == "status" && path.ends_with("/tasks") {
+                    merge(p, &json!({"schema": {"pattern": STATUS_LIST_PATTERN}}));
+                }
+                if let Some(i) = rules.iter().position(|(r, _)| *r == n) {
+                    merge(p, &json!({"schema": rules[i].1}));
+                    used[i] = true;
+                }
+                if let Some(schema) = p.get("schema") {
+                    found
+                        .params
+                        .insert((method.clone(), label, n), schema.clone());
+                }
+            }
+            trim_errors(&method, op);
+            methods.push(method);
+        }
+        found.routes.push((segs, methods, label));
+    }
+    for ((name, _), used) in rules.iter().zip(used) {
+        if !used {
+            unmatched.push(format!("parameter {name}"));
+        }
+    }
+    found
+}
+
+/// Adds the links between operations (see [`links`]) to their responses.
+fn add_links(doc: &mut Value, unmatched: &mut Vec<String>) {
+    for (path, method, status, l) in links() {
+        let pointer = format!(
+            "/paths/{}/{method}/responses/{status}",
+            path.replace('~', "~0").replace('/', "~1")
+        );
+        match doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
+            Some(response) => {
+                response.insert("links".into(), l);
+            }
+            None => unmatched.push(format!("{method} {path} {status}")),
+        }
+    }
+}
+
+/// The routes by segment count and last segment, for [`Spec::find`].
+fn index_routes(routes: &[(Vec<String>, Vec<String>, &'static str)]) -> Vec<Shape> {
+    let mut shapes: Vec<Shape> = Vec::new();
+    for (i, (segs, _, _)) in routes.iter().enumerate() {
+        if shapes.len() <= segs.len() {
+            shapes.resize_with(segs.len() + 1, Shape::default);
+        }
+        let shape = &mut shapes[segs.len()];
+        match segs.last() {
+            Some(last) if !last.starts_with('{') => {
+                // Later parameter routes join this list below; earlier ones now.
+                let list = shape.by_last.entry(last.clone()).or_default();
+                if list.is_empty() {
+                    list.extend(&shape.param_last);
+                }
+                list.push(i);
+            }
+            _ => {
+                shape.param_last.push(i);
+                shape.by_last.values_mut().for_each(|list| list.push(i));
+            }
+        }
+    }
+    shapes
+}
+
 impl Spec {
+    /// Completes poem-openapi's document (`generated`) and indexes it. Every patch that names
+    /// a schema, property, parameter or path the document lacks is listed in `unmatched`:
+    /// a renamed field must not silently lose its rule.
     pub fn build(generated: &str) -> Spec {
         let mut doc: Value = serde_json::from_str(generated).expect("poem-openapi emits JSON");
+        let mut unmatched = Vec::new();
         if let Some(schemas) = doc
             .pointer_mut("/components/schemas")
             .and_then(Value::as_object_mut)
         {
-            for s in schemas.values_mut().filter_map(Value::as_object_mut) {
-                nullable_optionals(s);
-            }
-            for name in REQUEST_SCHEMAS {
-                if let Some(s) = schemas.get_mut(*name).and_then(Value::as_object_mut) {
-                    s.insert("additionalProperties".into(), Value::Bool(false));
-                }
-            }
-            // Bulk items with a broken field rule are reported in `errors`, not refused: the
-            // items are documented with their types but without the rules.
-            if let Some(mut item) = schemas.get("CreateTask").cloned() {
-                if let Some(o) = item.as_object_mut() {
-                    o.insert(
-                        "description".into(),
-                        "A task of a bulk request. Field rules are those of CreateTask; an item that breaks one is reported in `errors` by index.".into(),
-                    );
-                }
-                schemas.insert("BulkTask".into(), item);
-                if let Some(items) = schemas
-                    .get_mut("BulkCreate")
-                    .and_then(|b| b.pointer_mut("/properties/tasks/items"))
-                {
-                    *items = json!({"$ref": "#/components/schemas/BulkTask"});
-                }
-            }
-            for (schema, prop, rule) in body_rules() {
-                if let Some(p) = schemas
-                    .get_mut(schema)
-                    .and_then(|s| s.pointer_mut(&format!("/properties/{prop}")))
-                {
-                    merge(p, &rule);
-                }
-            }
-            // A task needs instructions unless its type has a template.
-            if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {
-                o.insert(
-                    "anyOf".into(),
-                    json!([
-                        {"required": ["instructions"], "properties": {"instructions": {"type": "string"}}},
-                        {"required": ["typeId"], "properties": {"typeId": {"type": "string"}}}
-                    ]),
-                );
-            }
+            complete_schemas(schemas, &mut unmatched);
         }
-        let rules = param_rules();
-        let mut routes = Vec::new();
-        let mut bodies = HashMap::new();
-        let mut param_schemas = HashMap::new();
-        if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
-            for (path, item) in paths.iter_mut() {
-                let segs: Vec<String> = path.split('/').map(String::from).collect();
-                // A fixed set, made once per process start: leaking gives `'static` labels.
-                let label: &'static str = Box::leak(path.clone().into_boxed_str());
-                if OPTIONAL_BODIES.contains(&path.as_str()) {
-                    if let Some(body) = item
-                        .pointer_mut("/post/requestBody")
-                        .and_then(Value::as_object_mut)
-                    {
-                        body.insert("required".into(), Value::Bool(false));
-                    }
-                }
-                let mut methods = Vec::new();
-                for (method, op) in item.as_object_mut().into_iter().flatten() {
-                    let method = method.to_uppercase();
-                    if let (Some(m), Some(schema)) = (static_method(&method), json_body_schema(op))
-                    {
-                        bodies.insert((m, label), schema.clone());
-                    }
-                    let params = op.get_mut("parameters").and_then(Value::as_array_mut);
-                    for p in params.into_iter().flatten() {
-                        let Some(n) = p.get("name").and_then(Value::as_str).map(String::from)
-                        else {
-                            continue;
-                        };
-                        if n == "status" && path.ends_with("/tasks") {
-                            merge(p, &json!({"schema": {"pattern": STATUS_LIST_PATTERN}}));
-                        } else if n == "status" {
-                            merge(p, &json!({"schema": one_of(&["active", "closed", "all"])}));
-                        }
-                        if let Some((_, rule)) = rules.iter().find(|(r, _)| *r == n) {
-                            merge(p, &json!({"schema": rule}));
-                        }
-                        if let Some(schema) = p.get("schema") {
-                            param_schemas.insert((method.clone(), label, n), schema.clone());
-                        }
-                    }
-                    trim_errors(&method, op);
-                    methods.push(method);
-                }
-                routes.push((segs, methods, label));
-            }
-        }
-        for (path, method, status, l) in links() {
-            let pointer = format!(
-                "/paths/{}/{method}/responses/{status}",
-                path.replace('~', "~0").replace('/', "~1")
-            );
-            if let Some(response) = doc.pointer_mut(&pointer).and_then(Value::as_object_mut) {
-                response.insert("links".into(), l);
-            }
-        }
-        let mut shapes: Vec<Shape> = Vec::new();
-        for (i, (segs, _, _)) in routes.iter().enumerate() {
-            if shapes.len() <= segs.len() {
-                shapes.resize_with(segs.len() + 1, Shape::default);
-            }
-            let shape = &mut shapes[segs.len()];
-            match segs.last() {
-                Some(last) if !last.starts_with('{') => {
-                    // Later parameter routes join this list below; earlier ones now.
-                    let list = shape.by_last.entry(last.clone()).or_default();
-                    if list.is_empty() {
-                        list.extend(&shape.param_last);
-                    }
-                    list.push(i);
-                }
-                _ => {
-                    shape.param_last.push(i);
-                    shape.by_last.values_mut().for_each(|list| list.push(i));
-                }
-            }
-        }
+        let paths = complete_paths(&mut doc, &mut unmatched);
+        add_links(&mut doc, &mut unmatched);
+        let shapes = index_routes(&paths.routes);
         let schemas = doc
             .pointer("/components/schemas")
             .and_then(Value::as_object)
@@ -503,11 +565,12 @@ impl Spec {
             .unwrap_or_default();
         Spec {
             json: serde_json::to_string_pretty(&doc).expect("a JSON value serializes"),
-            routes,
+            routes: paths.routes,
             shapes,
-            bodies,
-            params: param_schemas,
+            bodies: paths.bodies,
+            params: paths.params,
             schemas,
+            unmatched,
         }
     }
 
@@ -599,6 +662,31 @@ fn static_method(method: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A rule whose schema or property the document lacks (a field renamed in the code) is
+    /// reported, not skipped; one that applied is not.
+    #[test]
+    fn patches_without_a_target_are_listed() {
+        let generated = json!({
+            "paths": {},
+            "components": {"schemas": {
+                "CreateProject": {"type": "object", "properties": {"title": {"type": "string"}}}
+            }}
+        });
+        let spec = Spec::build(&generated.to_string());
+        for missing in [
+            "CreateProject.name",
+            "ConfigIn.defaultMaxRetries",
+            "parameter limit",
+        ] {
+            assert!(
+                spec.unmatched.iter().any(|u| u == missing),
+                "{missing}: {:?}",
+                spec.unmatched
+            );
+        }
+        assert!(!spec.unmatched.iter().any(|u| u == "schema CreateProject"));
+    }
 
     #[test]
     fn optionals_become_nullable_and_rules_apply() {

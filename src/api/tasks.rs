@@ -45,9 +45,9 @@ impl TasksApi {
         #[oai(name = "createdBefore")]
         created_before: Query<Option<String>>,
         /// `createdAt` (default), `updatedAt` or `priority`.
-        sort: Query<Option<String>>,
+        sort: Query<Option<SortBy>>,
         /// `desc` (default) or `asc`.
-        order: Query<Option<String>>,
+        order: Query<Option<SortOrder>>,
         limit: Query<Option<i64>>,
         offset: Query<Option<i64>>,
         /// `pagination.nextCursor` of the previous page.
@@ -81,23 +81,12 @@ impl TasksApi {
             .0
             .as_deref()
             .and_then(|t| c.time("createdBefore", t));
-        let sort = match sort.0.as_deref() {
-            None | Some("createdAt") => Sort::CreatedAt,
-            Some("updatedAt") => Sort::UpdatedAt,
-            Some("priority") => Sort::Priority,
-            Some(other) => {
-                c.fail("sort", "must be createdAt, updatedAt or priority", other);
-                Sort::CreatedAt
-            }
+        let sort = match sort.0.unwrap_or_default() {
+            SortBy::CreatedAt => Sort::CreatedAt,
+            SortBy::UpdatedAt => Sort::UpdatedAt,
+            SortBy::Priority => Sort::Priority,
         };
-        let desc = match order.0.as_deref() {
-            None | Some("desc") => true,
-            Some("asc") => false,
-            Some(other) => {
-                c.fail("order", "must be asc or desc", other);
-                true
-            }
-        };
+        let desc = order.0.unwrap_or_default() == SortOrder::Desc;
         let cursor = cursor.0.as_deref().and_then(|s| {
             let cur = Cursor::decode(s);
             if cur.is_none() {

@@ -7,7 +7,7 @@ use std::borrow::Cow;
 
 use poem_openapi::registry::MetaSchemaRef;
 use poem_openapi::types::{MaybeUndefined, ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
-use poem_openapi::{ApiResponse, Object};
+use poem_openapi::{ApiResponse, Enum, Object};
 use uuid::Uuid;
 
 use crate::model::{Activity, Attempt, Project, Stats, Task, TaskType};
@@ -835,4 +835,35 @@ pub enum HealthReply {
     Ok(SerdeJson<Envelope<HealthOut>>),
     #[oai(status = 503)]
     Unhealthy(SerdeJson<Envelope<HealthOut>>),
+}
+
+// ---------------------------------------------------------------- query enumerations
+
+/// Which projects a listing shows.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[oai(rename_all = "lowercase")]
+pub enum ProjectFilter {
+    #[default]
+    Active,
+    Closed,
+    All,
+}
+
+/// What a task listing is sorted by.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[oai(rename_all = "camelCase")]
+pub enum SortBy {
+    #[default]
+    CreatedAt,
+    UpdatedAt,
+    Priority,
+}
+
+/// The direction of a task listing.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[oai(rename_all = "lowercase")]
+pub enum SortOrder {
+    Asc,
+    #[default]
+    Desc,
 }

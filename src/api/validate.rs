@@ -4,6 +4,7 @@
 //! per broken rule, all reported at once). Every limit is a named constant here.
 
 use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
 
 use poem_openapi::types::MaybeUndefined;
 use uuid::Uuid;
@@ -36,6 +37,31 @@ pub const MAX_PRIORITY: i64 = 10;
 pub const MAX_BATCH_ID: usize = 100;
 pub const MAX_REASON: usize = 1_000;
 pub const MAX_PROGRESS_MESSAGE: usize = 1_000;
+
+// Ranges of numeric fields: `validate` enforces them and the OpenAPI document (`spec`)
+// states them, both from here.
+/// A task type's `maxRetries`, and a project's `defaultMaxRetries`.
+pub const MAX_RETRIES: RangeInclusive<i64> = 0..=10;
+/// A project's `defaultLeaseDurationMinutes` (whole minutes).
+pub const PROJECT_LEASE_MINUTES: RangeInclusive<i64> = 1..=1440;
+/// A project's `reaperIntervalMinutes`.
+pub const REAPER_INTERVAL_MINUTES: RangeInclusive<i64> = 1..=60;
+/// A task's `priority`.
+pub const PRIORITY: RangeInclusive<i64> = 0..=MAX_PRIORITY;
+/// A task type's `leaseDurationMinutes`.
+pub const LEASE_MINUTES: RangeInclusive<f64> = 0.1..=1440.0;
+/// extend-lease's `extensionMinutes`.
+pub const EXTENSION_MINUTES: RangeInclusive<f64> = 0.1..=1440.0;
+/// A task type's `retryDelaySeconds`.
+pub const RETRY_DELAY_SECONDS: RangeInclusive<f64> = 0.0..=86_400.0;
+/// A task type's `backoffMultiplier`.
+pub const BACKOFF_MULTIPLIER: RangeInclusive<f64> = 1.0..=10.0;
+/// A session's `extendBy`, in seconds.
+pub const SESSION_EXTEND_SECONDS: RangeInclusive<i64> = 1..=crate::auth::MAX_SESSION_EXTEND_SECS;
+/// A listing's `limit`.
+pub const LIMIT: RangeInclusive<i64> = 1..=MAX_LIMIT as i64;
+/// next-task's `waitSeconds`.
+pub const WAIT_SECONDS: RangeInclusive<f64> = 0.0..=MAX_WAIT_SECONDS;
 
 /// Collects field errors.
 #[derive(Default)]
@@ -76,15 +102,17 @@ impl Check {
         }
     }
 
-    pub fn int_range(&mut self, field: &str, v: i64, lo: i64, hi: i64) -> u32 {
-        if v < lo || v > hi {
+    pub fn int_range(&mut self, field: &str, v: i64, range: &RangeInclusive<i64>) -> u32 {
+        let (lo, hi) = (*range.start(), *range.end());
+        if !range.contains(&v) {
             self.fail(field, format!("must be between {lo} and {hi}"), v);
         }
         v.clamp(0, u32::MAX as i64) as u32
     }
 
-    pub fn float_range(&mut self, field: &str, v: f64, lo: f64, hi: f64) -> f64 {
-        if !v.is_finite() || v < lo || v > hi {
+    pub fn float_range(&mut self, field: &str, v: f64, range: &RangeInclusive<f64>) -> f64 {
+        let (lo, hi) = (*range.start(), *range.end());
+        if !v.is_finite() || !range.contains(&v) {
             self.fail(field, format!("must be between {lo} and {hi}"), v);
         }
         v
@@ -127,14 +155,18 @@ fn config(c: &mut Check, input: Option<&ConfigIn>, base: ProjectConfig) -> Proje
     let mut out = base;
     if let Some(cfg) = input {
         if let Some(v) = cfg.default_max_retries {
-            out.default_max_retries = c.int_range("config.defaultMaxRetries", v, 0, 10);
+            out.default_max_retries = c.int_range("config.defaultMaxRetries", v, &MAX_RETRIES);
         }
         if let Some(v) = cfg.default_lease_duration_minutes {
-            out.default_lease_duration_minutes =
-                c.int_range("config.defaultLeaseDurationMinutes", v, 1, 1440);
+            out.default_lease_duration_minutes = c.int_range(
+                "config.defaultLeaseDurationMinutes",
+                v,
+                &PROJECT_LEASE_MINUTES,
+            );
         }
         if let Some(v) = cfg.reaper_interval_minutes {
-            out.reaper_interval_minutes = c.int_range("config.reaperIntervalMinutes", v, 1, 60);
+            out.reaper_interval_minutes =
+                c.int_range("config.reaperIntervalMinutes", v, &REAPER_INTERVAL_MINUTES);
         }
     }
     out
@@ -208,15 +240,19 @@ pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
     };
     if let Some(cfg) = &b.config {
         if let Some(v) = cfg.default_max_retries {
-            patch.default_max_retries = Some(c.int_range("config.defaultMaxRetries", v, 0, 10));
+            patch.default_max_retries =
+                Some(c.int_range("config.defaultMaxRetries", v, &MAX_RETRIES));
         }
         if let Some(v) = cfg.default_lease_duration_minutes {
-            patch.default_lease_duration_minutes =
-                Some(c.int_range("config.defaultLeaseDurationMinutes", v, 1, 1440));
+            patch.default_lease_duration_minutes = Some(c.int_range(
+                "config.defaultLeaseDurationMinutes",
+                v,
+                &PROJECT_LEASE_MINUTES,
+            ));
         }
         if let Some(v) = cfg.reaper_interval_minutes {
             patch.reaper_interval_minutes =
-                Some(c.int_range("config.reaperIntervalMinutes", v, 1, 60));
+                Some(c.int_range("config.reaperIntervalMinutes", v, &REAPER_INTERVAL_MINUTES));
         }
     }
     c.finish(patch)
@@ -291,16 +327,18 @@ pub fn create_type(b: CreateTaskType) -> Result<NewTaskType, Error> {
         .duplicate_handling
         .as_deref()
         .map_or(DuplicateHandling::Allow, |v| duplicate_handling(&mut c, v));
-    let max_retries = b.max_retries.map(|v| c.int_range("maxRetries", v, 0, 10));
+    let max_retries = b
+        .max_retries
+        .map(|v| c.int_range("maxRetries", v, &MAX_RETRIES));
     let lease = b
         .lease_duration_minutes
-        .map(|v| c.float_range("leaseDurationMinutes", v, 0.1, 1440.0));
+        .map(|v| c.float_range("leaseDurationMinutes", v, &LEASE_MINUTES));
     let delay = b.retry_delay_seconds.map_or(0.0, |v| {
-        c.float_range("retryDelaySeconds", v, 0.0, 86_400.0)
+        c.float_range("retryDelaySeconds", v, &RETRY_DELAY_SECONDS)
     });
-    let mult = b
-        .backoff_multiplier
-        .map_or(2.0, |v| c.float_range("backoffMultiplier", v, 1.0, 10.0));
+    let mult = b.backoff_multiplier.map_or(2.0, |v| {
+        c.float_range("backoffMultiplier", v, &BACKOFF_MULTIPLIER)
+    });
     c.finish(NewTaskType {
         name: b.name.0,
         template: b.template.map(String::from),
@@ -333,16 +371,18 @@ pub fn update_type(b: UpdateTaskType) -> Result<TypePatch, Error> {
             .duplicate_handling
             .as_deref()
             .map(|v| duplicate_handling(&mut c, v)),
-        max_retries: clearable(b.max_retries, |v| c.int_range("maxRetries", v, 0, 10)),
+        max_retries: clearable(b.max_retries, |v| {
+            c.int_range("maxRetries", v, &MAX_RETRIES)
+        }),
         lease_duration_minutes: clearable(b.lease_duration_minutes, |v| {
-            c.float_range("leaseDurationMinutes", v, 0.1, 1440.0)
+            c.float_range("leaseDurationMinutes", v, &LEASE_MINUTES)
         }),
         retry_delay_seconds: b
             .retry_delay_seconds
-            .map(|v| c.float_range("retryDelaySeconds", v, 0.0, 86_400.0)),
+            .map(|v| c.float_range("retryDelaySeconds", v, &RETRY_DELAY_SECONDS)),
         backoff_multiplier: b
             .backoff_multiplier
-            .map(|v| c.float_range("backoffMultiplier", v, 1.0, 10.0)),
+            .map(|v| c.float_range("backoffMultiplier", v, &BACKOFF_MULTIPLIER)),
         template: clearable(b.template, String::from),
         variables,
     };
@@ -393,7 +433,7 @@ pub fn create_task(
     }
     let priority = b
         .priority
-        .map(|p| c.int_range(&format!("{prefix}priority"), p, 0, MAX_PRIORITY) as u8);
+        .map(|p| c.int_range(&format!("{prefix}priority"), p, &PRIORITY) as u8);
     let not_before = b
         .not_before
         .as_deref()
@@ -424,7 +464,7 @@ pub fn update_task(b: UpdateTask) -> Result<TaskPatch, Error> {
     let patch = TaskPatch {
         priority: b
             .priority
-            .map(|p| c.int_range("priority", p, 0, MAX_PRIORITY) as u8),
+            .map(|p| c.int_range("priority", p, &PRIORITY) as u8),
         // A time that does not parse is refused by `finish`, so its `None` is never applied.
         not_before: clearable(b.not_before, |t: Text| c.time("notBefore", &t)).map(Option::flatten),
         instructions: b.instructions.map(String::from),
@@ -496,7 +536,7 @@ pub fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), E
 pub fn paging(c: &mut Check, limit: Option<i64>, offset: Option<i64>) -> (usize, usize) {
     let limit = match limit {
         None => DEFAULT_LIMIT,
-        Some(l) if (1..=MAX_LIMIT as i64).contains(&l) => l as usize,
+        Some(l) if LIMIT.contains(&l) => l as usize,
         Some(l) => {
             c.fail("limit", format!("must be between 1 and {MAX_LIMIT}"), l);
             DEFAULT_LIMIT

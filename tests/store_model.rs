@@ -511,12 +511,17 @@ impl World {
             })
             .min();
         assert_eq!(self.store().hub.first_lease(), first);
-        let held = tasks
+        let running: Vec<&Task> = tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Running)
-            .count();
-        assert_eq!(committed.len(), held);
-        assert!(committed.due(usize::MAX).len() <= held);
+            .collect();
+        // Every running task is held by its lease's agent in the committed cache (which the
+        // writer's equals, above), and nothing else falls due.
+        for t in &running {
+            let agent = &t.lease.as_ref().expect("a running task has a lease").agent;
+            assert_eq!(committed.held(t.project_id, agent), Some(t.seq));
+        }
+        assert!(committed.due(usize::MAX).len() <= running.len());
     }
 }
 

@@ -188,7 +188,7 @@ mod tests {
 
     fn fields(body: &str) -> Vec<(String, String)> {
         let spec = spec();
-        let template = spec.template("/api/projects");
+        let template = spec.route("GET", "/api/projects").0;
         explain(&spec, "POST", template, body.as_bytes())
             .into_iter()
             .map(|e| (e.field, e.message))
@@ -246,6 +246,6 @@ mod tests {
     fn says_nothing_when_it_cannot_tell() {
         assert!(fields(r#"{"name": "x", "description": "d"}"#).is_empty());
         let spec = spec();
-        assert!(explain(&spec, "GET", spec.template("/api/projects"), b"{}").is_empty());
+        assert!(explain(&spec, "GET", spec.route("GET", "/api/projects").0, b"{}").is_empty());
     }
 }

@@ -436,7 +436,7 @@ async fn frame<E: Endpoint>(
             .map(IntoResponse::into_response)
     }
     .await
-    .map_err(|e| explain_refusal(e, &spec, method.as_str(), &path));
+    .map_err(|e| explain_refusal(e, &spec, method.as_str(), route));
     let mut resp = match result {
         Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
             error::error_response(&poem::Error::from_status(resp.status()), &cid)
@@ -669,7 +669,12 @@ async fn authenticate(
 
 /// A body or parameter the framework refused, as the `validationDetails` of a 400 that
 /// name what is at fault (poem-openapi's messages name the type it expected, not the field).
-fn explain_refusal(e: poem::Error, spec: &spec::Spec, method: &str, path: &str) -> poem::Error {
+fn explain_refusal(
+    e: poem::Error,
+    spec: &spec::Spec,
+    method: &str,
+    route: &'static str,
+) -> poem::Error {
     use poem_openapi::error::{ParseParamError, ParsePathError};
     let param = e
         .downcast_ref::<ParseParamError>()
@@ -680,15 +685,9 @@ fn explain_refusal(e: poem::Error, spec: &spec::Spec, method: &str, path: &str) 
         });
     // Only these refusals are explained; others (domain errors included) pass untouched.
     let fields = if let Some(refused) = e.downcast_ref::<body::BodyRefused>() {
-        explain::explain(spec, method, spec.template(path), &refused.body)
+        explain::explain(spec, method, route, &refused.body)
     } else if let Some((name, reason)) = param {
-        vec![explain::param(
-            spec,
-            method,
-            spec.template(path),
-            name,
-            reason,
-        )]
+        vec![explain::param(spec, method, route, name, reason)]
     } else {
         return e;
     };

@@ -624,11 +624,6 @@ impl Spec {
         self.find(path).map(|(_, m, _)| m.join(", "))
     }
 
-    /// The route template of a path, for metrics labels (never the raw path).
-    pub fn template(&self, path: &str) -> &'static str {
-        self.route("GET", path).0
-    }
-
     /// The route template of a path (for metrics labels, never the raw path), and whether
     /// `method` names one of its operations (HEAD counts as GET), in one look-up per request.
     /// Requests without a credential that name no operation are answered 404 or 405 without
@@ -729,26 +724,29 @@ mod tests {
             "/health": {"get": {}}
         }});
         let spec = Spec::build(&generated.to_string());
-        assert_eq!(spec.template("/api/tasks/abc"), "/api/tasks/{taskId}");
+        assert_eq!(spec.route("GET", "/api/tasks/abc").0, "/api/tasks/{taskId}");
         assert_eq!(
-            spec.template("/api/tasks/abc/complete"),
+            spec.route("GET", "/api/tasks/abc/complete").0,
             "/api/tasks/{taskId}/complete"
         );
         assert_eq!(
-            spec.template("/api/tasks/abc/x"),
+            spec.route("GET", "/api/tasks/abc/x").0,
             "/api/tasks/{taskId}/{part}"
         );
         // Among patterns that both match, the first in table (name) order wins.
         assert_eq!(
-            spec.template("/api/tasks/mine/complete"),
+            spec.route("GET", "/api/tasks/mine/complete").0,
             "/api/tasks/mine/complete"
         );
-        assert_eq!(spec.template("/health"), "/health");
-        assert_eq!(spec.template("/metrics"), "/metrics");
+        assert_eq!(spec.route("GET", "/health").0, "/health");
+        assert_eq!(spec.route("GET", "/metrics").0, "/metrics");
         // An empty segment does not fill a parameter; extra or missing segments do not match.
-        assert_eq!(spec.template("/api/tasks/"), "unmatched");
-        assert_eq!(spec.template("/api/tasks/abc/complete/x"), "unmatched");
-        assert_eq!(spec.template("/api/tasks"), "unmatched");
+        assert_eq!(spec.route("GET", "/api/tasks/").0, "unmatched");
+        assert_eq!(
+            spec.route("GET", "/api/tasks/abc/complete/x").0,
+            "unmatched"
+        );
+        assert_eq!(spec.route("GET", "/api/tasks").0, "unmatched");
     }
 
     #[test]

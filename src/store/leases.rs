@@ -211,14 +211,6 @@ impl Leases {
         }
         best
     }
-
-    pub fn len(&self) -> usize {
-        self.of_task.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.of_task.is_empty()
-    }
 }
 
 #[cfg(test)]
@@ -244,18 +236,18 @@ mod tests {
     #[test]
     fn without_a_step_a_lease_is_due_at_its_expiry() {
         let mut l = Leases::default();
-        assert!(l.is_empty());
+        assert_eq!(l.next_due(), None);
         l.set_time(1_000, 0);
         lease(&mut l, 1, "a", 1_000 + MIN);
         lease(&mut l, 2, "b", 1_000 + 2 * MIN);
-        assert!(!l.is_empty());
-        assert_eq!(l.len(), 2);
         assert_eq!(l.next_due(), Some(1_000 + MIN));
         l.set_time(1_000 + MIN - 1, MIN - 1);
         assert!(l.due(10).is_empty());
         l.set_time(1_000 + MIN, MIN);
         assert_eq!(l.due(10), vec![1]);
         assert_eq!(l.held(1, "b"), Some(2));
+        l.set_time(1_000 + 2 * MIN, 2 * MIN);
+        assert_eq!(l.due(10), vec![1, 2], "both held, both due");
     }
 
     #[test]

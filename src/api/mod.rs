@@ -350,10 +350,9 @@ async fn frame<E: Endpoint>(
     spec: Arc<spec::Spec>,
 ) -> poem::Result<Response> {
     let started = Instant::now();
-    let auth = &state.auth;
     let path = req.uri().path().to_string();
     let method = req.method().clone();
-    let (route, operation) = spec.route(method.as_str(), &path);
+    let route = spec.route(method.as_str(), &path);
     let cid = req
         .headers()
         .get("x-correlation-id")
@@ -362,109 +361,156 @@ async fn frame<E: Endpoint>(
     req.extensions_mut().insert(CorrelationId(cid.clone()));
     let body_timer = req.extensions().get::<crate::listen::BodyTimer>().cloned();
     let mut rate: Option<RateInfo> = None;
-    let result = async {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        let writes = matches!(*req.method(), Method::POST | Method::PUT);
-        let posts = *req.method() == Method::POST;
-        match declared {
-            Some(n) if n > max_body => return Err(error::PayloadTooLarge(max_body).into()),
-            // An empty POST body reads as `{}`: bodies whose fields are all optional (cancel)
-            // may be left out, and a missing required field is named in the 400. A PUT needs
-            // its body.
-            Some(0) if posts => {
-                req.headers_mut().remove(header::CONTENT_LENGTH);
+    let result = handle(&*ep, req, max_body, &state.auth, &spec, route, &mut rate)
+        .await
+        .map_err(|e| explain_refusal(e, &spec, method.as_str(), route.0));
+    let mut resp = answer(result, body_timer.as_ref(), &cid);
+    add_headers(&mut resp, &spec, &path, rate, &cid);
+    record(
+        &state,
+        &method,
+        route.0,
+        resp.status().as_u16(),
+        started,
+        &cid,
+    );
+    Ok(resp)
+}
+
+/// Takes the request to its operation: the body's size and shape, the credential and rate
+/// limit (when the request names an operation or sends a credential), then the operation.
+/// `route` is the route template and whether the method names one of its operations.
+async fn handle<E: Endpoint>(
+    ep: &E,
+    mut req: Request,
+    max_body: usize,
+    auth: &Authenticator,
+    spec: &spec::Spec,
+    route: (&'static str, bool),
+    rate: &mut Option<RateInfo>,
+) -> poem::Result<Response> {
+    let has_body = prepare_body(&mut req, max_body).await?;
+    // A body that nothing will read is read here and dropped (`discard`): a body sent where
+    // the operation takes none (`retry`, a DELETE, a path that names no operation), or one
+    // whose request is refused before its operation runs (401, 429). Left unread, it made
+    // hyper close the connection after the answer whenever its bytes came after the headers,
+    // and the client's next request on that connection failed (a broken pipe, which clients
+    // do not retry for a POST).
+    if has_body && !spec.takes_body(req.method().as_str(), route.0) {
+        discard(req.take_body()).await;
+    }
+    // A request without a credential whose method and path name no operation skips this
+    // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
+    // authenticated and counted as usual, so it carries the rate-limit headers. An OPTIONS
+    // request is such a request too: a CORS preflight, when `--cors-origin` is given, is
+    // answered before this frame.
+    let named = route.1 || credential(&req).is_some();
+    if named && !is_public(req.uri().path()) {
+        match authenticate(&req, auth, rate).await {
+            Ok(caller) => req.extensions_mut().insert(caller),
+            Err(refused) => {
+                if has_body {
+                    discard(req.take_body()).await;
+                }
+                return Err(refused);
+            }
+        };
+    }
+    let writes = matches!(*req.method(), Method::POST | Method::PUT);
+    if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
+        // curl and many scripts send JSON without a content type; it is the only one we take.
+        req.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    // Boxed: the endpoints' future (~3 KB) is then moved once, into its box, instead of with
+    // every future that holds this one as poem's layers box them.
+    Box::pin(ep.call(req))
+        .await
+        .map(IntoResponse::into_response)
+}
+
+/// Checks the body's declared size (413 past `max_body`), reads an empty POST body as `{}`,
+/// and reads a chunked body whole (to its limit). Whether the request has a body.
+async fn prepare_body(req: &mut Request, max_body: usize) -> poem::Result<bool> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    let chunked = req.headers().contains_key(header::TRANSFER_ENCODING);
+    let posts = *req.method() == Method::POST;
+    match declared {
+        Some(n) if n > max_body => return Err(error::PayloadTooLarge(max_body).into()),
+        // An empty POST body reads as `{}`: bodies whose fields are all optional (cancel) may
+        // be left out, and a missing required field is named in the 400. A PUT needs its body.
+        Some(0) if posts => {
+            req.headers_mut().remove(header::CONTENT_LENGTH);
+            req.set_body("{}");
+        }
+        Some(_) => {}
+        None if !chunked => {
+            if posts {
                 req.set_body("{}");
             }
-            Some(_) => {}
-            None if !req.headers().contains_key(header::TRANSFER_ENCODING) => {
-                if posts {
-                    req.set_body("{}");
-                }
-            }
-            None => {
-                // Boxed: this future (~4 KB) would otherwise size every request's frame, and
-                // only a chunked body awaits it.
-                let body = Box::pin(req.take_body().into_bytes_limit(max_body))
-                    .await
-                    .map_err(|_| error::PayloadTooLarge(max_body))?;
-                req.set_body(body);
-            }
         }
-        // A body that nothing will read is read here and dropped (`discard`): a body sent
-        // where the operation takes none (`retry`, a DELETE, a path that names no
-        // operation), or one whose request is refused before its operation runs (401, 429).
-        // Left unread, it made hyper close the connection after the answer whenever its bytes
-        // came after the headers, and the client's next request on that connection failed
-        // (a broken pipe, which clients do not retry for a POST).
-        let has_body = declared.is_some_and(|n| n > 0)
-            || req.headers().contains_key(header::TRANSFER_ENCODING);
-        if has_body && !spec.takes_body(method.as_str(), route) {
-            discard(req.take_body()).await;
+        None => {
+            // Boxed: this future (~4 KB) would otherwise size every request's frame, and only
+            // a chunked body awaits it.
+            let body = Box::pin(req.take_body().into_bytes_limit(max_body))
+                .await
+                .map_err(|_| error::PayloadTooLarge(max_body))?;
+            req.set_body(body);
         }
-        // A request without a credential whose method and path name no operation skips this
-        // and gets the framework's 404 or 405 (see `Spec::route`); one with a credential is
-        // authenticated and counted as usual, so it carries the rate-limit headers. An
-        // OPTIONS request is such a request too: a CORS preflight, when `--cors-origin` is
-        // given, is answered before this frame.
-        let named = operation || credential(&req).is_some();
-        if named && !is_public(req.uri().path()) {
-            match authenticate(&req, auth, &mut rate).await {
-                Ok(caller) => req.extensions_mut().insert(caller),
-                Err(refused) => {
-                    if has_body {
-                        discard(req.take_body()).await;
-                    }
-                    return Err(refused);
-                }
-            };
-        }
-        if writes && !req.headers().contains_key(header::CONTENT_TYPE) {
-            // curl and many scripts send JSON without a content type; it is the only one we take.
-            req.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
-        }
-        // Boxed: the endpoints' future (~3 KB) is then moved once, into its box, instead of
-        // with every future that holds this one as poem's layers box them.
-        Box::pin(ep.call(req))
-            .await
-            .map(IntoResponse::into_response)
     }
-    .await
-    .map_err(|e| explain_refusal(e, &spec, method.as_str(), route));
-    let mut resp = match result {
-        Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
-            error::error_response(&poem::Error::from_status(resp.status()), &cid)
-        }
-        Ok(resp) => resp,
-        Err(e) => error::error_response(&e, &cid),
-    };
-    // Whatever the body's reader made of it (a 400 for a body cut short, say): 408, and the
-    // connection closes, as the rest of that body may never come.
-    if body_timer
-        .as_ref()
-        .is_some_and(crate::listen::BodyTimer::expired)
-    {
-        resp = error::error_response(&error::RequestTimeout.into(), &cid);
+    Ok(declared.is_some_and(|n| n > 0) || chunked)
+}
+
+/// The answer to send: the operation's, or the envelope for its failure (or for a
+/// framework answer that is not JSON); 408 and a closed connection when the body timed out,
+/// whatever its reader made of that (a 400 for a body cut short, say), as the rest of the
+/// body may never come.
+fn answer(
+    result: poem::Result<Response>,
+    body_timer: Option<&crate::listen::BodyTimer>,
+    cid: &str,
+) -> Response {
+    if body_timer.is_some_and(crate::listen::BodyTimer::expired) {
+        let mut resp = error::error_response(&error::RequestTimeout.into(), cid);
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
     }
-    let resp_status = resp.status();
+    match result {
+        Ok(resp) if resp.status().as_u16() >= 400 && !is_json(&resp) => {
+            error::error_response(&poem::Error::from_status(resp.status()), cid)
+        }
+        Ok(resp) => resp,
+        Err(e) => error::error_response(&e, cid),
+    }
+}
+
+/// The headers every answer carries (correlation id, security), and those its status or the
+/// rate limit call for (`Allow` on 405, `Retry-After` on 503 and 429, the rate-limit trio).
+fn add_headers(
+    resp: &mut Response,
+    spec: &spec::Spec,
+    path: &str,
+    rate: Option<RateInfo>,
+    cid: &str,
+) {
+    let status = resp.status();
     let h = resp.headers_mut();
-    if resp_status == StatusCode::METHOD_NOT_ALLOWED {
+    if status == StatusCode::METHOD_NOT_ALLOWED {
         if let Some(allow) = spec
-            .allowed(&path)
+            .allowed(path)
             .and_then(|a| HeaderValue::from_str(&a).ok())
         {
             h.insert(header::ALLOW, allow);
         }
     }
-    if resp_status == StatusCode::SERVICE_UNAVAILABLE {
+    if status == StatusCode::SERVICE_UNAVAILABLE {
         // Storage being reopened, or shutting down: worth asking again shortly (clients'
         // retry policies honour this).
         h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -477,13 +523,23 @@ async fn frame<E: Endpoint>(
             h.insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&cid) {
+    if let Ok(v) = HeaderValue::from_str(cid) {
         h.insert("x-correlation-id", v);
     }
     for (name, value) in SECURITY_HEADERS {
         h.insert(name, HeaderValue::from_static(value));
     }
-    let status = resp_status.as_u16();
+}
+
+/// Counts the request in the metrics and `/metrics/json`, and logs it at debug level.
+fn record(
+    state: &State,
+    method: &Method,
+    route: &'static str,
+    status: u16,
+    started: Instant,
+    cid: &str,
+) {
     let elapsed = started.elapsed();
     telemetry::http_request(method.as_str(), route, status, elapsed.as_secs_f64());
     state.totals.record(status, elapsed.as_micros() as u64);
@@ -501,7 +557,6 @@ async fn frame<E: Endpoint>(
         correlation_id = %cid,
         "request"
     );
-    Ok(resp)
 }
 
 /// What `/metrics` shows of the stored state, read on a snapshot.

@@ -297,118 +297,154 @@ fn run_batch(
     let seq_before = st.next_seq;
     let mut fx = BatchReport::default();
     let mut replies = Vec::with_capacity(jobs.len());
-    let mut written = false;
     // Taken when the jobs run; left here if the batch fails before that.
     let mut pending = Some(jobs);
+    let outcome = run_and_commit(db, file, clock, st, &mut pending, &mut replies, &mut fx);
     let mut reopen_cause = None;
-    let outcome: Result<()> = (|| {
-        let txn = db.begin_write()?;
-        let mut failed = false;
-        {
-            let (now, steady) = (clock.now(), clock.steady());
-            note_clock_step(&mut st.clock_offset, now - steady);
-            st.leases.set_time(now, steady);
-            let mut tables = Tables::open(&txn, &mut st.leases)?;
-            let jobs = pending.take().unwrap_or_default();
-            let mut w = WriteCtx {
-                tables: &mut tables,
-                now,
-                next_seq: &mut st.next_seq,
-                delayed_from: &mut st.delayed_from,
-                effects: &mut fx,
-            };
-            for job in jobs {
-                // A bug that panics in one operation must not end the writer, which would
-                // leave the server refusing every write: the panic fails the batch like a
-                // storage error (nothing of it is written), and the writer goes on.
-                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Some(&mut w)))) {
-                    Ok((f, reply)) => {
-                        failed |= f;
-                        replies.push(reply);
-                    }
-                    Err(_) => failed = true,
-                }
-            }
-            if !failed {
-                tables.flush()?;
-                written = tables.written();
-            }
-        }
-        if failed {
-            let _ = txn.abort();
-            return Err(Error::Storage("an operation in the batch failed".into()));
-        }
-        if written {
-            // A commit that failed in its writes left the file as it was; one that failed in
-            // its fsync may have reached the disk, to be seen once the file is open again.
-            let syncs = file.failed_syncs.load(Ordering::SeqCst);
-            txn.commit().map_err(|e| {
-                if file.failed_syncs.load(Ordering::SeqCst) == syncs {
-                    Error::Storage(e.to_string())
-                } else {
-                    Error::CommitUnknown(e.to_string())
-                }
-            })?;
-        } else {
-            // Nothing changed, so nothing needs to become durable: skip the commit's fsync.
-            // (redb commits an empty transaction like any other.)
-            let _ = txn.abort();
-        }
-        Ok(())
-    })();
     if let Err(e) = &outcome {
         for job in pending.into_iter().flatten() {
             replies.push(job(None).1);
         }
         tracing::error!(error = %e, batch = replies.len(), "write batch failed; nothing committed");
         st.next_seq = seq_before;
-        // The batch's promotions were rolled back with it: look again next time.
-        st.delayed_from = Millis::MIN;
-        if poisoned(db) {
-            let cause = match e {
-                Error::Storage(cause) | Error::CommitUnknown(cause) => cause.clone(),
-                other => other.to_string(),
-            };
-            file.shared.writes_failed(&cause, clock.now());
-            file.shared.set_failure(Some(cause.clone()));
-            reopen_cause = Some(cause);
-        } else {
-            // Its lease changes were rolled back too: reload the cache from what is committed
-            // (a reopen rereads it anyway).
-            match Leases::reload(db, clock, &st.leases) {
-                Ok(l) => st.leases = l,
-                Err(e) => {
-                    tracing::error!(error = %e, "could not reload leases after a failed batch")
-                }
-            }
-        }
+        reopen_cause = after_failure(db, file, clock, st, e);
         fx = BatchReport::default();
     }
-    let n = replies.len();
-    if outcome.is_ok() && written {
-        file.shared.write_succeeded();
-    }
-    if outcome.is_ok() && !written {
-        crate::telemetry::unwritten_batch();
-        st.counts.unwritten.fetch_add(1, Ordering::Relaxed);
-    } else {
-        crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
-        if outcome.is_ok() {
-            st.counts.committed.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-    st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
+    let written = *outcome.as_ref().unwrap_or(&false);
+    count_batch(file, st, &outcome, replies.len(), started);
     hub.set_first_lease(st.leases.next_due());
     // The one place a batch's report leaves the store: to the metrics and to the wake-ups,
     // both before the answers, so that a caller who reads /metrics after its answer sees its
     // own transition counted.
     crate::telemetry::record_batch(&fx);
     hub.publish(&fx);
+    let n = replies.len();
+    let answer = outcome.map(|_| ());
     for reply in replies {
-        reply(outcome.clone());
+        reply(answer.clone());
     }
-    tracing::trace!(batch = n, "write batch committed");
+    tracing::trace!(batch = n, written, "write batch done");
     reopen_cause
+}
+
+/// Runs the jobs in one write transaction and commits it if they wrote anything: whether it
+/// was committed. A job that hit a storage error or panicked aborts the whole batch.
+fn run_and_commit(
+    db: &Database,
+    file: &File,
+    clock: &dyn Clock,
+    st: &mut WriterState,
+    pending: &mut Option<Vec<Job>>,
+    replies: &mut Vec<Reply>,
+    fx: &mut BatchReport,
+) -> Result<bool> {
+    let txn = db.begin_write()?;
+    let mut failed = false;
+    let mut written = false;
+    {
+        let (now, steady) = (clock.now(), clock.steady());
+        note_clock_step(&mut st.clock_offset, now - steady);
+        st.leases.set_time(now, steady);
+        let mut tables = Tables::open(&txn, &mut st.leases)?;
+        let mut w = WriteCtx {
+            tables: &mut tables,
+            now,
+            next_seq: &mut st.next_seq,
+            delayed_from: &mut st.delayed_from,
+            effects: fx,
+        };
+        for job in pending.take().unwrap_or_default() {
+            // A bug that panics in one operation must not end the writer, which would leave
+            // the server refusing every write: the panic fails the batch like a storage error
+            // (nothing of it is written), and the writer goes on.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Some(&mut w)))) {
+                Ok((f, reply)) => {
+                    failed |= f;
+                    replies.push(reply);
+                }
+                Err(_) => failed = true,
+            }
+        }
+        if !failed {
+            tables.flush()?;
+            written = tables.written();
+        }
+    }
+    if failed {
+        let _ = txn.abort();
+        return Err(Error::Storage("an operation in the batch failed".into()));
+    }
+    if !written {
+        // Nothing changed, so nothing needs to become durable: skip the commit's fsync.
+        // (redb commits an empty transaction like any other.)
+        let _ = txn.abort();
+        return Ok(false);
+    }
+    // A commit that failed in its writes left the file as it was; one that failed in its
+    // fsync may have reached the disk, to be seen once the file is open again.
+    let syncs = file.failed_syncs.load(Ordering::SeqCst);
+    txn.commit().map_err(|e| {
+        if file.failed_syncs.load(Ordering::SeqCst) == syncs {
+            Error::Storage(e.to_string())
+        } else {
+            Error::CommitUnknown(e.to_string())
+        }
+    })?;
+    Ok(true)
+}
+
+/// After a batch that failed: what it changed in the writer's state is rolled back, and when
+/// redb refuses writes from now on (an I/O error), the outage is recorded and its cause
+/// returned, for the file to be opened again.
+fn after_failure(
+    db: &Database,
+    file: &File,
+    clock: &dyn Clock,
+    st: &mut WriterState,
+    e: &Error,
+) -> Option<String> {
+    // The batch's promotions were rolled back with it: look again next time.
+    st.delayed_from = Millis::MIN;
+    if poisoned(db) {
+        let cause = match e {
+            Error::Storage(cause) | Error::CommitUnknown(cause) => cause.clone(),
+            other => other.to_string(),
+        };
+        file.shared.writes_failed(&cause, clock.now());
+        file.shared.set_failure(Some(cause.clone()));
+        return Some(cause);
+    }
+    // Its lease changes were rolled back too: reload the cache from what is committed (a
+    // reopen rereads it anyway).
+    match Leases::reload(db, clock, &st.leases) {
+        Ok(l) => st.leases = l,
+        Err(e) => tracing::error!(error = %e, "could not reload leases after a failed batch"),
+    }
+    None
+}
+
+/// Counts how a batch ended (committed, unwritten or failed) in the metrics and the store's
+/// counters; a committed write ends a write outage.
+fn count_batch(
+    file: &File,
+    st: &WriterState,
+    outcome: &Result<bool>,
+    n: usize,
+    started: std::time::Instant,
+) {
+    match outcome {
+        Ok(false) => {
+            crate::telemetry::unwritten_batch();
+            st.counts.unwritten.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(true) => {
+            file.shared.write_succeeded();
+            crate::telemetry::commit(started.elapsed().as_secs_f64(), n);
+            st.counts.committed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(_) => crate::telemetry::commit(started.elapsed().as_secs_f64(), n),
+    }
+    st.counts.operations.fetch_add(n as u64, Ordering::Relaxed);
 }
 
 #[cfg(test)]

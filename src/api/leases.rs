@@ -85,130 +85,26 @@ impl LeasesApi {
     ) -> Result<SerdeJson<NextTaskOut>> {
         auth.caller().require_agent(&agent.0)?;
         let agent = agent.0;
+        let b = body.0;
         let mut c = Check::default();
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
-        let wait = body.0.wait_seconds.unwrap_or(0.0);
+        let wait = b.wait_seconds.unwrap_or(0.0);
         c.float_range("waitSeconds", wait, &validate::WAIT_SECONDS);
-        let type_ids: Option<Vec<u128>> = body.0.type_ids.as_ref().map(|ids| {
-            if ids.len() > validate::MAX_TYPE_IDS {
-                let most = validate::MAX_TYPE_IDS;
-                c.fail("typeIds", format!("at most {most} type ids"), ids.len());
-                return Vec::new();
-            }
-            if ids.is_empty() {
-                // It would match no task, and a long-poll would wait for nothing.
-                let why = "must list at least one type id; leave it out to take any task";
-                c.fail("typeIds", why, serde_json::json!([]));
-            }
-            let mut ids: Vec<u128> = ids
-                .iter()
-                .enumerate()
-                .map(|(i, t)| c.uuid(&format!("typeIds[{i}]"), t))
-                .collect();
-            ids.sort_unstable();
-            ids.dedup();
-            ids
-        });
-        let mut done = match &body.0.complete {
-            Some(d) => {
-                let access = State::holder_check(&auth, Right::Work, &d.task_id)?;
-                let (result, outputs, token) = validate::completion(
-                    &mut c,
-                    "complete.",
-                    d.result.as_deref(),
-                    d.outputs.as_ref(),
-                    d.lease_token.as_deref(),
-                );
-                let id = d.task_id.0.clone();
-                Some((
-                    write::Done {
-                        id,
-                        token,
-                        result,
-                        outputs,
-                    },
-                    access,
-                ))
-            }
+        let type_ids = b
+            .type_ids
+            .as_deref()
+            .map(|ids| checked_type_ids(&mut c, ids));
+        let done = match &b.complete {
+            Some(d) => Some(completion_first(&auth, &mut c, d)?),
             None => None,
         };
         c.finish(())?;
-        let store = &self.0.store;
-        let caller = auth.caller();
+        let project = b.project_id.0;
         if wait <= 0.0 {
-            // The common poll: no notifier to wait on, so the write resolves the project
-            // itself (404 if it does not exist) and checks a scoped caller's access to it, with
-            // the same answers as `project_for` and without a read of its own.
-            if !caller.scoped() {
-                caller.require(Right::Work)?;
-            }
-            let (key, name, ids) = (body.0.project_id.0.clone(), agent.clone(), type_ids);
-            let caller = auth.caller_arc();
-            let claim = store
-                .write_awaited(move |w| {
-                    let access = |p: &crate::model::Project| {
-                        caller.require_in(Right::Work, p.id, &format!("project {key}"))
-                    };
-                    write::next_task_after(w, done, &key, &name, ids.as_deref(), access)
-                })
-                .await?;
-            return Ok(next_task_answer(claim, agent));
+            return self.poll(&auth, project, agent, type_ids, done).await;
         }
-        let project = self
-            .0
-            .project_for(caller, Right::Work, &body.0.project_id)?;
-        let hub = store.hub.clone();
-        // Each look checks the credential again in the write: a wait outlives a revocation.
-        let key_id = caller.key_id;
-        let session = caller.session.as_ref().map(|s| s.token_hash);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
-        let waiting = hub.waiter_guard();
-        let answer = async {
-            // The ticket whose wake-up the current look answers. Dropped before the look has
-            // ended (the look failed, or the client left), it passes the wake-up on.
-            let mut woken: Option<Ticket> = None;
-            loop {
-                // Queue before looking, so a task made available between the look and the wait
-                // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up
-                // we got but did not use).
-                let mut ticket = hub.wait_for(project.id, type_ids.as_deref());
-                let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
-                // The completion, if any, goes with the first look only.
-                let done = done.take();
-                let claim = store
-                    .write_awaited(move |w| {
-                        crate::store::keys::credential_live(w, key_id, session.as_ref())?;
-                        let key = crate::api::types::uuid_str(pid);
-                        write::next_task_after(
-                            w,
-                            done,
-                            &key,
-                            &name,
-                            ids.as_deref(),
-                            write::no_check,
-                        )
-                    })
-                    .await?;
-                if let Some(answered) = woken.take() {
-                    answered.looked();
-                }
-                if let Claim::Task(..) = claim {
-                    return Ok(next_task_answer(claim, agent));
-                }
-                if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
-                    break;
-                }
-                tokio::select! {
-                    _ = ticket.woken() => woken = Some(ticket),
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    _ = hub.shutting_down() => break,
-                }
-            }
-            Ok(next_task_answer(Claim::None, agent))
-        }
-        .await;
-        waiting.answered();
-        answer
+        self.long_poll(&auth, &project, agent, type_ids, done, wait)
+            .await
     }
 
     /// Complete a task (holder only). Repeating the same complete is answered 200.
@@ -508,5 +404,162 @@ impl LeasesApi {
             reclaimed_tasks: tasks as u64,
             cleaned_agents: agents as u64,
         }))
+    }
+}
+
+/// next-task's `typeIds`, checked: at most [`validate::MAX_TYPE_IDS`], not empty, each a UUID;
+/// sorted and without repeats.
+fn checked_type_ids(c: &mut Check, ids: &[Text]) -> Vec<u128> {
+    if ids.len() > validate::MAX_TYPE_IDS {
+        let most = validate::MAX_TYPE_IDS;
+        c.fail("typeIds", format!("at most {most} type ids"), ids.len());
+        return Vec::new();
+    }
+    if ids.is_empty() {
+        // It would match no task, and a long-poll would wait for nothing.
+        let why = "must list at least one type id; leave it out to take any task";
+        c.fail("typeIds", why, serde_json::json!([]));
+    }
+    let mut ids: Vec<u128> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, t)| c.uuid(&format!("typeIds[{i}]"), t))
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// next-task's `complete`, checked: the completion to make before the claim, and the check
+/// of the caller's right on its task that runs in the write.
+fn completion_first(
+    auth: &Auth,
+    c: &mut Check,
+    d: &CompleteFirst,
+) -> Result<(
+    write::Done,
+    impl FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static,
+)> {
+    let access = State::holder_check(auth, Right::Work, &d.task_id)?;
+    let (result, outputs, token) = validate::completion(
+        c,
+        "complete.",
+        d.result.as_deref(),
+        d.outputs.as_ref(),
+        d.lease_token.as_deref(),
+    );
+    let done = write::Done {
+        id: d.task_id.0.clone(),
+        token,
+        result,
+        outputs,
+    };
+    Ok((done, access))
+}
+
+impl LeasesApi {
+    /// next-task without a wait: one look, in one write that resolves the project itself
+    /// (404 if it does not exist) and checks a scoped caller's access to it, with the same
+    /// answers as `project_for` and without a read of its own.
+    async fn poll<F>(
+        &self,
+        auth: &Auth,
+        project: String,
+        agent: String,
+        type_ids: Option<Vec<u128>>,
+        done: Option<(write::Done, F)>,
+    ) -> Result<SerdeJson<NextTaskOut>>
+    where
+        F: FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static,
+    {
+        let caller = auth.caller();
+        if !caller.scoped() {
+            caller.require(Right::Work)?;
+        }
+        let name = agent.clone();
+        let caller = auth.caller_arc();
+        let claim = self
+            .0
+            .store
+            .write_awaited(move |w| {
+                let access = |p: &crate::model::Project| {
+                    caller.require_in(Right::Work, p.id, &format!("project {project}"))
+                };
+                write::next_task_after(w, done, &project, &name, type_ids.as_deref(), access)
+            })
+            .await?;
+        Ok(next_task_answer(claim, agent))
+    }
+
+    /// next-task with `waitSeconds`: looks, and while it finds nothing waits for a wake-up
+    /// (a task made available that it accepts), its deadline or shutdown, then looks again.
+    async fn long_poll<F>(
+        &self,
+        auth: &Auth,
+        project: &str,
+        agent: String,
+        type_ids: Option<Vec<u128>>,
+        mut done: Option<(write::Done, F)>,
+        wait: f64,
+    ) -> Result<SerdeJson<NextTaskOut>>
+    where
+        F: FnOnce(&crate::model::Task) -> crate::error::Result<()> + Send + 'static,
+    {
+        let store = &self.0.store;
+        let caller = auth.caller();
+        let project = self.0.project_for(caller, Right::Work, project)?;
+        let hub = store.hub.clone();
+        // Each look checks the credential again in the write: a wait outlives a revocation.
+        let key_id = caller.key_id;
+        let session = caller.session.as_ref().map(|s| s.token_hash);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(wait);
+        // Counts the poll as abandoned if it is dropped (its client left) before it answers.
+        let waiting = hub.waiter_guard();
+        let answer = async {
+            // The ticket whose wake-up the current look answers. Dropped before the look has
+            // ended (the look failed, or the client left), it passes the wake-up on.
+            let mut woken: Option<Ticket> = None;
+            loop {
+                // Queue before looking, so a task made available between the look and the wait
+                // still wakes us. Leaving the loop drops the ticket (which passes on a wake-up we
+                // got but did not use).
+                let mut ticket = hub.wait_for(project.id, type_ids.as_deref());
+                let (pid, name, ids) = (project.id, agent.clone(), type_ids.clone());
+                // The completion, if any, goes with the first look only.
+                let done = done.take();
+                let claim = store
+                    .write_awaited(move |w| {
+                        crate::store::keys::credential_live(w, key_id, session.as_ref())?;
+                        let key = crate::api::types::uuid_str(pid);
+                        write::next_task_after(
+                            w,
+                            done,
+                            &key,
+                            &name,
+                            ids.as_deref(),
+                            write::no_check,
+                        )
+                    })
+                    .await?;
+                if let Some(answered) = woken.take() {
+                    answered.looked();
+                }
+                if let Claim::Task(..) = claim {
+                    return Ok(next_task_answer(claim, agent));
+                }
+                if tokio::time::Instant::now() >= deadline || hub.is_shutting_down() {
+                    break;
+                }
+                tokio::select! {
+                    _ = ticket.woken() => woken = Some(ticket),
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    _ = hub.shutting_down() => break,
+                }
+            }
+            Ok(next_task_answer(Claim::None, agent))
+        }
+        .await;
+        waiting.answered();
+        answer
     }
 }

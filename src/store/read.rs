@@ -408,186 +408,21 @@ impl Reader {
             }
             _ => q,
         };
-        let post_filtered = q.type_id.is_some() || q.assigned_to.is_some() || q.batch_id.is_some();
-        let ranged = q.created_after.is_some() || q.created_before.is_some();
-        let lo = q.created_after.map_or(i64::MIN, |t| t.saturating_add(1));
-        let hi = q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1));
-        let (tasks, bodies) = (self.table(TASKS)?, self.table(TASK_BODIES)?);
-        // Filtering and ordering read rows only; the tasks answered are read whole.
-        let row = |seq: u64| load_row(&tasks, seq);
-        let load = |seq: u64| load_task(&tasks, &bodies, seq);
-        // A batch's tasks are walked through its BATCH entries, all statuses together (unless
-        // `assignedTo` narrowed the walk to the running tasks, fewer than a batch).
-        let batch = q
-            .batch_id
-            .as_deref()
-            .filter(|_| q.assigned_to.is_none())
-            .map(ix::batch_hash);
-        let keep = |t: &Task| {
-            (batch.is_none() || q.statuses.is_empty() || q.statuses.contains(&t.status))
-                && q.type_id.is_none_or(|ty| t.type_id == Some(ty))
-                && q.assigned_to
-                    .as_deref()
-                    .is_none_or(|a| t.lease.as_ref().is_some_and(|l| l.agent == a))
-                && q.batch_id
-                    .as_deref()
-                    .is_none_or(|b| t.batch_id.as_deref() == Some(b))
-        };
-        let sources = |from: Option<(i64, u64)>| -> Result<Vec<KeyIter>> {
-            // `from` is exclusive: the last key of the previous page.
-            let (mut a, mut b) = ((lo, 0u64), (hi, u64::MAX));
-            let mut out: Vec<KeyIter> = Vec::new();
-            if let Some(k) = from {
-                // No key lies beyond the ends of the key space: the page is empty.
-                let next = if q.desc { key_before(k) } else { key_after(k) };
-                match next {
-                    Some(n) if q.desc => b = n,
-                    Some(n) => a = n,
-                    None => return Ok(out),
-                }
-            }
-            if a > b {
-                return Ok(out);
-            }
-            // Each source is one index range: a prefix (project, project and status, or
-            // project and batch) followed by (createdAt, seq), which the iterator yields.
-            let prefixes: Vec<ix::K> = if let Some(hash) = batch {
-                vec![ix::batch_prefix(project, hash)]
-            } else if q.statuses.is_empty() {
-                vec![ix::K::new(ix::BY_PROJECT).u128(project)]
-            } else {
-                q.statuses
-                    .iter()
-                    .map(|s| ix::K::new(ix::BY_STATUS).u128(project).u8(s.code()))
-                    .collect()
-            };
-            for prefix in prefixes {
-                let at = prefix.len();
-                let lo = prefix.i64(a.0).u64(a.1).to_vec();
-                let hi = prefix.i64(b.0).u64(b.1).to_vec();
-                let it = self.index_range(lo, hi)?.map(move |r| {
-                    r.map(|(k, _)| {
-                        let k = k.value();
-                        (ix::i64_at(k, at), ix::u64_at(k, at + 8))
-                    })
-                    .map_err(Error::from)
-                });
-                out.push(if q.desc {
-                    Box::new(it.rev())
-                } else {
-                    Box::new(it)
-                });
-            }
-            Ok(out)
-        };
-
+        let l = Listing::new(self, project, q)?;
         // Queued tasks (of one type or all) are in the ready indexes or DELAYED: their order
         // by priority and their number need not read the tasks.
         let queued_only = q.statuses == [TaskStatus::Queued]
             && q.assigned_to.is_none()
             && q.batch_id.is_none()
-            && !ranged;
+            && !l.ranged;
         if queued_only && q.sort == Sort::Priority {
-            return self.queued_by_priority(project, q, &row, &load);
+            return self.queued_by_priority(project, q, &|seq| l.row(seq), &|seq| l.load(seq));
         }
-
-        let total = if queued_only && q.type_id.is_some() {
-            let delayed = self.delayed_queued(project, q.type_id, &row)?;
-            self.queued_total(project, q.type_id, delayed.len())?
-        } else if !post_filtered && !ranged {
-            let stats = self.stats(project)?;
-            if q.statuses.is_empty() {
-                stats.total
-            } else {
-                q.statuses.iter().map(|s| stats.get(*s)).sum()
-            }
-        } else {
-            let mut n = 0u64;
-            for it in sources(None)? {
-                for k in it {
-                    let k = k?;
-                    if !post_filtered || row(k.1)?.is_some_and(|t| keep(&t)) {
-                        n += 1;
-                    }
-                }
-            }
-            n
-        };
-
-        if q.sort == Sort::CreatedAt {
-            let (from, skip) = match q.cursor {
-                Some(Cursor::After(c, s)) => (Some((c, s)), q.offset),
-                _ => (None, q.offset_start()),
-            };
-            let merged = Merge::new(sources(from)?, q.desc);
-            let (page, more) = if post_filtered {
-                let matching = merged.filter_map(|k| match k.and_then(|k| row(k.1)) {
-                    Ok(Some(t)) if keep(&t) => Some(Ok(t)),
-                    Ok(_) => None,
-                    Err(e) => Some(Err(e)),
-                });
-                let (page, more) = take_page(matching, skip, q.limit)?;
-                let page = page.into_iter().map(|t| with_body(&bodies, t));
-                (page.collect::<Result<Vec<_>>>()?, more)
-            } else {
-                // Every key matches: an offset skips keys, and only the page is read.
-                let (seqs, more) = take_page(merged.map(|k| k.map(|k| k.1)), skip, q.limit)?;
-                (load_all(seqs, &load)?, more)
-            };
-            let next = if more {
-                page.last().map(|t| Cursor::After(t.created_at, t.seq))
-            } else {
-                None
-            };
-            return Ok(Page {
-                tasks: page,
-                total,
-                next,
-            });
+        let total = l.total(queued_only)?;
+        match q.sort {
+            Sort::CreatedAt => l.by_creation(total),
+            Sort::UpdatedAt | Sort::Priority => l.by_sort_key(total),
         }
-
-        // The other orders have no index: walk the matching tasks and keep only the keys of
-        // the first `offset + limit` in a heap, so memory follows the page asked for, not the
-        // project's size. The page's tasks are loaded again at the end.
-        let start = q.offset_start();
-        let want = start.saturating_add(q.limit);
-        // Ascending rank = the order of the answer; the heap's top is the worst rank kept.
-        let rank = |t: &Task| -> (i128, i128) {
-            let k = match q.sort {
-                Sort::UpdatedAt => i128::from(t.updated_at),
-                _ => i128::from(t.priority),
-            };
-            let seq = i128::from(t.seq);
-            if q.desc {
-                (-k, -seq)
-            } else {
-                (k, seq)
-            }
-        };
-        let mut kept: BinaryHeap<((i128, i128), u64)> = BinaryHeap::new();
-        let mut matched = 0usize;
-        for it in sources(None)? {
-            for k in it {
-                if let Some(t) = row(k?.1)? {
-                    if keep(&t) {
-                        matched += 1;
-                        kept.push((rank(&t), t.seq));
-                        if kept.len() > want {
-                            kept.pop();
-                        }
-                    }
-                }
-            }
-        }
-        let end = want.min(matched);
-        let next = (end < matched).then_some(Cursor::Offset(end));
-        let page = kept
-            .into_sorted_vec()
-            .into_iter()
-            .skip(start)
-            .map(|(_, seq)| seq);
-        let tasks = load_all(page, &load)?;
-        Ok(Page { tasks, total, next })
     }
 
     /// (priority, seq) of the project's queued tasks (of one type) that wait for their
@@ -705,6 +540,227 @@ impl Reader {
         let (page, more) = take_page(merged, start, q.limit)?;
         let tasks = load_all(page, load)?;
         let next = more.then_some(Cursor::Offset(start.saturating_add(q.limit)));
+        Ok(Page { tasks, total, next })
+    }
+}
+
+/// One task listing being answered: the query (as narrowed) and what its steps share.
+struct Listing<'r> {
+    reader: &'r Reader,
+    project: u128,
+    q: &'r TaskQuery,
+    tasks: ReadOnlyTable<u64, &'static [u8]>,
+    bodies: ReadOnlyTable<u64, &'static [u8]>,
+    /// The batch whose BATCH entries are walked: a batch's tasks, all statuses together
+    /// (unless `assignedTo` narrowed the walk to the running tasks, fewer than a batch).
+    batch: Option<u64>,
+    /// The creation times asked for, inclusive.
+    lo: i64,
+    hi: i64,
+    /// Whether a filter needs each task's row (a type, an agent, a batch).
+    post_filtered: bool,
+    /// Whether a range of creation times is asked for.
+    ranged: bool,
+}
+
+impl<'r> Listing<'r> {
+    fn new(reader: &'r Reader, project: u128, q: &'r TaskQuery) -> Result<Listing<'r>> {
+        Ok(Listing {
+            reader,
+            project,
+            q,
+            tasks: reader.table(TASKS)?,
+            bodies: reader.table(TASK_BODIES)?,
+            batch: q
+                .batch_id
+                .as_deref()
+                .filter(|_| q.assigned_to.is_none())
+                .map(ix::batch_hash),
+            lo: q.created_after.map_or(i64::MIN, |t| t.saturating_add(1)),
+            hi: q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1)),
+            post_filtered: q.type_id.is_some() || q.assigned_to.is_some() || q.batch_id.is_some(),
+            ranged: q.created_after.is_some() || q.created_before.is_some(),
+        })
+    }
+
+    /// A task's row, without its body: filtering and ordering read rows only.
+    fn row(&self, seq: u64) -> Result<Option<Task>> {
+        load_row(&self.tasks, seq)
+    }
+
+    /// A task whole, for the page answered.
+    fn load(&self, seq: u64) -> Result<Option<Task>> {
+        load_task(&self.tasks, &self.bodies, seq)
+    }
+
+    /// Whether a task read from the walk matches the filters the index did not apply.
+    fn keep(&self, t: &Task) -> bool {
+        let q = self.q;
+        (self.batch.is_none() || q.statuses.is_empty() || q.statuses.contains(&t.status))
+            && q.type_id.is_none_or(|ty| t.type_id == Some(ty))
+            && q.assigned_to
+                .as_deref()
+                .is_none_or(|a| t.lease.as_ref().is_some_and(|l| l.agent == a))
+            && q.batch_id
+                .as_deref()
+                .is_none_or(|b| t.batch_id.as_deref() == Some(b))
+    }
+
+    /// The index ranges to walk, each yielding (createdAt, seq) in the order asked, starting
+    /// after `from` (exclusive: the last key of the previous page).
+    fn sources(&self, from: Option<(i64, u64)>) -> Result<Vec<KeyIter>> {
+        let (q, project) = (self.q, self.project);
+        let (mut a, mut b) = ((self.lo, 0u64), (self.hi, u64::MAX));
+        let mut out: Vec<KeyIter> = Vec::new();
+        if let Some(k) = from {
+            // No key lies beyond the ends of the key space: the page is empty.
+            let next = if q.desc { key_before(k) } else { key_after(k) };
+            match next {
+                Some(n) if q.desc => b = n,
+                Some(n) => a = n,
+                None => return Ok(out),
+            }
+        }
+        if a > b {
+            return Ok(out);
+        }
+        // Each source is one index range: a prefix (project, project and status, or project
+        // and batch) followed by (createdAt, seq), which the iterator yields.
+        let prefixes: Vec<ix::K> = if let Some(hash) = self.batch {
+            vec![ix::batch_prefix(project, hash)]
+        } else if q.statuses.is_empty() {
+            vec![ix::K::new(ix::BY_PROJECT).u128(project)]
+        } else {
+            q.statuses
+                .iter()
+                .map(|s| ix::K::new(ix::BY_STATUS).u128(project).u8(s.code()))
+                .collect()
+        };
+        for prefix in prefixes {
+            let at = prefix.len();
+            let lo = prefix.i64(a.0).u64(a.1).to_vec();
+            let hi = prefix.i64(b.0).u64(b.1).to_vec();
+            let it = self.reader.index_range(lo, hi)?.map(move |r| {
+                r.map(|(k, _)| {
+                    let k = k.value();
+                    (ix::i64_at(k, at), ix::u64_at(k, at + 8))
+                })
+                .map_err(Error::from)
+            });
+            out.push(if q.desc {
+                Box::new(it.rev())
+            } else {
+                Box::new(it)
+            });
+        }
+        Ok(out)
+    }
+
+    /// How many tasks match: from the counters when no filter needs the rows, else by
+    /// walking the matching range.
+    fn total(&self, queued_only: bool) -> Result<u64> {
+        let (q, project, reader) = (self.q, self.project, self.reader);
+        if queued_only && q.type_id.is_some() {
+            let delayed = reader.delayed_queued(project, q.type_id, &|seq| self.row(seq))?;
+            return reader.queued_total(project, q.type_id, delayed.len());
+        }
+        if !self.post_filtered && !self.ranged {
+            let stats = reader.stats(project)?;
+            return Ok(if q.statuses.is_empty() {
+                stats.total
+            } else {
+                q.statuses.iter().map(|s| stats.get(*s)).sum()
+            });
+        }
+        let mut n = 0u64;
+        for it in self.sources(None)? {
+            for k in it {
+                let k = k?;
+                if !self.post_filtered || self.row(k.1)?.is_some_and(|t| self.keep(&t)) {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The page in creation order: a k-way merge of the index ranges from the cursor.
+    fn by_creation(&self, total: u64) -> Result<Page> {
+        let q = self.q;
+        let (from, skip) = match q.cursor {
+            Some(Cursor::After(c, s)) => (Some((c, s)), q.offset),
+            _ => (None, q.offset_start()),
+        };
+        let merged = Merge::new(self.sources(from)?, q.desc);
+        let (page, more) = if self.post_filtered {
+            let matching = merged.filter_map(|k| match k.and_then(|k| self.row(k.1)) {
+                Ok(Some(t)) if self.keep(&t) => Some(Ok(t)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            });
+            let (page, more) = take_page(matching, skip, q.limit)?;
+            let page = page.into_iter().map(|t| with_body(&self.bodies, t));
+            (page.collect::<Result<Vec<_>>>()?, more)
+        } else {
+            // Every key matches: an offset skips keys, and only the page is read.
+            let (seqs, more) = take_page(merged.map(|k| k.map(|k| k.1)), skip, q.limit)?;
+            (load_all(seqs, &|seq| self.load(seq))?, more)
+        };
+        let next = if more {
+            page.last().map(|t| Cursor::After(t.created_at, t.seq))
+        } else {
+            None
+        };
+        Ok(Page {
+            tasks: page,
+            total,
+            next,
+        })
+    }
+
+    /// The page in an order no index keeps (`updatedAt`, `priority`): walk the matching
+    /// tasks and keep only the keys of the first `offset + limit` in a heap, so memory follows
+    /// the page asked for, not the project's size. The page's tasks are loaded at the end.
+    fn by_sort_key(&self, total: u64) -> Result<Page> {
+        let q = self.q;
+        let start = q.offset_start();
+        let want = start.saturating_add(q.limit);
+        // Ascending rank = the order of the answer; the heap's top is the worst rank kept.
+        let rank = |t: &Task| -> (i128, i128) {
+            let k = match q.sort {
+                Sort::UpdatedAt => i128::from(t.updated_at),
+                _ => i128::from(t.priority),
+            };
+            let seq = i128::from(t.seq);
+            if q.desc {
+                (-k, -seq)
+            } else {
+                (k, seq)
+            }
+        };
+        let mut kept: BinaryHeap<((i128, i128), u64)> = BinaryHeap::new();
+        let mut matched = 0usize;
+        for it in self.sources(None)? {
+            for k in it {
+                if let Some(t) = self.row(k?.1)? {
+                    if self.keep(&t) {
+                        matched += 1;
+                        kept.push((rank(&t), t.seq));
+                        if kept.len() > want {
+                            kept.pop();
+                        }
+                    }
+                }
+            }
+        }
+        let end = want.min(matched);
+        let next = (end < matched).then_some(Cursor::Offset(end));
+        let page = kept
+            .into_sorted_vec()
+            .into_iter()
+            .skip(start)
+            .map(|(_, seq)| seq);
+        let tasks = load_all(page, &|seq| self.load(seq))?;
         Ok(Page { tasks, total, next })
     }
 }

@@ -114,18 +114,47 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(why) = init_logs(&cli) {
+        agentq::logs::say(format!("agentq: {why}\n"));
+        return ExitCode::FAILURE;
+    }
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            return fatal(
+                cli.log_format,
+                format_args!("cannot start the runtime: {e}"),
+            );
+        }
+    };
+    let args = match cli.command {
+        Command::Serve(args) => args,
+        Command::AddAdminKey(a) => return add_admin_key(&rt, cli.log_format, a),
+    };
+    let config = match serve_config(args) {
+        Ok(config) => config,
+        Err(why) => return fatal(cli.log_format, why),
+    };
+    // One descriptor per connected agent: a fleet larger than the soft limit (1,024 under
+    // systemd by default) would be refused. Take what the hard limit allows, as Go and nginx
+    // do; what is left is logged, and accepts past it back off (see server::Connections).
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+    }
+    match rt.block_on(agentq::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fatal(cli.log_format, e),
+    }
+}
+
+/// Logs on stderr, through the writer that drops what stderr refuses (`agentq::logs`), and a
+/// panic hook that logs a panic like any error.
+fn init_logs(cli: &Cli) -> Result<(), String> {
     let filter = match tracing_subscriber::EnvFilter::try_from_default_env() {
         Ok(f) => f,
-        Err(_) => match tracing_subscriber::EnvFilter::try_new(&cli.log_level) {
-            Ok(f) => f,
-            Err(e) => {
-                agentq::logs::say(format!(
-                    "agentq: invalid --log-level {}: {e}\n",
-                    cli.log_level
-                ));
-                return ExitCode::FAILURE;
-            }
-        },
+        Err(_) => tracing_subscriber::EnvFilter::try_new(&cli.log_level)
+            .map_err(|e| format!("invalid --log-level {}: {e}", cli.log_level))?,
     };
     // Colours only for a person at a terminal: a log file or the journal gets plain text.
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
@@ -150,33 +179,28 @@ fn main() -> ExitCode {
             _ => tracing::error!(panic = %info, "panic"),
         }
     }));
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            return fatal(
-                cli.log_format,
-                format_args!("cannot start the runtime: {e}"),
-            );
+    Ok(())
+}
+
+/// `agentq add-admin-key`: the new key on stdout, once.
+fn add_admin_key(rt: &tokio::runtime::Runtime, format: LogFormat, a: AddAdminKeyArgs) -> ExitCode {
+    match rt.block_on(agentq::server::add_admin_key(&a.db, &a.name)) {
+        Ok(key) => {
+            agentq::logs::say(format!(
+                "agentq: added an admin key to {} (shown only now):\n",
+                a.db.display()
+            ));
+            match agentq::server::print_stdout(&format!("{key}\n")) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fatal(format, format_args!("cannot print the key: {e}")),
+            }
         }
-    };
-    let args = match cli.command {
-        Command::Serve(args) => args,
-        Command::AddAdminKey(a) => {
-            return match rt.block_on(agentq::server::add_admin_key(&a.db, &a.name)) {
-                Ok(key) => {
-                    agentq::logs::say(format!(
-                        "agentq: added an admin key to {} (shown only now):\n",
-                        a.db.display()
-                    ));
-                    match agentq::server::print_stdout(&format!("{key}\n")) {
-                        Ok(()) => ExitCode::SUCCESS,
-                        Err(e) => fatal(cli.log_format, format_args!("cannot print the key: {e}")),
-                    }
-                }
-                Err(e) => fatal(cli.log_format, e),
-            };
-        }
-    };
+        Err(e) => fatal(format, e),
+    }
+}
+
+/// The server's configuration from `agentq serve`'s arguments.
+fn serve_config(args: ServeArgs) -> Result<agentq::Config, String> {
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes as usize;
     config.cors_origin = args.cors_origin;
@@ -184,17 +208,18 @@ fn main() -> ExitCode {
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;
     config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);
     config.max_sessions_per_key = args.max_sessions_per_key;
-    config.idle_timeout = (args.idle_timeout_secs > 0)
-        .then(|| std::time::Duration::from_secs(args.idle_timeout_secs));
-    config.body_timeout = (args.body_timeout_secs > 0)
-        .then(|| std::time::Duration::from_secs(args.body_timeout_secs));
+    let seconds = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+    config.idle_timeout = seconds(args.idle_timeout_secs);
+    config.body_timeout = seconds(args.body_timeout_secs);
     config.admin_key = match (args.admin_key, args.admin_key_file) {
         (Some(k), _) => Some(k),
         (None, Some(path)) => match std::fs::read_to_string(&path) {
             Ok(k) => Some(k.trim().to_string()),
             Err(e) => {
-                let why = format!("cannot read the admin key file {}: {e}", path.display());
-                return fatal(cli.log_format, why);
+                return Err(format!(
+                    "cannot read the admin key file {}: {e}",
+                    path.display()
+                ))
             }
         },
         (None, None) => None,
@@ -204,23 +229,12 @@ fn main() -> ExitCode {
         .as_ref()
         .is_some_and(|k| k.len() < agentq::auth::MIN_ADMIN_KEY_LEN)
     {
-        let why = format!(
+        return Err(format!(
             "the admin key must be at least {} characters",
             agentq::auth::MIN_ADMIN_KEY_LEN
-        );
-        return fatal(cli.log_format, why);
+        ));
     }
-    // One descriptor per connected agent: a fleet larger than the soft limit (1,024 under
-    // systemd by default) would be refused. Take what the hard limit allows, as Go and nginx
-    // do; what is left is logged, and accepts past it back off (see server::Connections).
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-    }
-    match rt.block_on(agentq::run(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fatal(cli.log_format, e),
-    }
+    Ok(config)
 }
 
 /// Reports an error that stops the program: one plain line for a person, or a log line with

@@ -139,41 +139,16 @@ impl Server {
         ));
         // Bind before the first admin key is made: a start that cannot listen (the port is
         // taken) must not store a key that nobody is ever shown.
-        let bind_error = |e: std::io::Error| {
-            let e = match e.kind() {
-                std::io::ErrorKind::InvalidInput => std::io::Error::new(
-                    e.kind(),
-                    format!("{e} (give host:port, e.g. 127.0.0.1:3000 or 0.0.0.0:3000)"),
-                ),
-                _ => e,
-            };
-            StartError::Bind(config.bind.clone(), e)
-        };
         let bound = async {
-            let listener = Listener::bind(&config.bind).await?;
-            let addr = listener.local_addr()?;
-            Ok((listener, addr))
+            let (listener, addr) = bind(&config.bind).await?;
+            let key = first_admin_key(&auth, &config).await?;
+            Ok((listener, addr, key))
         };
-        let (listener, addr) = match bound.await {
+        let (listener, addr, generated_admin_key) = match bound.await {
             Ok(bound) => bound,
             Err(e) => {
                 abandon(store, creates_file.then_some(&config.db));
-                return Err(bind_error(e));
-            }
-        };
-        let show = config.show_admin_key.clone();
-        let bootstrap = auth.bootstrap(config.admin_key.clone(), move |key| match show {
-            Some(show) => show(key),
-            None => Ok(()),
-        });
-        let generated_admin_key = match bootstrap.await {
-            Ok(k) => k,
-            Err(e) => {
-                abandon(store, creates_file.then_some(&config.db));
-                return Err(match e {
-                    crate::auth::BootstrapError::Store(e) => StartError::Bootstrap(e),
-                    crate::auth::BootstrapError::Show(e) => StartError::ShowKey(e),
-                });
+                return Err(e);
             }
         };
         let state = Arc::new(State {
@@ -183,43 +158,14 @@ impl Server {
             auth: auth.clone(),
             started: Instant::now(),
         });
-        let app = api::app(
-            state.clone(),
-            &HttpOptions {
-                max_body_bytes: config.max_body_bytes,
-                cors_origin: config.cors_origin.clone(),
-            },
-        );
-        tokio::spawn(keep_scheduling(store.clone()));
-        tokio::spawn(resume_deletes(store.clone()));
-        let hub = store.hub.clone();
-        tokio::spawn(crate::telemetry::upkeep(
-            state.metrics.clone(),
-            async move { hub.shutting_down().await },
-        ));
-        let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let hub = store.hub.clone();
-        let limits = Limits {
-            idle: config.idle_timeout,
-            body: config.body_timeout,
-            grace: SHUTDOWN_GRACE,
-        };
-        let done = tokio::spawn(crate::listen::serve(
-            listener,
-            app,
-            crate::api::error::rejected_request,
-            async move {
-                let _ = stop_rx.await;
-                hub.shutdown();
-            },
-            limits,
-        ));
+        spawn_background(&state);
+        let (stop, done) = serve(listener, state, &config);
         Ok(Server {
             addr,
             store,
             auth,
             generated_admin_key,
-            stop: Some(stop_tx),
+            stop: Some(stop),
             done,
         })
     }
@@ -233,6 +179,90 @@ impl Server {
         let store = self.store.clone();
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
+}
+
+/// The listening socket for `--bind`, and its address.
+async fn bind(addr: &str) -> Result<(Listener, SocketAddr), StartError> {
+    let bound = async {
+        let listener = Listener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        Ok((listener, local))
+    };
+    bound.await.map_err(|e: std::io::Error| {
+        let e = match e.kind() {
+            std::io::ErrorKind::InvalidInput => std::io::Error::new(
+                e.kind(),
+                format!("{e} (give host:port, e.g. 127.0.0.1:3000 or 0.0.0.0:3000)"),
+            ),
+            _ => e,
+        };
+        StartError::Bind(addr.to_string(), e)
+    })
+}
+
+/// The first admin key of an empty database: the given one, or one generated and shown
+/// (`Config::show_admin_key`) before it is stored. The generated key's text, once.
+async fn first_admin_key(
+    auth: &Authenticator,
+    config: &Config,
+) -> Result<Option<String>, StartError> {
+    let show = config.show_admin_key.clone();
+    let shown = move |key: &str| match show {
+        Some(show) => show(key),
+        None => Ok(()),
+    };
+    auth.bootstrap(config.admin_key.clone(), shown)
+        .await
+        .map_err(|e| match e {
+            crate::auth::BootstrapError::Store(e) => StartError::Bootstrap(e),
+            crate::auth::BootstrapError::Show(e) => StartError::ShowKey(e),
+        })
+}
+
+/// The scheduler, the unfinished project deletes, and the metrics' upkeep.
+fn spawn_background(state: &Arc<State>) {
+    let store = &state.store;
+    tokio::spawn(keep_scheduling(store.clone()));
+    tokio::spawn(resume_deletes(store.clone()));
+    let hub = store.hub.clone();
+    tokio::spawn(crate::telemetry::upkeep(
+        state.metrics.clone(),
+        async move { hub.shutting_down().await },
+    ));
+}
+
+/// Serves the API on `listener` until the returned sender is used (or dropped); the handle
+/// ends once the connections are closed.
+fn serve(
+    listener: Listener,
+    state: Arc<State>,
+    config: &Config,
+) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let app = api::app(
+        state.clone(),
+        &HttpOptions {
+            max_body_bytes: config.max_body_bytes,
+            cors_origin: config.cors_origin.clone(),
+        },
+    );
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let hub = state.store.hub.clone();
+    let limits = Limits {
+        idle: config.idle_timeout,
+        body: config.body_timeout,
+        grace: SHUTDOWN_GRACE,
+    };
+    let done = tokio::spawn(crate::listen::serve(
+        listener,
+        app,
+        crate::api::error::rejected_request,
+        async move {
+            let _ = stop_rx.await;
+            hub.shutdown();
+        },
+        limits,
+    ));
+    (stop_tx, done)
 }
 
 /// Finishes, in the background, the project deletes the last run left unfinished: their

@@ -13,7 +13,6 @@ use super::validate::{self, Check};
 use super::{ApiTags, State};
 use crate::auth::Right;
 use crate::error::Error;
-use crate::model::TaskStatus;
 use crate::store::read::{Cursor, Sort, TaskQuery};
 use crate::store::write;
 
@@ -55,23 +54,10 @@ impl TasksApi {
     ) -> Result<ListReply<TaskOut>> {
         let project = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let mut c = Check::default();
-        let mut statuses = Vec::new();
-        if let Some(s) = status.0.as_deref() {
-            if s.trim().is_empty() {
-                c.fail("status", "must name at least one status", s);
-            }
-            for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-                match TaskStatus::parse(part) {
-                    Some(st) if !statuses.contains(&st) => statuses.push(st),
-                    Some(_) => {}
-                    None => c.fail(
-                        "status",
-                        "must be queued, running, completed, failed or cancelled",
-                        part,
-                    ),
-                }
-            }
-        }
+        let statuses = status
+            .0
+            .as_deref()
+            .map_or_else(Vec::new, |s| validate::status_list(&mut c, s));
         let type_id = type_id.0.as_deref().map(|t| c.uuid("typeId", t));
         let created_after = created_after
             .0

@@ -532,6 +532,26 @@ pub fn page(limit: Option<i64>, offset: Option<i64>) -> Result<(usize, usize), E
     c.finish(page)
 }
 
+/// A listing's `status`: one status or a comma-separated list, without repeats.
+pub fn status_list(c: &mut Check, s: &str) -> Vec<crate::model::TaskStatus> {
+    let mut statuses = Vec::new();
+    if s.trim().is_empty() {
+        c.fail("status", "must name at least one status", s);
+    }
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match crate::model::TaskStatus::parse(part) {
+            Some(st) if !statuses.contains(&st) => statuses.push(st),
+            Some(_) => {}
+            None => c.fail(
+                "status",
+                "must be queued, running, completed, failed or cancelled",
+                part,
+            ),
+        }
+    }
+    statuses
+}
+
 /// `limit` and `offset` query parameters.
 pub fn paging(c: &mut Check, limit: Option<i64>, offset: Option<i64>) -> (usize, usize) {
     let limit = match limit {

@@ -415,51 +415,14 @@ pub fn create_tasks(
 fn create_one(
     w: &mut WriteCtx,
     p: &Project,
-    n: NewTask,
+    mut n: NewTask,
     type_cache: &mut Option<TaskType>,
 ) -> Result<(Task, bool)> {
     let ty = match n.type_id {
         None => None,
-        Some(id) => {
-            if type_cache.as_ref().map(|t| t.id) != Some(id) {
-                *type_cache = w.tables.task_type(id)?;
-            }
-            match type_cache {
-                Some(t) if t.project_id == p.id => Some(t.clone()),
-                _ => {
-                    return Err(Error::NotFound(format!(
-                        "task type {} not found in project {}",
-                        Uuid::from_u128(id),
-                        p.name
-                    )))
-                }
-            }
-        }
+        Some(id) => Some(type_in(w, p, id, type_cache)?),
     };
-    if let Some(ty) = &ty {
-        let missing: Vec<FieldError> = ty
-            .variables
-            .iter()
-            .filter(|v| !n.variables.contains_key(*v))
-            .map(|v| FieldError::new(format!("variables.{v}"), "required by the task type"))
-            .collect();
-        if !missing.is_empty() {
-            return Err(Error::Unprocessable(missing));
-        }
-    }
-    let instructions = match (
-        ty.as_ref().and_then(|t| t.template.as_ref()),
-        n.instructions,
-    ) {
-        (Some(tpl), _) => render_template(tpl, &n.variables),
-        (None, Some(i)) => i,
-        (None, None) => {
-            return Err(Error::validation(
-                "instructions",
-                "required when the task has no type with a template",
-            ))
-        }
-    };
+    let instructions = instructions_for(ty.as_ref(), &n.variables, n.instructions.take())?;
     if let Some(id) = &n.id {
         if w.tables.task_ids.get(id.as_str())?.is_some() {
             return Err(Error::Conflict(format!(
@@ -503,6 +466,55 @@ fn create_one(
     };
     w.put_task(None, Some(&task))?;
     Ok((task, true))
+}
+
+/// The task type `id` of project `p` (404 if it is another project's or none), read once per
+/// run of tasks of the same type (`cache`).
+fn type_in(
+    w: &mut WriteCtx,
+    p: &Project,
+    id: u128,
+    cache: &mut Option<TaskType>,
+) -> Result<TaskType> {
+    if cache.as_ref().map(|t| t.id) != Some(id) {
+        *cache = w.tables.task_type(id)?;
+    }
+    match cache {
+        Some(t) if t.project_id == p.id => Ok(t.clone()),
+        _ => Err(Error::NotFound(format!(
+            "task type {} not found in project {}",
+            Uuid::from_u128(id),
+            p.name
+        ))),
+    }
+}
+
+/// A new task's instructions: its type's template rendered with its variables (every
+/// variable the type names is required, 422), or its own instructions.
+fn instructions_for(
+    ty: Option<&TaskType>,
+    variables: &BTreeMap<String, String>,
+    instructions: Option<String>,
+) -> Result<String> {
+    if let Some(ty) = ty {
+        let missing: Vec<FieldError> = ty
+            .variables
+            .iter()
+            .filter(|v| !variables.contains_key(*v))
+            .map(|v| FieldError::new(format!("variables.{v}"), "required by the task type"))
+            .collect();
+        if !missing.is_empty() {
+            return Err(Error::Unprocessable(missing));
+        }
+    }
+    match (ty.and_then(|t| t.template.as_ref()), instructions) {
+        (Some(tpl), _) => Ok(render_template(tpl, variables)),
+        (None, Some(i)) => Ok(i),
+        (None, None) => Err(Error::validation(
+            "instructions",
+            "required when the task has no type with a template",
+        )),
+    }
 }
 
 fn find_duplicate(

@@ -83,6 +83,29 @@ pub fn install() -> PrometheusHandle {
 /// HELP and unit of every series, and the process-wide counters at zero, so that a scrape
 /// shows every series from the start (an absent counter cannot be alerted on).
 fn describe() {
+    describe_http();
+    describe_queue();
+    describe_storage();
+    describe_process();
+    for event in TaskEvent::ALL {
+        let (name, help) = family(event);
+        describe_counter!(name, help);
+    }
+    counter!("agentq_rate_limited_total").increment(0);
+    counter!("agentq_auth_failures_total").increment(0);
+    counter!("agentq_storage_batches_unwritten_total").increment(0);
+    counter!("agentq_storage_failures_total").increment(0);
+    counter!("agentq_http_connections_total").increment(0);
+    counter!("agentq_http_connections_idle_closed_total").increment(0);
+    counter!("agentq_http_accept_errors_total").increment(0);
+    counter!("agentq_http_body_timeouts_total").increment(0);
+    counter!("agentq_long_polls_abandoned_total").increment(0);
+    counter!("agentq_clock_steps_total").increment(0);
+    gauge!("agentq_http_connections_open").increment(0.0);
+}
+
+/// The HTTP families: requests, connections, refused requests.
+fn describe_http() {
     describe_counter!(
         "agentq_http_requests_total",
         "HTTP requests answered, by method, route template and status."
@@ -92,29 +115,36 @@ fn describe() {
         Unit::Seconds,
         "Time from request received to response ready, by method and route template."
     );
-    describe_histogram!(
-        "agentq_storage_commit_duration_seconds",
-        Unit::Seconds,
-        "Wall time of one durable write batch: its operations and the commit (fsync)."
-    );
-    describe_histogram!(
-        "agentq_storage_commit_batch_size",
-        Unit::Count,
-        "Write operations committed together in one durable commit."
-    );
-    describe_counter!(
-        "agentq_storage_batches_unwritten_total",
-        "Write batches that changed nothing (say, every claim in them found no task) and so were not committed: no fsync."
-    );
-    describe_counter!(
-        "agentq_storage_failures_total",
-        "I/O errors on the database file after which it had to be opened again (writes answer 503 until it is)."
-    );
     describe_gauge!(
-        "agentq_storage_size_bytes",
-        Unit::Bytes,
-        "Size of the database file."
+        "agentq_http_connections_open",
+        "HTTP connections open now (each agent holds one)."
     );
+    describe_counter!(
+        "agentq_http_connections_total",
+        "HTTP connections accepted."
+    );
+    describe_counter!(
+        "agentq_http_connections_idle_closed_total",
+        "HTTP connections closed after the idle limit (--idle-timeout-secs) without a request in progress."
+    );
+    describe_counter!(
+        "agentq_http_accept_errors_total",
+        "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
+    );
+    describe_counter!(
+        "agentq_http_unparsed_requests_total",
+        "Requests the HTTP parser refused before any handler ran, by status: 400 (malformed \
+         request line, path or header), 414 (URI too long), 431 (headers too large)."
+    );
+    describe_counter!(
+        "agentq_http_body_timeouts_total",
+        "Requests whose body stalled (--body-timeout-secs without a byte) or came slower than \
+         500 bytes/s; answered 408 and their connection closed."
+    );
+}
+
+/// The queue's families: tasks, leases, waits, long-polls.
+fn describe_queue() {
     describe_gauge!(
         "agentq_long_poll_waiters",
         "Requests waiting in next-task with waitSeconds."
@@ -143,6 +173,38 @@ fn describe() {
         "agentq_active_leases",
         "Tasks running under a lease, by project."
     );
+    describe_counter!(
+        "agentq_long_polls_abandoned_total",
+        "Long-polls (next-task with waitSeconds) whose client left before the answer; a client \
+         timeout shorter than waitSeconds shows here."
+    );
+}
+
+/// The storage families: commits, failures, the outage, the log.
+fn describe_storage() {
+    describe_histogram!(
+        "agentq_storage_commit_duration_seconds",
+        Unit::Seconds,
+        "Wall time of one durable write batch: its operations and the commit (fsync)."
+    );
+    describe_histogram!(
+        "agentq_storage_commit_batch_size",
+        Unit::Count,
+        "Write operations committed together in one durable commit."
+    );
+    describe_counter!(
+        "agentq_storage_batches_unwritten_total",
+        "Write batches that changed nothing (say, every claim in them found no task) and so were not committed: no fsync."
+    );
+    describe_counter!(
+        "agentq_storage_failures_total",
+        "I/O errors on the database file after which it had to be opened again (writes answer 503 until it is)."
+    );
+    describe_gauge!(
+        "agentq_storage_size_bytes",
+        Unit::Bytes,
+        "Size of the database file."
+    );
     describe_gauge!(
         "agentq_storage_writable",
         "1 while writes reach the disk; 0 from a storage error (a full disk, a failed sync) \
@@ -153,6 +215,15 @@ fn describe() {
         "Log lines that could not be written to stderr (a full disk, a closed pipe) and were \
          dropped; the server goes on."
     );
+    describe_counter!(
+        "agentq_clock_steps_total",
+        "Steps of the system clock of a second or more that the writer saw between two batches \
+         (NTP, a restored VM). Leases keep their real durations across them."
+    );
+}
+
+/// The process, build and access families.
+fn describe_process() {
     describe_gauge!(
         "agentq_build_info",
         "Always 1; the version label names the build."
@@ -170,57 +241,6 @@ fn describe() {
         "agentq_auth_failures_total",
         "Requests refused with 401 (missing, unknown or revoked key or session)."
     );
-    describe_gauge!(
-        "agentq_http_connections_open",
-        "HTTP connections open now (each agent holds one)."
-    );
-    describe_counter!(
-        "agentq_http_connections_total",
-        "HTTP connections accepted."
-    );
-    describe_counter!(
-        "agentq_http_connections_idle_closed_total",
-        "HTTP connections closed after the idle limit (--idle-timeout-secs) without a request in progress."
-    );
-    describe_counter!(
-        "agentq_http_accept_errors_total",
-        "Failed accepts of new connections (most often: out of file descriptors); accepting pauses and retries."
-    );
-    describe_counter!(
-        "agentq_http_unparsed_requests_total",
-        "Requests the HTTP parser refused before any handler ran, by status: 400 (malformed \
-         request line, path or header), 414 (URI too long), 431 (headers too large)."
-    );
-    describe_counter!(
-        "agentq_http_body_timeouts_total",
-        "Requests whose body stalled (--body-timeout-secs without a byte) or came slower than \
-         500 bytes/s; answered 408 and their connection closed."
-    );
-    describe_counter!(
-        "agentq_long_polls_abandoned_total",
-        "Long-polls (next-task with waitSeconds) whose client left before the answer; a client \
-         timeout shorter than waitSeconds shows here."
-    );
-    describe_counter!(
-        "agentq_clock_steps_total",
-        "Steps of the system clock of a second or more that the writer saw between two batches \
-         (NTP, a restored VM). Leases keep their real durations across them."
-    );
-    for event in TaskEvent::ALL {
-        let (name, help) = family(event);
-        describe_counter!(name, help);
-    }
-    counter!("agentq_rate_limited_total").increment(0);
-    counter!("agentq_auth_failures_total").increment(0);
-    counter!("agentq_storage_batches_unwritten_total").increment(0);
-    counter!("agentq_storage_failures_total").increment(0);
-    counter!("agentq_http_connections_total").increment(0);
-    counter!("agentq_http_connections_idle_closed_total").increment(0);
-    counter!("agentq_http_accept_errors_total").increment(0);
-    counter!("agentq_http_body_timeouts_total").increment(0);
-    counter!("agentq_long_polls_abandoned_total").increment(0);
-    counter!("agentq_clock_steps_total").increment(0);
-    gauge!("agentq_http_connections_open").increment(0.0);
 }
 
 /// How often histogram samples are folded into their buckets when nobody scrapes.

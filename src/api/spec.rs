@@ -57,20 +57,21 @@ fn date_time() -> Value {
     json!({"pattern": DATE_TIME_PATTERN})
 }
 
-/// (schema, property, constraints) for request bodies.
-fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
-    let agent = name(MAX_AGENT_NAME);
-    let token = json!({"pattern": TOKEN_PATTERN});
-    let type_vars = json!({
-        "maxItems": MAX_TYPE_VARIABLES,
-        "items": {"type": "string", "maxLength": MAX_NAME, "pattern": VARIABLE_PATTERN}
-    });
-    let task_vars = json!({
-        "maxProperties": MAX_TASK_VARIABLES,
-        "additionalProperties": {"type": "string", "maxLength": MAX_VARIABLE_VALUE}
-    });
-    let duplicate = one_of(&["allow", "ignore", "fail"]);
-    let mut rules = vec![
+/// A field rule of a request body: (schema, property, constraints).
+type BodyRule = (&'static str, &'static str, Value);
+
+/// The field rules of every request body, as `validate` enforces them.
+fn body_rules() -> Vec<BodyRule> {
+    let mut rules = project_rules();
+    rules.extend(type_rules());
+    rules.extend(task_rules());
+    rules.extend(lease_rules());
+    rules.extend(key_rules());
+    rules
+}
+
+fn project_rules() -> Vec<BodyRule> {
+    vec![
         ("CreateProject", "name", name(MAX_NAME)),
         ("CreateProject", "description", text(MAX_DESCRIPTION)),
         ("CreateProject", "instructions", text(MAX_INSTRUCTIONS)),
@@ -89,6 +90,37 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
             "reaperIntervalMinutes",
             int(&REAPER_INTERVAL_MINUTES),
         ),
+    ]
+}
+
+fn type_rules() -> Vec<BodyRule> {
+    let type_vars = json!({
+        "maxItems": MAX_TYPE_VARIABLES,
+        "items": {"type": "string", "maxLength": MAX_NAME, "pattern": VARIABLE_PATTERN}
+    });
+    let duplicate = one_of(&["allow", "ignore", "fail"]);
+    let mut rules = Vec::new();
+    for schema in ["CreateTaskType", "UpdateTaskType"] {
+        rules.extend([
+            (schema, "name", name(MAX_NAME)),
+            (schema, "template", text(MAX_TEMPLATE)),
+            (schema, "variables", type_vars.clone()),
+            (schema, "duplicateHandling", duplicate.clone()),
+            (schema, "maxRetries", int(&MAX_RETRIES)),
+            (schema, "leaseDurationMinutes", num(&LEASE_MINUTES)),
+            (schema, "retryDelaySeconds", num(&RETRY_DELAY_SECONDS)),
+            (schema, "backoffMultiplier", num(&BACKOFF_MULTIPLIER)),
+        ]);
+    }
+    rules
+}
+
+fn task_rules() -> Vec<BodyRule> {
+    let task_vars = json!({
+        "maxProperties": MAX_TASK_VARIABLES,
+        "additionalProperties": {"type": "string", "maxLength": MAX_VARIABLE_VALUE}
+    });
+    vec![
         ("CreateTask", "id", name(MAX_NAME)),
         ("CreateTask", "typeId", uuid()),
         ("CreateTask", "instructions", text(MAX_INSTRUCTIONS)),
@@ -103,6 +135,14 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         ("UpdateTask", "priority", int(&PRIORITY)),
         ("UpdateTask", "notBefore", date_time()),
         ("UpdateTask", "batchId", text(MAX_BATCH_ID)),
+        ("CancelIn", "reason", text(MAX_REASON)),
+    ]
+}
+
+fn lease_rules() -> Vec<BodyRule> {
+    let agent = name(MAX_AGENT_NAME);
+    let token = json!({"pattern": TOKEN_PATTERN});
+    vec![
         (
             "NextTaskIn",
             "typeIds",
@@ -122,12 +162,16 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
         ("ExtendIn", "agentName", agent.clone()),
         ("ExtendIn", "extensionMinutes", num(&EXTENSION_MINUTES)),
         ("ExtendIn", "leaseToken", token.clone()),
-        ("ProgressIn", "agentName", agent.clone()),
+        ("ProgressIn", "agentName", agent),
         ("ProgressIn", "current", json!({"minimum": 0})),
         ("ProgressIn", "total", json!({"minimum": 0})),
         ("ProgressIn", "message", text(MAX_PROGRESS_MESSAGE)),
         ("ProgressIn", "leaseToken", token),
-        ("CancelIn", "reason", text(MAX_REASON)),
+    ]
+}
+
+fn key_rules() -> Vec<BodyRule> {
+    vec![
         ("CreateKeyIn", "name", name(MAX_NAME)),
         (
             "CreateKeyIn",
@@ -135,22 +179,9 @@ fn body_rules() -> Vec<(&'static str, &'static str, Value)> {
             one_of(&["admin", "producer", "agent", "viewer"]),
         ),
         ("CreateKeyIn", "projects", json!({"minItems": 1})),
-        ("LoginIn", "agentName", agent),
+        ("LoginIn", "agentName", name(MAX_AGENT_NAME)),
         ("ExtendSessionIn", "extendBy", int(&SESSION_EXTEND_SECONDS)),
-    ];
-    for schema in ["CreateTaskType", "UpdateTaskType"] {
-        rules.extend([
-            (schema, "name", name(MAX_NAME)),
-            (schema, "template", text(MAX_TEMPLATE)),
-            (schema, "variables", type_vars.clone()),
-            (schema, "duplicateHandling", duplicate.clone()),
-            (schema, "maxRetries", int(&MAX_RETRIES)),
-            (schema, "leaseDurationMinutes", num(&LEASE_MINUTES)),
-            (schema, "retryDelaySeconds", num(&RETRY_DELAY_SECONDS)),
-            (schema, "backoffMultiplier", num(&BACKOFF_MULTIPLIER)),
-        ]);
-    }
-    rules
+    ]
 }
 
 /// Request bodies: they refuse unknown fields (`deny_unknown_fields`).

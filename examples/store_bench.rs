@@ -79,7 +79,7 @@ async fn add_tasks(store: &Store, project: &str, n: usize, type_id: Option<u128>
         let tasks: Vec<NewTask> = chunk
             .iter()
             .map(|i| NewTask {
-                type_id,
+                type_key: type_id.map(agentq::store::write::TypeKey::Id),
                 instructions: Some(format!("task {i} {}", "x".repeat(bytes))),
                 ..NewTask::default()
             })

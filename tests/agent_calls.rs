@@ -69,7 +69,9 @@ async fn next_task_validates_its_input() {
         ("bad agent", json!({"projectId": p}), 400),
         ("a", json!({"projectId": p, "waitSeconds": 61}), 400),
         ("a", json!({"projectId": p, "waitSeconds": -1}), 400),
-        ("a", json!({"projectId": p, "typeIds": ["x"]}), 400),
+        // A type id or name: not a name with a space; a name the project lacks is a 404.
+        ("a", json!({"projectId": p, "typeIds": ["x y"]}), 400),
+        ("a", json!({"projectId": p, "typeIds": ["x"]}), 404),
         ("a", json!({"projectId": p, "typeIds": many(101)}), 400),
         // An empty list would match no task: a long-poll would wait for nothing.
         ("a", json!({"projectId": p, "typeIds": []}), 400),

@@ -193,7 +193,7 @@ impl World {
         let result: agentq::error::Result<()> = match op.clone() {
             Op::Create { typed, priority } => {
                 let task = NewTask {
-                    type_id: typed.then_some(ty),
+                    type_key: typed.then_some(agentq::store::write::TypeKey::Id(ty)),
                     instructions: Some("x".into()),
                     // Variables, so that the DUPES entries checked below hash a real body.
                     variables: BTreeMap::from([("v".to_string(), (priority % 4).to_string())]),

@@ -119,6 +119,14 @@ async fn tasks_render_templates_and_require_variables() {
             json!({"typeId": "nope"}),
         )
         .await;
+    // A name (see a_task_type_is_named_by_name_as_by_id) that the project does not have.
+    assert_eq!(r.status, 404);
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": "no pe"}),
+        )
+        .await;
     assert_eq!(r.status, 400);
     let r = app
         .post(&format!("/api/projects/{p}/tasks"), json!({}))
@@ -189,4 +197,91 @@ async fn duplicate_handling_ignore_fail_allow() {
     )
     .await;
     assert_eq!(app.stats(&p).await["totalTasks"], 4);
+}
+
+/// A task type's name is taken wherever its id is, within the project: `typeId` on create and
+/// bulk, `typeIds` on next-task (a long-poll too), the listing's `typeId` filter. A name the
+/// project does not have is a 404 naming it; a UUID is taken as an id (an unknown one matches
+/// nothing in the filters, as before).
+#[tokio::test]
+async fn a_task_type_is_named_by_name_as_by_id() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let other = app.project("other").await;
+    let review = app
+        .task_type(
+            &p,
+            json!({"name": "review", "template": "review {{doc}}", "variables": ["doc"]}),
+        )
+        .await;
+    app.task_type(&other, json!({"name": "summary"})).await;
+    let created = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": "review", "variables": {"doc": "a"}}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{:?}", created.body);
+    assert_eq!(created.data()["typeId"], review.as_str());
+    assert_eq!(created.data()["instructions"], "review a");
+    let bulk = app
+        .post(
+            &format!("/api/projects/{p}/tasks/bulk"),
+            json!({"tasks": [
+                {"typeId": "review", "variables": {"doc": "b"}},
+                {"typeId": "summary", "instructions": "x"},
+                {"typeId": review, "variables": {"doc": "c"}}
+            ]}),
+        )
+        .await;
+    assert_eq!(bulk.status, 201, "{:?}", bulk.body);
+    assert_eq!(bulk.data()["tasksCreated"], 2, "{:?}", bulk.body);
+    let errors = bulk.data()["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(
+        errors[0]["index"], 1,
+        "another project's type is not this one's"
+    );
+    // An untyped task beside them, which a filter by type must leave out.
+    app.task(&p, json!({"instructions": "untyped"})).await;
+    let listed = app
+        .get(&format!("/api/projects/{p}/tasks?typeId=review"))
+        .await;
+    assert_eq!(listed.status, 200, "{:?}", listed.body);
+    assert_eq!(listed.body["pagination"]["total"], 3);
+    let r = app
+        .get(&format!("/api/projects/{p}/tasks?typeId=nothing"))
+        .await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{:?}", r.body);
+    assert!(r.body["error"].as_str().unwrap().contains("nothing"));
+    let got = app
+        .next("w", json!({"projectId": p, "typeIds": ["review"]}))
+        .await;
+    assert_eq!(got["typeId"], review.as_str());
+    let polled = app
+        .next(
+            "w2",
+            json!({"projectId": "p", "typeIds": ["review", review], "waitSeconds": 1}),
+        )
+        .await;
+    assert_eq!(polled["typeId"], review.as_str());
+    let r = app
+        .post(
+            "/api/agents/w3/next-task",
+            json!({"projectId": p, "typeIds": ["summary"]}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{:?}", r.body);
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks"),
+            json!({"typeId": "summary", "instructions": "x"}),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (404, "NOT_FOUND"), "{:?}", r.body);
+    let unknown_id = uuid::Uuid::from_u128(7).to_string();
+    let listed = app
+        .get(&format!("/api/projects/{p}/tasks?typeId={unknown_id}"))
+        .await;
+    assert_eq!(listed.body["pagination"]["total"], 0);
 }

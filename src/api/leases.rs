@@ -20,7 +20,7 @@ use crate::error::Error;
 use crate::hub::Ticket;
 use crate::lease::Completion;
 use crate::model::Progress;
-use crate::store::write::{self, Claim};
+use crate::store::write::{self, Claim, TypeKey};
 
 pub struct LeasesApi(pub Arc<State>);
 
@@ -90,16 +90,20 @@ impl LeasesApi {
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
         let wait = b.wait_seconds.unwrap_or(0.0);
         c.float_range("waitSeconds", wait, &validate::WAIT_SECONDS);
-        let type_ids = b
+        let type_keys = b
             .type_ids
             .as_deref()
-            .map(|ids| checked_type_ids(&mut c, ids));
+            .map(|ids| checked_type_keys(&mut c, ids));
         let done = match &b.complete {
             Some(d) => Some(completion_first(&auth, &mut c, d)?),
             None => None,
         };
         c.finish(())?;
         let project = b.project_id.0;
+        let type_ids = match type_keys {
+            Some(keys) => Some(self.type_ids(&auth, &project, keys)?),
+            None => None,
+        };
         if wait <= 0.0 {
             return self.poll(&auth, project, agent, type_ids, done).await;
         }
@@ -407,9 +411,9 @@ impl LeasesApi {
     }
 }
 
-/// next-task's `typeIds`, checked: at most [`validate::MAX_TYPE_IDS`], not empty, each a UUID;
-/// sorted and without repeats.
-fn checked_type_ids(c: &mut Check, ids: &[Text]) -> Vec<u128> {
+/// next-task's `typeIds`, checked: at most [`validate::MAX_TYPE_IDS`], not empty, each a task
+/// type's id or name.
+fn checked_type_keys(c: &mut Check, ids: &[Text]) -> Vec<TypeKey> {
     if ids.len() > validate::MAX_TYPE_IDS {
         let most = validate::MAX_TYPE_IDS;
         c.fail("typeIds", format!("at most {most} type ids"), ids.len());
@@ -420,14 +424,10 @@ fn checked_type_ids(c: &mut Check, ids: &[Text]) -> Vec<u128> {
         let why = "must list at least one type id; leave it out to take any task";
         c.fail("typeIds", why, serde_json::json!([]));
     }
-    let mut ids: Vec<u128> = ids
-        .iter()
+    ids.iter()
         .enumerate()
-        .map(|(i, t)| c.uuid(&format!("typeIds[{i}]"), t))
-        .collect();
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+        .map(|(i, t)| c.type_key(&format!("typeIds[{i}]"), t))
+        .collect()
 }
 
 /// next-task's `complete`, checked: the completion to make before the claim, and the check
@@ -458,6 +458,33 @@ fn completion_first(
 }
 
 impl LeasesApi {
+    /// next-task's `typeIds` as ids, sorted and without repeats. Names are looked up in the
+    /// project (404 for a name it does not have), with one read; ids need none.
+    fn type_ids(&self, auth: &Auth, project: &str, keys: Vec<TypeKey>) -> Result<Vec<u128>> {
+        let mut ids = Vec::with_capacity(keys.len());
+        let mut in_project = None;
+        for key in keys {
+            let id = match key {
+                TypeKey::Id(id) => id,
+                named => {
+                    let p = match &in_project {
+                        Some(p) => p,
+                        None => in_project.insert(self.0.project_for(
+                            auth.caller(),
+                            Right::Work,
+                            project,
+                        )?),
+                    };
+                    self.0.type_id_in(p.id, &p.name, named)?
+                }
+            };
+            ids.push(id);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// next-task without a wait: one look, in one write that resolves the project itself
     /// (404 if it does not exist) and checks a scoped caller's access to it, with the same
     /// answers as `project_for` and without a read of its own.

@@ -85,6 +85,27 @@ impl State {
         })
     }
 
+    /// The id of the task type `key` names in a project: an id as it is (a type that does not
+    /// exist matches no task), a name looked up (404 if the project has no such type).
+    pub fn type_id_in(
+        &self,
+        project: u128,
+        project_name: &str,
+        key: crate::store::write::TypeKey,
+    ) -> poem::Result<u128> {
+        use crate::store::write::TypeKey;
+        match key {
+            TypeKey::Id(id) => Ok(id),
+            TypeKey::Name(name) => match self.store.read()?.type_id_by_name(project, &name)? {
+                Some(id) => Ok(id),
+                None => Err(crate::error::Error::NotFound(format!(
+                    "task type {name} not found in project {project_name}"
+                ))
+                .into()),
+            },
+        }
+    }
+
     /// Checks `right` on a task type (by id).
     pub fn check_type(&self, c: &Caller, right: Right, id: &str) -> poem::Result<()> {
         let t = self.store.read()?.task_type(id)?;

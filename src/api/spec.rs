@@ -49,10 +49,6 @@ fn one_of(values: &[&str]) -> Value {
     json!({"enum": values})
 }
 
-fn uuid() -> Value {
-    json!({"format": "uuid", "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"})
-}
-
 fn date_time() -> Value {
     json!({"pattern": DATE_TIME_PATTERN})
 }
@@ -122,7 +118,7 @@ fn task_rules() -> Vec<BodyRule> {
     });
     vec![
         ("CreateTask", "id", name(MAX_NAME)),
-        ("CreateTask", "typeId", uuid()),
+        ("CreateTask", "typeId", name(MAX_NAME)),
         ("CreateTask", "instructions", text(MAX_INSTRUCTIONS)),
         ("CreateTask", "variables", task_vars.clone()),
         ("CreateTask", "batchId", text(MAX_BATCH_ID)),
@@ -146,7 +142,7 @@ fn lease_rules() -> Vec<BodyRule> {
         (
             "NextTaskIn",
             "typeIds",
-            json!({"items": uuid(), "minItems": 1, "maxItems": MAX_TYPE_IDS}),
+            json!({"items": name(MAX_NAME), "minItems": 1, "maxItems": MAX_TYPE_IDS}),
         ),
         ("NextTaskIn", "waitSeconds", num(&WAIT_SECONDS)),
         ("CompleteIn", "agentName", agent.clone()),
@@ -305,7 +301,7 @@ fn param_rules() -> Vec<(&'static str, Value)> {
         ("agentName", name(MAX_AGENT_NAME)),
         ("limit", int(&LIMIT)),
         ("offset", json!({"minimum": 0})),
-        ("typeId", uuid()),
+        ("typeId", name(MAX_NAME)),
         ("createdAfter", date_time()),
         ("createdBefore", date_time()),
         (

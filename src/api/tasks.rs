@@ -34,7 +34,9 @@ impl TasksApi {
         #[oai(name = "projectId")] id: Path<String>,
         /// One status or a comma-separated list.
         status: Query<Option<String>>,
-        #[oai(name = "typeId")] type_id: Query<Option<String>>,
+        /// Only tasks of this type, by id or by its name in the project.
+        #[oai(name = "typeId")]
+        type_id: Query<Option<String>>,
         #[oai(name = "assignedTo")] assigned_to: Query<Option<String>>,
         #[oai(name = "batchId")] batch_id: Query<Option<String>>,
         /// Tasks created strictly after this instant.
@@ -58,7 +60,7 @@ impl TasksApi {
             .0
             .as_deref()
             .map_or_else(Vec::new, |s| validate::status_list(&mut c, s));
-        let type_id = type_id.0.as_deref().map(|t| c.uuid("typeId", t));
+        let type_key = type_id.0.as_deref().map(|t| c.type_key("typeId", t));
         let created_after = created_after
             .0
             .as_deref()
@@ -82,6 +84,10 @@ impl TasksApi {
         });
         let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
         c.finish(())?;
+        let type_id = match type_key {
+            Some(key) => Some(self.0.type_id_in(project.id, &project.name, key)?),
+            None => None,
+        };
         let q = TaskQuery {
             statuses,
             type_id,

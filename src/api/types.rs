@@ -485,6 +485,7 @@ impl From<TaskType> for TaskTypeOut {
 pub struct CreateTask {
     /// Optional client-chosen id, unique across the server.
     pub id: Option<Text>,
+    /// The task type, by id or by its name in the project (a UUID is taken as an id).
     pub type_id: Option<Text>,
     pub instructions: Option<Text>,
     pub variables: Option<Vars>,
@@ -678,7 +679,8 @@ impl TaskOut {
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NextTaskIn {
     pub project_id: Text,
-    /// Hand out only tasks of these types (at most 100); without it, tasks of any type.
+    /// Hand out only tasks of these types (at most 100), each by id or by its name in the
+    /// project; without it, tasks of any type.
     pub type_ids: Option<Vec<Text>>,
     /// Long-poll: wait up to this many seconds (0-60) for a task.
     pub wait_seconds: Option<f64>,

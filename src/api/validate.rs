@@ -14,7 +14,9 @@ use crate::error::{Error, FieldError};
 use crate::model::{
     template_placeholders, DuplicateHandling, Millis, ProjectConfig, ProjectStatus,
 };
-use crate::store::write::{NewProject, NewTask, NewTaskType, ProjectPatch, TaskPatch, TypePatch};
+use crate::store::write::{
+    NewProject, NewTask, NewTaskType, ProjectPatch, TaskPatch, TypeKey, TypePatch,
+};
 
 pub const MAX_NAME: usize = 100;
 pub const MAX_AGENT_NAME: usize = 50;
@@ -116,6 +118,12 @@ impl Check {
             self.fail(field, format!("must be between {lo} and {hi}"), v);
         }
         v
+    }
+
+    /// A task type's id or name (see [`TypeKey`]): a UUID, or a name as task types have.
+    pub fn type_key(&mut self, field: &str, v: &str) -> TypeKey {
+        self.name(field, v, MAX_NAME, "A task type id or name");
+        TypeKey::parse(v)
     }
 
     pub fn time(&mut self, field: &str, v: &str) -> Option<Millis> {
@@ -418,10 +426,10 @@ pub fn create_task(
     if let Some(id) = &b.id {
         c.name(&format!("{prefix}id"), id, MAX_NAME, "Task id");
     }
-    let type_id = b
+    let type_key = b
         .type_id
         .as_deref()
-        .map(|t| c.uuid(&format!("{prefix}typeId"), t));
+        .map(|t| c.type_key(&format!("{prefix}typeId"), t));
     if let Some(i) = &b.instructions {
         c.max_len(&format!("{prefix}instructions"), i, MAX_INSTRUCTIONS);
     }
@@ -440,7 +448,7 @@ pub fn create_task(
         .and_then(|t| c.time(&format!("{prefix}notBefore"), t));
     c.finish(NewTask {
         id: b.id.map(String::from),
-        type_id,
+        type_key,
         instructions: b.instructions.map(String::from),
         variables: vars,
         batch_id: batch,

@@ -245,6 +245,14 @@ impl Reader {
         }
     }
 
+    /// The id of the task type named `name` in `project`, if any.
+    pub fn type_id_by_name(&self, project: u128, name: &str) -> Result<Option<u128>> {
+        Ok(self
+            .table(TYPE_NAMES)?
+            .get((project, name))?
+            .map(|v| v.value()))
+    }
+
     /// A project's task types, by name.
     pub fn task_types(&self, project: u128) -> Result<Vec<TaskType>> {
         let types = self.table(TYPES)?;

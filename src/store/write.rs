@@ -375,10 +375,45 @@ pub fn delete_type(w: &mut WriteCtx, id: &str) -> Result<()> {
 
 // ---------------------------------------------------------------- tasks
 
+/// A task type as a request names it: by id, or by name within the project. A text that
+/// parses as a UUID is an id; any other text is a name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TypeKey {
+    Id(u128),
+    Name(String),
+}
+
+impl TypeKey {
+    pub fn parse(text: &str) -> TypeKey {
+        match Uuid::parse_str(text) {
+            Ok(id) => TypeKey::Id(id.as_u128()),
+            Err(_) => TypeKey::Name(text.to_string()),
+        }
+    }
+
+    /// Whether `t` is the type this key names.
+    fn names(&self, t: &TaskType) -> bool {
+        match self {
+            TypeKey::Id(id) => t.id == *id,
+            TypeKey::Name(name) => t.name == *name,
+        }
+    }
+}
+
+impl std::fmt::Display for TypeKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TypeKey::Id(id) => write!(f, "{}", Uuid::from_u128(*id)),
+            TypeKey::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct NewTask {
     pub id: Option<String>,
-    pub type_id: Option<u128>,
+    /// The task type: its id, or its name in the project ([`TypeKey`]).
+    pub type_key: Option<TypeKey>,
     pub instructions: Option<String>,
     pub variables: BTreeMap<String, String>,
     pub batch_id: Option<String>,
@@ -418,9 +453,9 @@ fn create_one(
     mut n: NewTask,
     type_cache: &mut Option<TaskType>,
 ) -> Result<(Task, bool)> {
-    let ty = match n.type_id {
+    let ty = match &n.type_key {
         None => None,
-        Some(id) => Some(type_in(w, p, id, type_cache)?),
+        Some(key) => Some(type_in(w, p, key, type_cache)?),
     };
     let instructions = instructions_for(ty.as_ref(), &n.variables, n.instructions.take())?;
     if let Some(id) = &n.id {
@@ -468,25 +503,43 @@ fn create_one(
     Ok((task, true))
 }
 
-/// The task type `id` of project `p` (404 if it is another project's or none), read once per
-/// run of tasks of the same type (`cache`).
+/// The task type `key` names in project `p` (404 if none there), read once per run of tasks
+/// of the same type (`cache`).
 fn type_in(
     w: &mut WriteCtx,
     p: &Project,
-    id: u128,
+    key: &TypeKey,
     cache: &mut Option<TaskType>,
 ) -> Result<TaskType> {
-    if cache.as_ref().map(|t| t.id) != Some(id) {
-        *cache = w.tables.task_type(id)?;
+    let cached = cache
+        .as_ref()
+        .is_some_and(|t| t.project_id == p.id && key.names(t));
+    if !cached {
+        *cache = type_of(w.tables, p.id, key)?;
     }
     match cache {
         Some(t) if t.project_id == p.id => Ok(t.clone()),
         _ => Err(Error::NotFound(format!(
-            "task type {} not found in project {}",
-            Uuid::from_u128(id),
+            "task type {key} not found in project {}",
             p.name
         ))),
     }
+}
+
+/// The task type `key` names in `project`, if any.
+pub fn type_of(t: &Tables, project: u128, key: &TypeKey) -> Result<Option<TaskType>> {
+    let id = match key {
+        TypeKey::Id(id) => Some(*id),
+        TypeKey::Name(name) => t
+            .type_names
+            .get((project, name.as_str()))?
+            .map(|v| v.value()),
+    };
+    Ok(id
+        .map(|id| t.task_type(id))
+        .transpose()?
+        .flatten()
+        .filter(|ty| ty.project_id == project))
 }
 
 /// A new task's instructions: its type's template rendered with its variables (every

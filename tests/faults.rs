@@ -37,6 +37,17 @@ async fn some_requests(client: &reqwest::Client, base: &str) {
     }
 }
 
+/// GET `url`: the answer's JSON.
+async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// POST `body` to `url`: the answer's status and JSON.
+async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let r = client.post(url).json(body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = client
         .get(format!("{base}/metrics"))
@@ -147,29 +158,13 @@ async fn leased_task(
     base: &str,
     agent: &str,
 ) -> (String, String, String) {
-    let post = |path: String, body: Value| {
-        let client = client.clone();
-        async move {
-            let r = client.post(path).json(&body).send().await.unwrap();
-            r.json::<Value>().await.unwrap()
-        }
-    };
-    let p = post(
-        format!("{base}/api/projects"),
-        json!({"name": format!("p-{agent}"), "description": "d"}),
-    )
-    .await;
+    let project = json!({"name": format!("p-{agent}"), "description": "d"});
+    let (_, p) = post_json(client, format!("{base}/api/projects"), &project).await;
     let p = p["data"]["id"].as_str().unwrap().to_string();
-    post(
-        format!("{base}/api/projects/{p}/tasks"),
-        json!({"instructions": "x"}),
-    )
-    .await;
-    let next = post(
-        format!("{base}/api/agents/{agent}/next-task"),
-        json!({"projectId": p}),
-    )
-    .await;
+    let task = json!({"instructions": "x"});
+    post_json(client, format!("{base}/api/projects/{p}/tasks"), &task).await;
+    let url = format!("{base}/api/agents/{agent}/next-task");
+    let (_, next) = post_json(client, url, &json!({"projectId": p})).await;
     let task = &next["data"]["task"];
     (
         p,
@@ -229,14 +224,7 @@ async fn a_fail_repeated_across_a_sigkill_gets_the_same_answer() {
         let (status, again_answer) = again(json!({"agentName": agent})).await;
         assert_eq!(status, 200, "{again_answer}");
         assert_eq!(again_answer["data"]["retryCount"], 1);
-        let attempts: Value = client
-            .get(format!("{base}/api/tasks/{id}/attempts"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let attempts = get_json(&client, format!("{base}/api/tasks/{id}/attempts")).await;
         let outcomes: Vec<&str> = attempts["data"]
             .as_array()
             .unwrap()
@@ -253,15 +241,12 @@ async fn a_fail_repeated_across_a_sigkill_gets_the_same_answer() {
     let body = json!({"agentName": "x", "leaseToken": token, "error": "boom"});
     let r = client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let next: Value = client
-        .post(format!("{base}/api/agents/x/next-task"))
-        .json(&json!({"projectId": p}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, next) = post_json(
+        &client,
+        format!("{base}/api/agents/x/next-task"),
+        &json!({"projectId": p}),
+    )
+    .await;
     assert_eq!(next["data"]["task"]["id"], id.as_str());
     let r = client.post(&url).json(&body).send().await.unwrap();
     assert_eq!(r.status(), 409);
@@ -336,6 +321,20 @@ fn raw(addr: &str, bytes: &[u8]) -> std::net::TcpStream {
     s
 }
 
+/// Sends `request` on a new connection to `addr` and reads until the server closes it (or
+/// `secs` pass): what it answered, and how long that took.
+async fn send_and_read(addr: &str, request: Vec<u8>, secs: u64) -> (String, Duration) {
+    let addr = addr.to_string();
+    tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let mut s = raw(&addr, &request);
+        let answer = read_until_closed(&mut s, Duration::from_secs(secs));
+        (answer, started.elapsed())
+    })
+    .await
+    .unwrap()
+}
+
 /// Everything the server sends on `s` until it closes the connection (or `limit` passes).
 fn read_until_closed(s: &mut std::net::TcpStream, limit: Duration) -> String {
     s.set_read_timeout(Some(limit)).unwrap();
@@ -387,15 +386,7 @@ async fn a_stalled_body_is_answered_408_and_its_connection_closed() {
         head(&app, "/api/projects", "Content-Length: 100\r\n") + "{",
         "POST /no/such/route HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{".to_string(),
     ] {
-        let addr = addr.clone();
-        let (answer, took) = tokio::task::spawn_blocking(move || {
-            let started = std::time::Instant::now();
-            let mut s = raw(&addr, request.as_bytes());
-            let answer = read_until_closed(&mut s, Duration::from_secs(10));
-            (answer, started.elapsed())
-        })
-        .await
-        .unwrap();
+        let (answer, took) = send_and_read(&addr, request.into_bytes(), 10).await;
         assert_timed_out(&answer, took);
         assert!(took >= Duration::from_millis(900), "{took:?}");
     }
@@ -418,16 +409,7 @@ async fn a_stalled_chunked_body_is_answered_408() {
     let app = impatient().await;
     let addr = app.base.trim_start_matches("http://").to_string();
     let request = head(&app, "/api/projects", "Transfer-Encoding: chunked\r\n") + "1\r\n{\r\n";
-    let (answer, took) = tokio::task::spawn_blocking(move || {
-        let started = std::time::Instant::now();
-        let mut s = raw(&addr, request.as_bytes());
-        (
-            read_until_closed(&mut s, Duration::from_secs(10)),
-            started.elapsed(),
-        )
-    })
-    .await
-    .unwrap();
+    let (answer, took) = send_and_read(&addr, request.into_bytes(), 10).await;
     assert_timed_out(&answer, took);
 }
 
@@ -545,12 +527,7 @@ async fn requests_the_parser_refuses_get_the_envelope() {
     ];
     for (request, status, code) in cases {
         let addr = addr.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            let mut s = raw(&addr, &request);
-            read_until_closed(&mut s, Duration::from_secs(5))
-        })
-        .await
-        .unwrap();
+        let (answer, _) = send_and_read(&addr, request, 5).await;
         let (head, body) = answer.split_once("\r\n\r\n").expect("a whole answer");
         assert!(head.starts_with(&format!("HTTP/1.1 {status} ")), "{answer}");
         let header = |name: &str| {

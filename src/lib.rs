@@ -10,6 +10,8 @@
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
+//! - [`cli`]: the client verbs of the binary, declared once in a table; [`client`]: the HTTP
+//!   client they call the server with.
 //! - [`spawn`]: work that must not stop half way when its caller stops waiting.
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
 //! - [`logs`]: the log's writer, which drops (and counts) what stderr refuses.
@@ -20,6 +22,8 @@
 
 pub mod api;
 pub mod auth;
+pub mod cli;
+pub mod client;
 pub mod error;
 pub mod hub;
 pub mod ids;

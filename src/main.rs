@@ -113,7 +113,28 @@ struct ServeArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory, FromArgMatches};
+    // The binary's own commands (serve, add-admin-key) and the client verbs of `agentq::cli`,
+    // which its table declares.
+    let matches = Cli::command()
+        .subcommands(agentq::cli::commands())
+        .get_matches();
+    if let Some((name, sub)) = matches.subcommand() {
+        if agentq::cli::is_client_command(name) {
+            let rt = match tokio::runtime::Runtime::new() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    agentq::logs::say(format!("agentq: cannot start the runtime: {e}\n"));
+                    return ExitCode::FAILURE;
+                }
+            };
+            return rt.block_on(agentq::cli::run(name, sub));
+        }
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     if let Err(why) = init_logs(&cli) {
         agentq::logs::say(format!("agentq: {why}\n"));
         return ExitCode::FAILURE;

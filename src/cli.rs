@@ -1,0 +1,1273 @@
+//! The client verbs of the `agentq` binary (`agentq project create`, `agentq next`, ...),
+//! all declared once in [`VERBS`]: each verb's words, its REST operation, its parameters (where
+//! each goes: the path, the query or the body, and how its text becomes JSON) and how its
+//! answer prints. The command line is built from the table, and so will the MCP tools be, so
+//! that a verb, its tool and its REST operation never drift.
+//!
+//! Output: `--json` prints the server's `data` exactly (a listing with `--all`: the merged
+//! array; a bulk in chunks: one summed answer); without it, fields and tables for a person.
+//! Exit codes: 0 success, 1 any other error, 2 usage, 3 not found, 4 conflict, 5 nothing to do.
+
+use std::process::ExitCode;
+
+use clap::{Arg, ArgAction, ArgMatches, Command};
+use serde_json::{json, Map, Value};
+
+use crate::client::{segment, Client, ClientError, Method};
+
+/// Where a parameter goes in the request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum At {
+    /// A `{name}` of the route.
+    Path,
+    /// A query parameter.
+    Query,
+    /// A field of the JSON body.
+    Body,
+    /// Not sent: used by the client itself (the project in which a type's name is looked up,
+    /// for the routes that take a type's id).
+    Local,
+}
+
+/// How a parameter's text becomes JSON.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Text,
+    /// Text, or `@FILE` for a file's contents.
+    TextOrFile,
+    Int,
+    Float,
+    /// A flag: true when given.
+    Flag,
+    /// A flag that sends `false` when given (`--no-retry` → `canRetry: false`).
+    FlagFalse,
+    /// JSON text.
+    Json,
+    /// Repeatable: a JSON array of texts.
+    List,
+    /// Comma-separated, as the server takes it (`--status queued,running`).
+    Csv,
+    /// Repeatable `NAME=VALUE`: a JSON object.
+    Vars,
+    /// An RFC 3339 time, or `+<n>[smhd]` from now.
+    Time,
+}
+
+/// One parameter of a verb.
+#[derive(Clone, Copy, Debug)]
+pub struct Param {
+    /// The CLI name (a positional's value name, or a `--flag`).
+    pub name: &'static str,
+    /// The JSON field, query parameter or route placeholder.
+    pub field: &'static str,
+    pub at: At,
+    pub kind: Kind,
+    pub positional: bool,
+    pub required: bool,
+    /// Sent when the parameter is not given.
+    pub default: Option<&'static str>,
+    pub help: &'static str,
+}
+
+/// How a verb's answer prints for a person.
+#[derive(Clone, Copy, Debug)]
+pub enum Show {
+    /// The fields of one object.
+    Fields,
+    /// A table with these columns (JSON fields of each item).
+    Table(&'static [&'static str]),
+    /// A one-line confirmation.
+    Done(&'static str),
+}
+
+/// One verb: its words on the command line, its MCP tool name, its REST operation.
+#[derive(Clone, Copy, Debug)]
+pub struct Verb {
+    pub words: &'static [&'static str],
+    pub tool: &'static str,
+    pub about: &'static str,
+    pub method: Method,
+    pub route: &'static str,
+    pub params: &'static [Param],
+    pub show: Show,
+}
+
+const fn pos(name: &'static str, field: &'static str, at: At, help: &'static str) -> Param {
+    Param {
+        name,
+        field,
+        at,
+        kind: Kind::Text,
+        positional: true,
+        required: true,
+        default: None,
+        help,
+    }
+}
+
+const fn opt(name: &'static str, field: &'static str, kind: Kind, help: &'static str) -> Param {
+    Param {
+        name,
+        field,
+        at: At::Body,
+        kind,
+        positional: false,
+        required: false,
+        default: None,
+        help,
+    }
+}
+
+const fn query(name: &'static str, field: &'static str, kind: Kind, help: &'static str) -> Param {
+    Param {
+        at: At::Query,
+        ..opt(name, field, kind, help)
+    }
+}
+
+const fn needed(p: Param) -> Param {
+    Param {
+        required: true,
+        ..p
+    }
+}
+
+const PROJECT: Param = pos("PROJECT", "project", At::Path, "Project name or id");
+/// The project of a task type named by name (its routes take the type's id).
+const TYPE_PROJECT: Param = pos("PROJECT", "project", At::Local, "Project name or id");
+const TASK: Param = pos("ID", "task", At::Path, "Task id");
+const TYPE: Param = pos("TYPE", "type", At::Path, "Task type name or id");
+const AGENT: Param = needed(opt("agent", "agentName", Kind::Text, "Agent name"));
+const TOKEN: Param = opt("token", "leaseToken", Kind::Text, "Lease token of the task");
+const LIMIT: Param = query("limit", "limit", Kind::Int, "At most this many (1-1000)");
+
+const TASK_COLUMNS: &[&str] = &["id", "status", "priority", "assignedTo", "instructions"];
+
+/// Every client verb. The order is the order of `agentq --help`.
+pub const VERBS: &[Verb] = &[
+    Verb {
+        words: &["project", "create"],
+        tool: "create_project",
+        about: "Create a project",
+        method: Method::Post,
+        route: "/api/projects",
+        params: &[
+            Param {
+                at: At::Body,
+                ..pos("NAME", "name", At::Body, "Project name")
+            },
+            Param {
+                default: Some(""),
+                ..opt("description", "description", Kind::Text, "Description")
+            },
+            opt(
+                "instructions",
+                "instructions",
+                Kind::TextOrFile,
+                "Instructions for every task (TEXT or @FILE)",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["project", "list"],
+        tool: "list_projects",
+        about: "List projects",
+        method: Method::Get,
+        route: "/api/projects",
+        params: &[
+            query(
+                "status",
+                "status",
+                Kind::Text,
+                "active (default), closed or all",
+            ),
+            LIMIT,
+        ],
+        show: Show::Table(&["id", "name", "status", "description"]),
+    },
+    Verb {
+        words: &["project", "show"],
+        tool: "get_project",
+        about: "Show a project",
+        method: Method::Get,
+        route: "/api/projects/{project}",
+        params: &[PROJECT],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["project", "stats"],
+        tool: "get_project_stats",
+        about: "Counters, queue depth, active agents and the last hour of a project",
+        method: Method::Get,
+        route: "/api/projects/{project}/stats",
+        params: &[PROJECT],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["project", "update"],
+        tool: "update_project",
+        about: "Update a project",
+        method: Method::Put,
+        route: "/api/projects/{project}",
+        params: &[
+            PROJECT,
+            opt("name", "name", Kind::Text, "New name"),
+            opt("description", "description", Kind::Text, "Description"),
+            opt(
+                "instructions",
+                "instructions",
+                Kind::TextOrFile,
+                "Instructions (TEXT or @FILE)",
+            ),
+            opt("status", "status", Kind::Text, "active or closed"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["project", "delete"],
+        tool: "delete_project",
+        about: "Delete a project with its task types and tasks",
+        method: Method::Delete,
+        route: "/api/projects/{project}",
+        params: &[PROJECT],
+        show: Show::Done("project deleted"),
+    },
+    Verb {
+        words: &["type", "create"],
+        tool: "create_task_type",
+        about: "Create a task type",
+        method: Method::Post,
+        route: "/api/projects/{project}/task-types",
+        params: &[
+            PROJECT,
+            pos("NAME", "name", At::Body, "Task type name"),
+            opt(
+                "template",
+                "template",
+                Kind::TextOrFile,
+                "Instructions template with {{variables}} (TEXT or @FILE)",
+            ),
+            opt(
+                "var",
+                "variables",
+                Kind::List,
+                "A variable tasks must give (repeatable)",
+            ),
+            opt(
+                "max-retries",
+                "maxRetries",
+                Kind::Int,
+                "Retries after a failure (0-10)",
+            ),
+            opt(
+                "lease-minutes",
+                "leaseDurationMinutes",
+                Kind::Float,
+                "Lease length in minutes",
+            ),
+            opt(
+                "duplicates",
+                "duplicateHandling",
+                Kind::Text,
+                "allow, ignore or fail",
+            ),
+            opt(
+                "retry-delay",
+                "retryDelaySeconds",
+                Kind::Float,
+                "Seconds before a retry",
+            ),
+            opt(
+                "backoff",
+                "backoffMultiplier",
+                Kind::Float,
+                "Multiplier of the delay per retry",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["type", "list"],
+        tool: "list_task_types",
+        about: "List a project's task types",
+        method: Method::Get,
+        route: "/api/projects/{project}/task-types",
+        params: &[PROJECT, LIMIT],
+        show: Show::Table(&["id", "name", "template", "maxRetries"]),
+    },
+    Verb {
+        words: &["type", "show"],
+        tool: "get_task_type",
+        about: "Show a task type",
+        method: Method::Get,
+        route: "/api/task-types/{type}",
+        params: &[TYPE_PROJECT, TYPE],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["type", "update"],
+        tool: "update_task_type",
+        about: "Update a task type",
+        method: Method::Put,
+        route: "/api/task-types/{type}",
+        params: &[
+            TYPE_PROJECT,
+            TYPE,
+            opt("name", "name", Kind::Text, "New name"),
+            opt(
+                "template",
+                "template",
+                Kind::TextOrFile,
+                "Template (TEXT or @FILE)",
+            ),
+            opt("var", "variables", Kind::List, "A variable (repeatable)"),
+            opt("max-retries", "maxRetries", Kind::Int, "Retries (0-10)"),
+            opt(
+                "lease-minutes",
+                "leaseDurationMinutes",
+                Kind::Float,
+                "Lease length in minutes",
+            ),
+            opt(
+                "duplicates",
+                "duplicateHandling",
+                Kind::Text,
+                "allow, ignore or fail",
+            ),
+            opt(
+                "retry-delay",
+                "retryDelaySeconds",
+                Kind::Float,
+                "Seconds before a retry",
+            ),
+            opt(
+                "backoff",
+                "backoffMultiplier",
+                Kind::Float,
+                "Back-off multiplier",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["type", "delete"],
+        tool: "delete_task_type",
+        about: "Delete a task type",
+        method: Method::Delete,
+        route: "/api/task-types/{type}",
+        params: &[TYPE_PROJECT, TYPE],
+        show: Show::Done("task type deleted"),
+    },
+    Verb {
+        words: &["task", "create"],
+        tool: "create_task",
+        about: "Create a task",
+        method: Method::Post,
+        route: "/api/projects/{project}/tasks",
+        params: &[
+            PROJECT,
+            opt("type", "typeId", Kind::Text, "Task type name or id"),
+            opt(
+                "var",
+                "variables",
+                Kind::Vars,
+                "A variable, NAME=VALUE (repeatable)",
+            ),
+            opt(
+                "instructions",
+                "instructions",
+                Kind::TextOrFile,
+                "Instructions (TEXT or @FILE)",
+            ),
+            opt(
+                "priority",
+                "priority",
+                Kind::Int,
+                "0-10, higher first (default 5)",
+            ),
+            opt(
+                "not-before",
+                "notBefore",
+                Kind::Time,
+                "Not before this time (RFC 3339, or +10m)",
+            ),
+            opt("id", "id", Kind::Text, "Your own task id"),
+            opt("batch", "batchId", Kind::Text, "Batch id"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["task", "list"],
+        tool: "list_tasks",
+        about: "List a project's tasks",
+        method: Method::Get,
+        route: "/api/projects/{project}/tasks",
+        params: &[
+            PROJECT,
+            query("status", "status", Kind::Csv, "Statuses, comma-separated"),
+            query("type", "typeId", Kind::Text, "Task type name or id"),
+            query("agent", "assignedTo", Kind::Text, "Agent holding the task"),
+            query("batch", "batchId", Kind::Text, "Batch id"),
+            query(
+                "sort",
+                "sort",
+                Kind::Text,
+                "createdAt, updatedAt or priority",
+            ),
+            query("order", "order", Kind::Text, "desc (default) or asc"),
+            LIMIT,
+        ],
+        show: Show::Table(TASK_COLUMNS),
+    },
+    Verb {
+        words: &["task", "show"],
+        tool: "get_task",
+        about: "Show a task",
+        method: Method::Get,
+        route: "/api/tasks/{task}",
+        params: &[TASK],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["task", "cancel"],
+        tool: "cancel_task",
+        about: "Cancel a queued or running task",
+        method: Method::Post,
+        route: "/api/tasks/{task}/cancel",
+        params: &[TASK, opt("reason", "reason", Kind::Text, "Why")],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["task", "retry"],
+        tool: "retry_task",
+        about: "Put a failed or cancelled task back in the queue",
+        method: Method::Post,
+        route: "/api/tasks/{task}/retry",
+        params: &[TASK],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["task", "delete"],
+        tool: "delete_task",
+        about: "Delete a task",
+        method: Method::Delete,
+        route: "/api/tasks/{task}",
+        params: &[TASK],
+        show: Show::Done("task deleted"),
+    },
+    Verb {
+        words: &["task", "attempts"],
+        tool: "list_attempts",
+        about: "A task's attempt history",
+        method: Method::Get,
+        route: "/api/tasks/{task}/attempts",
+        params: &[TASK],
+        show: Show::Table(&[
+            "attempt",
+            "agentName",
+            "outcome",
+            "startedAt",
+            "endedAt",
+            "error",
+        ]),
+    },
+    Verb {
+        words: &["next"],
+        tool: "get_next_task",
+        about: "Lease the next task to an agent (exit 5 when there is none)",
+        method: Method::Post,
+        route: "/api/agents/{agent}/next-task",
+        params: &[
+            Param {
+                at: At::Body,
+                ..pos("PROJECT", "projectId", At::Body, "Project name or id")
+            },
+            Param {
+                at: At::Path,
+                field: "agent",
+                ..AGENT
+            },
+            opt(
+                "type",
+                "typeIds",
+                Kind::List,
+                "Only tasks of this type (repeatable)",
+            ),
+            opt(
+                "wait",
+                "waitSeconds",
+                Kind::Float,
+                "Wait up to this many seconds (0-60)",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["peek"],
+        tool: "peek_next_task",
+        about: "How many tasks next-task could hand out now (exit 5 when none)",
+        method: Method::Get,
+        route: "/api/projects/{project}/peek-next-task",
+        params: &[PROJECT],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["complete"],
+        tool: "complete_task",
+        about: "Complete a task (its lease holder)",
+        method: Method::Post,
+        route: "/api/tasks/{task}/complete",
+        params: &[
+            TASK,
+            AGENT,
+            TOKEN,
+            opt(
+                "result",
+                "result",
+                Kind::TextOrFile,
+                "Result (TEXT or @FILE)",
+            ),
+            opt("outputs", "outputs", Kind::Json, "Outputs, a JSON object"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["fail"],
+        tool: "fail_task",
+        about: "Fail a task (its lease holder); retried while retries remain",
+        method: Method::Post,
+        route: "/api/tasks/{task}/fail",
+        params: &[
+            TASK,
+            AGENT,
+            TOKEN,
+            needed(opt("error", "error", Kind::TextOrFile, "What went wrong")),
+            opt(
+                "no-retry",
+                "canRetry",
+                Kind::FlagFalse,
+                "Fail for good, no retry",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["extend"],
+        tool: "extend_lease",
+        about: "Extend a task's lease (its holder)",
+        method: Method::Post,
+        route: "/api/tasks/{task}/extend-lease",
+        params: &[
+            TASK,
+            AGENT,
+            TOKEN,
+            needed(opt(
+                "minutes",
+                "extensionMinutes",
+                Kind::Float,
+                "Minutes from now",
+            )),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["progress"],
+        tool: "report_progress",
+        about: "Report a task's progress (its holder)",
+        method: Method::Post,
+        route: "/api/tasks/{task}/progress",
+        params: &[
+            TASK,
+            AGENT,
+            TOKEN,
+            needed(opt("current", "current", Kind::Int, "Done so far")),
+            needed(opt("total", "total", Kind::Int, "In all")),
+            opt("message", "message", Kind::Text, "What is happening"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["key", "create"],
+        tool: "create_key",
+        about: "Create an API key (admin); the key is shown once",
+        method: Method::Post,
+        route: "/api/keys",
+        params: &[
+            pos("NAME", "name", At::Body, "Key name"),
+            needed(opt(
+                "role",
+                "role",
+                Kind::Text,
+                "admin, producer, agent or viewer",
+            )),
+            opt(
+                "project",
+                "projects",
+                Kind::List,
+                "Limit the key to this project (repeatable)",
+            ),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["key", "list"],
+        tool: "list_keys",
+        about: "List API keys (admin)",
+        method: Method::Get,
+        route: "/api/keys",
+        params: &[LIMIT],
+        show: Show::Table(&["id", "name", "role", "projects", "lastUsedAt"]),
+    },
+    Verb {
+        words: &["key", "delete"],
+        tool: "delete_key",
+        about: "Revoke an API key (admin)",
+        method: Method::Delete,
+        route: "/api/keys/{key}",
+        params: &[pos("ID", "key", At::Path, "Key id")],
+        show: Show::Done("key deleted"),
+    },
+];
+
+/// The options every client verb takes.
+fn connection_args() -> [Arg; 4] {
+    [
+        Arg::new("url")
+            .long("url")
+            .env("AGENTQ_URL")
+            .default_value("http://127.0.0.1:3000")
+            .global(true)
+            .help("The server"),
+        Arg::new("key")
+            .long("key")
+            .env("AGENTQ_KEY")
+            .hide_env_values(true)
+            .global(true)
+            .help("API key"),
+        Arg::new("key-file")
+            .long("key-file")
+            .global(true)
+            .conflicts_with("key")
+            .help("Read the API key from this file"),
+        Arg::new("json")
+            .long("json")
+            .action(ArgAction::SetTrue)
+            .global(true)
+            .help("Print the server's data as JSON"),
+    ]
+}
+
+/// The client subcommands, grouped by their first word, for the binary's command line.
+pub fn commands() -> Vec<Command> {
+    let mut groups: Vec<Command> = Vec::new();
+    for verb in VERBS {
+        let leaf = verb_command(verb);
+        match verb.words {
+            [only] => groups.push(leaf.name(*only).args(connection_args())),
+            [group, name] => {
+                let leaf = leaf.name(*name);
+                match groups.iter().position(|g| g.get_name() == *group) {
+                    Some(i) => {
+                        let g = groups.remove(i).subcommand(leaf);
+                        groups.insert(i, g);
+                    }
+                    None => groups.push(
+                        Command::new(*group)
+                            .about(group_about(group))
+                            .subcommand_required(true)
+                            .arg_required_else_help(true)
+                            .args(connection_args())
+                            .subcommand(leaf),
+                    ),
+                }
+            }
+            _ => unreachable!("verbs have one or two words"),
+        }
+    }
+    groups.push(
+        Command::new("status")
+            .about("One screen over every project: counts, queue, agents, the last hour")
+            .args(connection_args()),
+    );
+    if let Some(i) = groups.iter().position(|g| g.get_name() == "task") {
+        let g = groups.remove(i).subcommand(
+            Command::new("bulk")
+                .about("Create tasks from a JSON array or JSON lines (FILE, or - for stdin)")
+                .arg(
+                    Arg::new("PROJECT")
+                        .required(true)
+                        .help("Project name or id"),
+                )
+                .arg(
+                    Arg::new("FILE")
+                        .required(true)
+                        .help("A file, or - for stdin"),
+                ),
+        );
+        groups.insert(i, g);
+    }
+    if let Some(i) = groups.iter().position(|g| g.get_name() == "task") {
+        // `task list --all` follows the cursor to the end.
+        let g = groups.remove(i).mut_subcommand("list", |list| {
+            list.arg(
+                Arg::new("all")
+                    .long("all")
+                    .action(ArgAction::SetTrue)
+                    .help("Every page, following the cursor"),
+            )
+        });
+        groups.insert(i, g);
+    }
+    groups
+}
+
+fn group_about(group: &str) -> &'static str {
+    match group {
+        "project" => "Projects: create, list, show, stats, update, delete",
+        "type" => "Task types: create, list, show, update, delete",
+        "task" => "Tasks: create, bulk, list, show, cancel, retry, delete, attempts",
+        "key" => "API keys: create, list, delete",
+        _ => "",
+    }
+}
+
+fn verb_command(verb: &Verb) -> Command {
+    let mut cmd = Command::new(verb.words[verb.words.len() - 1]).about(verb.about);
+    for p in verb.params {
+        let mut arg = Arg::new(p.name).help(p.help);
+        if p.positional {
+            arg = arg.required(p.required);
+        } else {
+            arg = arg.long(p.name).required(p.required);
+            arg = match p.kind {
+                Kind::Flag | Kind::FlagFalse => arg.action(ArgAction::SetTrue),
+                Kind::List | Kind::Vars => arg.action(ArgAction::Append),
+                _ => arg,
+            };
+        }
+        cmd = cmd.arg(arg);
+    }
+    cmd
+}
+
+/// Whether `name` is a client subcommand (else the binary's own: serve, add-admin-key).
+pub fn is_client_command(name: &str) -> bool {
+    name == "status" || VERBS.iter().any(|v| v.words[0] == name)
+}
+
+/// Runs the client subcommand `name` with its matches.
+pub async fn run(name: &str, matches: &ArgMatches) -> ExitCode {
+    let json_out = matches.get_flag("json");
+    let client = match client_of(matches) {
+        Ok(c) => c,
+        Err(why) => return usage(&why),
+    };
+    let outcome = match (name, matches.subcommand()) {
+        ("status", _) => status(&client, json_out).await,
+        ("task", Some(("bulk", m))) => bulk(&client, m, json_out).await,
+        (_, Some((leaf, m))) => match find(&[name, leaf]) {
+            Some(verb) => run_verb(&client, verb, m, json_out).await,
+            None => return usage(&format!("unknown command {name} {leaf}")),
+        },
+        (_, None) => match find(&[name]) {
+            Some(verb) => run_verb(&client, verb, matches, json_out).await,
+            None => return usage(&format!("unknown command {name}")),
+        },
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code),
+        Err(Failure::Client(e)) => {
+            crate::logs::say(format!("agentq: {e}\n"));
+            if let ClientError::Server { details, .. } = &e {
+                for d in details {
+                    crate::logs::say(format!("  {d}\n"));
+                }
+            }
+            ExitCode::from(e.exit_code())
+        }
+        Err(Failure::Usage(why)) => usage(&why),
+    }
+}
+
+fn usage(why: &str) -> ExitCode {
+    crate::logs::say(format!("agentq: {why}\n"));
+    ExitCode::from(2)
+}
+
+/// Why a verb did not run to its end.
+enum Failure {
+    Client(ClientError),
+    Usage(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Client(e)
+    }
+}
+
+fn find(words: &[&str]) -> Option<&'static Verb> {
+    VERBS.iter().find(|v| v.words == words)
+}
+
+fn client_of(m: &ArgMatches) -> Result<Client, String> {
+    let url = m
+        .get_one::<String>("url")
+        .cloned()
+        .unwrap_or_else(|| "http://127.0.0.1:3000".into());
+    let key = match (m.get_one::<String>("key"), m.get_one::<String>("key-file")) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the key file {path}: {e}"))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    Ok(Client::new(&url, key))
+}
+
+/// The request a verb's matches make: its path (with query) and body.
+fn request(verb: &Verb, m: &ArgMatches) -> Result<(String, Option<Value>), String> {
+    let mut path = verb.route.to_string();
+    let mut query = Vec::new();
+    let mut body = Map::new();
+    for p in verb.params {
+        let value = match p.kind {
+            Kind::Flag => m.get_flag(p.name).then_some(Value::Bool(true)),
+            Kind::FlagFalse => m.get_flag(p.name).then_some(Value::Bool(false)),
+            Kind::List => m
+                .get_many::<String>(p.name)
+                .map(|vs| Value::from(vs.cloned().collect::<Vec<_>>())),
+            Kind::Vars => match m.get_many::<String>(p.name) {
+                Some(vs) => Some(vars(vs)?),
+                None => None,
+            },
+            _ => match m.get_one::<String>(p.name) {
+                Some(text) => Some(value_of(p, text)?),
+                None => p.default.map(Value::from),
+            },
+        };
+        let Some(value) = value else { continue };
+        match p.at {
+            At::Local => {}
+            At::Path => {
+                let text = value
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or(value.to_string());
+                path = path.replace(&format!("{{{}}}", p.field), &segment(&text));
+            }
+            At::Query => {
+                let text = value
+                    .as_str()
+                    .map(String::from)
+                    .unwrap_or(value.to_string());
+                query.push(format!("{}={}", p.field, segment(&text)));
+            }
+            At::Body => {
+                body.insert(p.field.to_string(), value);
+            }
+        }
+    }
+    if !query.is_empty() {
+        path = format!("{path}?{}", query.join("&"));
+    }
+    let body = matches!(verb.method, Method::Post | Method::Put).then_some(Value::Object(body));
+    Ok((path, body))
+}
+
+/// A parameter's text as the JSON the server takes.
+fn value_of(p: &Param, text: &str) -> Result<Value, String> {
+    let bad = |what: &str| format!("--{}: {what}, not {text:?}", p.name);
+    Ok(match p.kind {
+        Kind::Int => Value::from(text.parse::<i64>().map_err(|_| bad("an integer"))?),
+        Kind::Float => Value::from(text.parse::<f64>().map_err(|_| bad("a number"))?),
+        Kind::Json => serde_json::from_str(text).map_err(|_| bad("JSON"))?,
+        Kind::TextOrFile => Value::from(text_or_file(text)?),
+        Kind::Time => {
+            Value::from(time_of(text).ok_or_else(|| bad("an RFC 3339 time or +<n>[smhd]"))?)
+        }
+        _ => Value::from(text),
+    })
+}
+
+/// `@FILE` as the file's contents; any other text as it is.
+fn text_or_file(text: &str) -> Result<String, String> {
+    match text.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}")),
+        None => Ok(text.to_string()),
+    }
+}
+
+/// `NAME=VALUE` pairs as a JSON object.
+fn vars<'a>(pairs: impl Iterator<Item = &'a String>) -> Result<Value, String> {
+    let mut out = Map::new();
+    for pair in pairs {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("--var: NAME=VALUE, not {pair:?}"))?;
+        out.insert(name.to_string(), Value::from(value));
+    }
+    Ok(Value::Object(out))
+}
+
+/// A duration `<n>[smhd]` (a bare number is seconds).
+pub fn duration_of(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let secs = match unit {
+        's' => n,
+        'm' => n * 60.0,
+        'h' => n * 3600.0,
+        'd' => n * 86_400.0,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs_f64(secs))
+}
+
+/// An RFC 3339 time as it is, or `+<duration>` from now, as RFC 3339.
+fn time_of(text: &str) -> Option<String> {
+    match text.strip_prefix('+') {
+        Some(d) => {
+            let d = duration_of(d)?;
+            let now = time::OffsetDateTime::now_utc();
+            let at = now + time::Duration::try_from(d).ok()?;
+            let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
+            Some(crate::time::format(ms))
+        }
+        None => crate::time::parse(text).map(|_| text.to_string()),
+    }
+}
+
+/// Runs one verb of the table: resolves names the server does not take itself, calls, and
+/// prints. The exit code of a success (0, or 5 when there is nothing to do).
+async fn run_verb(
+    client: &Client,
+    verb: &Verb,
+    m: &ArgMatches,
+    json_out: bool,
+) -> Result<u8, Failure> {
+    let (mut path, body) = request(verb, m).map_err(Failure::Usage)?;
+    if path.contains("/api/task-types/") {
+        // The type routes take an id: a name is looked up in the project.
+        let project = m.get_one::<String>("PROJECT").cloned().unwrap_or_default();
+        let ty = m.get_one::<String>("TYPE").cloned().unwrap_or_default();
+        let id = type_id(client, &project, &ty).await?;
+        path = path.replace(&segment(&ty), &segment(&id));
+    }
+    let all = m.try_get_one::<bool>("all").ok().flatten().copied() == Some(true);
+    let data = if all {
+        every_page(client, &path).await?
+    } else {
+        client.call(verb.method, &path, body.as_ref()).await?["data"].take()
+    };
+    let nothing = match verb.tool {
+        "get_next_task" => data["task"].is_null(),
+        "peek_next_task" => data["tasksAvailable"].as_u64() == Some(0),
+        _ => false,
+    };
+    if verb.tool == "get_next_task" && !json_out {
+        // The task is what a person wants to see; an empty queue is said on stderr.
+        match nothing {
+            true => crate::logs::say("agentq: no task available\n"),
+            false => print(verb.show, &data["task"], false),
+        }
+    } else {
+        print(verb.show, &data, json_out);
+    }
+    Ok(if nothing { 5 } else { 0 })
+}
+
+/// The id of the task type `ty` (a name or an id) of `project`.
+async fn type_id(client: &Client, project: &str, ty: &str) -> Result<String, Failure> {
+    let path = format!("/api/projects/{}/task-types?limit=1000", segment(project));
+    let list = client.call(Method::Get, &path, None).await?;
+    let types = list["data"].as_array().cloned().unwrap_or_default();
+    types
+        .iter()
+        .find(|t| t["id"] == ty)
+        .or_else(|| types.iter().find(|t| t["name"] == ty))
+        .and_then(|t| t["id"].as_str().map(String::from))
+        .ok_or_else(|| {
+            Failure::Client(ClientError::Server {
+                status: 404,
+                code: "NOT_FOUND".into(),
+                message: format!("task type {ty} not found in project {project}"),
+                details: Vec::new(),
+            })
+        })
+}
+
+/// Every page of a listing, following `pagination.nextCursor`.
+async fn every_page(client: &Client, path: &str) -> Result<Value, Failure> {
+    let mut items = Vec::new();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("{path}{sep}cursor={}", segment(c)),
+            None => path.to_string(),
+        };
+        let answer = client.call(Method::Get, &page, None).await?;
+        items.extend(answer["data"].as_array().cloned().unwrap_or_default());
+        match answer["pagination"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => return Ok(Value::from(items)),
+        }
+    }
+}
+
+/// `task bulk P FILE`: a JSON array or JSON lines, sent 1,000 tasks a request; the answers
+/// summed into one, with `errors` indexed over the whole input. Exit 1 if any item failed.
+async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Failure> {
+    let project = m.get_one::<String>("PROJECT").cloned().unwrap_or_default();
+    let file = m.get_one::<String>("FILE").cloned().unwrap_or_default();
+    let text = if file == "-" {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+            .map_err(|e| Failure::Usage(format!("cannot read stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(&file)
+            .map_err(|e| Failure::Usage(format!("cannot read {file}: {e}")))?
+    };
+    let tasks = tasks_of(&text).map_err(Failure::Usage)?;
+    let path = format!("/api/projects/{}/tasks/bulk", segment(&project));
+    let (mut created, mut errors, mut count) = (Vec::new(), Vec::new(), 0u64);
+    for (n, chunk) in tasks.chunks(1000).enumerate() {
+        let answer = client
+            .call(Method::Post, &path, Some(&json!({"tasks": chunk})))
+            .await?;
+        let data = &answer["data"];
+        count += data["tasksCreated"].as_u64().unwrap_or(0);
+        created.extend(data["createdTasks"].as_array().cloned().unwrap_or_default());
+        for e in data["errors"].as_array().into_iter().flatten() {
+            let mut e = e.clone();
+            let index = e["index"].as_u64().unwrap_or(0) + (n * 1000) as u64;
+            e["index"] = Value::from(index);
+            errors.push(e);
+        }
+    }
+    let failed = !errors.is_empty();
+    let data = json!({"tasksCreated": count, "createdTasks": created, "errors": errors});
+    if json_out {
+        say_out(&data.to_string());
+    } else {
+        say_out(&format!("{count} tasks created"));
+        for e in data["errors"].as_array().into_iter().flatten() {
+            crate::logs::say(format!(
+                "  task {}: {}\n",
+                e["index"],
+                e["error"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// The tasks of a bulk file: a JSON array, or one JSON object a line.
+fn tasks_of(text: &str) -> Result<Vec<Value>, String> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return serde_json::from_str(trimmed).map_err(|e| format!("not a JSON array: {e}"));
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .collect()
+}
+
+/// `agentq status`: every project's counts, queue, agents and the last hour.
+async fn status(client: &Client, json_out: bool) -> Result<u8, Failure> {
+    let projects = every_page(client, "/api/projects?status=all").await?;
+    let mut rows = Vec::new();
+    for p in projects.as_array().into_iter().flatten() {
+        let id = p["id"].as_str().unwrap_or_default();
+        let path = format!("/api/projects/{}/stats", segment(id));
+        let stats = client.call(Method::Get, &path, None).await?["data"].take();
+        rows.push(json!({"project": p["name"], "status": p["status"], "stats": stats}));
+    }
+    if json_out {
+        say_out(&Value::from(rows).to_string());
+        return Ok(0);
+    }
+    let mut table = vec![vec![
+        "project".to_string(),
+        "status".into(),
+        "queued".into(),
+        "depth".into(),
+        "running".into(),
+        "completed".into(),
+        "failed".into(),
+        "agents".into(),
+        "done/h".into(),
+        "failed/h".into(),
+    ]];
+    for r in &rows {
+        let s = &r["stats"];
+        let n = |v: &Value| match v {
+            Value::Null => "-".to_string(),
+            v => v.to_string(),
+        };
+        let stats = &s["project"]["stats"];
+        let hour = &s["recentActivity"];
+        table.push(vec![
+            plain(&r["project"]),
+            plain(&r["status"]),
+            n(&stats["queuedTasks"]),
+            n(&s["queueDepth"]),
+            n(&stats["runningTasks"]),
+            n(&stats["completedTasks"]),
+            n(&stats["failedTasks"]),
+            n(&s["activeAgents"]),
+            n(&hour["tasksCompletedLastHour"]),
+            n(&hour["tasksFailedLastHour"]),
+        ]);
+    }
+    say_out(&render_table(&table));
+    Ok(0)
+}
+
+/// Prints an answer: JSON as it came, or for a person.
+fn print(show: Show, data: &Value, json_out: bool) {
+    if json_out {
+        say_out(&data.to_string());
+        return;
+    }
+    match show {
+        Show::Done(what) => say_out(what),
+        Show::Fields => say_out(&fields(data)),
+        Show::Table(columns) => {
+            let mut rows = vec![columns.iter().map(|c| c.to_string()).collect::<Vec<_>>()];
+            for item in data.as_array().into_iter().flatten() {
+                rows.push(columns.iter().map(|c| cell(&item[*c])).collect());
+            }
+            say_out(&render_table(&rows));
+        }
+    }
+}
+
+/// An object's fields, one a line (`name: value`); a nested object's on one line as JSON.
+fn fields(data: &Value) -> String {
+    match data {
+        Value::Object(map) => map
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", plain(v)))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        other => plain(other),
+    }
+}
+
+/// A value as a person reads it: text without quotes, null as `-`, the rest as JSON.
+fn plain(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+/// A table cell: one line, at most 60 characters.
+fn cell(v: &Value) -> String {
+    let text = plain(v).replace(['\n', '\r', '\t'], " ");
+    match text.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &text[..i]),
+        None => text,
+    }
+}
+
+fn render_table(rows: &[Vec<String>]) -> String {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
+        .collect();
+    rows.iter()
+        .map(|r| {
+            r.iter()
+                .enumerate()
+                .map(|(c, text)| format!("{text:<w$}", w = widths[c]))
+                .collect::<Vec<_>>()
+                .join("  ")
+                .trim_end()
+                .to_string()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A line on stdout; a closed stdout is not a reason to panic.
+fn say_out(text: &str) {
+    let _ = crate::server::print_stdout(&format!("{text}\n"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_a_unit_or_seconds() {
+        assert_eq!(duration_of("90"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(duration_of("90s"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            duration_of("10m"),
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(
+            duration_of("2h"),
+            Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            duration_of("3d"),
+            Some(std::time::Duration::from_secs(259_200))
+        );
+        assert_eq!(duration_of("3w"), None);
+        assert_eq!(duration_of("-1s"), None);
+        assert_eq!(duration_of(""), None);
+    }
+
+    /// Every verb's route placeholders are filled by its path parameters, and its words and
+    /// tool names are unique: the table is the one place they are declared.
+    #[test]
+    fn the_verb_table_is_consistent() {
+        let mut tools = std::collections::HashSet::new();
+        let mut words = std::collections::HashSet::new();
+        for v in VERBS {
+            assert!(tools.insert(v.tool), "tool {} twice", v.tool);
+            assert!(words.insert(v.words), "{:?} twice", v.words);
+            for p in v.params.iter().filter(|p| p.at == At::Path) {
+                assert!(
+                    v.route.contains(&format!("{{{}}}", p.field)),
+                    "{} {}",
+                    v.tool,
+                    p.field
+                );
+            }
+            let placeholders = v.route.matches('{').count();
+            let path_params = v.params.iter().filter(|p| p.at == At::Path).count();
+            assert_eq!(placeholders, path_params, "{}", v.tool);
+        }
+        // The command line builds from the table without clap's debug assertions failing.
+        let cli = Command::new("agentq").subcommands(commands());
+        cli.debug_assert();
+    }
+
+    #[test]
+    fn bulk_files_are_a_json_array_or_json_lines() {
+        assert_eq!(tasks_of("[{\"a\":1},{\"a\":2}]").unwrap().len(), 2);
+        assert_eq!(tasks_of("{\"a\":1}\n\n{\"a\":2}\n").unwrap().len(), 2);
+        assert!(tasks_of("{\"a\":1}\nnot json")
+            .unwrap_err()
+            .contains("line 2"));
+    }
+}

@@ -1,0 +1,150 @@
+//! An HTTP client of a running agentq: what the CLI verbs (and later `agentq work` and
+//! `agentq mcp`) share. One request at a time, JSON in and out, the server's error envelope
+//! turned into a [`ClientError`] that says which exit code it means.
+//!
+//! Boundary: knows the wire format (paths, the envelope) and nothing of the server's code.
+
+use serde_json::Value;
+
+/// Where the server is and how to call it.
+#[derive(Clone, Debug)]
+pub struct Client {
+    base: String,
+    key: Option<String>,
+    http: reqwest::Client,
+}
+
+/// Why a call failed, as a person and a script need it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with its error envelope.
+    #[error("{code} ({status}): {message}")]
+    Server {
+        status: u16,
+        code: String,
+        message: String,
+        /// `validationDetails`, one line each: `field: message`.
+        details: Vec<String>,
+    },
+    /// No answer: the server is not there, or the connection broke.
+    #[error("cannot reach {url}: {cause}")]
+    Connection { url: String, cause: String },
+    /// An answer that is not agentq's JSON.
+    #[error("unexpected answer from {url} ({status}): {body}")]
+    Unexpected {
+        url: String,
+        status: u16,
+        body: String,
+    },
+}
+
+impl ClientError {
+    /// The exit code of the CLI for this failure: 3 not found, 4 conflict (every 409), 1 for
+    /// the rest.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ClientError::Server { status: 404, .. } => 3,
+            ClientError::Server { status: 409, .. } => 4,
+            _ => 1,
+        }
+    }
+}
+
+/// An HTTP method of the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+impl Client {
+    /// A client of the server at `base` (`http://host:port`), sending `key` when given.
+    pub fn new(base: &str, key: Option<String>) -> Client {
+        Client {
+            base: base.trim_end_matches('/').to_string(),
+            key,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// Calls `path` (with its query) and answers the whole JSON body of a success.
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = match method {
+            Method::Get => self.http.get(&url),
+            Method::Post => self.http.post(&url),
+            Method::Put => self.http.put(&url),
+            Method::Delete => self.http.delete(&url),
+        };
+        if let Some(key) = &self.key {
+            req = req.header("x-api-key", key);
+        }
+        if let Some(body) = body {
+            req = req.json(body);
+        } else if method == Method::Post {
+            req = req.json(&serde_json::json!({}));
+        }
+        let resp = req.send().await.map_err(|e| ClientError::Connection {
+            url: url.clone(),
+            cause: e.to_string(),
+        })?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await.map_err(|e| ClientError::Connection {
+            url: url.clone(),
+            cause: e.to_string(),
+        })?;
+        let json: Value = match serde_json::from_str(&text) {
+            Ok(v) => v,
+            Err(_) => {
+                return Err(ClientError::Unexpected {
+                    url,
+                    status,
+                    body: text.chars().take(200).collect(),
+                })
+            }
+        };
+        if (200..300).contains(&status) {
+            return Ok(json);
+        }
+        let text_of = |field: &str| json[field].as_str().unwrap_or_default().to_string();
+        let details = json["validationDetails"]
+            .as_array()
+            .map(|ds| {
+                ds.iter()
+                    .map(|d| {
+                        let field = d["field"].as_str().unwrap_or_default();
+                        let message = d["message"].as_str().unwrap_or_default();
+                        format!("{field}: {message}")
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Err(ClientError::Server {
+            status,
+            code: text_of("code"),
+            message: text_of("error"),
+            details,
+        })
+    }
+}
+
+/// `text` as one segment of a URL path (ids and names are ASCII letters, digits, `-`, `_`;
+/// anything else is percent-encoded).
+pub fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -28,6 +28,9 @@ pub struct Hub {
     /// When the first committed lease expires (`i64::MAX`: none). The writer keeps the leases
     /// in memory and sets this after each batch; the scheduler sleeps until it.
     first_lease: AtomicI64,
+    /// The scheduler's pause after its last pass that found nothing due, in ms (0: its last
+    /// pass did something, or none ran). It doubles with each such pass in a row.
+    empty_pause_ms: AtomicI64,
 }
 
 impl Default for Hub {
@@ -39,6 +42,7 @@ impl Default for Hub {
             shutdown: watch::channel(false).0,
             waiters: AtomicUsize::new(0),
             first_lease: AtomicI64::new(i64::MAX),
+            empty_pause_ms: AtomicI64::new(0),
         }
     }
 }
@@ -149,6 +153,15 @@ impl Hub {
     pub fn set_first_lease(&self, at: Option<Millis>) {
         self.first_lease
             .store(at.unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+
+    /// The scheduler's current pause after passes that found nothing due, in ms (0: none).
+    pub fn empty_pause_ms(&self) -> Millis {
+        self.empty_pause_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_empty_pause_ms(&self, ms: Millis) {
+        self.empty_pause_ms.store(ms, Ordering::Relaxed);
     }
 
     pub fn first_lease(&self) -> Option<Millis> {

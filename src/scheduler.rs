@@ -93,6 +93,7 @@ pub async fn run(store: Arc<Store>) {
                     // pause rather than spin on it, longer each time in a row; a timer that
                     // falls due within the pause still wakes it.
                     let pause_ms = empty_pause.as_millis() as i64;
+                    hub.set_empty_pause_ms(pause_ms);
                     let until = store.clock.now().saturating_add(pause_ms);
                     if !wait(&hub, until, empty_pause).await {
                         return;
@@ -101,6 +102,7 @@ pub async fn run(store: Arc<Store>) {
                 }
                 Ok((_, reclaimed)) => {
                     empty_pause = EMPTY_PASS_PAUSE;
+                    hub.set_empty_pause_ms(0);
                     log_reclaimed(&reclaimed);
                 }
                 Err(e) => {
@@ -111,6 +113,7 @@ pub async fn run(store: Arc<Store>) {
             continue;
         }
         empty_pause = EMPTY_PASS_PAUSE;
+        hub.set_empty_pause_ms(0);
         let sleep = match next {
             Some(at) => Duration::from_millis((at - now).max(0) as u64).min(MAX_SLEEP),
             None => MAX_SLEEP,

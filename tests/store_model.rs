@@ -9,9 +9,7 @@ use std::sync::Arc;
 
 use agentq::model::{Activity, Millis, Outcome, ProjectConfig, Stats, Task, TaskStatus};
 use agentq::store::leases::Leases;
-use agentq::store::tables::{
-    index_entries, ix, load_task, ACTIVITY_MINUTES, INDEX, PROJECTS, TASKS, TASK_BODIES,
-};
+use agentq::store::tables::{index_entries, ix, load_task, ACTIVITY_MINUTES};
 use agentq::store::write::{self, NewProject, NewTask};
 use agentq::store::Store;
 use agentq::time::{Clock, ManualClock};
@@ -361,19 +359,10 @@ impl World {
         statuses: &[TaskStatus],
         f: impl FnOnce(&mut agentq::store::WriteCtx, &str) -> agentq::error::Result<()> + Send + 'static,
     ) -> agentq::error::Result<()> {
-        let txn = self.store().begin_read().unwrap();
-        let (rows, bodies) = (
-            txn.open_table(TASKS).unwrap(),
-            txn.open_table(TASK_BODIES).unwrap(),
-        );
-        let ids: Vec<String> = rows
-            .iter()
-            .unwrap()
-            .map(|r| {
-                load_task(&rows, &bodies, r.unwrap().0.value())
-                    .unwrap()
-                    .unwrap()
-            })
+        let ids: Vec<String> = self
+            .committed()
+            .tasks
+            .into_iter()
             .filter(|t| statuses.contains(&t.status))
             .map(|t| t.id)
             .collect();
@@ -384,21 +373,57 @@ impl World {
         self.rt.block_on(self.store().write(move |w| f(w, &id)))
     }
 
+    /// What is committed, read in a write that changes nothing (so it is not committed, and
+    /// sees everything committed before it): the rows, the bodies, the index, the live
+    /// projects, the leases the index implies and the writer's lease cache.
+    fn committed(&self) -> Committed {
+        let clock = self.clock.clone();
+        self.rt
+            .block_on(self.store().write(move |w| {
+                let t = &w.tables;
+                let rows: Vec<u64> = keys_of(&*t.tasks);
+                let bodies: Vec<u64> = keys_of(&*t.bodies);
+                let tasks = rows
+                    .iter()
+                    .map(|seq| load_task(&*t.tasks, &*t.bodies, *seq).unwrap().unwrap())
+                    .collect();
+                let index = t
+                    .index
+                    .iter()
+                    .unwrap()
+                    .map(|r| {
+                        let (k, v) = r.unwrap();
+                        (k.value().to_vec(), v.value().to_vec())
+                    })
+                    .collect();
+                let projects = t
+                    .projects
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap().0.value())
+                    .collect();
+                let leases = Leases::load(&*t.projects, &*t.index, clock.as_ref()).unwrap();
+                Ok(Committed {
+                    rows,
+                    bodies,
+                    tasks,
+                    index,
+                    projects,
+                    leases,
+                    cache: t.leases.clone(),
+                })
+            }))
+            .unwrap()
+    }
+
     /// Index entries, counters and the lease cache against the committed rows.
     fn check(&mut self) {
-        let txn = self.store().begin_read().unwrap();
-        let (rows, bodies) = (
-            txn.open_table(TASKS).unwrap(),
-            txn.open_table(TASK_BODIES).unwrap(),
+        let snapshot = self.committed();
+        assert_eq!(
+            snapshot.rows, snapshot.bodies,
+            "a body for each row, no other"
         );
-        let seqs = |t: &redb::ReadOnlyTable<u64, &[u8]>| -> Vec<u64> {
-            t.iter().unwrap().map(|r| r.unwrap().0.value()).collect()
-        };
-        assert_eq!(seqs(&rows), seqs(&bodies), "a body for each row, no other");
-        let tasks: Vec<Task> = seqs(&rows)
-            .into_iter()
-            .map(|seq| load_task(&rows, &bodies, seq).unwrap().unwrap())
-            .collect();
+        let tasks: Vec<Task> = snapshot.tasks.clone();
         let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut counts = Stats::default();
         for t in &tasks {
@@ -426,20 +451,16 @@ impl World {
                 );
             }
         }
-        let index = txn.open_table(INDEX).unwrap();
         let mut stored: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut stats = None;
         let mut activity: BTreeMap<i64, Activity> = BTreeMap::new();
-        let projects = txn.open_table(PROJECTS).unwrap();
-        for r in index.iter().unwrap() {
-            let (k, v) = r.unwrap();
-            let (k, v) = (k.value().to_vec(), v.value().to_vec());
+        for (k, v) in snapshot.index.iter().cloned() {
             if k[0] == ix::STATS {
                 stats = Some(Stats::from_bytes(&v));
             } else if k[0] == ix::ACTIVITY {
                 let project = u128::from_be_bytes(k[1..17].try_into().unwrap());
                 assert!(
-                    projects.get(project).unwrap().is_some(),
+                    snapshot.projects.contains(&project),
                     "activity of a deleted project is kept"
                 );
                 activity.insert(ix::i64_at(&k, 17), Activity::from_bytes(&v));
@@ -464,11 +485,7 @@ impl World {
             activity, implied,
             "activity equals what the finished rows imply"
         );
-        let committed = Leases::load(&projects, &index, self.clock.as_ref()).unwrap();
-        let cache = self
-            .rt
-            .block_on(self.store().write(|w| Ok(w.tables.leases.clone())))
-            .unwrap();
+        let (committed, cache) = (snapshot.leases, snapshot.cache);
         assert_eq!(
             cache, committed,
             "the lease cache equals the committed leases"
@@ -523,6 +540,26 @@ impl World {
         }
         assert!(committed.due(usize::MAX).len() <= running.len());
     }
+}
+
+/// What [`World::committed`] read.
+struct Committed {
+    rows: Vec<u64>,
+    bodies: Vec<u64>,
+    tasks: Vec<Task>,
+    index: Vec<(Vec<u8>, Vec<u8>)>,
+    projects: std::collections::HashSet<u128>,
+    leases: Leases,
+    cache: Leases,
+}
+
+/// The keys of a table of task seqs, in order.
+fn keys_of(table: &impl ReadableTable<u64, &'static [u8]>) -> Vec<u64> {
+    table
+        .iter()
+        .unwrap()
+        .map(|r| r.unwrap().0.value())
+        .collect()
 }
 
 proptest! {

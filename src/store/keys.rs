@@ -253,7 +253,7 @@ pub fn sweep_sessions(w: &mut WriteCtx, limit: usize) -> Result<usize> {
 
 impl Store {
     pub fn key(&self, id: u128) -> Result<Option<ApiKey>> {
-        let txn = self.begin_read()?;
+        let txn = self.begin_read_txn()?;
         match txn.open_table(KEYS)?.get(id)? {
             Some(v) => Ok(Some(decode(v.value())?)),
             None => Ok(None),
@@ -261,7 +261,7 @@ impl Store {
     }
 
     pub fn keys(&self) -> Result<Vec<ApiKey>> {
-        let txn = self.begin_read()?;
+        let txn = self.begin_read_txn()?;
         let mut out = Vec::new();
         for r in txn.open_table(KEYS)?.iter()? {
             out.push(decode(r?.1.value())?);
@@ -274,7 +274,7 @@ impl Store {
         // All the sessions less the expired ones, which the scheduler sweeps as they expire:
         // a few at most, where counting the live ones read every session (`/metrics/json`
         // needs no key).
-        let txn = self.begin_read()?;
+        let txn = self.begin_read_txn()?;
         let now = self.clock.now();
         let table = txn.open_table(SESSION_EXPIRY)?;
         let mut expired = 0;
@@ -286,7 +286,7 @@ impl Store {
     }
 
     pub fn bootstrap_key_id(&self) -> Result<Option<u128>> {
-        let txn = self.begin_read()?;
+        let txn = self.begin_read_txn()?;
         let meta = txn.open_table(META)?;
         let hi = meta
             .get(format!("{BOOTSTRAP_KEY}_hi").as_str())?
@@ -301,7 +301,7 @@ impl Store {
     }
 
     pub fn session(&self, token_hash: &[u8; 32]) -> Result<Option<Session>> {
-        let txn = self.begin_read()?;
+        let txn = self.begin_read_txn()?;
         match txn.open_table(SESSIONS)?.get(token_hash)? {
             Some(v) => Ok(Some(decode(v.value())?)),
             None => Ok(None),

@@ -339,10 +339,6 @@ impl Store {
         Ok(read::Reader::new(self.begin_read_txn()?))
     }
 
-    pub fn begin_read(&self) -> Result<ReadTransaction> {
-        self.begin_read_txn()
-    }
-
     /// Stops the writer after it has committed and answered everything already queued.
     pub fn close(&self) {
         self.shared.stopped.store(true, Ordering::Release);

@@ -578,7 +578,7 @@ mod batch_tests {
         let r = store.read().unwrap();
         assert_eq!(r.project_being_deleted(&pid).unwrap(), None);
         drop(r);
-        let txn = store.begin_read().unwrap();
+        let txn = store.begin_read_txn().unwrap();
         let tasks = txn.open_table(tables::TASKS).unwrap();
         assert_eq!(redb::ReadableTableMetadata::len(&tasks).unwrap(), 0);
         drop((tasks, txn));
@@ -688,7 +688,7 @@ mod batch_tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, rt, pid) = with_project(&dir);
         let activity_rows = |store: &Store| {
-            let txn = store.begin_read().unwrap();
+            let txn = store.begin_read_txn().unwrap();
             let index = txn.open_table(tables::INDEX).unwrap();
             let from = [tables::ix::ACTIVITY];
             let to = [tables::ix::ACTIVITY + 1];

@@ -141,6 +141,50 @@ const AGENT: Param = needed(opt("agent", "agentName", Kind::Text, "Agent name"))
 const TOKEN: Param = opt("token", "leaseToken", Kind::Text, "Lease token of the task");
 const LIMIT: Param = query("limit", "limit", Kind::Int, "At most this many (1-1000)");
 
+// A task type's rules, as create and update take them.
+const TEMPLATE: Param = opt(
+    "template",
+    "template",
+    Kind::TextOrFile,
+    "Instructions template with {{variables}} (TEXT or @FILE)",
+);
+const VARIABLE: Param = opt(
+    "var",
+    "variables",
+    Kind::List,
+    "A variable tasks must give (repeatable)",
+);
+const MAX_RETRIES: Param = opt(
+    "max-retries",
+    "maxRetries",
+    Kind::Int,
+    "Retries after a failure (0-10)",
+);
+const LEASE_MINUTES: Param = opt(
+    "lease-minutes",
+    "leaseDurationMinutes",
+    Kind::Float,
+    "Lease length in minutes",
+);
+const DUPLICATES: Param = opt(
+    "duplicates",
+    "duplicateHandling",
+    Kind::Text,
+    "allow, ignore or fail",
+);
+const RETRY_DELAY: Param = opt(
+    "retry-delay",
+    "retryDelaySeconds",
+    Kind::Float,
+    "Seconds before a retry",
+);
+const BACKOFF: Param = opt(
+    "backoff",
+    "backoffMultiplier",
+    Kind::Float,
+    "Multiplier of the delay per retry",
+);
+
 const TASK_COLUMNS: &[&str] = &["id", "status", "priority", "assignedTo", "instructions"];
 
 /// Every client verb. The order is the order of `agentq --help`.
@@ -242,48 +286,13 @@ pub const VERBS: &[Verb] = &[
         params: &[
             PROJECT,
             pos("NAME", "name", At::Body, "Task type name"),
-            opt(
-                "template",
-                "template",
-                Kind::TextOrFile,
-                "Instructions template with {{variables}} (TEXT or @FILE)",
-            ),
-            opt(
-                "var",
-                "variables",
-                Kind::List,
-                "A variable tasks must give (repeatable)",
-            ),
-            opt(
-                "max-retries",
-                "maxRetries",
-                Kind::Int,
-                "Retries after a failure (0-10)",
-            ),
-            opt(
-                "lease-minutes",
-                "leaseDurationMinutes",
-                Kind::Float,
-                "Lease length in minutes",
-            ),
-            opt(
-                "duplicates",
-                "duplicateHandling",
-                Kind::Text,
-                "allow, ignore or fail",
-            ),
-            opt(
-                "retry-delay",
-                "retryDelaySeconds",
-                Kind::Float,
-                "Seconds before a retry",
-            ),
-            opt(
-                "backoff",
-                "backoffMultiplier",
-                Kind::Float,
-                "Multiplier of the delay per retry",
-            ),
+            TEMPLATE,
+            VARIABLE,
+            MAX_RETRIES,
+            LEASE_MINUTES,
+            DUPLICATES,
+            RETRY_DELAY,
+            BACKOFF,
         ],
         show: Show::Fields,
     },
@@ -315,38 +324,13 @@ pub const VERBS: &[Verb] = &[
             TYPE_PROJECT,
             TYPE,
             opt("name", "name", Kind::Text, "New name"),
-            opt(
-                "template",
-                "template",
-                Kind::TextOrFile,
-                "Template (TEXT or @FILE)",
-            ),
-            opt("var", "variables", Kind::List, "A variable (repeatable)"),
-            opt("max-retries", "maxRetries", Kind::Int, "Retries (0-10)"),
-            opt(
-                "lease-minutes",
-                "leaseDurationMinutes",
-                Kind::Float,
-                "Lease length in minutes",
-            ),
-            opt(
-                "duplicates",
-                "duplicateHandling",
-                Kind::Text,
-                "allow, ignore or fail",
-            ),
-            opt(
-                "retry-delay",
-                "retryDelaySeconds",
-                Kind::Float,
-                "Seconds before a retry",
-            ),
-            opt(
-                "backoff",
-                "backoffMultiplier",
-                Kind::Float,
-                "Back-off multiplier",
-            ),
+            TEMPLATE,
+            VARIABLE,
+            MAX_RETRIES,
+            LEASE_MINUTES,
+            DUPLICATES,
+            RETRY_DELAY,
+            BACKOFF,
         ],
         show: Show::Fields,
     },
@@ -854,19 +838,9 @@ fn request(verb: &Verb, m: &ArgMatches) -> Result<(String, Option<Value>), Strin
         match p.at {
             At::Local => {}
             At::Path => {
-                let text = value
-                    .as_str()
-                    .map(String::from)
-                    .unwrap_or(value.to_string());
-                path = path.replace(&format!("{{{}}}", p.field), &segment(&text));
+                path = path.replace(&format!("{{{}}}", p.field), &segment(&plain(&value)));
             }
-            At::Query => {
-                let text = value
-                    .as_str()
-                    .map(String::from)
-                    .unwrap_or(value.to_string());
-                query.push(format!("{}={}", p.field, segment(&text)));
-            }
+            At::Query => query.push(format!("{}={}", p.field, segment(&plain(&value)))),
             At::Body => {
                 body.insert(p.field.to_string(), value);
             }
@@ -938,11 +912,9 @@ pub fn duration_of(text: &str) -> Option<std::time::Duration> {
 fn time_of(text: &str) -> Option<String> {
     match text.strip_prefix('+') {
         Some(d) => {
-            let d = duration_of(d)?;
-            let now = time::OffsetDateTime::now_utc();
-            let at = now + time::Duration::try_from(d).ok()?;
-            let ms = (at.unix_timestamp_nanos() / 1_000_000) as i64;
-            Some(crate::time::format(ms))
+            let now = crate::time::Clock::now(&crate::time::SystemClock);
+            let ms = i64::try_from(duration_of(d)?.as_millis()).ok()?;
+            Some(crate::time::format(now.checked_add(ms)?))
         }
         None => crate::time::parse(text).map(|_| text.to_string()),
     }

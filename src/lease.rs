@@ -116,6 +116,16 @@ fn close_attempt(task: &mut Task, outcome: Outcome, error: Option<String>, now: 
     }
 }
 
+/// Whether the task's last attempt was `agent`'s and ended with `outcome` (under `token`'s
+/// lease, when a token is given): a complete or fail repeated by its holder.
+fn last_ended_by(task: &Task, agent: &str, token: Option<u128>, outcome: Outcome) -> bool {
+    task.attempts.last().is_some_and(|a| {
+        a.agent_name == agent
+            && a.outcome == outcome
+            && token.is_none_or(|t| token_attempt(t) == a.attempt)
+    })
+}
+
 /// What a `complete` call did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Completion {
@@ -137,13 +147,7 @@ pub fn complete(
     now: Millis,
 ) -> Result<Completion, LeaseError> {
     if task.status == TaskStatus::Completed {
-        let last = task.attempts.last();
-        let repeat = last.is_some_and(|a| {
-            a.agent_name == agent
-                && a.outcome == Outcome::Completed
-                && token.is_none_or(|t| token_attempt(t) == a.attempt)
-        });
-        if repeat {
+        if last_ended_by(task, agent, token, Outcome::Completed) {
             return Ok(Completion::AlreadyCompleted);
         }
         return Err(lease_lost(task, agent));
@@ -202,15 +206,8 @@ pub fn fail(
     rules: &Rules,
     now: Millis,
 ) -> Result<bool, LeaseError> {
-    if task.status != TaskStatus::Running {
-        let repeat = task.attempts.last().is_some_and(|a| {
-            a.agent_name == agent
-                && a.outcome == Outcome::Failed
-                && token.is_none_or(|t| token_attempt(t) == a.attempt)
-        });
-        if repeat {
-            return Ok(task.status == TaskStatus::Queued);
-        }
+    if task.status != TaskStatus::Running && last_ended_by(task, agent, token, Outcome::Failed) {
+        return Ok(task.status == TaskStatus::Queued);
     }
     check_holder(task, agent, token)?;
     Ok(end_failed(

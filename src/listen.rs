@@ -322,9 +322,10 @@ fn parser_rejection(buf: &[u8]) -> Option<u16> {
     if !buf.starts_with(b"HTTP/1.1 4") {
         return None;
     }
-    let status = [400, 414, 431]
+    let status = [(400, b"400 "), (414, b"414 "), (431, b"431 ")]
         .into_iter()
-        .find(|s| buf.get(9..13) == Some(format!("{s} ").as_bytes()))?;
+        .find(|(_, text)| buf.get(9..13) == Some(&text[..]))?
+        .0;
     let has = |needle: &[u8]| buf.windows(needle.len()).any(|w| w == needle);
     (buf.ends_with(b"\r\n\r\n") && has(b"\r\ncontent-length: 0\r\n") && !has(b"x-correlation-id"))
         .then_some(status)

@@ -584,14 +584,7 @@ async fn sigkill_loses_no_acknowledged_complete() {
     let (mut child, base) = start_binary(&db);
     wait_healthy(&client, &base).await;
     for id in &acked {
-        let v: Value = client
-            .get(format!("{base}/api/tasks/{id}"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = get_json(&client, format!("{base}/api/tasks/{id}")).await;
         assert_eq!(
             v["data"]["status"], "completed",
             "acknowledged complete of {id} lost"

@@ -37,17 +37,6 @@ async fn some_requests(client: &reqwest::Client, base: &str) {
     }
 }
 
-/// GET `url`: the answer's JSON.
-async fn get_json(client: &reqwest::Client, url: String) -> Value {
-    client.get(url).send().await.unwrap().json().await.unwrap()
-}
-
-/// POST `body` to `url`: the answer's status and JSON.
-async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
-    let r = client.post(url).json(body).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 async fn metric(client: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = client
         .get(format!("{base}/metrics"))

@@ -149,6 +149,19 @@ fn envelope(
     details: Option<&[FieldError]>,
     correlation_id: &str,
 ) -> Response {
+    Response::builder()
+        .status(status)
+        .content_type("application/json; charset=utf-8")
+        .body(envelope_json(code, message, details, correlation_id))
+}
+
+/// The envelope's JSON, stamped now.
+fn envelope_json(
+    code: &str,
+    message: &str,
+    details: Option<&[FieldError]>,
+    correlation_id: &str,
+) -> Vec<u8> {
     let body = Envelope {
         success: false,
         error: message,
@@ -157,10 +170,7 @@ fn envelope(
         correlation_id,
         validation_details: details,
     };
-    Response::builder()
-        .status(status)
-        .content_type("application/json; charset=utf-8")
-        .body(serde_json::to_vec(&body).expect("the envelope serializes"))
+    serde_json::to_vec(&body).expect("the envelope serializes")
 }
 
 /// The whole HTTP/1.1 answer to a request that the HTTP parser refused before any handler
@@ -187,17 +197,8 @@ pub fn rejected_request(status: u16) -> Vec<u8> {
         ),
     };
     let correlation_id = super::new_correlation_id();
-    let now = time::OffsetDateTime::now_utc();
-    let body = serde_json::to_vec(&Envelope {
-        success: false,
-        error: message,
-        code,
-        timestamp: crate::time::format((now.unix_timestamp_nanos() / 1_000_000) as i64),
-        correlation_id: &correlation_id,
-        validation_details: None,
-    })
-    .expect("the envelope serializes");
-    let date = now
+    let body = envelope_json(code, message, None, &correlation_id);
+    let date = time::OffsetDateTime::now_utc()
         .format(time::macros::format_description!(
             "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
         ))

@@ -144,9 +144,10 @@ impl SystemApi {
     async fn health(&self) -> HealthReply {
         let store = &self.0.store;
         // Degraded from a storage error until a write succeeds again (a file that opens again
-        // on a disk that is still full fails the next write); unhealthy when it cannot be read.
+        // on a disk that is still full fails the next write; the outage spans the reopening
+        // too); unhealthy when it cannot be read.
         let outage = store.outage();
-        let status = if outage.is_some() || store.failure().is_some() {
+        let status = if outage.is_some() {
             "degraded"
         } else if store.read().and_then(|r| r.next_timer()).is_err() {
             "unhealthy"
@@ -607,7 +608,7 @@ fn metrics_snapshot(store: &Store) -> telemetry::Snapshot {
         projects,
         long_poll_waiters: store.hub.waiters(),
         storage_size_bytes: store.size_bytes(),
-        storage_writable: store.outage().is_none() && store.failure().is_none(),
+        storage_writable: store.outage().is_none(),
     }
 }
 

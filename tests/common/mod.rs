@@ -120,6 +120,17 @@ pub async fn start_with_key(
     }
 }
 
+/// GET `url`: the answer's JSON.
+pub async fn get_json(client: &reqwest::Client, url: String) -> Value {
+    client.get(url).send().await.unwrap().json().await.unwrap()
+}
+
+/// POST `body` to `url`: the answer's status and JSON.
+pub async fn post_json(client: &reqwest::Client, url: String, body: &Value) -> (u16, Value) {
+    let r = client.post(url).json(body).send().await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
 /// A client that sends `key` on every request.
 pub fn client_with_key(key: &str) -> reqwest::Client {
     let mut headers = reqwest::header::HeaderMap::new();

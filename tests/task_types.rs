@@ -50,6 +50,14 @@ async fn task_types_crud_and_template_rules() {
         )
         .await;
     assert_eq!(r.status, 400);
+    // A number just under a bound is read exactly, not rounded onto the bound.
+    let r = app
+        .put(
+            &format!("/api/task-types/{t}"),
+            json!({"leaseDurationMinutes": 0.09999999999999999}),
+        )
+        .await;
+    assert_eq!(r.status, 400, "{:?}", r.body);
     assert_eq!(
         app.delete(&format!("/api/task-types/{t}")).await.status,
         200

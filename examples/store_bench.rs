@@ -65,6 +65,7 @@ async fn task_type(store: &Store, project: &str, name: &str) -> u128 {
                     lease_duration_minutes: None,
                     retry_delay_seconds: 0.0,
                     backoff_multiplier: 1.0,
+                    script: None,
                 },
             )
         })
@@ -155,7 +156,11 @@ async fn round(o: &Opts) -> serde_json::Value {
                 let name = agent.clone();
                 store
                     .write(move |w| {
-                        write::complete(w, &task.id, &name, token, None, None, write::no_check)
+                        let done = write::Done {
+                            token,
+                            ..write::Done::new(&task.id)
+                        };
+                        write::complete(w, done, &name, write::no_check)
                     })
                     .await
                     .unwrap();

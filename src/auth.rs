@@ -97,6 +97,8 @@ pub struct Caller {
     pub role: Role,
     /// The key's project list; None = all projects.
     pub projects: Option<Vec<u128>>,
+    /// The key's `allowScripts`.
+    pub allow_scripts: bool,
     pub session: Option<SessionBinding>,
 }
 
@@ -131,6 +133,20 @@ impl Caller {
             return Err(Error::NotFound(format!("{what} not found")));
         }
         self.require(right)
+    }
+
+    /// Giving a task or a task type a script: admin keys, and keys created with
+    /// `allowScripts`, since a worker started with `--scripts` runs what it says.
+    pub fn require_scripts(&self) -> Result<()> {
+        if self.role == Role::Admin || self.allow_scripts {
+            Ok(())
+        } else {
+            Err(Error::Forbidden(
+                "only admin keys and keys created with allowScripts may give a task or a task \
+                 type a script"
+                    .into(),
+            ))
+        }
     }
 
     /// Under a session, the agent name in the path or body must be the session's.
@@ -624,6 +640,7 @@ fn key_caller(key: &ApiKey) -> Caller {
         key_id: key.id,
         role: key.role,
         projects: key.projects.clone(),
+        allow_scripts: key.allow_scripts,
         session: None,
     }
 }
@@ -727,6 +744,7 @@ mod tests {
             key_id: 1,
             role: Role::Agent,
             projects: Some(vec![10]),
+            allow_scripts: false,
             session: None,
         };
         assert!(c.sees(10) && !c.sees(11));

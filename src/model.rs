@@ -243,6 +243,49 @@ pub struct TaskType {
     pub backoff_multiplier: f64,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// The script its tasks inherit when they carry none of their own. Last, so that a row
+    /// of schema 4 becomes one of schema 5 by a `None` appended (see `store::tables`).
+    pub script: Option<Script>,
+}
+
+/// A script a worker started with `--scripts` runs for a task (seed 000).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Script {
+    pub kind: ScriptKind,
+    pub content: String,
+    /// Run no longer than this; None = no limit but the worker's own `--timeout`.
+    pub timeout_seconds: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum ScriptKind {
+    Bash,
+    Python,
+}
+
+impl ScriptKind {
+    pub const ALL: [ScriptKind; 2] = [ScriptKind::Bash, ScriptKind::Python];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScriptKind::Bash => "bash",
+            ScriptKind::Python => "python",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ScriptKind> {
+        ScriptKind::ALL.into_iter().find(|k| k.as_str() == s)
+    }
+}
+
+/// How one attempt's process ran, as the worker that ran it reports it with its complete or
+/// fail. Kept apart from the task row (`store::schema::EXECUTIONS`), one per attempt.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Execution {
+    pub exit_code: i32,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    pub duration_ms: u64,
 }
 
 /// Lease and retry rules in effect for one task, resolved from its type and project.
@@ -383,6 +426,9 @@ pub struct Task {
     pub instructions: String,
     #[serde(skip)]
     pub variables: BTreeMap<String, String>,
+    /// Its own script or the one its type had when it was created; kept in the body too.
+    #[serde(skip)]
+    pub script: Option<Script>,
     pub batch_id: Option<String>,
     pub priority: u8,
     pub not_before: Option<Millis>,
@@ -444,6 +490,9 @@ pub struct ApiKey {
     pub hash: String,
     pub created_at: Millis,
     pub last_used_at: Option<Millis>,
+    /// Whether a non-admin key may create tasks and task types that carry a script. Last, so
+    /// that a row of schema 4 becomes one of schema 5 by a `false` appended.
+    pub allow_scripts: bool,
 }
 
 /// A login session: bound to one agent name and one project, with its key's rights.
@@ -483,6 +532,7 @@ impl Task {
             type_id: None,
             instructions: String::new(),
             variables: BTreeMap::new(),
+            script: None,
             batch_id: None,
             priority: 5,
             not_before: None,

@@ -323,6 +323,7 @@ pub async fn add_admin_key(db: &std::path::Path, name: &str) -> Result<String, S
             role: crate::model::Role::Admin,
             projects: None,
             hash,
+            allow_scripts: false,
         };
         store
             .write(move |w| crate::store::keys::create_key(w, new))

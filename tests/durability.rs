@@ -926,3 +926,80 @@ async fn the_server_recovers_from_a_full_disk_and_a_failed_sync_by_itself() {
     let failures = app.metric("agentq_storage_failures_total").await;
     assert!(failures >= 2.0, "{failures}");
 }
+
+/// A schema 4 file (task types and keys without their last field, bodies without a script,
+/// no executions table) is migrated at start-up: types, keys and tasks read as they did, the
+/// keys still authenticate, and scripts and executions work on it.
+#[tokio::test]
+async fn a_schema_4_file_gains_scripts_and_executions() {
+    use agentq::store::tables::META;
+
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    app.task_type(&p, json!({"name": "t", "maxRetries": 2}))
+        .await;
+    let (_, producer) = app.key("producer", None).await;
+    app.bulk(
+        &p,
+        &[json!({"typeId": "t", "variables": {"a": "1"}, "instructions": "x"})],
+    )
+    .await;
+    let held = app.next("a", json!({"projectId": p})).await;
+    let types = format!("/api/projects/{p}/task-types");
+    let tasks = format!("/api/projects/{p}/tasks?limit=100");
+    let keys = |mut body: Value| {
+        // When a key was last used moves with every request.
+        for k in body["data"].as_array_mut().unwrap() {
+            k.as_object_mut().unwrap().remove("lastUsedAt");
+        }
+        body
+    };
+    let before = (
+        app.get(&types).await.body,
+        keys(app.get("/api/keys").await.body),
+        app.get(&tasks).await.body,
+    );
+    let app = app
+        .restart_after(|file| {
+            let db = redb::Database::create(file).unwrap();
+            let txn = db.begin_write().unwrap();
+            schema_4_rows(&txn);
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", 4)
+                .unwrap();
+            txn.commit().unwrap();
+        })
+        .await;
+    let after = (
+        app.get(&types).await.body,
+        keys(app.get("/api/keys").await.body),
+        app.get(&tasks).await.body,
+    );
+    assert_eq!(after, before, "types, keys and tasks as they were");
+    let as_producer = client_with_key(&producer);
+    let r = app.call_with(&as_producer, "GET", &types, None).await;
+    assert_eq!(r.status, 200, "the producer key still works");
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", held["id"].as_str().unwrap()),
+            json!({"agentName": "a", "leaseToken": held["leaseToken"],
+                   "execution": {"exitCode": 0, "stdoutTail": "hi", "durationMs": 5}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let attempts = app
+        .get(&format!(
+            "/api/tasks/{}/attempts",
+            held["id"].as_str().unwrap()
+        ))
+        .await;
+    assert_eq!(attempts.data()[0]["execution"]["stdoutTail"], "hi");
+    let r = app
+        .post(
+            &types,
+            json!({"name": "s", "script": {"type": "bash", "content": "true"}}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{:?}", r.body);
+}

@@ -159,6 +159,7 @@ impl World {
                         lease_duration_minutes: Some(1.0),
                         retry_delay_seconds: 20.0,
                         backoff_multiplier: 2.0,
+                        script: None,
                     },
                 )
             }))
@@ -241,7 +242,7 @@ impl World {
                         id: t.id.clone(),
                         token: t.lease.as_ref().map(|l| l.token),
                         result: Some("r".into()),
-                        outputs: None,
+                        ..write::Done::default()
                     };
                     let types = [ty];
                     let claim = write::next_task_after(
@@ -271,12 +272,18 @@ impl World {
                     };
                     match op {
                         Op::Complete { .. } => {
-                            write::complete(w, &t.id, &name, None, None, None, write::no_check)
+                            write::complete(w, write::Done::new(&t.id), &name, write::no_check)
                                 .map(|_| ())
                         }
                         Op::Fail { .. } => {
-                            write::fail(w, &t.id, &name, None, "e".into(), true, write::no_check)
-                                .map(|_| ())
+                            let f = write::Failed {
+                                id: t.id.clone(),
+                                token: None,
+                                error: "e".into(),
+                                can_retry: true,
+                                execution: None,
+                            };
+                            write::fail(w, f, &name, write::no_check).map(|_| ())
                         }
                         _ => write::extend(w, &t.id, &name, None, 60_000, write::no_check)
                             .map(|_| ()),

@@ -129,8 +129,19 @@ fn check(spec: &Spec, v: &Value, schema: &Value, path: &str, out: &mut Vec<Field
                 "number" => v.is_number(),
                 _ => v.is_boolean(),
             };
+            let values: Option<Vec<&str>> = schema
+                .get("enum")
+                .and_then(Value::as_array)
+                .map(|values| values.iter().filter_map(Value::as_str).collect());
             if !fits {
                 out.push(mismatch(field, expected(t).unwrap_or("something else"), v));
+            } else if let (Some(values), Some(s)) = (values, v.as_str()) {
+                if !values.contains(&s) {
+                    out.push(FieldError::new(
+                        field,
+                        format!("must be {}", one_of(&values)),
+                    ));
+                }
             }
         }
         _ => {}
@@ -178,6 +189,7 @@ mod tests {
                     "description": {"type": "string"},
                     "config": {"$ref": "#/components/schemas/ConfigIn"},
                     "tags": {"type": "array", "items": {"type": "string"}},
+                    "kind": {"type": "string", "enum": ["bash", "python"]},
                     "vars": {"type": "object", "additionalProperties": {"type": "string"}}
                 }},
                 "ConfigIn": {"type": "object", "properties": {"defaultMaxRetries": {"type": "integer"}}}
@@ -240,6 +252,15 @@ mod tests {
                 "is not valid JSON (expected ident at line 1 column 2)".into()
             )]
         );
+    }
+
+    #[test]
+    fn names_the_values_of_an_enumeration() {
+        assert_eq!(
+            fields(r#"{"name": "x", "description": "d", "kind": "ruby"}"#),
+            [("kind".into(), "must be bash or python".into())]
+        );
+        assert!(fields(r#"{"name": "x", "description": "d", "kind": "bash"}"#).is_empty());
     }
 
     #[test]

@@ -83,6 +83,9 @@ pub struct CreateKeyIn {
     pub role: Text,
     /// Project ids or names the key is limited to; null or absent = all projects.
     pub projects: Option<Vec<Text>>,
+    /// Whether the key may create tasks and task types that carry a `script` (admin keys
+    /// always may). Default false.
+    pub allow_scripts: Option<bool>,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -93,6 +96,7 @@ pub struct KeyOut {
     pub name: String,
     pub role: String,
     pub projects: Option<Vec<String>>,
+    pub allow_scripts: bool,
     pub created_at: String,
     pub last_used_at: Option<String>,
     /// The key itself: shown once, in the answer that created it.
@@ -108,6 +112,7 @@ impl KeyOut {
             name: k.name,
             role: k.role.as_str().to_string(),
             projects: k.projects.map(|p| p.into_iter().map(uuid_str).collect()),
+            allow_scripts: k.allow_scripts,
             created_at: crate::time::format(k.created_at),
             last_used_at: k.last_used_at.map(crate::time::format),
             key: text,
@@ -212,6 +217,7 @@ impl KeysApi {
                 .projects
                 .map(|p| p.into_iter().map(String::from).collect()),
             hash,
+            allow_scripts: b.allow_scripts.unwrap_or(false),
         };
         let key = self
             .0

@@ -133,13 +133,18 @@ impl LeasesApi {
             b.outputs.as_ref(),
             b.lease_token.as_deref(),
         );
+        let done = write::Done {
+            id: id.0,
+            token,
+            result,
+            outputs,
+            execution: b.execution.map(|e| validate::execution(&mut c, e)),
+        };
         c.finish(())?;
         let (t, _done): (_, Completion) = self
             .0
             .store
-            .write(move |w| {
-                write::complete(w, &id.0, &b.agent_name, token, result, outputs, access)
-            })
+            .write(move |w| write::complete(w, done, &b.agent_name, access))
             .await?;
         Ok(Reply::ok(TaskOut::new(t, View::Full)))
     }
@@ -162,13 +167,18 @@ impl LeasesApi {
         let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
         let error = b.error.map_or_else(|| "failed".to_string(), String::from);
         c.max_len("error", &error, validate::MAX_ERROR);
-        let token = validate::lease_token(&mut c, b.lease_token.as_deref());
+        let failed = write::Failed {
+            id: id.0,
+            token: validate::lease_token(&mut c, b.lease_token.as_deref()),
+            error,
+            can_retry: b.can_retry.unwrap_or(true),
+            execution: b.execution.map(|e| validate::execution(&mut c, e)),
+        };
         c.finish(())?;
-        let can_retry = b.can_retry.unwrap_or(true);
         let (t, will_retry) = self
             .0
             .store
-            .write(move |w| write::fail(w, &id.0, &b.agent_name, token, error, can_retry, access))
+            .write(move |w| write::fail(w, failed, &b.agent_name, access))
             .await?;
         Ok(Reply::ok(FailOut {
             task: TaskOut::new(t, View::Full),
@@ -321,8 +331,17 @@ impl LeasesApi {
     ) -> Result<ListReply<AttemptOut>> {
         let (limit, offset) = validate::page(limit.0, offset.0)?;
         self.0.check_task(auth.caller(), Right::Read, &id.0)?;
-        let t = self.0.store.read()?.task_row(&id.0)?;
-        let data = t.attempts.into_iter().map(Into::into).collect();
+        let read = self.0.store.read()?;
+        let t = read.task_row(&id.0)?;
+        let mut executions = read.executions(t.seq)?;
+        let data = t
+            .attempts
+            .into_iter()
+            .map(|a| AttemptOut {
+                execution: executions.remove(&a.attempt).map(Into::into),
+                ..a.into()
+            })
+            .collect();
         Ok(ListReply::page(data, limit, offset))
     }
 
@@ -453,6 +472,7 @@ fn completion_first(
         token,
         result,
         outputs,
+        execution: d.execution.clone().map(|e| validate::execution(c, e)),
     };
     Ok((done, access))
 }

@@ -229,6 +229,9 @@ impl ProjectsApi {
     ) -> Result<CreatedReply<TaskTypeOut>> {
         self.0
             .project_for(auth.caller(), Right::ManageProjects, &id.0)?;
+        if body.0.script.is_some() {
+            auth.caller().require_scripts()?;
+        }
         let input = validate::create_type(body.0)?;
         let t = self
             .0
@@ -269,6 +272,9 @@ impl ProjectsApi {
     ) -> Result<Reply<TaskTypeOut>> {
         self.0
             .check_type(auth.caller(), Right::ManageProjects, &id.0)?;
+        if body.0.script.is_value() {
+            auth.caller().require_scripts()?;
+        }
         let patch = validate::update_type(body.0)?;
         let t = self
             .0

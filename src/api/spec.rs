@@ -63,7 +63,23 @@ fn body_rules() -> Vec<BodyRule> {
     rules.extend(task_rules());
     rules.extend(lease_rules());
     rules.extend(key_rules());
+    rules.extend(script_rules());
     rules
+}
+
+fn script_rules() -> Vec<BodyRule> {
+    vec![
+        (
+            "ScriptIn",
+            "content",
+            json!({"minLength": 1, "maxLength": MAX_SCRIPT_BYTES}),
+        ),
+        ("ScriptIn", "timeoutSeconds", int(&SCRIPT_TIMEOUT_SECONDS)),
+        ("ExecutionIn", "exitCode", int(&EXIT_CODE)),
+        ("ExecutionIn", "stdoutTail", text(MAX_TAIL_BYTES)),
+        ("ExecutionIn", "stderrTail", text(MAX_TAIL_BYTES)),
+        ("ExecutionIn", "durationMs", int(&DURATION_MS)),
+    ]
 }
 
 fn project_rules() -> Vec<BodyRule> {
@@ -200,6 +216,8 @@ const REQUEST_SCHEMAS: &[&str] = &[
     "CreateKeyIn",
     "LoginIn",
     "ExtendSessionIn",
+    "ScriptIn",
+    "ExecutionIn",
 ];
 
 /// Operations whose body may be left out (it is read as `{}`).

@@ -134,6 +134,9 @@ impl TasksApi {
     ) -> Result<TaskCreated> {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
+        if body.0.script.is_some() {
+            auth.caller().require_scripts()?;
+        }
         let input = validate::create_task(body.0, None, "")?;
         let mut out = self
             .0
@@ -160,6 +163,10 @@ impl TasksApi {
         self.0
             .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
         let BulkCreate { tasks, batch_id } = body.0;
+        if tasks.iter().any(|t| t.script.is_some()) {
+            // Who may write code for workers is a property of the request, not of one task.
+            auth.caller().require_scripts()?;
+        }
         let batch_id = batch_id.map(String::from);
         if tasks.len() > validate::MAX_BULK {
             return Err(Error::validation(

@@ -10,7 +10,9 @@ use poem_openapi::types::{MaybeUndefined, ParseError, ParseFromJSON, ParseResult
 use poem_openapi::{ApiResponse, Enum, Object};
 use uuid::Uuid;
 
-use crate::model::{Activity, Attempt, Project, Stats, Task, TaskType};
+use crate::model::{
+    Activity, Attempt, Execution, Project, Script, ScriptKind, Stats, Task, TaskType,
+};
 use crate::time::format;
 
 /// A request string that must be a JSON string: poem-openapi's `String` would also take a
@@ -423,6 +425,9 @@ pub struct CreateTaskType {
     pub lease_duration_minutes: Option<f64>,
     pub retry_delay_seconds: Option<f64>,
     pub backoff_multiplier: Option<f64>,
+    /// A script its tasks inherit (unless they carry their own). Only admin keys and keys
+    /// with `allowScripts` may set it.
+    pub script: Option<ScriptIn>,
 }
 
 #[derive(Object)]
@@ -439,6 +444,9 @@ pub struct UpdateTaskType {
     pub lease_duration_minutes: MaybeUndefined<f64>,
     pub retry_delay_seconds: Option<f64>,
     pub backoff_multiplier: Option<f64>,
+    /// `null` removes it (tasks already created keep theirs). Setting it needs an admin key
+    /// or one with `allowScripts`.
+    pub script: MaybeUndefined<ScriptIn>,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -455,6 +463,7 @@ pub struct TaskTypeOut {
     pub lease_duration_minutes: Option<f64>,
     pub retry_delay_seconds: f64,
     pub backoff_multiplier: f64,
+    pub script: Option<ScriptOut>,
     pub created_at: String,
     pub updated_at: String,
 }
@@ -472,8 +481,116 @@ impl From<TaskType> for TaskTypeOut {
             lease_duration_minutes: t.lease_duration_minutes,
             retry_delay_seconds: t.retry_delay_seconds,
             backoff_multiplier: t.backoff_multiplier,
+            script: t.script.map(|s| ScriptOut::new(s, true)),
             created_at: format(t.created_at),
             updated_at: format(t.updated_at),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- scripts
+
+/// The language of a script: how a worker started with `--scripts` runs it.
+#[derive(Enum, Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[oai(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum ScriptType {
+    /// Run with `bash`.
+    Bash,
+    /// Run with `python3`.
+    Python,
+}
+
+impl From<ScriptType> for ScriptKind {
+    fn from(t: ScriptType) -> Self {
+        match t {
+            ScriptType::Bash => ScriptKind::Bash,
+            ScriptType::Python => ScriptKind::Python,
+        }
+    }
+}
+
+impl From<ScriptKind> for ScriptType {
+    fn from(k: ScriptKind) -> Self {
+        match k {
+            ScriptKind::Bash => ScriptType::Bash,
+            ScriptKind::Python => ScriptType::Python,
+        }
+    }
+}
+
+/// A script for `agentq work --scripts` to run (seed 000).
+#[derive(Object, Clone)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ScriptIn {
+    #[oai(rename = "type")]
+    pub kind: ScriptType,
+    /// The script itself: at most 1 MiB (1,048,576 bytes of UTF-8).
+    pub content: Text,
+    /// 1-3600; the worker stops the script after this long. Absent: no limit but the
+    /// worker's own `--timeout`.
+    pub timeout_seconds: Option<i64>,
+}
+
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ScriptOut {
+    #[oai(rename = "type")]
+    #[serde(rename = "type")]
+    pub kind: ScriptType,
+    /// The content's size in bytes.
+    pub size: u64,
+    /// Left out of list items.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    pub timeout_seconds: Option<u32>,
+}
+
+impl ScriptOut {
+    pub fn new(s: Script, with_content: bool) -> Self {
+        ScriptOut {
+            kind: s.kind.into(),
+            size: s.content.len() as u64,
+            content: with_content.then_some(s.content),
+            timeout_seconds: s.timeout_seconds,
+        }
+    }
+}
+
+/// How the process of one attempt ran: what a worker reports with its complete or fail,
+/// kept with that attempt (`GET /api/tasks/{id}/attempts`).
+#[derive(Object, Clone)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ExecutionIn {
+    /// The process's exit code; 128 + N when signal N ended it, as shells report it.
+    pub exit_code: i64,
+    /// The end of its standard output: at most 64 KiB (65,536 bytes).
+    pub stdout_tail: Option<Text>,
+    /// The end of its standard error: at most 64 KiB.
+    pub stderr_tail: Option<Text>,
+    /// How long it ran, in milliseconds.
+    pub duration_ms: i64,
+}
+
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct ExecutionOut {
+    pub exit_code: i32,
+    pub stdout_tail: String,
+    pub stderr_tail: String,
+    pub duration_ms: u64,
+}
+
+impl From<Execution> for ExecutionOut {
+    fn from(e: Execution) -> Self {
+        ExecutionOut {
+            exit_code: e.exit_code,
+            stdout_tail: e.stdout_tail,
+            stderr_tail: e.stderr_tail,
+            duration_ms: e.duration_ms,
         }
     }
 }
@@ -494,6 +611,10 @@ pub struct CreateTask {
     pub priority: Option<i64>,
     /// Do not hand out before this instant (RFC 3339).
     pub not_before: Option<Text>,
+    /// A script for `agentq work --scripts` (then `instructions` may be left out); without
+    /// one, the task takes its type's. Only admin keys and keys with `allowScripts` may give
+    /// one.
+    pub script: Option<ScriptIn>,
 }
 
 #[derive(Object)]
@@ -551,6 +672,11 @@ pub struct AttemptOut {
     pub ended_at: Option<String>,
     pub outcome: String,
     pub error: Option<String>,
+    /// How its process ran, when the agent reported it (`execution` on complete or fail).
+    /// Shown by `GET /api/tasks/{id}/attempts`.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub execution: Option<ExecutionOut>,
 }
 
 impl From<Attempt> for AttemptOut {
@@ -562,6 +688,7 @@ impl From<Attempt> for AttemptOut {
             ended_at: a.ended_at.map(format),
             outcome: a.outcome.as_str().to_string(),
             error: a.error,
+            execution: None,
         }
     }
 }
@@ -575,6 +702,8 @@ pub struct TaskOut {
     pub type_id: Option<String>,
     pub instructions: String,
     pub variables: BTreeMap<String, String>,
+    /// List items show its type, size and timeout; the task itself shows the content too.
+    pub script: Option<ScriptOut>,
     pub batch_id: Option<String>,
     pub priority: u8,
     pub not_before: Option<String>,
@@ -627,6 +756,7 @@ impl TaskOut {
             type_id: t.type_id.map(uuid_str),
             instructions: t.instructions,
             variables: t.variables,
+            script: t.script.map(|s| ScriptOut::new(s, view != View::Brief)),
             batch_id: t.batch_id,
             priority: t.priority,
             not_before: t.not_before.map(format),
@@ -697,6 +827,8 @@ pub struct CompleteFirst {
     pub result: Option<Text>,
     pub outputs: Option<serde_json::Value>,
     pub lease_token: Option<Text>,
+    /// How the attempt's process ran; kept with the attempt.
+    pub execution: Option<ExecutionIn>,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -724,6 +856,8 @@ pub struct CompleteIn {
     pub result: Option<Text>,
     pub outputs: Option<serde_json::Value>,
     pub lease_token: Option<Text>,
+    /// How the attempt's process ran; kept with the attempt.
+    pub execution: Option<ExecutionIn>,
 }
 
 #[derive(Object)]
@@ -733,6 +867,8 @@ pub struct FailIn {
     pub error: Option<Text>,
     pub can_retry: Option<bool>,
     pub lease_token: Option<Text>,
+    /// How the attempt's process ran; kept with the attempt.
+    pub execution: Option<ExecutionIn>,
 }
 
 #[derive(Object, serde::Serialize)]

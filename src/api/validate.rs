@@ -12,7 +12,8 @@ use uuid::Uuid;
 use super::types::*;
 use crate::error::{Error, FieldError};
 use crate::model::{
-    template_placeholders, DuplicateHandling, Millis, ProjectConfig, ProjectStatus,
+    template_placeholders, DuplicateHandling, Execution, Millis, ProjectConfig, ProjectStatus,
+    Script,
 };
 use crate::store::write::{
     NewProject, NewTask, NewTaskType, ProjectPatch, TaskPatch, TypeKey, TypePatch,
@@ -39,6 +40,10 @@ pub const MAX_PRIORITY: i64 = 10;
 pub const MAX_BATCH_ID: usize = 100;
 pub const MAX_REASON: usize = 1_000;
 pub const MAX_PROGRESS_MESSAGE: usize = 1_000;
+/// A script's `content`, in bytes (seed 000: "max 1MB").
+pub const MAX_SCRIPT_BYTES: usize = 1 << 20;
+/// An execution's `stdoutTail` and `stderrTail`, in bytes.
+pub const MAX_TAIL_BYTES: usize = 64 << 10;
 
 // Ranges of numeric fields: `validate` enforces them and the OpenAPI document (`spec`)
 // states them, both from here.
@@ -62,6 +67,12 @@ pub const BACKOFF_MULTIPLIER: RangeInclusive<f64> = 1.0..=10.0;
 pub const SESSION_EXTEND_SECONDS: RangeInclusive<i64> = 1..=crate::auth::MAX_SESSION_EXTEND_SECS;
 /// A listing's `limit`.
 pub const LIMIT: RangeInclusive<i64> = 1..=MAX_LIMIT as i64;
+/// A script's `timeoutSeconds` (seed 000).
+pub const SCRIPT_TIMEOUT_SECONDS: RangeInclusive<i64> = 1..=3600;
+/// An execution's `exitCode`: what a process can exit with.
+pub const EXIT_CODE: RangeInclusive<i64> = i32::MIN as i64..=i32::MAX as i64;
+/// An execution's `durationMs` (up to a year).
+pub const DURATION_MS: RangeInclusive<i64> = 0..=365 * 86_400_000;
 /// next-task's `waitSeconds`.
 pub const WAIT_SECONDS: RangeInclusive<f64> = 0.0..=MAX_WAIT_SECONDS;
 
@@ -105,11 +116,16 @@ impl Check {
     }
 
     pub fn int_range(&mut self, field: &str, v: i64, range: &RangeInclusive<i64>) -> u32 {
+        self.in_range(field, v, range).clamp(0, u32::MAX as i64) as u32
+    }
+
+    /// `v`, or a failure when it is outside `range` (then `v` clamped into it).
+    pub fn in_range(&mut self, field: &str, v: i64, range: &RangeInclusive<i64>) -> i64 {
         let (lo, hi) = (*range.start(), *range.end());
         if !range.contains(&v) {
             self.fail(field, format!("must be between {lo} and {hi}"), v);
         }
-        v.clamp(0, u32::MAX as i64) as u32
+        v.clamp(lo, hi)
     }
 
     pub fn float_range(&mut self, field: &str, v: f64, range: &RangeInclusive<f64>) -> f64 {
@@ -347,7 +363,9 @@ pub fn create_type(b: CreateTaskType) -> Result<NewTaskType, Error> {
     let mult = b.backoff_multiplier.map_or(2.0, |v| {
         c.float_range("backoffMultiplier", v, &BACKOFF_MULTIPLIER)
     });
+    let script = b.script.map(|s| script(&mut c, "script", s));
     c.finish(NewTaskType {
+        script,
         name: b.name.0,
         template: b.template.map(String::from),
         variables: vars,
@@ -393,6 +411,7 @@ pub fn update_type(b: UpdateTaskType) -> Result<TypePatch, Error> {
             .map(|v| c.float_range("backoffMultiplier", v, &BACKOFF_MULTIPLIER)),
         template: clearable(b.template, String::from),
         variables,
+        script: clearable(b.script, |s| script(&mut c, "script", s)),
     };
     c.finish(patch)
 }
@@ -446,7 +465,11 @@ pub fn create_task(
         .not_before
         .as_deref()
         .and_then(|t| c.time(&format!("{prefix}notBefore"), t));
+    let script = b
+        .script
+        .map(|s| script(&mut c, &format!("{prefix}script"), s));
     c.finish(NewTask {
+        script,
         id: b.id.map(String::from),
         type_key,
         instructions: b.instructions.map(String::from),
@@ -530,6 +553,53 @@ pub fn completion(
     };
     let token = lease_token_at(c, &format!("{at}leaseToken"), token);
     (result.map(String::from), outputs, token)
+}
+
+/// A task's or task type's `script`; `at` names it in field paths.
+pub fn script(c: &mut Check, at: &str, s: ScriptIn) -> Script {
+    if s.content.is_empty() {
+        c.fail(&format!("{at}.content"), "is required", "");
+    }
+    if s.content.len() > MAX_SCRIPT_BYTES {
+        c.fail(
+            &format!("{at}.content"),
+            format!("must be at most {MAX_SCRIPT_BYTES} bytes"),
+            s.content.len(),
+        );
+    }
+    let timeout_seconds = s
+        .timeout_seconds
+        .map(|t| c.int_range(&format!("{at}.timeoutSeconds"), t, &SCRIPT_TIMEOUT_SECONDS));
+    Script {
+        kind: s.kind.into(),
+        content: s.content.0,
+        timeout_seconds,
+    }
+}
+
+/// complete's and fail's `execution`.
+pub fn execution(c: &mut Check, e: ExecutionIn) -> Execution {
+    let mut tail = |field: &str, text: Option<Text>| {
+        let text = text.map(String::from).unwrap_or_default();
+        if text.len() > MAX_TAIL_BYTES {
+            c.fail(
+                &format!("execution.{field}"),
+                format!("must be at most {MAX_TAIL_BYTES} bytes"),
+                text.len(),
+            );
+        }
+        text
+    };
+    let stdout_tail = tail("stdoutTail", e.stdout_tail);
+    let stderr_tail = tail("stderrTail", e.stderr_tail);
+    let exit_code = c.in_range("execution.exitCode", e.exit_code, &EXIT_CODE);
+    let duration_ms = c.in_range("execution.durationMs", e.duration_ms, &DURATION_MS);
+    Execution {
+        exit_code: exit_code as i32,
+        stdout_tail,
+        stderr_tail,
+        duration_ms: duration_ms as u64,
+    }
 }
 
 /// `limit` and `offset` of a list that takes no other parameter: a 400 naming both when

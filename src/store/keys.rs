@@ -22,6 +22,7 @@ pub struct NewKey {
     /// Project ids or names; None = all projects.
     pub projects: Option<Vec<String>>,
     pub hash: String,
+    pub allow_scripts: bool,
 }
 
 pub fn create_key(w: &mut WriteCtx, n: NewKey) -> Result<ApiKey> {
@@ -45,6 +46,7 @@ pub fn create_key(w: &mut WriteCtx, n: NewKey) -> Result<ApiKey> {
         hash: n.hash,
         created_at: w.now,
         last_used_at: None,
+        allow_scripts: n.allow_scripts,
     };
     w.tables.keys.insert(key.id, encode(&key)?.as_slice())?;
     Ok(key)
@@ -68,6 +70,7 @@ pub fn bootstrap_admin(
         hash,
         created_at: w.now,
         last_used_at: None,
+        allow_scripts: false,
     };
     w.tables.keys.insert(key.id, encode(&key)?.as_slice())?;
     if foreign_format {

@@ -34,19 +34,25 @@ pub(super) fn init_schema(
                         SCHEMA_VERSION,
                     )))
                 }
-                Some(v @ 1..=3) => {
+                Some(v @ 1..=4) => {
                     // Rows first: the older migrations read them the current way.
-                    let tasks = tables::migrate_v3(&mut t)?;
-                    let leases = if v == 1 {
-                        tables::migrate_v1(&mut t)?
+                    let (tasks, leases, batched) = if v <= 3 {
+                        let tasks = tables::migrate_v3(&mut t)?;
+                        let leases = if v == 1 {
+                            tables::migrate_v1(&mut t)?
+                        } else {
+                            0
+                        };
+                        let batched = if v <= 2 {
+                            tables::migrate_v2(&mut t)?
+                        } else {
+                            0
+                        };
+                        (tasks, leases, batched)
                     } else {
-                        0
+                        (0, 0, 0)
                     };
-                    let batched = if v <= 2 {
-                        tables::migrate_v2(&mut t)?
-                    } else {
-                        0
-                    };
+                    tables::migrate_v4(&mut t)?;
                     migrated = Some((v, tasks, leases, batched));
                     t.meta.insert("schema_version", SCHEMA_VERSION)?;
                 }

@@ -1,13 +1,15 @@
 //! Read queries on one MVCC snapshot. Nothing here writes or waits for the writer.
 
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BinaryHeap, HashMap};
 
 use redb::{ReadOnlyTable, ReadTransaction, ReadableTable};
 use uuid::Uuid;
 
 use super::tables::*;
 use crate::error::{Error, Result};
-use crate::model::{Activity, Millis, Project, ProjectStatus, Stats, Task, TaskStatus, TaskType};
+use crate::model::{
+    Activity, Execution, Millis, Project, ProjectStatus, Stats, Task, TaskStatus, TaskType,
+};
 
 pub struct Reader {
     txn: ReadTransaction,
@@ -275,6 +277,16 @@ impl Reader {
 
     pub fn task(&self, id: &str) -> Result<Task> {
         with_body(&self.table(TASK_BODIES)?, self.task_row(id)?)
+    }
+
+    /// What the worker of each attempt of task `seq` reported, by attempt number.
+    pub fn executions(&self, seq: u64) -> Result<BTreeMap<u32, Execution>> {
+        let mut out = BTreeMap::new();
+        for r in self.table(EXECUTIONS)?.range((seq, 0)..=(seq, u32::MAX))? {
+            let (k, v) = r?;
+            out.insert(k.value().1, decode(v.value())?);
+        }
+        Ok(out)
     }
 
     /// A task without its body (see [`load_row`]): enough for its project, status or attempts.

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use redb::{ReadableTable, TableDefinition};
 
 use crate::error::Result;
-use crate::model::{Task, TaskStatus};
+use crate::model::{Script, Task, TaskStatus};
 
 /// The on-disk schema version. Bump on any change of tables or row encoding; a file with a
 /// newer version is refused at start-up.
@@ -25,8 +25,10 @@ use crate::model::{Task, TaskStatus};
 /// ([`super::leases::Leases`]), and no READY_TYPE entries for untyped tasks. [`super::tables::migrate_v1`]
 /// turns a version 1 file into version 2. 3 adds the BATCH index ([`super::tables::migrate_v2`]). 4 keeps a
 /// task's body (instructions and variables) in [`TASK_BODIES`] instead of its row
-/// ([`super::tables::migrate_v3`]).
-pub const SCHEMA_VERSION: u64 = 4;
+/// ([`super::tables::migrate_v3`]). 5 adds a script to task types and bodies, `allowScripts`
+/// to keys and the [`EXECUTIONS`] table ([`super::tables::migrate_v4`]; a body of schema 4
+/// reads as one without a script, see [`decode_body`]).
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// `"schema_version"`, `"next_seq"`.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -45,6 +47,10 @@ pub const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 /// and a claim or a complete rewrote it with the row (measured: 2 KB of instructions took the
 /// writer from 22 to 35 µs per cycle).
 pub const TASK_BODIES: TableDefinition<u64, &[u8]> = TableDefinition::new("task_bodies");
+/// (seq, attempt) → Execution: how the process of one attempt ran, as its worker reported it.
+/// Apart from the row for the same reason as the body (tails are up to 128 KiB); written by
+/// the complete or fail that ends the attempt, removed with the task.
+pub const EXECUTIONS: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("executions");
 /// task id (client-supplied or UUIDv7) → seq.
 pub const TASK_IDS: TableDefinition<&str, u64> = TableDefinition::new("task_ids");
 /// Every index and the per-project counters, in one table of byte-string keys (see [`ix`]).
@@ -79,9 +85,17 @@ pub fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T> {
     Ok(postcard::from_bytes(bytes)?)
 }
 
-/// A task's [`TASK_BODIES`] value.
+/// A task's [`TASK_BODIES`] value: `(instructions, variables, script)`.
 pub fn encode_body(t: &Task) -> Result<Vec<u8>> {
-    encode(&(&t.instructions, &t.variables))
+    encode(&(&t.instructions, &t.variables, &t.script))
+}
+
+/// The inverse of [`encode_body`]. Schema 4 wrote `(instructions, variables)` alone, so a body
+/// that ends there has no script (postcard writes a tuple as its fields one after the other).
+pub fn decode_body(bytes: &[u8]) -> Result<(String, BTreeMap<String, String>, Option<Script>)> {
+    let ((instructions, variables), rest) = postcard::take_from_bytes::<Body>(bytes)?;
+    let script = if rest.is_empty() { None } else { decode(rest)? };
+    Ok((instructions, variables, script))
 }
 
 /// A task, from its row in [`TASKS`] and its body in [`TASK_BODIES`].
@@ -107,7 +121,7 @@ pub fn load_row(tasks: &impl ReadableTable<u64, &'static [u8]>, seq: u64) -> Res
 /// The task read by [`load_row`], with its body.
 pub fn with_body(bodies: &impl ReadableTable<u64, &'static [u8]>, mut t: Task) -> Result<Task> {
     if let Some(body) = bodies.get(t.seq)? {
-        (t.instructions, t.variables) = decode(body.value())?;
+        (t.instructions, t.variables, t.script) = decode_body(body.value())?;
     }
     Ok(t)
 }

@@ -73,6 +73,7 @@ pub struct Tables<'txn> {
     pub type_names: Tracked<'txn, (u128, &'static str), u128>,
     pub tasks: Tracked<'txn, u64, &'static [u8]>,
     pub bodies: Tracked<'txn, u64, &'static [u8]>,
+    pub executions: Tracked<'txn, (u64, u32), &'static [u8]>,
     pub task_ids: Tracked<'txn, &'static str, u64>,
     pub index: Tracked<'txn, &'static [u8], &'static [u8]>,
     pub keys: Tracked<'txn, u128, &'static [u8]>,
@@ -104,6 +105,7 @@ impl<'txn> Tables<'txn> {
             type_names: Tracked::open(txn, TYPE_NAMES)?,
             tasks: Tracked::open(txn, TASKS)?,
             bodies: Tracked::open(txn, TASK_BODIES)?,
+            executions: Tracked::open(txn, EXECUTIONS)?,
             task_ids: Tracked::open(txn, TASK_IDS)?,
             index: Tracked::open(txn, INDEX)?,
             keys: Tracked::open(txn, KEYS)?,
@@ -351,7 +353,9 @@ impl<'txn> Tables<'txn> {
             Some(t) => {
                 self.tasks.insert(seq, encode(t)?.as_slice())?;
                 let same_body = old.is_some_and(|o| {
-                    o.instructions == t.instructions && o.variables == t.variables
+                    o.instructions == t.instructions
+                        && o.variables == t.variables
+                        && o.script == t.script
                 });
                 if !same_body {
                     self.bodies.insert(seq, encode_body(t)?.as_slice())?;
@@ -360,6 +364,9 @@ impl<'txn> Tables<'txn> {
             None => {
                 self.tasks.remove(seq)?;
                 self.bodies.remove(seq)?;
+                for a in old.map_or(&[][..], |t| &t.attempts[..]) {
+                    self.executions.remove((seq, a.attempt))?;
+                }
             }
         }
         self.leases.apply(old, new);
@@ -446,6 +453,35 @@ pub fn migrate_v3(t: &mut Tables) -> Result<usize> {
             None => return Ok(n),
         }
     }
+}
+
+/// Turns a schema 4 file (or older) into schema 5 inside the caller's transaction: each task
+/// type row gets its `script` (none) and each key row its `allowScripts` (false), both
+/// appended as postcard's one-byte encoding of `None` and `false`. Task bodies need nothing
+/// ([`super::schema::decode_body`]). Returns the number of rows rewritten.
+pub fn migrate_v4(t: &mut Tables) -> Result<usize> {
+    let mut n = 0;
+    let types: Vec<(u128, Vec<u8>)> = t
+        .types
+        .iter()?
+        .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<std::result::Result<_, _>>()?;
+    for (id, mut row) in types {
+        row.push(0);
+        t.types.insert(id, row.as_slice())?;
+        n += 1;
+    }
+    let keys: Vec<(u128, Vec<u8>)> = t
+        .keys
+        .iter()?
+        .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
+        .collect::<std::result::Result<_, _>>()?;
+    for (id, mut row) in keys {
+        row.push(0);
+        t.keys.insert(id, row.as_slice())?;
+        n += 1;
+    }
+    Ok(n)
 }
 
 /// Turns a schema 2 file into schema 3 inside the caller's transaction: every task with a

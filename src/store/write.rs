@@ -9,13 +9,14 @@ use std::collections::BTreeMap;
 use redb::ReadableTable;
 use uuid::Uuid;
 
+use super::schema;
 use super::tables::{ix, Tables};
 use super::WriteCtx;
 use crate::error::{Error, FieldError, Result};
 use crate::lease::{self, Completion};
 use crate::model::{
-    render_template, variables_hash, DuplicateHandling, Progress, Project, ProjectConfig,
-    ProjectStatus, Rules, Stats, Task, TaskStatus, TaskType,
+    render_template, variables_hash, DuplicateHandling, Execution, Progress, Project,
+    ProjectConfig, ProjectStatus, Rules, Script, Stats, Task, TaskStatus, TaskType,
 };
 
 /// How many due timers (expired leases, delayed tasks) one pass handles, to bound a batch.
@@ -252,6 +253,7 @@ pub struct NewTaskType {
     pub lease_duration_minutes: Option<f64>,
     pub retry_delay_seconds: f64,
     pub backoff_multiplier: f64,
+    pub script: Option<Script>,
 }
 
 pub fn create_type(w: &mut WriteCtx, project_key: &str, n: NewTaskType) -> Result<TaskType> {
@@ -275,6 +277,7 @@ pub fn create_type(w: &mut WriteCtx, project_key: &str, n: NewTaskType) -> Resul
         backoff_multiplier: n.backoff_multiplier,
         created_at: w.now,
         updated_at: w.now,
+        script: n.script,
     };
     w.tables
         .type_names
@@ -293,6 +296,7 @@ pub struct TypePatch {
     pub lease_duration_minutes: Option<Option<f64>>,
     pub retry_delay_seconds: Option<f64>,
     pub backoff_multiplier: Option<f64>,
+    pub script: Option<Option<Script>>,
 }
 
 pub fn update_type(w: &mut WriteCtx, id: &str, patch: TypePatch) -> Result<TaskType> {
@@ -348,6 +352,9 @@ pub fn update_type(w: &mut WriteCtx, id: &str, patch: TypePatch) -> Result<TaskT
     }
     if let Some(v) = patch.backoff_multiplier {
         ty.backoff_multiplier = v;
+    }
+    if let Some(v) = patch.script {
+        ty.script = v;
     }
     ty.updated_at = w.now;
     if ty.name != old_name {
@@ -419,6 +426,8 @@ pub struct NewTask {
     pub batch_id: Option<String>,
     pub priority: Option<u8>,
     pub not_before: Option<i64>,
+    /// Its own script; without one, it takes its type's.
+    pub script: Option<Script>,
 }
 
 /// Creates tasks in request order. Each entry is the task and whether it is new (false: an
@@ -457,7 +466,16 @@ fn create_one(
         None => None,
         Some(key) => Some(type_in(w, p, key, type_cache)?),
     };
-    let instructions = instructions_for(ty.as_ref(), &n.variables, n.instructions.take())?;
+    let script = n
+        .script
+        .take()
+        .or_else(|| ty.as_ref().and_then(|t| t.script.clone()));
+    let instructions = match (n.instructions.take(), &script) {
+        // A script is the work itself: its instructions may be left out.
+        (None, Some(_)) if ty.as_ref().is_none_or(|t| t.template.is_none()) => Some(String::new()),
+        (given, _) => given,
+    };
+    let instructions = instructions_for(ty.as_ref(), &n.variables, instructions)?;
     if let Some(id) = &n.id {
         if w.tables.task_ids.get(id.as_str())?.is_some() {
             return Err(Error::Conflict(format!(
@@ -483,6 +501,7 @@ fn create_one(
     let task = Task {
         type_id: ty.as_ref().map(|t| t.id),
         instructions,
+        script,
         variables: n.variables,
         batch_id: n.batch_id,
         priority: n.priority.unwrap_or(5),
@@ -737,13 +756,34 @@ fn claim_in(
     Ok(Claim::Task(Box::new(task), true))
 }
 
-/// The task an agent completes in the same write as it asks for the next (next-task's
-/// `complete`), with what [`complete`] takes.
+/// What [`complete`] takes: the task, the lease it was held under, and its results.
+#[derive(Default)]
 pub struct Done {
     pub id: String,
     pub token: Option<u128>,
     pub result: Option<String>,
     pub outputs: Option<String>,
+    pub execution: Option<Execution>,
+}
+
+impl Done {
+    /// A complete of task `id` with no result, under whatever lease the agent holds.
+    pub fn new(id: &str) -> Self {
+        Done {
+            id: id.to_string(),
+            ..Done::default()
+        }
+    }
+}
+
+/// What [`fail`] takes: the task, the lease it was held under, and why it failed.
+pub struct Failed {
+    pub id: String,
+    pub token: Option<u128>,
+    pub error: String,
+    /// False: no retry, whatever retries remain.
+    pub can_retry: bool,
+    pub execution: Option<Execution>,
 }
 
 /// next-task, with next-task's `complete`: when `done` is given, completes it for `agent`
@@ -765,15 +805,7 @@ pub fn next_task_after<F: FnOnce(&Task) -> Result<()>>(
     };
     let p = resolve_project(w.tables, project_key)?;
     check(&p)?;
-    complete(
-        w,
-        &done.id,
-        agent,
-        done.token,
-        done.result,
-        done.outputs,
-        check_done,
-    )?;
+    complete(w, done, agent, check_done)?;
     claim_in(w, &p, agent, type_ids)
 }
 
@@ -783,6 +815,7 @@ fn holder_op<T>(
     w: &mut WriteCtx,
     id: &str,
     needs_rules: bool,
+    execution: Option<Execution>,
     check: impl FnOnce(&Task) -> Result<()>,
     f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
 ) -> Result<(Task, T)> {
@@ -802,6 +835,12 @@ fn holder_op<T>(
     let out = f(&mut task, &rules, w.now)?;
     if task != old {
         w.put_task(Some(&old), Some(&task))?;
+        // The attempt this operation ended (a repeat changes nothing and keeps the first).
+        if let (Some(e), Some(a)) = (execution, old.attempts.last()) {
+            w.tables
+                .executions
+                .insert((task.seq, a.attempt), schema::encode(&e)?.as_slice())?;
+        }
     }
     Ok((task, out))
 }
@@ -810,29 +849,33 @@ fn holder_op<T>(
 /// before anything changes, as for [`next_task`]; the same for the other holder operations.
 pub fn complete(
     w: &mut WriteCtx,
-    id: &str,
+    d: Done,
     agent: &str,
-    token: Option<u128>,
-    result: Option<String>,
-    outputs: Option<String>,
     check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<(Task, Completion)> {
-    holder_op(w, id, false, check, |t, _, now| {
-        Ok(lease::complete(t, agent, token, result, outputs, now)?)
+    holder_op(w, &d.id, false, d.execution, check, |t, _, now| {
+        Ok(lease::complete(
+            t, agent, d.token, d.result, d.outputs, now,
+        )?)
     })
 }
 
 pub fn fail(
     w: &mut WriteCtx,
-    id: &str,
+    f: Failed,
     agent: &str,
-    token: Option<u128>,
-    error: String,
-    can_retry: bool,
     check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<(Task, bool)> {
-    holder_op(w, id, true, check, |t, rules, now| {
-        Ok(lease::fail(t, agent, token, error, can_retry, rules, now)?)
+    holder_op(w, &f.id, true, f.execution, check, |t, rules, now| {
+        Ok(lease::fail(
+            t,
+            agent,
+            f.token,
+            f.error,
+            f.can_retry,
+            rules,
+            now,
+        )?)
     })
 }
 
@@ -844,7 +887,7 @@ pub fn extend(
     ms: i64,
     check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<Task> {
-    holder_op(w, id, false, check, |t, _, now| {
+    holder_op(w, id, false, None, check, |t, _, now| {
         Ok(lease::extend(t, agent, token, ms, now)?)
     })
     .map(|r| r.0)
@@ -858,14 +901,14 @@ pub fn progress(
     p: Progress,
     check: impl FnOnce(&Task) -> Result<()>,
 ) -> Result<Task> {
-    holder_op(w, id, false, check, |t, _, now| {
+    holder_op(w, id, false, None, check, |t, _, now| {
         Ok(lease::progress(t, agent, token, p, now)?)
     })
     .map(|r| r.0)
 }
 
 pub fn cancel(w: &mut WriteCtx, id: &str, reason: Option<String>) -> Result<Task> {
-    holder_op(w, id, false, no_check, |t, _, now| {
+    holder_op(w, id, false, None, no_check, |t, _, now| {
         Ok(lease::cancel(t, reason, now)?)
     })
     .map(|r| r.0)
@@ -881,7 +924,7 @@ pub fn retry(w: &mut WriteCtx, id: &str) -> Result<Task> {
             )));
         }
     }
-    holder_op(w, id, false, no_check, |t, _, now| {
+    holder_op(w, id, false, None, no_check, |t, _, now| {
         Ok(lease::retry(t, now)?)
     })
     .map(|r| r.0)

@@ -359,6 +359,7 @@ impl TestApp {
 pub fn inline_bodies(txn: &redb::WriteTransaction) {
     use agentq::store::tables::{inline_row, TASKS, TASK_BODIES};
     use redb::ReadableTable;
+    schema_4_rows(txn);
     {
         let mut tasks = txn.open_table(TASKS).unwrap();
         let bodies = txn.open_table(TASK_BODIES).unwrap();
@@ -375,4 +376,46 @@ pub fn inline_bodies(txn: &redb::WriteTransaction) {
         }
     }
     txn.delete_table(TASK_BODIES).unwrap();
+}
+
+/// Rewrites a file of today's schema into schema 4's rows (the caller sets the version): task
+/// types and keys without their last field (`script`, `allowScripts`, asserted unset), bodies
+/// without their script, and no executions table.
+pub fn schema_4_rows(txn: &redb::WriteTransaction) {
+    use agentq::store::tables::{decode_body, encode, EXECUTIONS, KEYS, TASK_BODIES, TYPES};
+    use redb::ReadableTable;
+    fn drop_last_byte(
+        txn: &redb::WriteTransaction,
+        def: redb::TableDefinition<u128, &'static [u8]>,
+    ) {
+        let mut table = txn.open_table(def).unwrap();
+        let rows: Vec<(u128, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+            .collect();
+        for (k, mut row) in rows {
+            assert_eq!(row.pop(), Some(0), "no script, no allowScripts");
+            table.insert(k, row.as_slice()).unwrap();
+        }
+    }
+    drop_last_byte(txn, TYPES);
+    drop_last_byte(txn, KEYS);
+    {
+        let mut bodies = txn.open_table(TASK_BODIES).unwrap();
+        let rows: Vec<(u64, Vec<u8>)> = bodies
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+            .collect();
+        for (seq, body) in rows {
+            let (instructions, variables, script) = decode_body(&body).unwrap();
+            assert!(script.is_none());
+            let old = encode(&(instructions, variables)).unwrap();
+            bodies.insert(seq, old.as_slice()).unwrap();
+        }
+    }
+    txn.delete_table(EXECUTIONS).unwrap();
 }

@@ -450,7 +450,7 @@ fn count_batch(
 #[cfg(test)]
 mod batch_tests {
     use super::*;
-    use crate::store::write::{self, Claim, NewProject, NewTask};
+    use crate::store::write::{self, Claim, Done, NewProject, NewTask};
     use crate::time::SystemClock;
 
     /// A store on a new file `b.redb` in `dir`, a runtime to drive it, and the id of its one
@@ -698,14 +698,13 @@ mod batch_tests {
         let first = claim(&rt, &store, &pid, "a").unwrap();
         let second = claim(&rt, &store, &pid, "b").unwrap();
         rt.block_on(
-            store
-                .write(move |w| write::complete(w, &first, "a", None, None, None, write::no_check)),
+            store.write(move |w| write::complete(w, Done::new(&first), "a", write::no_check)),
         )
         .unwrap();
         assert_eq!(activity_rows(&store), 1, "a completion is counted");
         let id = uuid::Uuid::parse_str(&pid).unwrap().as_u128();
         rt.block_on(store.write(move |w| {
-            write::complete(w, &second, "b", None, None, None, write::no_check)?;
+            write::complete(w, Done::new(&second), "b", write::no_check)?;
             write::begin_project_delete(w, id)?;
             write::finish_project_delete(w, id)
         }))

@@ -51,6 +51,8 @@ pub enum Kind {
     Vars,
     /// An RFC 3339 time, or `+<n>[smhd]` from now.
     Time,
+    /// A duration `<n>[smhd]`, sent as whole seconds.
+    Seconds,
 }
 
 /// One parameter of a verb.
@@ -58,7 +60,8 @@ pub enum Kind {
 pub struct Param {
     /// The CLI name (a positional's value name, or a `--flag`).
     pub name: &'static str,
-    /// The JSON field, query parameter or route placeholder.
+    /// The JSON field, query parameter or route placeholder. A body field may be dotted
+    /// (`script.content`): a field of an object field.
     pub field: &'static str,
     pub at: At,
     pub kind: Kind,
@@ -185,6 +188,26 @@ const BACKOFF: Param = opt(
     "Multiplier of the delay per retry",
 );
 
+// A script for `agentq work --scripts`, on tasks and task types.
+const SCRIPT: Param = opt(
+    "script",
+    "script.content",
+    Kind::TextOrFile,
+    "A script for `agentq work --scripts` (TEXT or @FILE)",
+);
+const SCRIPT_TYPE: Param = opt(
+    "script-type",
+    "script.type",
+    Kind::Text,
+    "bash or python (default: python for a .py file, else bash)",
+);
+const SCRIPT_TIMEOUT: Param = opt(
+    "timeout",
+    "script.timeoutSeconds",
+    Kind::Seconds,
+    "Stop the script after this long, <n>[smhd] (1s-1h)",
+);
+
 const TASK_COLUMNS: &[&str] = &["id", "status", "priority", "assignedTo", "instructions"];
 
 /// Every client verb. The order is the order of `agentq --help`.
@@ -293,6 +316,9 @@ pub const VERBS: &[Verb] = &[
             DUPLICATES,
             RETRY_DELAY,
             BACKOFF,
+            SCRIPT,
+            SCRIPT_TYPE,
+            SCRIPT_TIMEOUT,
         ],
         show: Show::Fields,
     },
@@ -331,6 +357,9 @@ pub const VERBS: &[Verb] = &[
             DUPLICATES,
             RETRY_DELAY,
             BACKOFF,
+            SCRIPT,
+            SCRIPT_TYPE,
+            SCRIPT_TIMEOUT,
         ],
         show: Show::Fields,
     },
@@ -378,6 +407,9 @@ pub const VERBS: &[Verb] = &[
             ),
             opt("id", "id", Kind::Text, "Your own task id"),
             opt("batch", "batchId", Kind::Text, "Batch id"),
+            SCRIPT,
+            SCRIPT_TYPE,
+            SCRIPT_TIMEOUT,
         ],
         show: Show::Fields,
     },
@@ -591,6 +623,12 @@ pub const VERBS: &[Verb] = &[
                 Kind::List,
                 "Limit the key to this project (repeatable)",
             ),
+            opt(
+                "allow-scripts",
+                "allowScripts",
+                Kind::Flag,
+                "May create tasks and task types that carry a script",
+            ),
         ],
         show: Show::Fields,
     },
@@ -669,6 +707,7 @@ pub fn commands() -> Vec<Command> {
             _ => unreachable!("verbs have one or two words"),
         }
     }
+    groups.push(crate::worker::command().args(connection_args()));
     groups.push(
         Command::new("status")
             .about("One screen over every project: counts, queue, agents, the last hour")
@@ -737,7 +776,7 @@ fn verb_command(verb: &Verb) -> Command {
 
 /// Whether `name` is a client subcommand (else the binary's own: serve, add-admin-key).
 pub fn is_client_command(name: &str) -> bool {
-    name == "status" || VERBS.iter().any(|v| v.words[0] == name)
+    ["status", "work"].contains(&name) || VERBS.iter().any(|v| v.words[0] == name)
 }
 
 /// Runs the client subcommand `name` with its matches.
@@ -748,6 +787,7 @@ pub async fn run(name: &str, matches: &ArgMatches) -> ExitCode {
         Err(why) => return usage(&why),
     };
     let outcome = match (name, matches.subcommand()) {
+        ("work", _) => return crate::worker::run(client, matches).await,
         ("status", _) => status(&client, json_out).await,
         ("task", Some(("bulk", m))) => bulk(&client, m, json_out).await,
         (_, Some((leaf, m))) => match find(&[name, leaf]) {
@@ -841,9 +881,25 @@ fn request(verb: &Verb, m: &ArgMatches) -> Result<(String, Option<Value>), Strin
                 path = path.replace(&format!("{{{}}}", p.field), &segment(&plain(&value)));
             }
             At::Query => query.push(format!("{}={}", p.field, segment(&plain(&value)))),
-            At::Body => {
-                body.insert(p.field.to_string(), value);
-            }
+            At::Body => match p.field.split_once('.') {
+                Some((object, field)) => {
+                    let inner = body.entry(object).or_insert_with(|| json!({}));
+                    inner[field] = value;
+                }
+                None => {
+                    body.insert(p.field.to_string(), value);
+                }
+            },
+        }
+    }
+    if let Some(script) = body.get_mut("script") {
+        if script.get("type").is_none() {
+            let python = m
+                .try_get_one::<String>("script")
+                .ok()
+                .flatten()
+                .is_some_and(|s| s.starts_with('@') && s.ends_with(".py"));
+            script["type"] = Value::from(if python { "python" } else { "bash" });
         }
     }
     if !query.is_empty() {
@@ -864,6 +920,12 @@ fn value_of(p: &Param, text: &str) -> Result<Value, String> {
         Kind::Time => {
             Value::from(time_of(text).ok_or_else(|| bad("an RFC 3339 time or +<n>[smhd]"))?)
         }
+        Kind::Seconds => Value::from(
+            duration_of(text)
+                .ok_or_else(|| bad("a duration <n>[smhd]"))?
+                .as_secs_f64()
+                .ceil() as u64,
+        ),
         _ => Value::from(text),
     })
 }

@@ -12,6 +12,7 @@
 //! - [`server`]: configuration, start-up and graceful shutdown.
 //! - [`cli`]: the client verbs of the binary, declared once in a table; [`client`]: the HTTP
 //!   client they call the server with.
+//! - [`worker`]: `agentq work`, an agent that runs a process (or a task's script) per task.
 //! - [`spawn`]: work that must not stop half way when its caller stops waiting.
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
 //! - [`logs`]: the log's writer, which drops (and counts) what stderr refuses.
@@ -38,5 +39,6 @@ pub mod spawn;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod worker;
 
 pub use server::{run, Config, Server};

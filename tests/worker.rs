@@ -396,3 +396,35 @@ async fn without_scripts_no_script_runs() {
     let w = worker(&s.app, &log, &["nope", "--", "true"]);
     assert_eq!(exit_code(w).await, 3, "no such project");
 }
+
+/// A task cancelled while it runs: the next heartbeat finds the lease gone (409), and the
+/// worker stops the process without reporting anything for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_lease_stops_the_process() {
+    let s = Setup::new(0).await;
+    s.app
+        .task_type(&s.project, json!({"name": "short", "leaseDurationMinutes": 0.1}))
+        .await;
+    let pid_file = s.path("pid");
+    let content = format!("echo $$ > {}\nsleep 300\n", pid_file.display());
+    let id = s.script("bash", &content, json!({"typeId": "short"})).await;
+    let log = s.path("worker.log");
+    let w = worker(&s.app, &log, &["w", "--scripts"]);
+    wait_for(&s.app, &id, &["running"], &log).await;
+    for _ in 0..100 {
+        if std::fs::metadata(&pid_file).is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = s
+        .app
+        .post(&format!("/api/tasks/{id}/cancel"), json!({"reason": "enough"}))
+        .await;
+    assert_eq!(r.status, 200);
+    wait_gone(&std::fs::read_to_string(&pid_file).unwrap()).await;
+    let t = s.app.get(&format!("/api/tasks/{id}")).await;
+    assert_eq!(t.data()["status"], "cancelled", "nothing reported over the cancel");
+    assert!(std::fs::read_to_string(&log).unwrap().contains("lost the lease"));
+    drop(w);
+}

@@ -1077,7 +1077,12 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
     let tasks = tasks_of(&text).map_err(Failure::Usage)?;
     let path = format!("/api/projects/{}/tasks/bulk", segment(&project));
     let (mut created, mut errors, mut count) = (Vec::new(), Vec::new(), 0u64);
+    // A progress bar on a terminal, when there is more than one request to wait for.
+    let bar = tasks.len() > 1000 && std::io::IsTerminal::is_terminal(&std::io::stderr());
     for (n, chunk) in tasks.chunks(1000).enumerate() {
+        if bar {
+            progress_bar(n * 1000, tasks.len());
+        }
         let answer = client
             .call(Method::Post, &path, Some(&json!({"tasks": chunk})))
             .await?;
@@ -1090,6 +1095,10 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
             e["index"] = Value::from(index);
             errors.push(e);
         }
+    }
+    if bar {
+        progress_bar(tasks.len(), tasks.len());
+        crate::logs::say("\n");
     }
     let failed = !errors.is_empty();
     let data = json!({"tasksCreated": count, "createdTasks": created, "errors": errors});
@@ -1106,6 +1115,17 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// `[#####     ] 5000/10000 tasks` on stderr, over the previous one.
+fn progress_bar(done: usize, total: usize) {
+    const WIDTH: usize = 30;
+    let filled = (done * WIDTH).checked_div(total).unwrap_or(WIDTH);
+    crate::logs::say(format!(
+        "\r[{}{}] {done}/{total} tasks",
+        "#".repeat(filled),
+        " ".repeat(WIDTH - filled)
+    ));
 }
 
 /// The tasks of a bulk file: a JSON array, or one JSON object a line.
@@ -1226,11 +1246,28 @@ fn render_table(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..columns)
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();
+    // Statuses in colour, for a person at a terminal only.
+    let colour = colour_wanted();
+    let coloured: Vec<bool> = rows.first().map_or(Vec::new(), |header| {
+        header
+            .iter()
+            .map(|h| colour && (h == "status" || h == "outcome"))
+            .collect()
+    });
     rows.iter()
-        .map(|r| {
+        .enumerate()
+        .map(|(i, r)| {
             r.iter()
                 .enumerate()
-                .map(|(c, text)| format!("{text:<w$}", w = widths[c]))
+                .map(|(c, text)| {
+                    let padded = format!("{text:<w$}", w = widths[c]);
+                    match ansi_colour(text) {
+                        Some(code) if i > 0 && coloured[c] => {
+                            format!("\x1b[{code}m{padded}\x1b[0m")
+                        }
+                        _ => padded,
+                    }
+                })
                 .collect::<Vec<_>>()
                 .join("  ")
                 .trim_end()
@@ -1238,6 +1275,24 @@ fn render_table(rows: &[Vec<String>]) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Colour on stdout: when it is a terminal and `NO_COLOR` is not set (no-color.org).
+fn colour_wanted() -> bool {
+    std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
+}
+
+/// The ANSI colour of a status or an outcome.
+fn ansi_colour(status: &str) -> Option<&'static str> {
+    Some(match status {
+        "completed" | "active" => "32",
+        "running" => "33",
+        "failed" | "timeout" => "31",
+        "queued" => "36",
+        "cancelled" | "closed" => "2",
+        _ => return None,
+    })
 }
 
 /// A line on stdout; a closed stdout is not a reason to panic.

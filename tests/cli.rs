@@ -253,3 +253,79 @@ async fn a_bulk_of_json_lines_is_sent_in_chunks() {
     .await;
     assert_eq!(r.json().as_array().unwrap().len(), 1499);
 }
+
+/// Scripts from the command line: a task's from a file (its type from the extension), a
+/// type's inline, a timeout as a duration; and a key that may write them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scripts_and_keys_that_may_write_them() {
+    let app = spawn_app().await;
+    app.project("s").await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("job.py");
+    std::fs::write(&file, "print('hi')\n").unwrap();
+    let at_file = format!("@{}", file.display());
+    let r = agentq(
+        &app,
+        &[
+            "task",
+            "create",
+            "s",
+            "--script",
+            &at_file,
+            "--timeout",
+            "90s",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    let task = r.json();
+    assert_eq!(
+        task["script"],
+        json!({"type": "python", "content": "print('hi')\n", "size": 12, "timeoutSeconds": 90})
+    );
+    assert_eq!(task["instructions"], "");
+    let r = agentq(
+        &app,
+        &["type", "create", "s", "sh", "--script", "echo hi", "--json"],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.json()["script"]["type"], "bash");
+    let r = agentq(
+        &app,
+        &["task", "create", "s", "--script", "x", "--timeout", "2h"],
+    )
+    .await;
+    assert_eq!(r.code, 1);
+    assert!(r.err.contains("script.timeoutSeconds"), "{}", r.err);
+
+    let r = agentq(
+        &app,
+        &[
+            "key",
+            "create",
+            "ci",
+            "--role",
+            "producer",
+            "--allow-scripts",
+            "--json",
+        ],
+    )
+    .await;
+    assert_eq!(r.code, 0, "{}", r.err);
+    assert_eq!(r.json()["allowScripts"], true);
+    let (_, producer) = app.key("producer", None).await;
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(agentq_bin())
+            .args(["task", "create", "s", "--script", "true"])
+            .env("AGENTQ_URL", app.base.clone())
+            .env("AGENTQ_KEY", producer)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1), "403 is an error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("FORBIDDEN"));
+}

@@ -403,7 +403,10 @@ async fn without_scripts_no_script_runs() {
 async fn a_lost_lease_stops_the_process() {
     let s = Setup::new(0).await;
     s.app
-        .task_type(&s.project, json!({"name": "short", "leaseDurationMinutes": 0.1}))
+        .task_type(
+            &s.project,
+            json!({"name": "short", "leaseDurationMinutes": 0.1}),
+        )
         .await;
     let pid_file = s.path("pid");
     let content = format!("echo $$ > {}\nsleep 300\n", pid_file.display());
@@ -419,12 +422,21 @@ async fn a_lost_lease_stops_the_process() {
     }
     let r = s
         .app
-        .post(&format!("/api/tasks/{id}/cancel"), json!({"reason": "enough"}))
+        .post(
+            &format!("/api/tasks/{id}/cancel"),
+            json!({"reason": "enough"}),
+        )
         .await;
     assert_eq!(r.status, 200);
     wait_gone(&std::fs::read_to_string(&pid_file).unwrap()).await;
     let t = s.app.get(&format!("/api/tasks/{id}")).await;
-    assert_eq!(t.data()["status"], "cancelled", "nothing reported over the cancel");
-    assert!(std::fs::read_to_string(&log).unwrap().contains("lost the lease"));
+    assert_eq!(
+        t.data()["status"],
+        "cancelled",
+        "nothing reported over the cancel"
+    );
+    assert!(std::fs::read_to_string(&log)
+        .unwrap()
+        .contains("lost the lease"));
     drop(w);
 }

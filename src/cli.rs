@@ -1076,22 +1076,33 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
     };
     let tasks = tasks_of(&text).map_err(Failure::Usage)?;
     let path = format!("/api/projects/{}/tasks/bulk", segment(&project));
+    // The created tasks pass through as the server wrote them: 100,000 of them as JSON trees
+    // cost the client more than the server spent creating them.
     let (mut created, mut errors, mut count) = (Vec::new(), Vec::new(), 0u64);
     // A progress bar on a terminal, when there is more than one request to wait for.
-    let bar = tasks.len() > 1000 && std::io::IsTerminal::is_terminal(&std::io::stderr());
-    for (n, chunk) in tasks.chunks(1000).enumerate() {
+    let bar = tasks.len() > BULK_CHUNK && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    // One request at a time, so that the tasks are queued in the file's order.
+    for (n, chunk) in tasks.chunks(BULK_CHUNK).enumerate() {
         if bar {
-            progress_bar(n * 1000, tasks.len());
+            progress_bar(n * BULK_CHUNK, tasks.len());
         }
-        let answer = client
-            .call(Method::Post, &path, Some(&json!({"tasks": chunk})))
-            .await?;
-        let data = &answer["data"];
-        count += data["tasksCreated"].as_u64().unwrap_or(0);
-        created.extend(data["createdTasks"].as_array().cloned().unwrap_or_default());
-        for e in data["errors"].as_array().into_iter().flatten() {
-            let mut e = e.clone();
-            let index = e["index"].as_u64().unwrap_or(0) + (n * 1000) as u64;
+        let body = format!("{{\"tasks\":[{}]}}", chunk.join(","));
+        let text = client.call_text(Method::Post, &path, Some(body)).await?;
+        let answer: BulkAnswer = serde_json::from_str(&text).map_err(|e| {
+            Failure::Client(ClientError::Unexpected {
+                url: path.clone(),
+                status: 201,
+                body: e.to_string(),
+            })
+        })?;
+        count += answer.data.tasks_created;
+        let items = answer.data.created_tasks.get().trim();
+        let items = &items[1..items.len() - 1];
+        if !items.trim().is_empty() && json_out {
+            created.push(items.to_string());
+        }
+        for mut e in answer.data.errors {
+            let index = e["index"].as_u64().unwrap_or(0) + (n * BULK_CHUNK) as u64;
             e["index"] = Value::from(index);
             errors.push(e);
         }
@@ -1101,12 +1112,15 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
         crate::logs::say("\n");
     }
     let failed = !errors.is_empty();
-    let data = json!({"tasksCreated": count, "createdTasks": created, "errors": errors});
     if json_out {
-        say_out(&data.to_string());
+        let errors = Value::from(errors);
+        say_out(&format!(
+            "{{\"tasksCreated\":{count},\"createdTasks\":[{}],\"errors\":{errors}}}",
+            created.join(",")
+        ));
     } else {
         say_out(&format!("{count} tasks created"));
-        for e in data["errors"].as_array().into_iter().flatten() {
+        for e in &errors {
             crate::logs::say(format!(
                 "  task {}: {}\n",
                 e["index"],
@@ -1115,6 +1129,25 @@ async fn bulk(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Fai
         }
     }
     Ok(if failed { 1 } else { 0 })
+}
+
+/// Tasks a bulk request takes (the server's limit).
+const BULK_CHUNK: usize = 1000;
+
+/// The parts of a bulk's answer `task bulk` reads; the created tasks stay text.
+#[derive(serde::Deserialize)]
+struct BulkAnswer<'a> {
+    #[serde(borrow)]
+    data: BulkData<'a>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkData<'a> {
+    tasks_created: u64,
+    #[serde(borrow)]
+    created_tasks: &'a serde_json::value::RawValue,
+    errors: Vec<Value>,
 }
 
 /// `[#####     ] 5000/10000 tasks` on stderr, over the previous one.
@@ -1128,16 +1161,23 @@ fn progress_bar(done: usize, total: usize) {
     ));
 }
 
-/// The tasks of a bulk file: a JSON array, or one JSON object a line.
-fn tasks_of(text: &str) -> Result<Vec<Value>, String> {
+/// The tasks of a bulk file, each as its JSON text: a JSON array, or one JSON value a line.
+fn tasks_of(text: &str) -> Result<Vec<&str>, String> {
+    use serde_json::value::RawValue;
     let trimmed = text.trim_start();
     if trimmed.starts_with('[') {
-        return serde_json::from_str(trimmed).map_err(|e| format!("not a JSON array: {e}"));
+        let items: Vec<&RawValue> =
+            serde_json::from_str(trimmed).map_err(|e| format!("not a JSON array: {e}"))?;
+        return Ok(items.into_iter().map(RawValue::get).collect());
     }
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| format!("line {}: {e}", i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str::<&RawValue>(l)
+                .map(RawValue::get)
+                .map_err(|e| format!("line {}: {e}", i + 1))
+        })
         .collect()
 }
 

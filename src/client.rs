@@ -76,6 +76,27 @@ impl Client {
         path: &str,
         body: Option<&Value>,
     ) -> Result<Value, ClientError> {
+        let body = match body {
+            Some(b) => Some(b.to_string()),
+            None if method == Method::Post => Some("{}".to_string()),
+            None => None,
+        };
+        let text = self.call_text(method, path, body).await?;
+        serde_json::from_str(&text).map_err(|_| ClientError::Unexpected {
+            url: format!("{}{path}", self.base),
+            status: 200,
+            body: text.chars().take(200).collect(),
+        })
+    }
+
+    /// Calls `path` with a body that is JSON text already, and answers a success's JSON text
+    /// as it came (for answers too large to want as a [`Value`]).
+    pub async fn call_text(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<String, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = match method {
             Method::Get => self.http.get(&url),
@@ -87,9 +108,7 @@ impl Client {
             req = req.header("x-api-key", key);
         }
         if let Some(body) = body {
-            req = req.json(body);
-        } else if method == Method::Post {
-            req = req.json(&serde_json::json!({}));
+            req = req.header("content-type", "application/json").body(body);
         }
         let resp = req.send().await.map_err(|e| ClientError::Connection {
             url: url.clone(),
@@ -100,19 +119,16 @@ impl Client {
             url: url.clone(),
             cause: e.to_string(),
         })?;
-        let json: Value = match serde_json::from_str(&text) {
-            Ok(v) => v,
-            Err(_) => {
-                return Err(ClientError::Unexpected {
-                    url,
-                    status,
-                    body: text.chars().take(200).collect(),
-                })
-            }
-        };
         if (200..300).contains(&status) {
-            return Ok(json);
+            return Ok(text);
         }
+        let Ok(json) = serde_json::from_str::<Value>(&text) else {
+            return Err(ClientError::Unexpected {
+                url,
+                status,
+                body: text.chars().take(200).collect(),
+            });
+        };
         let text_of = |field: &str| json[field].as_str().unwrap_or_default().to_string();
         let details = json["validationDetails"]
             .as_array()

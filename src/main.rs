@@ -114,6 +114,13 @@ struct ServeArgs {
 
 fn main() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|a| a == agentq::worker::GUARD_ARG)
+    {
+        // `agentq work`'s guard process, not a command for people.
+        return agentq::worker::guard_main();
+    }
     // The binary's own commands (serve, add-admin-key) and the client verbs of `agentq::cli`,
     // which its table declares.
     let matches = Cli::command()

@@ -272,8 +272,11 @@ impl World {
                     };
                     match op {
                         Op::Complete { .. } => {
-                            write::complete(w, write::Done::new(&t.id), &name, write::no_check)
-                                .map(|_| ())
+                            let done = write::Done {
+                                execution: Some(execution()),
+                                ..write::Done::new(&t.id)
+                            };
+                            write::complete(w, done, &name, write::no_check).map(|_| ())
                         }
                         Op::Fail { .. } => {
                             let f = write::Failed {
@@ -281,7 +284,7 @@ impl World {
                                 token: None,
                                 error: "e".into(),
                                 can_retry: true,
-                                execution: None,
+                                execution: Some(execution()),
                             };
                             write::fail(w, f, &name, write::no_check).map(|_| ())
                         }
@@ -390,6 +393,12 @@ impl World {
                 let t = &w.tables;
                 let rows: Vec<u64> = keys_of(&*t.tasks);
                 let bodies: Vec<u64> = keys_of(&*t.bodies);
+                let executions: Vec<u64> = t
+                    .executions
+                    .iter()
+                    .unwrap()
+                    .map(|r| r.unwrap().0.value().0)
+                    .collect();
                 let tasks = rows
                     .iter()
                     .map(|seq| load_task(&*t.tasks, &*t.bodies, *seq).unwrap().unwrap())
@@ -413,6 +422,7 @@ impl World {
                 Ok(Committed {
                     rows,
                     bodies,
+                    executions,
                     tasks,
                     index,
                     projects,
@@ -430,6 +440,12 @@ impl World {
             snapshot.rows, snapshot.bodies,
             "a body for each row, no other"
         );
+        for seq in &snapshot.executions {
+            assert!(
+                snapshot.rows.binary_search(seq).is_ok(),
+                "an execution of task {seq}, which is gone"
+            );
+        }
         let tasks: Vec<Task> = snapshot.tasks.clone();
         let mut expected: BTreeSet<(Vec<u8>, Vec<u8>)> = BTreeSet::new();
         let mut counts = Stats::default();
@@ -553,6 +569,8 @@ impl World {
 struct Committed {
     rows: Vec<u64>,
     bodies: Vec<u64>,
+    /// The task (seq) of each execution kept.
+    executions: Vec<u64>,
     tasks: Vec<Task>,
     index: Vec<(Vec<u8>, Vec<u8>)>,
     projects: std::collections::HashSet<u128>,
@@ -561,6 +579,16 @@ struct Committed {
 }
 
 /// The keys of a table of task seqs, in order.
+/// What a worker reports with a complete or a fail.
+fn execution() -> agentq::model::Execution {
+    agentq::model::Execution {
+        exit_code: 0,
+        stdout_tail: "out".into(),
+        stderr_tail: String::new(),
+        duration_ms: 1,
+    }
+}
+
 fn keys_of(table: &impl ReadableTable<u64, &'static [u8]>) -> Vec<u64> {
     table
         .iter()

@@ -364,8 +364,14 @@ impl<'txn> Tables<'txn> {
             None => {
                 self.tasks.remove(seq)?;
                 self.bodies.remove(seq)?;
-                for a in old.map_or(&[][..], |t| &t.attempts[..]) {
-                    self.executions.remove((seq, a.attempt))?;
+                // By range, not by the attempts listed: the oldest fall out of a long history.
+                let attempts: Vec<u32> = self
+                    .executions
+                    .range((seq, 0)..=(seq, u32::MAX))?
+                    .map(|r| r.map(|(k, _)| k.value().1))
+                    .collect::<std::result::Result<_, _>>()?;
+                for attempt in attempts {
+                    self.executions.remove((seq, attempt))?;
                 }
             }
         }

@@ -14,6 +14,7 @@ use clap::{Arg, ArgAction, ArgMatches, Command};
 use serde_json::{json, Map, Value};
 
 use crate::client::{segment, Client, ClientError, Method};
+use crate::time::duration_of;
 
 /// Where a parameter goes in the request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,9 +87,13 @@ pub enum Show {
 /// One verb: its words on the command line, its MCP tool name, its REST operation.
 #[derive(Clone, Copy, Debug)]
 pub struct Verb {
+    /// Its words on the command line; none for a tool with no verb of its own.
     pub words: &'static [&'static str],
     pub tool: &'static str,
+    /// One line for `--help`.
     pub about: &'static str,
+    /// The MCP tool's description: what it is for and when to call it, for a model.
+    pub model: &'static str,
     pub method: Method,
     pub route: &'static str,
     pub params: &'static [Param],
@@ -216,6 +221,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "create"],
         tool: "create_project",
         about: "Create a project",
+        model: "Create a project: the queue that holds task types and tasks. Give it instructions that every agent working on it should read.",
         method: Method::Post,
         route: "/api/projects",
         params: &[
@@ -240,6 +246,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "list"],
         tool: "list_projects",
         about: "List projects",
+        model: "List the projects this key can see, with their counts by status. Call it first to find the project to work on.",
         method: Method::Get,
         route: "/api/projects",
         params: &[
@@ -257,6 +264,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "show"],
         tool: "get_project",
         about: "Show a project",
+        model: "Get one project (by name or id) with its instructions and counts by status. Read the project's instructions before working on its tasks.",
         method: Method::Get,
         route: "/api/projects/{project}",
         params: &[PROJECT],
@@ -266,6 +274,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "stats"],
         tool: "get_project_stats",
         about: "Counters, queue depth, active agents and the last hour of a project",
+        model: "Counts by status, queue depth, active agents and the last hour's completions and failures of a project: to report on progress.",
         method: Method::Get,
         route: "/api/projects/{project}/stats",
         params: &[PROJECT],
@@ -275,6 +284,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "update"],
         tool: "update_project",
         about: "Update a project",
+        model: "Change a project's name, description, instructions, status (active or closed) or config.",
         method: Method::Put,
         route: "/api/projects/{project}",
         params: &[
@@ -295,6 +305,7 @@ pub const VERBS: &[Verb] = &[
         words: &["project", "delete"],
         tool: "delete_project",
         about: "Delete a project with its task types and tasks",
+        model: "Delete a project with all its task types and tasks. Cannot be undone.",
         method: Method::Delete,
         route: "/api/projects/{project}",
         params: &[PROJECT],
@@ -304,6 +315,7 @@ pub const VERBS: &[Verb] = &[
         words: &["type", "create"],
         tool: "create_task_type",
         about: "Create a task type",
+        model: "Create a task type: a template of instructions with {{variables}} that each task fills in, and its retry and lease rules.",
         method: Method::Post,
         route: "/api/projects/{project}/task-types",
         params: &[
@@ -326,6 +338,7 @@ pub const VERBS: &[Verb] = &[
         words: &["type", "list"],
         tool: "list_task_types",
         about: "List a project's task types",
+        model: "List a project's task types with their templates and variables.",
         method: Method::Get,
         route: "/api/projects/{project}/task-types",
         params: &[PROJECT, LIMIT],
@@ -335,6 +348,7 @@ pub const VERBS: &[Verb] = &[
         words: &["type", "show"],
         tool: "get_task_type",
         about: "Show a task type",
+        model: "Get one task type (by name or id within the project).",
         method: Method::Get,
         route: "/api/task-types/{type}",
         params: &[TYPE_PROJECT, TYPE],
@@ -344,6 +358,7 @@ pub const VERBS: &[Verb] = &[
         words: &["type", "update"],
         tool: "update_task_type",
         about: "Update a task type",
+        model: "Change a task type's template, variables or rules; existing tasks keep their instructions.",
         method: Method::Put,
         route: "/api/task-types/{type}",
         params: &[
@@ -367,6 +382,7 @@ pub const VERBS: &[Verb] = &[
         words: &["type", "delete"],
         tool: "delete_task_type",
         about: "Delete a task type",
+        model: "Delete a task type; its tasks stay.",
         method: Method::Delete,
         route: "/api/task-types/{type}",
         params: &[TYPE_PROJECT, TYPE],
@@ -376,6 +392,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "create"],
         tool: "create_task",
         about: "Create a task",
+        model: "Queue one task in a project: its own instructions, or a task type (by name) and the variables its template needs. Priority 0-10, higher first.",
         method: Method::Post,
         route: "/api/projects/{project}/tasks",
         params: &[
@@ -417,6 +434,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "list"],
         tool: "list_tasks",
         about: "List a project's tasks",
+        model: "List a project's tasks, filtered by status (comma-separated), type, agent or batch, newest first unless order=asc.",
         method: Method::Get,
         route: "/api/projects/{project}/tasks",
         params: &[
@@ -440,6 +458,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "show"],
         tool: "get_task",
         about: "Show a task",
+        model: "Get one task with its instructions, result, outputs, error and attempts.",
         method: Method::Get,
         route: "/api/tasks/{task}",
         params: &[TASK],
@@ -449,6 +468,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "cancel"],
         tool: "cancel_task",
         about: "Cancel a queued or running task",
+        model: "Cancel a queued or running task; a running task's agent loses its lease.",
         method: Method::Post,
         route: "/api/tasks/{task}/cancel",
         params: &[TASK, opt("reason", "reason", Kind::Text, "Why")],
@@ -458,6 +478,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "retry"],
         tool: "retry_task",
         about: "Put a failed or cancelled task back in the queue",
+        model: "Put a failed or cancelled task back in the queue.",
         method: Method::Post,
         route: "/api/tasks/{task}/retry",
         params: &[TASK],
@@ -467,6 +488,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "delete"],
         tool: "delete_task",
         about: "Delete a task",
+        model: "Delete a task and its history.",
         method: Method::Delete,
         route: "/api/tasks/{task}",
         params: &[TASK],
@@ -476,6 +498,7 @@ pub const VERBS: &[Verb] = &[
         words: &["task", "attempts"],
         tool: "list_attempts",
         about: "A task's attempt history",
+        model: "A task's attempt history: which agent held it, when, how it ended, and how its process ran.",
         method: Method::Get,
         route: "/api/tasks/{task}/attempts",
         params: &[TASK],
@@ -492,6 +515,7 @@ pub const VERBS: &[Verb] = &[
         words: &["next"],
         tool: "get_next_task",
         about: "Lease the next task to an agent (exit 5 when there is none)",
+        model: "Take the next task to work on: it is leased to you (agentName) until leaseExpiresAt, and nobody else gets it. Read the project's instructions first. Pass the answer's leaseToken back to complete_task, fail_task, extend_lease and report_progress. waitSeconds (up to 60) waits for a task when the queue is empty; an empty queue answers task: null.",
         method: Method::Post,
         route: "/api/agents/{agent}/next-task",
         params: &[
@@ -523,6 +547,7 @@ pub const VERBS: &[Verb] = &[
         words: &["peek"],
         tool: "peek_next_task",
         about: "How many tasks next-task could hand out now (exit 5 when none)",
+        model: "How many tasks get_next_task could hand out now, without taking one.",
         method: Method::Get,
         route: "/api/projects/{project}/peek-next-task",
         params: &[PROJECT],
@@ -532,6 +557,7 @@ pub const VERBS: &[Verb] = &[
         words: &["complete"],
         tool: "complete_task",
         about: "Complete a task (its lease holder)",
+        model: "Report your leased task done, with its result (text) and/or outputs (a JSON object). Give the leaseToken from get_next_task.",
         method: Method::Post,
         route: "/api/tasks/{task}/complete",
         params: &[
@@ -552,6 +578,7 @@ pub const VERBS: &[Verb] = &[
         words: &["fail"],
         tool: "fail_task",
         about: "Fail a task (its lease holder); retried while retries remain",
+        model: "Report that your leased task failed, with the error; it is retried (maybe by another agent) while retries remain, unless canRetry is false.",
         method: Method::Post,
         route: "/api/tasks/{task}/fail",
         params: &[
@@ -572,6 +599,7 @@ pub const VERBS: &[Verb] = &[
         words: &["extend"],
         tool: "extend_lease",
         about: "Extend a task's lease (its holder)",
+        model: "Keep your leased task: extend its lease by extensionMinutes from now. Call it well before leaseExpiresAt on long work, or the task is handed to another agent.",
         method: Method::Post,
         route: "/api/tasks/{task}/extend-lease",
         params: &[
@@ -591,6 +619,7 @@ pub const VERBS: &[Verb] = &[
         words: &["progress"],
         tool: "report_progress",
         about: "Report a task's progress (its holder)",
+        model: "Report progress on your leased task (current of total, and a message) so people can follow it.",
         method: Method::Post,
         route: "/api/tasks/{task}/progress",
         params: &[
@@ -604,9 +633,66 @@ pub const VERBS: &[Verb] = &[
         show: Show::Fields,
     },
     Verb {
+        words: &["agents"],
+        tool: "list_active_agents",
+        about: "Agents holding a lease in a project, with their tasks",
+        model: "List the agents that hold a task of the project now, with the task and when its lease ends.",
+        method: Method::Get,
+        route: "/api/projects/{project}/agents",
+        params: &[PROJECT, LIMIT],
+        show: Show::Table(&["agentName", "taskId", "assignedAt", "leaseExpiresAt"]),
+    },
+    Verb {
+        words: &["cleanup"],
+        tool: "cleanup_expired_leases",
+        about: "Reclaim a project's expired leases now (the reaper does it by itself)",
+        model: "Reclaim the project's expired leases at once, requeueing their tasks. Rarely needed: the server's reaper does it on time.",
+        method: Method::Post,
+        route: "/api/projects/{project}/cleanup-leases",
+        params: &[PROJECT],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["health"],
+        tool: "health_check",
+        about: "The server's health, version, uptime and storage",
+        model: "Check that the agentq server is up and its storage writable.",
+        method: Method::Get,
+        route: "/health",
+        params: &[],
+        show: Show::Fields,
+    },
+    // Tools without a verb of their own: the CLI's `task bulk` reads a file and sends it in
+    // chunks to the same route; lease statistics are the project's stats.
+    Verb {
+        words: &[],
+        tool: "create_tasks_bulk",
+        about: "Create up to 1,000 tasks in one request",
+        model: "Queue up to 1,000 tasks in one call (each as create_task takes it); problems are reported per task, by index, in errors.",
+        method: Method::Post,
+        route: "/api/projects/{project}/tasks/bulk",
+        params: &[
+            PROJECT,
+            needed(opt("tasks", "tasks", Kind::Json, "The tasks, a JSON array")),
+            opt("batch", "batchId", Kind::Text, "Batch id for tasks that give none"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &[],
+        tool: "get_lease_stats",
+        about: "A project's leases: running tasks, active agents, queue depth",
+        model: "Lease statistics of a project: running tasks, active agents and queue depth, with counts by status.",
+        method: Method::Get,
+        route: "/api/projects/{project}/stats",
+        params: &[PROJECT],
+        show: Show::Fields,
+    },
+    Verb {
         words: &["key", "create"],
         tool: "create_key",
         about: "Create an API key (admin); the key is shown once",
+        model: "Create an API key (admin only); the key is shown once.",
         method: Method::Post,
         route: "/api/keys",
         params: &[
@@ -636,6 +722,7 @@ pub const VERBS: &[Verb] = &[
         words: &["key", "list"],
         tool: "list_keys",
         about: "List API keys (admin)",
+        model: "List API keys (admin only); keys themselves are never shown.",
         method: Method::Get,
         route: "/api/keys",
         params: &[LIMIT],
@@ -645,6 +732,7 @@ pub const VERBS: &[Verb] = &[
         words: &["key", "delete"],
         tool: "delete_key",
         about: "Revoke an API key (admin)",
+        model: "Revoke an API key (admin only).",
         method: Method::Delete,
         route: "/api/keys/{key}",
         params: &[pos("ID", "key", At::Path, "Key id")],
@@ -683,7 +771,7 @@ fn connection_args() -> [Arg; 4] {
 /// The client subcommands, grouped by their first word, for the binary's command line.
 pub fn commands() -> Vec<Command> {
     let mut groups: Vec<Command> = Vec::new();
-    for verb in VERBS {
+    for verb in VERBS.iter().filter(|v| !v.words.is_empty()) {
         let leaf = verb_command(verb);
         match verb.words {
             [only] => groups.push(leaf.name(*only).args(connection_args())),
@@ -776,7 +864,7 @@ fn verb_command(verb: &Verb) -> Command {
 
 /// Whether `name` is a client subcommand (else the binary's own: serve, add-admin-key).
 pub fn is_client_command(name: &str) -> bool {
-    ["status", "work"].contains(&name) || VERBS.iter().any(|v| v.words[0] == name)
+    ["status", "work"].contains(&name) || VERBS.iter().any(|v| v.words.first() == Some(&name))
 }
 
 /// Runs the client subcommand `name` with its matches.
@@ -948,26 +1036,6 @@ fn vars<'a>(pairs: impl Iterator<Item = &'a String>) -> Result<Value, String> {
         out.insert(name.to_string(), Value::from(value));
     }
     Ok(Value::Object(out))
-}
-
-/// A duration `<n>[smhd]` (a bare number is seconds).
-pub fn duration_of(text: &str) -> Option<std::time::Duration> {
-    let (number, unit) = match text.char_indices().last()? {
-        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
-        _ => (text, 's'),
-    };
-    let n: f64 = number
-        .parse()
-        .ok()
-        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
-    let secs = match unit {
-        's' => n,
-        'm' => n * 60.0,
-        'h' => n * 3600.0,
-        'd' => n * 86_400.0,
-        _ => return None,
-    };
-    Some(std::time::Duration::from_secs_f64(secs))
 }
 
 /// An RFC 3339 time as it is, or `+<duration>` from now, as RFC 3339.
@@ -1344,27 +1412,6 @@ fn say_out(text: &str) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn durations_take_a_unit_or_seconds() {
-        assert_eq!(duration_of("90"), Some(std::time::Duration::from_secs(90)));
-        assert_eq!(duration_of("90s"), Some(std::time::Duration::from_secs(90)));
-        assert_eq!(
-            duration_of("10m"),
-            Some(std::time::Duration::from_secs(600))
-        );
-        assert_eq!(
-            duration_of("2h"),
-            Some(std::time::Duration::from_secs(7200))
-        );
-        assert_eq!(
-            duration_of("3d"),
-            Some(std::time::Duration::from_secs(259_200))
-        );
-        assert_eq!(duration_of("3w"), None);
-        assert_eq!(duration_of("-1s"), None);
-        assert_eq!(duration_of(""), None);
-    }
-
     /// Every verb's route placeholders are filled by its path parameters, and its words and
     /// tool names are unique: the table is the one place they are declared.
     #[test]
@@ -1373,7 +1420,11 @@ mod tests {
         let mut words = std::collections::HashSet::new();
         for v in VERBS {
             assert!(tools.insert(v.tool), "tool {} twice", v.tool);
-            assert!(words.insert(v.words), "{:?} twice", v.words);
+            assert!(
+                v.words.is_empty() || words.insert(v.words),
+                "{:?} twice",
+                v.words
+            );
             for p in v.params.iter().filter(|p| p.at == At::Path) {
                 assert!(
                     v.route.contains(&format!("{{{}}}", p.field)),

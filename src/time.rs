@@ -106,6 +106,26 @@ pub fn parse(s: &str) -> Option<Millis> {
     Some((dt.unix_timestamp_nanos() / 1_000_000) as Millis)
 }
 
+/// A duration as the command line writes it, `<n>[smhd]` (a bare number is seconds).
+pub fn duration_of(text: &str) -> Option<std::time::Duration> {
+    let (number, unit) = match text.char_indices().last()? {
+        (i, c) if c.is_ascii_alphabetic() => (&text[..i], c),
+        _ => (text, 's'),
+    };
+    let n: f64 = number
+        .parse()
+        .ok()
+        .filter(|n: &f64| n.is_finite() && *n >= 0.0)?;
+    let secs = match unit {
+        's' => n,
+        'm' => n * 60.0,
+        'h' => n * 3600.0,
+        'd' => n * 86_400.0,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_secs_f64(secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +145,26 @@ mod tests {
             Some(1_767_268_800_123)
         );
         assert_eq!(parse("yesterday"), None);
+    }
+
+    #[test]
+    fn durations_take_a_unit_or_seconds() {
+        assert_eq!(duration_of("90"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(duration_of("90s"), Some(std::time::Duration::from_secs(90)));
+        assert_eq!(
+            duration_of("10m"),
+            Some(std::time::Duration::from_secs(600))
+        );
+        assert_eq!(
+            duration_of("2h"),
+            Some(std::time::Duration::from_secs(7200))
+        );
+        assert_eq!(
+            duration_of("3d"),
+            Some(std::time::Duration::from_secs(259_200))
+        );
+        assert_eq!(duration_of("3w"), None);
+        assert_eq!(duration_of("-1s"), None);
+        assert_eq!(duration_of(""), None);
     }
 }

@@ -191,7 +191,7 @@ fn options(m: &ArgMatches) -> Result<Worker, String> {
     let duration = |name: &str| -> Result<Option<Duration>, String> {
         m.get_one::<String>(name)
             .map(|text| {
-                crate::cli::duration_of(text)
+                crate::time::duration_of(text)
                     .ok_or_else(|| format!("--{name}: a duration <n>[smhd], not {text:?}"))
             })
             .transpose()
@@ -363,6 +363,11 @@ async fn slot(w: Arc<Worker>, agent: String) {
         match report {
             Report::Complete(body) => {
                 w.counts.done.fetch_add(1, Ordering::Relaxed);
+                if !w.tty {
+                    let ms = &body["execution"]["durationMs"];
+                    let id = task["id"].as_str().unwrap_or_default();
+                    crate::logs::say(format!("agentq work: {agent}: task {id} done in {ms} ms\n"));
+                }
                 complete = Some(body);
             }
             fail @ Report::Fail(_) => {

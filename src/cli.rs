@@ -740,8 +740,8 @@ pub const VERBS: &[Verb] = &[
     },
 ];
 
-/// The options every client verb takes.
-fn connection_args() -> [Arg; 4] {
+/// The options every client verb takes (and `agentq work` and `agentq mcp`).
+pub fn connection_args() -> [Arg; 4] {
     [
         Arg::new("url")
             .long("url")
@@ -923,7 +923,8 @@ fn find(words: &[&str]) -> Option<&'static Verb> {
     VERBS.iter().find(|v| v.words == words)
 }
 
-fn client_of(m: &ArgMatches) -> Result<Client, String> {
+/// The client the connection options name (`--url`, `--key`, `--key-file`).
+pub fn client_of(m: &ArgMatches) -> Result<Client, String> {
     let url = m
         .get_one::<String>("url")
         .cloned()
@@ -1090,7 +1091,11 @@ async fn run_verb(
 }
 
 /// The id of the task type `ty` (a name or an id) of `project`.
-async fn type_id(client: &Client, project: &str, ty: &str) -> Result<String, Failure> {
+pub(crate) async fn type_id(
+    client: &Client,
+    project: &str,
+    ty: &str,
+) -> Result<String, ClientError> {
     let path = format!("/api/projects/{}/task-types?limit=1000", segment(project));
     let list = client.call(Method::Get, &path, None).await?;
     let types = list["data"].as_array().cloned().unwrap_or_default();
@@ -1099,13 +1104,11 @@ async fn type_id(client: &Client, project: &str, ty: &str) -> Result<String, Fai
         .find(|t| t["id"] == ty)
         .or_else(|| types.iter().find(|t| t["name"] == ty))
         .and_then(|t| t["id"].as_str().map(String::from))
-        .ok_or_else(|| {
-            Failure::Client(ClientError::Server {
-                status: 404,
-                code: "NOT_FOUND".into(),
-                message: format!("task type {ty} not found in project {project}"),
-                details: Vec::new(),
-            })
+        .ok_or_else(|| ClientError::Server {
+            status: 404,
+            code: "NOT_FOUND".into(),
+            message: format!("task type {ty} not found in project {project}"),
+            details: Vec::new(),
         })
 }
 

@@ -12,6 +12,7 @@
 //! - [`server`]: configuration, start-up and graceful shutdown.
 //! - [`cli`]: the client verbs of the binary, declared once in a table; [`client`]: the HTTP
 //!   client they call the server with.
+//! - [`mcp`]: `agentq mcp`, the verb table's tools for LLM agents over MCP (stdio).
 //! - [`worker`]: `agentq work`, an agent that runs a process (or a task's script) per task.
 //! - [`spawn`]: work that must not stop half way when its caller stops waiting.
 //! - [`listen`]: accepting connections and serving HTTP on them (idle limit, back-off).
@@ -31,6 +32,7 @@ pub mod ids;
 pub mod lease;
 pub mod listen;
 pub mod logs;
+pub mod mcp;
 pub mod model;
 pub mod report;
 pub mod scheduler;

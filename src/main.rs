@@ -125,7 +125,24 @@ fn main() -> ExitCode {
     // which its table declares.
     let matches = Cli::command()
         .subcommands(agentq::cli::commands())
+        .subcommand(agentq::mcp::command())
         .get_matches();
+    if let Some(("mcp", sub)) = matches.subcommand() {
+        let client = match agentq::cli::client_of(sub) {
+            Ok(c) => c,
+            Err(why) => {
+                agentq::logs::say(format!("agentq: {why}\n"));
+                return ExitCode::from(2);
+            }
+        };
+        return match tokio::runtime::Runtime::new() {
+            Ok(rt) => rt.block_on(agentq::mcp::run_stdio(client)),
+            Err(e) => {
+                agentq::logs::say(format!("agentq: cannot start the runtime: {e}\n"));
+                ExitCode::FAILURE
+            }
+        };
+    }
     if let Some((name, sub)) = matches.subcommand() {
         if agentq::cli::is_client_command(name) {
             let rt = match tokio::runtime::Runtime::new() {

@@ -398,7 +398,7 @@ async fn expiring_leases_never_let_two_agents_finish_one_task() {
                 leases.lock().unwrap().insert((id.clone(), token.clone()));
                 // Some agents stall until the clock is past their lease (the reaper then
                 // reclaims it; another agent may hold the task by the time they answer).
-                if (n + round) % 3 == 0 {
+                if (n + round).is_multiple_of(3) {
                     use agentq::time::Clock;
                     let clock = app.clock.as_ref().unwrap();
                     let past = clock.now() + 90_000;
@@ -406,7 +406,7 @@ async fn expiring_leases_never_let_two_agents_finish_one_task() {
                         tokio::time::sleep(std::time::Duration::from_millis(1)).await;
                     }
                 }
-                let fail = (n + round) % 4 == 0;
+                let fail = (n + round).is_multiple_of(4);
                 let mut body = json!({"agentName": agent, "leaseToken": token});
                 if fail {
                     body["error"] = json!("e");

@@ -441,7 +441,20 @@ fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String
                 "A task of a bulk request. Field rules are those of CreateTask; an item that breaks one is reported in `errors` by index.".into(),
             );
         }
-        schemas.insert("BulkTask".into(), item);
+        // Its script too: a copy of ScriptIn, taken before the rules are merged in.
+        let item = serde_json::to_string(&item)
+            .unwrap_or_default()
+            .replace("#/components/schemas/ScriptIn", "#/components/schemas/BulkScript");
+        schemas.insert(
+            "BulkTask".into(),
+            serde_json::from_str(&item).unwrap_or(Value::Null),
+        );
+        match schemas.get("ScriptIn").cloned() {
+            Some(script) => {
+                schemas.insert("BulkScript".into(), script);
+            }
+            None => unmatched.push("schema ScriptIn".into()),
+        }
         match schemas
             .get_mut("BulkCreate")
             .and_then(|b| b.pointer_mut("/properties/tasks/items"))
@@ -459,13 +472,14 @@ fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String
             None => unmatched.push(format!("{schema}.{prop}")),
         }
     }
-    // A task needs instructions unless its type has a template.
+    // A task needs instructions unless its type has a template or it has a script.
     if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {
         o.insert(
             "anyOf".into(),
             json!([
                 {"required": ["instructions"], "properties": {"instructions": {"type": "string"}}},
-                {"required": ["typeId"], "properties": {"typeId": {"type": "string"}}}
+                {"required": ["typeId"], "properties": {"typeId": {"type": "string"}}},
+                {"required": ["script"], "properties": {"script": {"type": "object"}}}
             ]),
         );
     }

@@ -149,6 +149,24 @@ impl Client {
             details,
         })
     }
+
+    /// The id of the task type `ty` (a name or an id) of `project`.
+    pub async fn type_id(&self, project: &str, ty: &str) -> Result<String, ClientError> {
+        let path = format!("/api/projects/{}/task-types?limit=1000", segment(project));
+        let list = self.call(Method::Get, &path, None).await?;
+        let types = list["data"].as_array().cloned().unwrap_or_default();
+        types
+            .iter()
+            .find(|t| t["id"] == ty)
+            .or_else(|| types.iter().find(|t| t["name"] == ty))
+            .and_then(|t| t["id"].as_str().map(String::from))
+            .ok_or_else(|| ClientError::Server {
+                status: 404,
+                code: "NOT_FOUND".into(),
+                message: format!("task type {ty} not found in project {project}"),
+                details: Vec::new(),
+            })
+    }
 }
 
 /// `text` as one segment of a URL path (ids and names are ASCII letters, digits, `-`, `_`;

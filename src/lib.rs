@@ -10,7 +10,8 @@
 //! - [`scheduler`]: the reaper, which reclaims expired leases and releases delayed tasks.
 //! - [`api`]: the HTTP contract (poem-openapi), the error envelope and middleware.
 //! - [`server`]: configuration, start-up and graceful shutdown.
-//! - [`cli`]: the client verbs of the binary, declared once in a table; [`client`]: the HTTP
+//! - [`verbs`]: every verb, declared once: its command-line words, MCP tool, REST route and
+//!   parameters. [`cli`]: the binary's client commands built from it; [`client`]: the HTTP
 //!   client they call the server with.
 //! - [`mcp`]: `agentq mcp`, the verb table's tools for LLM agents over MCP (stdio).
 //! - [`worker`]: `agentq work`, an agent that runs a process (or a task's script) per task.
@@ -41,6 +42,7 @@ pub mod spawn;
 pub mod store;
 pub mod telemetry;
 pub mod time;
+pub mod verbs;
 pub mod worker;
 
 pub use server::{run, Config, Server};

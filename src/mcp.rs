@@ -24,8 +24,8 @@ use rmcp::service::RequestContext;
 use rmcp::{ErrorData, RoleServer, ServerHandler, ServiceExt};
 use serde_json::{json, Map, Value};
 
-use crate::cli::{At, Kind, Param, Verb, VERBS};
 use crate::client::{segment, Client, ClientError, Method};
+use crate::verbs::{At, Kind, Param, Verb, VERBS};
 
 /// One MCP session's view of the queue: the server it calls and the agent name it acts as
 /// when a tool call gives none.
@@ -54,7 +54,7 @@ impl Tools {
             let ty = args.get("typeId").and_then(text_of).unwrap_or_default();
             if uuid::Uuid::parse_str(&ty).is_err() {
                 let project = args.get("projectId").and_then(text_of).unwrap_or_default();
-                match crate::cli::type_id(&self.client, &project, &ty).await {
+                match self.client.type_id(&project, &ty).await {
                     Ok(id) => args.insert("typeId".into(), Value::from(id)),
                     Err(e) => return Some(refusal(&e)),
                 };

@@ -442,9 +442,10 @@ fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String
             );
         }
         // Its script too: a copy of ScriptIn, taken before the rules are merged in.
-        let item = serde_json::to_string(&item)
-            .unwrap_or_default()
-            .replace("#/components/schemas/ScriptIn", "#/components/schemas/BulkScript");
+        let item = serde_json::to_string(&item).unwrap_or_default().replace(
+            "#/components/schemas/ScriptIn",
+            "#/components/schemas/BulkScript",
+        );
         schemas.insert(
             "BulkTask".into(),
             serde_json::from_str(&item).unwrap_or(Value::Null),

@@ -161,6 +161,19 @@ impl Caller {
     }
 }
 
+/// The credential of an HTTP request: `X-API-Key`, else `Authorization: Bearer`.
+pub fn credential(headers: &poem::http::HeaderMap) -> Option<&str> {
+    if let Some(k) = headers.get("x-api-key") {
+        return k.to_str().ok().map(str::trim);
+    }
+    let v = headers
+        .get(poem::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// A 256-bit digest: the cache key of a presented key, the stored form of a session token.
 pub fn digest(secret: &str) -> [u8; 32] {
     let d = Blake2s256::digest(secret.as_bytes());

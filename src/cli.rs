@@ -73,6 +73,12 @@ pub fn commands() -> Vec<Command> {
         }
     }
     groups.push(crate::worker::command().args(connection_args()));
+    // Served by `mcp::run_stdio`, which the binary calls for it.
+    groups.push(
+        Command::new("mcp")
+            .about("Serve the queue as MCP tools on stdin and stdout, for an LLM agent")
+            .args(connection_args()),
+    );
     groups.push(
         Command::new("status")
             .about("One screen over every project: counts, queue, agents, the last hour")

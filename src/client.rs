@@ -69,6 +69,14 @@ impl Client {
         }
     }
 
+    /// The same server, called with another key.
+    pub fn with_key(&self, key: &str) -> Client {
+        Client {
+            key: Some(key.to_string()),
+            ..self.clone()
+        }
+    }
+
     /// Calls `path` (with its query) and answers the whole JSON body of a success.
     pub async fn call(
         &self,

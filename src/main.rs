@@ -125,7 +125,6 @@ fn main() -> ExitCode {
     // which its table declares.
     let matches = Cli::command()
         .subcommands(agentq::cli::commands())
-        .subcommand(agentq::mcp::command())
         .get_matches();
     if let Some(("mcp", sub)) = matches.subcommand() {
         let client = match agentq::cli::client_of(sub) {

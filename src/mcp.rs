@@ -44,9 +44,14 @@ impl Tools {
         }
     }
 
-    /// Runs tool `name` with `args`: the verb's REST call, its answer as a tool result.
-    /// `None`: no such tool.
-    pub async fn call(&self, name: &str, args: &Map<String, Value>) -> Option<CallToolResult> {
+    /// Runs tool `name` with `args` through `client`: the verb's REST call, its answer as a
+    /// tool result. `None`: no such tool.
+    pub async fn call(
+        &self,
+        client: &Client,
+        name: &str,
+        args: &Map<String, Value>,
+    ) -> Option<CallToolResult> {
         let verb = VERBS.iter().find(|v| v.tool == name)?;
         let mut args = args.clone();
         if verb.route.starts_with("/api/task-types/") {
@@ -54,7 +59,7 @@ impl Tools {
             let ty = args.get("typeId").and_then(text_of).unwrap_or_default();
             if uuid::Uuid::parse_str(&ty).is_err() {
                 let project = args.get("projectId").and_then(text_of).unwrap_or_default();
-                match self.client.type_id(&project, &ty).await {
+                match client.type_id(&project, &ty).await {
                     Ok(id) => args.insert("typeId".into(), Value::from(id)),
                     Err(e) => return Some(refusal(&e)),
                 };
@@ -65,12 +70,10 @@ impl Tools {
             Err(e) => return Some(refusal(&e)),
         };
         let (path, body) = request;
-        Some(
-            match self.client.call(verb.method, &path, body.as_ref()).await {
-                Ok(mut answer) => success(verb, answer["data"].take(), &answer["pagination"]),
-                Err(e) => refusal(&e),
-            },
-        )
+        Some(match client.call(verb.method, &path, body.as_ref()).await {
+            Ok(mut answer) => success(verb, answer["data"].take(), &answer["pagination"]),
+            Err(e) => refusal(&e),
+        })
     }
 
     /// The REST request of `verb` with MCP arguments: the path with its ids, the query, the
@@ -398,10 +401,17 @@ impl ServerHandler for Tools {
     async fn call_tool(
         &self,
         request: CallToolRequestParams,
-        _context: RequestContext<RoleServer>,
+        context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
         let args = request.arguments.unwrap_or_default();
-        match self.call(&request.name, &args).await {
+        // Over HTTP, each call acts with the credential of the request that carried it.
+        let client = context
+            .extensions
+            .get::<poem::http::request::Parts>()
+            .and_then(|parts| crate::auth::credential(&parts.headers))
+            .map(|key| self.client.with_key(key));
+        let client = client.as_ref().unwrap_or(&self.client);
+        match self.call(client, &request.name, &args).await {
             Some(result) => Ok(result.into()),
             None => Err(ErrorData::invalid_params(
                 format!("no tool named {}", request.name),
@@ -432,13 +442,6 @@ impl ServerHandler for Tools {
         };
         Ok(GetPromptResult::new(vec![PromptMessage::new_text(Role::User, text)]).into())
     }
-}
-
-/// The `mcp` subcommand.
-pub fn command() -> clap::Command {
-    clap::Command::new("mcp")
-        .about("Serve the queue as MCP tools on stdin and stdout, for an LLM agent")
-        .args(crate::cli::connection_args())
 }
 
 /// `agentq mcp`: serves the tools on stdin and stdout until the client closes them. Nothing

@@ -159,7 +159,7 @@ impl Server {
             started: Instant::now(),
         });
         spawn_background(&state);
-        let (stop, done) = serve(listener, state, &config);
+        let (stop, done) = serve(listener, addr, state, &config);
         Ok(Server {
             addr,
             store,
@@ -235,6 +235,7 @@ fn spawn_background(state: &Arc<State>) {
 /// ends once the connections are closed.
 fn serve(
     listener: Listener,
+    addr: SocketAddr,
     state: Arc<State>,
     config: &Config,
 ) -> (oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
@@ -243,6 +244,7 @@ fn serve(
         &HttpOptions {
             max_body_bytes: config.max_body_bytes,
             cors_origin: config.cors_origin.clone(),
+            addr,
         },
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

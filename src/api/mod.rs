@@ -12,6 +12,7 @@ pub mod error;
 pub mod explain;
 pub mod keys;
 pub mod leases;
+pub mod mcp;
 pub mod projects;
 pub mod spec;
 pub mod tasks;
@@ -186,6 +187,8 @@ impl SystemApi {
 pub struct HttpOptions {
     pub max_body_bytes: usize,
     pub cors_origin: Option<String>,
+    /// Where the server listens: `/mcp`'s tools call the REST API there.
+    pub addr: std::net::SocketAddr,
 }
 
 /// The whole HTTP application.
@@ -249,6 +252,10 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
         .at(
             "/metrics/json",
             poem::endpoint::make_sync(move |_| metrics_json(&j_state)),
+        )
+        .at(
+            "/mcp",
+            mcp::McpEndpoint::new(opts.addr, opts.cors_origin.as_deref(), max),
         )
         .nest("/api/docs", ui)
         .at(
@@ -418,7 +425,7 @@ async fn handle<E: Endpoint>(
     // hyper close the connection after the answer whenever its bytes came after the headers,
     // and the client's next request on that connection failed (a broken pipe, which clients
     // do not retry for a POST).
-    if has_body && !spec.takes_body(req.method().as_str(), route.0) {
+    if has_body && !spec.takes_body(req.method().as_str(), route.0) && route.0 != "/mcp" {
         discard(req.take_body()).await;
     }
     // A request without a credential whose method and path name no operation skips this
@@ -681,12 +688,7 @@ fn is_public(path: &str) -> bool {
 
 /// The credential of a request: `X-API-Key`, else `Authorization: Bearer`.
 fn credential(req: &Request) -> Option<&str> {
-    if let Some(k) = req.headers().get("x-api-key") {
-        return k.to_str().ok().map(str::trim);
-    }
-    let v = req.headers().get(header::AUTHORIZATION)?.to_str().ok()?;
-    let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    crate::auth::credential(req.headers())
 }
 
 /// Authenticates the request and applies the per-address failure limit and the per-key

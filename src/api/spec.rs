@@ -695,6 +695,8 @@ impl Spec {
             "/metrics" => ("/metrics", false),
             "/metrics/json" => ("/metrics/json", false),
             "/api/openapi.json" => ("/api/openapi.json", false),
+            // MCP's streamable HTTP transport: every request is authenticated.
+            "/mcp" => ("/mcp", matches!(method, "GET" | "POST" | "DELETE")),
             p if p == "/api/docs" || p.starts_with("/api/docs/") => ("/api/docs", false),
             p => match self.find(p) {
                 Some((_, methods, template)) => {

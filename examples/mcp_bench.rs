@@ -200,9 +200,11 @@ async fn main() {
         writeln!(stdin, "{msg}").unwrap();
         stdin.flush().unwrap();
     };
-    send(json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+    send(
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
         "protocolVersion": "2025-06-18", "capabilities": {},
-        "clientInfo": {"name": "mcp_bench", "version": "1"}}}));
+        "clientInfo": {"name": "mcp_bench", "version": "1"}}}),
+    );
     stdout.read_line(&mut line).unwrap();
     send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}));
     for n in 1..=calls as u64 {

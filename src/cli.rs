@@ -348,7 +348,12 @@ async fn run_verb(
         let project = m.get_one::<String>("PROJECT").cloned().unwrap_or_default();
         let ty = m.get_one::<String>("TYPE").cloned().unwrap_or_default();
         let id = client.type_id(&project, &ty).await?;
-        path = path.replace(&segment(&ty), &segment(&id));
+        // Only the type's own segment: a short name may also occur in the route's words.
+        path = path.replacen(
+            &format!("/api/task-types/{}", segment(&ty)),
+            &format!("/api/task-types/{}", segment(&id)),
+            1,
+        );
     }
     let all = m.try_get_one::<bool>("all").ok().flatten().copied() == Some(true);
     let data = if all {

@@ -329,3 +329,120 @@ async fn scripts_and_keys_that_may_write_them() {
     assert_eq!(out.status.code(), Some(1), "403 is an error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("FORBIDDEN"));
 }
+
+/// Every other verb once, with `--json` checked: the project, type, task and key verbs, the
+/// holder's extend and progress, agents, cleanup, health and status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_verb_once() {
+    let app = spawn_app().await;
+    let ok = |r: &Run| assert_eq!(r.code, 0, "stdout {} stderr {}", r.out, r.err);
+    let r = agentq(&app, &["project", "create", "p", "--json"]).await;
+    ok(&r);
+    let r = agentq(&app, &["project", "list", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()[0]["name"], "p");
+    let r = agentq(
+        &app,
+        &["project", "update", "p", "--description", "new", "--json"],
+    )
+    .await;
+    ok(&r);
+    assert_eq!(r.json()["description"], "new");
+    let r = agentq(&app, &["project", "show", "p", "--json"]).await;
+    assert_eq!(r.json()["description"], "new");
+    let r = agentq(&app, &["type", "create", "p", "t", "--json"]).await;
+    ok(&r);
+    let r = agentq(
+        &app,
+        &["type", "update", "p", "t", "--max-retries", "0", "--json"],
+    )
+    .await;
+    ok(&r);
+    assert_eq!(r.json()["maxRetries"], 0);
+    let r = agentq(&app, &["type", "list", "p", "--json"]).await;
+    assert_eq!(r.json()[0]["name"], "t");
+
+    let r = agentq(
+        &app,
+        &[
+            "task",
+            "create",
+            "p",
+            "--type",
+            "t",
+            "--instructions",
+            "x",
+            "--json",
+        ],
+    )
+    .await;
+    ok(&r);
+    let r = agentq(&app, &["next", "p", "--agent", "a", "--json"]).await;
+    ok(&r);
+    let task = r.json()["task"].clone();
+    let (id, token) = (
+        task["id"].as_str().unwrap().to_string(),
+        task["leaseToken"].as_str().unwrap().to_string(),
+    );
+    let holder = ["--agent", "a", "--token", token.as_str()];
+    let mut args = vec!["extend", id.as_str()];
+    args.extend(holder);
+    args.extend(["--minutes", "30", "--json"]);
+    let r = agentq(&app, &args).await;
+    ok(&r);
+    assert!(r.json()["leaseExpiresAt"].is_string());
+    let mut args = vec!["progress", id.as_str()];
+    args.extend(holder);
+    args.extend(["--current", "1", "--total", "4", "--message", "m", "--json"]);
+    let r = agentq(&app, &args).await;
+    ok(&r);
+    assert_eq!(r.json()["progress"]["total"], 4);
+    let r = agentq(&app, &["agents", "p", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()[0]["agentName"], "a");
+    let r = agentq(&app, &["cleanup", "p", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()["reclaimedTasks"], 0, "the lease has not expired");
+    let r = agentq(
+        &app,
+        &["task", "cancel", &id, "--reason", "enough", "--json"],
+    )
+    .await;
+    ok(&r);
+    assert_eq!(r.json()["status"], "cancelled");
+    let r = agentq(&app, &["task", "retry", &id, "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()["status"], "queued");
+    let r = agentq(&app, &["task", "delete", &id]).await;
+    ok(&r);
+    let r = agentq(&app, &["task", "show", &id]).await;
+    assert_eq!(r.code, 3, "gone");
+    let r = agentq(&app, &["health", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()["status"], "healthy");
+    let r = agentq(&app, &["status", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()[0]["project"], "p");
+    let r = agentq(&app, &["project", "stats", "p", "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()["project"]["stats"]["totalTasks"], 0);
+
+    let r = agentq(&app, &["key", "create", "k", "--role", "viewer", "--json"]).await;
+    ok(&r);
+    let key_id = r.json()["id"].as_str().unwrap().to_string();
+    let r = agentq(&app, &["key", "list", "--json"]).await;
+    assert!(r
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|k| k["id"] == key_id.as_str()));
+    let r = agentq(&app, &["key", "delete", &key_id]).await;
+    ok(&r);
+    let r = agentq(&app, &["type", "delete", "p", "t"]).await;
+    ok(&r);
+    let r = agentq(&app, &["project", "delete", "p"]).await;
+    ok(&r);
+    let r = agentq(&app, &["project", "show", "p"]).await;
+    assert_eq!(r.code, 3);
+}

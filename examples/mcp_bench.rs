@@ -229,8 +229,8 @@ async fn main() {
         assert_eq!(v["result"]["isError"], false, "{v}");
         via_stdio.push(t.elapsed().as_secs_f64() * 1000.0);
     }
-    drop(send);
     let _ = child.kill();
+    let _ = child.wait();
     let (r50, r99) = (
         percentile(&mut via_rest, 0.5),
         percentile(&mut via_rest, 0.99),

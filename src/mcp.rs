@@ -13,6 +13,7 @@
 //! Boundary: a client of the HTTP API, like the CLI; it knows the table and the wire format.
 
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, GetPromptRequestParams,
@@ -33,14 +34,18 @@ use crate::verbs::{At, Kind, Param, Verb, VERBS};
 pub struct Tools {
     client: Client,
     agent: String,
+    /// The tools as `tools/list` answers them, made once per process.
+    catalog: Arc<Vec<Tool>>,
 }
 
 impl Tools {
-    pub fn new(client: Client) -> Tools {
+    /// A session's tools, calling the server `client` names; `catalog` from [`catalog`].
+    pub fn new(client: Client, catalog: Arc<Vec<Tool>>) -> Tools {
         let id = uuid::Uuid::new_v4().simple().to_string();
         Tools {
             client,
             agent: format!("mcp-{}", &id[..8]),
+            catalog,
         }
     }
 
@@ -154,18 +159,120 @@ fn argument(p: &Param) -> String {
     }
 }
 
-/// Every tool, from the verb table.
-pub fn tools() -> Vec<Tool> {
-    VERBS
+/// Every tool, from the verb table; with the server's OpenAPI document `doc`, each argument
+/// takes the schema of the REST field it is sent as (types, ranges, patterns, enumerations),
+/// so that a tool and its REST operation take the same input.
+pub fn catalog(doc: Option<&Value>) -> Arc<Vec<Tool>> {
+    let tools = VERBS
         .iter()
         .map(|v| {
-            let schema = input_schema(v);
+            let mut schema = input_schema(v);
+            if let Some(doc) = doc {
+                rest_schemas(&mut schema, v, doc);
+            }
             let Value::Object(schema) = schema else {
                 unreachable!("a schema is an object")
             };
             Tool::new(v.tool, v.model, schema)
         })
-        .collect()
+        .collect();
+    Arc::new(tools)
+}
+
+/// Replaces each argument's schema in `schema` by its REST field's from `doc`, where the
+/// document has it (the description stays the tool's when the field has none).
+fn rest_schemas(schema: &mut Value, verb: &Verb, doc: &Value) {
+    let mut path = verb.route.to_string();
+    for p in verb.params.iter().filter(|p| p.at == At::Path) {
+        path = path.replace(&format!("{{{}}}", p.field), &format!("{{{}}}", argument(p)));
+    }
+    let method = format!("{:?}", verb.method).to_lowercase();
+    let Some(op) = doc.pointer(&format!("/paths/{}/{method}", pointer_token(&path))) else {
+        return;
+    };
+    let body = op
+        .pointer("/requestBody/content")
+        .and_then(Value::as_object)
+        .and_then(|c| c.values().next())
+        .map(|media| inline(&media["schema"], doc, 0));
+    for p in verb.params {
+        let name = argument(p);
+        let rest = match p.at {
+            At::Body => body
+                .as_ref()
+                .and_then(|b| b["properties"].get(&name))
+                .cloned(),
+            At::Path | At::Query => {
+                let wanted = if p.at == At::Path {
+                    name.as_str()
+                } else {
+                    p.field
+                };
+                op["parameters"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|param| param["name"] == wanted)
+                    .map(|param| inline(&param["schema"], doc, 0))
+            }
+            At::Local => None,
+        };
+        let (Some(mut rest), Some(ours)) = (rest, schema["properties"].get_mut(&name)) else {
+            continue;
+        };
+        if let Some(o) = rest.as_object_mut() {
+            o.remove("nullable");
+            if !o.contains_key("description") {
+                o.insert("description".into(), ours["description"].clone());
+            }
+        }
+        *ours = rest;
+    }
+}
+
+/// `schema` with every `$ref` into the document's components replaced by the component (an
+/// MCP client resolves no reference into a document it has not seen). `depth` counts the
+/// references followed, against a cycle.
+fn inline(schema: &Value, doc: &Value, depth: usize) -> Value {
+    if depth > 8 {
+        return json!({});
+    }
+    match schema {
+        Value::Object(o) => {
+            if let Some(name) = o
+                .get("$ref")
+                .and_then(Value::as_str)
+                .and_then(|r| r.strip_prefix("#/components/schemas/"))
+            {
+                return inline(&doc["components"]["schemas"][name], doc, depth + 1);
+            }
+            // A nullable reference: `allOf: [{$ref}, {description}]`.
+            let mut out = Map::new();
+            for (k, v) in o {
+                match (k.as_str(), v) {
+                    ("allOf", Value::Array(parts)) if parts.len() <= 2 => {
+                        for part in parts {
+                            if let Value::Object(m) = inline(part, doc, depth) {
+                                out.extend(m);
+                            }
+                        }
+                    }
+                    _ => {
+                        out.insert(k.clone(), inline(v, doc, depth));
+                    }
+                }
+            }
+            out.remove("nullable");
+            Value::Object(out)
+        }
+        Value::Array(items) => Value::Array(items.iter().map(|v| inline(v, doc, depth)).collect()),
+        other => other.clone(),
+    }
+}
+
+/// A JSON pointer's token for `text` (`/` and `~` escaped).
+fn pointer_token(text: &str) -> String {
+    text.replace('~', "~0").replace('/', "~1")
 }
 
 /// A verb's input schema: one property per argument, the verb's required ones required
@@ -395,7 +502,7 @@ impl ServerHandler for Tools {
         _request: Option<PaginatedRequestParams>,
         _context: RequestContext<RoleServer>,
     ) -> Result<ListToolsResult, ErrorData> {
-        Ok(ListToolsResult::with_all_items(tools()))
+        Ok(ListToolsResult::with_all_items(self.catalog.to_vec()))
     }
 
     async fn call_tool(
@@ -447,7 +554,14 @@ impl ServerHandler for Tools {
 /// `agentq mcp`: serves the tools on stdin and stdout until the client closes them. Nothing
 /// but JSON-RPC goes to stdout; errors go to stderr.
 pub async fn run_stdio(client: Client) -> ExitCode {
-    let service = match Tools::new(client).serve(rmcp::transport::stdio()).await {
+    // The server's own document gives the tools the REST API's field rules; without it (an
+    // older server, say) they keep the table's plain types.
+    let doc = client
+        .call(Method::Get, "/api/openapi.json", None)
+        .await
+        .ok();
+    let tools = Tools::new(client, catalog(doc.as_ref()));
+    let service = match tools.serve(rmcp::transport::stdio()).await {
         Ok(s) => s,
         Err(e) => {
             crate::logs::say(format!("agentq mcp: {e}\n"));

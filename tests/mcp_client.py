@@ -93,6 +93,10 @@ async def admin_checks(session, base, project):
               f"{t.name} has an input schema and a description")
     nt = next(t for t in tools if t.name == "get_next_task")
     check("waitSeconds" in nt.input_schema["properties"], "get_next_task takes waitSeconds")
+    ct = next(t for t in tools if t.name == "create_task").input_schema["properties"]
+    check(ct["priority"].get("maximum") == 10 and
+          ct["script"]["properties"]["type"].get("enum") == ["bash", "python"],
+          "arguments carry the REST API's field rules")
     prompts = {p.name for p in (await session.list_prompts()).prompts}
     check({"work_queue", "plan_tasks", "project_report"} <= prompts, "the prompts are listed")
     p = await session.get_prompt("work_queue", {"projectId": project})

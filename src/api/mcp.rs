@@ -25,7 +25,12 @@ pub struct McpEndpoint {
 
 impl McpEndpoint {
     /// The endpoint of a server listening on `addr`, with the `--cors-origin` list.
-    pub fn new(addr: SocketAddr, cors_origin: Option<&str>, max_body: usize) -> McpEndpoint {
+    pub fn new(
+        addr: SocketAddr,
+        cors_origin: Option<&str>,
+        max_body: usize,
+        document: &str,
+    ) -> McpEndpoint {
         let loopback = addr.ip().is_loopback();
         // The tools call the REST API of this same process.
         let host = match addr.ip() {
@@ -60,8 +65,10 @@ impl McpEndpoint {
                 .with_allowed_origins(origins)
                 .enforce_origin_validation()
         };
+        let doc: Option<serde_json::Value> = serde_json::from_str(document).ok();
+        let catalog = crate::mcp::catalog(doc.as_ref());
         let service = StreamableHttpService::new(
-            move || Ok(Tools::new(client.clone())),
+            move || Ok(Tools::new(client.clone(), catalog.clone())),
             Arc::new(LocalSessionManager::default()),
             config,
         );

@@ -255,7 +255,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
         )
         .at(
             "/mcp",
-            mcp::McpEndpoint::new(opts.addr, opts.cors_origin.as_deref(), max),
+            mcp::McpEndpoint::new(opts.addr, opts.cors_origin.as_deref(), max, &spec.json),
         )
         .nest("/api/docs", ui)
         .at(

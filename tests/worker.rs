@@ -71,6 +71,19 @@ fn gone(pid: &str) -> bool {
     }
 }
 
+/// Waits (up to 5 s) for a script to write `file`; its contents.
+async fn wait_for_file(file: &Path) -> String {
+    for _ in 0..100 {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if !text.is_empty() {
+                return text;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{} was never written", file.display());
+}
+
 async fn wait_gone(pid: &str) {
     for _ in 0..100 {
         if gone(pid) {
@@ -107,6 +120,16 @@ impl Setup {
 
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+
+    /// A task type `short` whose lease is 6 s.
+    async fn short_lease_type(&self) {
+        self.app
+            .task_type(
+                &self.project,
+                json!({"name": "short", "leaseDurationMinutes": 0.1}),
+            )
+            .await;
     }
 
     async fn script(&self, kind: &str, content: &str, extra: Value) -> String {
@@ -231,12 +254,7 @@ async fn a_command_gets_the_task_on_stdin_and_in_its_environment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeats_keep_a_task_longer_than_its_lease() {
     let s = Setup::new(0).await;
-    s.app
-        .task_type(
-            &s.project,
-            json!({"name": "short", "leaseDurationMinutes": 0.1}),
-        )
-        .await;
+    s.short_lease_type().await;
     let id = s
         .script("bash", "sleep 14\necho done\n", json!({"typeId": "short"}))
         .await;
@@ -307,19 +325,14 @@ async fn sigterm_lets_running_tasks_finish_for_the_grace_period() {
         .await;
     let w = worker(&s.app, &log, &["w", "--scripts", "--grace", "1s"]);
     wait_for(&s.app, &slow, &["running"], &log).await;
-    let pid_file = format!("{}.s", started.display());
-    for _ in 0..100 {
-        if std::fs::metadata(&pid_file).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid_file = PathBuf::from(format!("{}.s", started.display()));
+    let pid = wait_for_file(&pid_file).await;
     send("TERM", &w);
     assert_eq!(exit_code(w).await, 0);
     let t = s.app.get(&format!("/api/tasks/{slow}")).await;
     assert_eq!(t.data()["status"], "queued", "requeued for another worker");
     assert_eq!(t.data()["error"], "worker stopped");
-    wait_gone(&std::fs::read_to_string(&pid_file).unwrap()).await;
+    wait_gone(&pid).await;
 }
 
 /// A worker killed with SIGKILL takes its process with it; the lease expires and another
@@ -327,12 +340,7 @@ async fn sigterm_lets_running_tasks_finish_for_the_grace_period() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_of_a_killed_worker_is_run_by_another() {
     let s = Setup::new(2).await;
-    s.app
-        .task_type(
-            &s.project,
-            json!({"name": "short", "leaseDurationMinutes": 0.1}),
-        )
-        .await;
+    s.short_lease_type().await;
     let pid_file = s.path("first");
     let content = format!(
         "if [ \"$AGENTQ_ATTEMPT\" = 1 ]; then echo $$ > {p}; sleep 300; fi\necho second\n",
@@ -342,15 +350,10 @@ async fn a_task_of_a_killed_worker_is_run_by_another() {
     let log = s.path("first.log");
     let mut first = worker(&s.app, &log, &["w", "--scripts", "--agent", "first"]);
     wait_for(&s.app, &id, &["running"], &log).await;
-    for _ in 0..100 {
-        if std::fs::metadata(&pid_file).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid = wait_for_file(&pid_file).await;
     first.0.kill().unwrap();
     first.0.wait().unwrap();
-    wait_gone(&std::fs::read_to_string(&pid_file).unwrap()).await;
+    wait_gone(&pid).await;
     let log = s.path("second.log");
     let second = worker(&s.app, &log, &["w", "--scripts", "--agent", "second"]);
     let t = wait_for(&s.app, &id, &["completed"], &log).await;
@@ -402,24 +405,14 @@ async fn without_scripts_no_script_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_lease_stops_the_process() {
     let s = Setup::new(0).await;
-    s.app
-        .task_type(
-            &s.project,
-            json!({"name": "short", "leaseDurationMinutes": 0.1}),
-        )
-        .await;
+    s.short_lease_type().await;
     let pid_file = s.path("pid");
     let content = format!("echo $$ > {}\nsleep 300\n", pid_file.display());
     let id = s.script("bash", &content, json!({"typeId": "short"})).await;
     let log = s.path("worker.log");
     let w = worker(&s.app, &log, &["w", "--scripts"]);
     wait_for(&s.app, &id, &["running"], &log).await;
-    for _ in 0..100 {
-        if std::fs::metadata(&pid_file).is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let pid = wait_for_file(&pid_file).await;
     let r = s
         .app
         .post(
@@ -428,7 +421,7 @@ async fn a_lost_lease_stops_the_process() {
         )
         .await;
     assert_eq!(r.status, 200);
-    wait_gone(&std::fs::read_to_string(&pid_file).unwrap()).await;
+    wait_gone(&pid).await;
     let t = s.app.get(&format!("/api/tasks/{id}")).await;
     assert_eq!(
         t.data()["status"],

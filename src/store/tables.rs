@@ -466,28 +466,21 @@ pub fn migrate_v3(t: &mut Tables) -> Result<usize> {
 /// appended as postcard's one-byte encoding of `None` and `false`. Task bodies need nothing
 /// ([`super::schema::decode_body`]). Returns the number of rows rewritten.
 pub fn migrate_v4(t: &mut Tables) -> Result<usize> {
-    let mut n = 0;
-    let types: Vec<(u128, Vec<u8>)> = t
-        .types
+    Ok(append_none(&mut t.types)? + append_none(&mut t.keys)?)
+}
+
+/// Appends postcard's `None` (and `false`), a zero byte, to every row of `table`.
+fn append_none(table: &mut Tracked<'_, u128, &'static [u8]>) -> Result<usize> {
+    let rows: Vec<(u128, Vec<u8>)> = table
         .iter()?
         .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
         .collect::<std::result::Result<_, _>>()?;
-    for (id, mut row) in types {
+    for (id, row) in &rows {
+        let mut row = row.clone();
         row.push(0);
-        t.types.insert(id, row.as_slice())?;
-        n += 1;
+        table.insert(*id, row.as_slice())?;
     }
-    let keys: Vec<(u128, Vec<u8>)> = t
-        .keys
-        .iter()?
-        .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
-        .collect::<std::result::Result<_, _>>()?;
-    for (id, mut row) in keys {
-        row.push(0);
-        t.keys.insert(id, row.as_slice())?;
-        n += 1;
-    }
-    Ok(n)
+    Ok(rows.len())
 }
 
 /// Turns a schema 2 file into schema 3 inside the caller's transaction: every task with a

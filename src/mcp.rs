@@ -283,10 +283,9 @@ fn input_schema(verb: &Verb) -> Value {
     for p in verb.params {
         let name = argument(p);
         if let Some((object, field)) = p.field.split_once('.') {
-            let entry = props.entry(object).or_insert_with(|| {
-                json!({"type": "object", "properties": {}, "required": ["content"],
-                       "additionalProperties": false})
-            });
+            let entry = props.entry(object).or_insert_with(
+                || json!({"type": "object", "properties": {}, "additionalProperties": false}),
+            );
             entry["properties"][field] = property(p);
             continue;
         }

@@ -204,6 +204,22 @@ const SCRIPT_TIMEOUT: Param = opt(
     "Stop the script after this long, <n>[smhd] (1s-1h)",
 );
 
+// The listing's filters, as a bulk cancel or retry takes them.
+const FILTER_STATUS: Param = opt(
+    "status",
+    "filter.status",
+    Kind::Csv,
+    "Statuses, comma-separated",
+);
+const FILTER_TYPE: Param = opt("type", "filter.typeId", Kind::Text, "Task type name or id");
+const FILTER_AGENT: Param = opt(
+    "agent",
+    "filter.assignedTo",
+    Kind::Text,
+    "Agent holding the task",
+);
+const FILTER_BATCH: Param = opt("batch", "filter.batchId", Kind::Text, "Batch id");
+
 const TASK_COLUMNS: &[&str] = &["id", "status", "priority", "assignedTo", "instructions"];
 
 /// Every client verb. The order is the order of `agentq --help`.
@@ -484,6 +500,41 @@ pub const VERBS: &[Verb] = &[
         route: "/api/tasks/{task}",
         params: &[TASK],
         show: Show::Done("task deleted"),
+    },
+    Verb {
+        words: &["task", "cancel-many"],
+        tool: "cancel_tasks",
+        about: "Cancel many tasks: by id (--id, repeatable) and/or by filter",
+        model: "Cancel many tasks of a project at once: by id (up to 1,000), by the listing's filters (status, typeId, assignedTo, batchId; the first 10,000 matches), or the ids the filter matches.",
+        method: Method::Post,
+        route: "/api/projects/{project}/tasks/cancel",
+        params: &[
+            PROJECT,
+            opt("id", "ids", Kind::List, "A task id (repeatable)"),
+            FILTER_STATUS,
+            FILTER_TYPE,
+            FILTER_AGENT,
+            FILTER_BATCH,
+            opt("reason", "reason", Kind::Text, "Why"),
+        ],
+        show: Show::Fields,
+    },
+    Verb {
+        words: &["task", "retry-many"],
+        tool: "retry_tasks",
+        about: "Retry many failed or cancelled tasks: by id (--id, repeatable) and/or by filter",
+        model: "Put many failed or cancelled tasks of a project back in the queue: by id (up to 1,000), by the listing's filters (the first 10,000 matches), or the ids the filter matches.",
+        method: Method::Post,
+        route: "/api/projects/{project}/tasks/retry",
+        params: &[
+            PROJECT,
+            opt("id", "ids", Kind::List, "A task id (repeatable)"),
+            FILTER_STATUS,
+            FILTER_TYPE,
+            FILTER_AGENT,
+            FILTER_BATCH,
+        ],
+        show: Show::Fields,
     },
     Verb {
         words: &["task", "attempts"],

@@ -413,6 +413,16 @@ async fn every_verb_once() {
     let r = agentq(&app, &["task", "retry", &id, "--json"]).await;
     ok(&r);
     assert_eq!(r.json()["status"], "queued");
+    let r = agentq(
+        &app,
+        &["task", "cancel-many", "p", "--status", "queued", "--json"],
+    )
+    .await;
+    ok(&r);
+    assert_eq!(r.json()["changed"], 1);
+    let r = agentq(&app, &["task", "retry-many", "p", "--id", &id, "--json"]).await;
+    ok(&r);
+    assert_eq!(r.json()["changed"], 1);
     let r = agentq(&app, &["task", "delete", &id]).await;
     ok(&r);
     let r = agentq(&app, &["task", "show", &id]).await;

@@ -277,3 +277,97 @@ async fn delete_task_and_project_keep_counters_exact() {
     // The name is free again.
     app.project("p").await;
 }
+
+/// Bulk cancel and retry: by ids, by the listing's filter, by both (the ids the filter
+/// matches); tasks of another project or in the wrong state are reported, not changed.
+#[tokio::test]
+async fn bulk_cancel_and_retry_by_ids_and_filter() {
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let other = app.project("other").await;
+    let ids = app
+        .bulk(
+            &p,
+            &(0..5)
+                .map(|i| json!({"instructions": format!("t{i}"), "batchId": if i < 3 { "a" } else { "b" }}))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    let foreign = app.task(&other, json!({"instructions": "x"})).await;
+    let cancel = format!("/api/projects/{p}/tasks/cancel");
+    let retry = format!("/api/projects/{p}/tasks/retry");
+    let r = app
+        .post(
+            &cancel,
+            json!({"ids": [ids[0], ids[1], "nope", foreign], "reason": "enough"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.data()["matched"], 4);
+    assert_eq!(r.data()["changed"], 2);
+    let errors = r.data()["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 2);
+    assert_eq!(errors[1]["id"], foreign.as_str());
+    let t = app.get(&format!("/api/tasks/{foreign}")).await;
+    assert_eq!(
+        t.data()["status"],
+        "queued",
+        "another project's task is untouched"
+    );
+    let t = app.get(&format!("/api/tasks/{}", ids[0])).await;
+    assert_eq!(t.data()["cancelReason"], "enough");
+
+    // The same again: already cancelled, reported.
+    let r = app.post(&cancel, json!({"ids": [ids[0]]})).await;
+    assert_eq!(r.data()["changed"], 0);
+    assert_eq!(r.data()["errors"].as_array().unwrap().len(), 1);
+
+    let r = app
+        .post(&retry, json!({"filter": {"status": "cancelled"}}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        (r.data()["matched"].clone(), r.data()["changed"].clone()),
+        (json!(2), json!(2))
+    );
+    assert_eq!(r.data()["more"], false);
+    assert_eq!(app.stats(&p).await["cancelledTasks"], 0);
+
+    // Both: only the ids the filter matches.
+    let r = app
+        .post(
+            &cancel,
+            json!({"ids": [ids[0], ids[4]], "filter": {"batchId": "b"}}),
+        )
+        .await;
+    assert_eq!(r.data()["matched"], 1);
+    assert_eq!(r.data()["changed"], 1);
+    let t = app.get(&format!("/api/tasks/{}", ids[4])).await;
+    assert_eq!(t.data()["status"], "cancelled");
+    let r = app
+        .post(
+            &cancel,
+            json!({"filter": {"batchId": "a", "status": "queued"}}),
+        )
+        .await;
+    assert_eq!(r.data()["changed"], 3);
+
+    // Neither, too many, a bad filter, a viewer.
+    assert_eq!(app.post(&cancel, json!({})).await.status, 400);
+    let many: Vec<String> = (0..1001).map(|i| format!("x{i}")).collect();
+    assert_eq!(app.post(&cancel, json!({"ids": many})).await.status, 400);
+    let r = app
+        .post(&retry, json!({"filter": {"status": "lost"}}))
+        .await;
+    assert_eq!(r.status, 400);
+    let (_, viewer) = app.key("viewer", None).await;
+    let r = app
+        .call_with(
+            &client_with_key(&viewer),
+            "POST",
+            &retry,
+            Some(json!({"filter": {}})),
+        )
+        .await;
+    assert_eq!(r.status, 403);
+}

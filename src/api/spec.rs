@@ -128,6 +128,7 @@ fn type_rules() -> Vec<BodyRule> {
 }
 
 fn task_rules() -> Vec<BodyRule> {
+    let bulk_ids = json!({"minItems": 1, "maxItems": MAX_BULK});
     let task_vars = json!({
         "maxProperties": MAX_TASK_VARIABLES,
         "additionalProperties": {"type": "string", "maxLength": MAX_VARIABLE_VALUE}
@@ -148,6 +149,15 @@ fn task_rules() -> Vec<BodyRule> {
         ("UpdateTask", "notBefore", date_time()),
         ("UpdateTask", "batchId", text(MAX_BATCH_ID)),
         ("CancelIn", "reason", text(MAX_REASON)),
+        ("BulkCancelIn", "ids", bulk_ids.clone()),
+        ("BulkCancelIn", "reason", text(MAX_REASON)),
+        ("BulkRetryIn", "ids", bulk_ids),
+        (
+            "TaskFilterIn",
+            "status",
+            json!({"pattern": STATUS_LIST_PATTERN}),
+        ),
+        ("TaskFilterIn", "typeId", name(MAX_NAME)),
     ]
 }
 
@@ -218,6 +228,9 @@ const REQUEST_SCHEMAS: &[&str] = &[
     "ExtendSessionIn",
     "ScriptIn",
     "ExecutionIn",
+    "BulkCancelIn",
+    "BulkRetryIn",
+    "TaskFilterIn",
 ];
 
 /// Operations whose body may be left out (it is read as `{}`).
@@ -471,6 +484,18 @@ fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String
         {
             Some(p) => merge(p, &rule),
             None => unmatched.push(format!("{schema}.{prop}")),
+        }
+    }
+    // A bulk cancel or retry names its tasks, or filters them, or both.
+    for name in ["BulkCancelIn", "BulkRetryIn"] {
+        if let Some(o) = schemas.get_mut(name).and_then(Value::as_object_mut) {
+            o.insert(
+                "anyOf".into(),
+                json!([
+                    {"required": ["ids"], "properties": {"ids": {"type": "array"}}},
+                    {"required": ["filter"], "properties": {"filter": {"type": "object"}}}
+                ]),
+            );
         }
     }
     // A task needs instructions unless its type has a template or it has a script.

@@ -287,4 +287,185 @@ impl TasksApi {
             id: id.0,
         }))
     }
+
+    /// Cancel many tasks of a project: by id (up to 1,000) or by the listing's filters (the
+    /// first 10,000 matches). Tasks not in the project or not cancellable are listed in
+    /// `errors`; the others are cancelled.
+    #[oai(
+        path = "/api/projects/:projectId/tasks/cancel",
+        method = "post",
+        operation_id = "cancelTasks",
+        tag = "ApiTags::Tasks"
+    )]
+    async fn cancel_many(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: JsonBody<BulkCancelIn>,
+    ) -> Result<Reply<BulkActionOut>> {
+        let b = body.0;
+        let reason = b.reason.map(String::from);
+        if let Some(r) = &reason {
+            let mut c = Check::default();
+            c.max_len("reason", r, validate::MAX_REASON);
+            c.finish(())?;
+        }
+        self.bulk_action(
+            &auth,
+            &id.0,
+            b.ids,
+            b.filter,
+            write::BulkAction::Cancel,
+            reason,
+        )
+        .await
+    }
+
+    /// Retry many failed or cancelled tasks of a project: by id (up to 1,000) or by the
+    /// listing's filters (the first 10,000 matches).
+    #[oai(
+        path = "/api/projects/:projectId/tasks/retry",
+        method = "post",
+        operation_id = "retryTasks",
+        tag = "ApiTags::Tasks"
+    )]
+    async fn retry_many(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+        body: JsonBody<BulkRetryIn>,
+    ) -> Result<Reply<BulkActionOut>> {
+        let b = body.0;
+        self.bulk_action(
+            &auth,
+            &id.0,
+            b.ids,
+            b.filter,
+            write::BulkAction::Retry,
+            None,
+        )
+        .await
+    }
+}
+
+/// The most tasks a filter of a bulk cancel or retry takes in one call.
+const MAX_FILTERED: usize = 10_000;
+
+impl TasksApi {
+    /// A bulk cancel or retry: the tasks named or matched, changed in writes of up to 1,000.
+    async fn bulk_action(
+        &self,
+        auth: &Auth,
+        project_key: &str,
+        ids: Option<Vec<Text>>,
+        filter: Option<TaskFilterIn>,
+        action: write::BulkAction,
+        reason: Option<String>,
+    ) -> Result<Reply<BulkActionOut>> {
+        let project = self
+            .0
+            .project_for(auth.caller(), Right::ManageTasks, project_key)?;
+        if let Some(ids) = &ids {
+            let mut c = Check::default();
+            if ids.is_empty() || ids.len() > validate::MAX_BULK {
+                c.fail(
+                    "ids",
+                    format!("give 1 to {} task ids", validate::MAX_BULK),
+                    ids.len(),
+                );
+            }
+            c.finish(())?;
+        }
+        let (ids, more) = match (ids, filter) {
+            (Some(ids), None) => (ids.into_iter().map(String::from).collect(), false),
+            (None, Some(f)) => self.matching(&project, f).await?,
+            (Some(ids), Some(f)) => {
+                // The tasks named that the filter also matches.
+                let (matches, more) = self.matching(&project, f).await?;
+                let matches: std::collections::HashSet<String> = matches.into_iter().collect();
+                let ids = ids
+                    .into_iter()
+                    .map(String::from)
+                    .filter(|id| matches.contains(id))
+                    .collect();
+                (ids, more)
+            }
+            (None, None) => {
+                return Err(Error::validation("ids", "give ids, a filter, or both").into())
+            }
+        };
+        let matched = ids.len() as u64;
+        let mut errors = Vec::new();
+        for chunk in ids.chunks(validate::MAX_BULK) {
+            let chunk = chunk.to_vec();
+            let reason = reason.clone();
+            let pid = project.id;
+            let done = self
+                .0
+                .store
+                .write(move |w| write::bulk_action(w, pid, &chunk, action, reason.as_deref()))
+                .await?;
+            errors.extend(
+                done.into_iter()
+                    .filter_map(|(id, why)| why.map(|error| BulkActionError { id, error })),
+            );
+        }
+        Ok(Reply::ok(BulkActionOut {
+            matched,
+            changed: matched - errors.len() as u64,
+            errors,
+            more,
+        }))
+    }
+
+    /// The ids of the first [`MAX_FILTERED`] tasks `f` matches, oldest first, and whether more
+    /// match.
+    async fn matching(
+        &self,
+        project: &crate::model::Project,
+        f: TaskFilterIn,
+    ) -> Result<(Vec<String>, bool)> {
+        let mut c = Check::default();
+        let statuses = f
+            .status
+            .as_deref()
+            .map_or_else(Vec::new, |s| validate::status_list(&mut c, s));
+        let type_key = f.type_id.as_deref().map(|t| c.type_key("filter.typeId", t));
+        c.finish(())?;
+        let type_id = match type_key {
+            Some(key) => Some(self.0.type_id_in(project.id, &project.name, key)?),
+            None => None,
+        };
+        let mut q = TaskQuery {
+            statuses,
+            type_id,
+            assigned_to: f.assigned_to.map(String::from),
+            batch_id: f.batch_id.map(String::from),
+            created_after: None,
+            created_before: None,
+            sort: Sort::CreatedAt,
+            desc: false,
+            limit: validate::MAX_LIMIT,
+            offset: 0,
+            cursor: None,
+        };
+        let mut ids = Vec::new();
+        loop {
+            let store = self.0.store.clone();
+            let (pid, query) = (project.id, q.clone());
+            let page = tokio::task::spawn_blocking(move || store.read()?.list_tasks(pid, &query))
+                .await
+                .map_err(|e| Error::Storage(e.to_string()))??;
+            for t in page.tasks {
+                if ids.len() == MAX_FILTERED {
+                    return Ok((ids, true));
+                }
+                ids.push(t.id);
+            }
+            match page.next {
+                Some(next) => q.cursor = Some(next),
+                None => return Ok((ids, false)),
+            }
+        }
+    }
 }

@@ -641,6 +641,61 @@ pub struct BulkOut {
     pub errors: Vec<BulkError>,
 }
 
+/// Which tasks a bulk cancel or retry applies to: the listing's filters.
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TaskFilterIn {
+    /// One status or a comma-separated list.
+    pub status: Option<Text>,
+    /// A task type, by id or by its name in the project.
+    pub type_id: Option<Text>,
+    pub assigned_to: Option<Text>,
+    pub batch_id: Option<Text>,
+}
+
+/// A bulk cancel: the tasks by id (up to 1,000), by filter (the first 10,000 matches, in
+/// creation order), or the tasks named that the filter matches.
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkCancelIn {
+    pub ids: Option<Vec<Text>>,
+    pub filter: Option<TaskFilterIn>,
+    pub reason: Option<Text>,
+}
+
+/// A bulk retry: the tasks by id (up to 1,000), by filter (the first 10,000 matches, in
+/// creation order), or the tasks named that the filter matches.
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BulkRetryIn {
+    pub ids: Option<Vec<Text>>,
+    pub filter: Option<TaskFilterIn>,
+}
+
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct BulkActionError {
+    pub id: String,
+    pub error: String,
+}
+
+/// What a bulk cancel or retry did.
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct BulkActionOut {
+    /// Tasks named or matched.
+    pub matched: u64,
+    /// Tasks cancelled or requeued.
+    pub changed: u64,
+    /// The tasks left as they were, and why (not in this project, or not in a state the
+    /// action applies to).
+    pub errors: Vec<BulkActionError>,
+    /// True when a filter matched more tasks than one call takes: call again.
+    pub more: bool,
+}
+
 #[derive(Object)]
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UpdateTask {

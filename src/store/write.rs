@@ -930,6 +930,45 @@ pub fn retry(w: &mut WriteCtx, id: &str) -> Result<Task> {
     .map(|r| r.0)
 }
 
+/// What a bulk cancel or retry does to each task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BulkAction {
+    Cancel,
+    Retry,
+}
+
+/// Cancels or retries each task of `ids` that is in `project`, in request order. Each entry
+/// is the task's id and, when it was not changed, why (not found in the project, or not in a
+/// state the action applies to). A storage error fails the whole write.
+pub fn bulk_action(
+    w: &mut WriteCtx,
+    project: u128,
+    ids: &[String],
+    action: BulkAction,
+    reason: Option<&str>,
+) -> Result<Vec<(String, Option<String>)>> {
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        let in_project = w
+            .tables
+            .task_by_id(id)?
+            .is_some_and(|t| t.project_id == project);
+        let r = match (in_project, action) {
+            (false, _) => Err(Error::NotFound(format!(
+                "task {id} not found in this project"
+            ))),
+            (true, BulkAction::Cancel) => cancel(w, id, reason.map(String::from)).map(|_| ()),
+            (true, BulkAction::Retry) => retry(w, id).map(|_| ()),
+        };
+        match r {
+            Ok(()) => out.push((id.clone(), None)),
+            Err(Error::Storage(e)) => return Err(Error::Storage(e)),
+            Err(e) => out.push((id.clone(), Some(e.to_string()))),
+        }
+    }
+    Ok(out)
+}
+
 /// Moves up to `limit` delayed tasks whose time has come into the ready indexes.
 pub fn promote_due(w: &mut WriteCtx, limit: usize) -> Result<usize> {
     if !w.delayed_may_be_due() {

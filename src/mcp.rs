@@ -1,6 +1,7 @@
-//! MCP: the queue as tools for LLM agents. `agentq mcp` serves, over stdio, one tool per entry
-//! of the verb table ([`crate::cli::VERBS`]) with TaskDriver's names, and a few prompts for the
-//! common loops. A tool call is the verb's REST call to a running agentq ([`Client`]), so a
+//! MCP: the queue as tools for LLM agents. One tool per entry of the verb table
+//! ([`crate::verbs::VERBS`]) with TaskDriver's names, and a few prompts for the common loops,
+//! served over stdio (`agentq mcp`, [`run_stdio`]) or by the server at `/mcp`
+//! (`api::mcp`). A tool call is the verb's REST call to a running agentq ([`Client`]), so a
 //! tool does exactly what its REST operation does, under the same key, role and project scope.
 //!
 //! Arguments are the REST API's camelCase fields (`projectId`, `taskId`, `agentName`,

@@ -384,13 +384,26 @@ async fn stats_report_the_last_hours_activity() {
     let again = app
         .task_type(&p, json!({"name": "again", "maxRetries": 2}))
         .await;
+    /// The hour's totals; the minutes are checked to add up to them, 60 of them.
     async fn activity(app: &TestApp, p: &str) -> Value {
         let stats = app.get(&format!("/api/projects/{p}/stats")).await;
-        stats.data()["recentActivity"].clone()
+        let mut hour = stats.data()["recentActivity"].clone();
+        let minutes = hour.as_object_mut().unwrap().remove("perMinute").unwrap();
+        let minutes = minutes.as_array().unwrap();
+        assert_eq!(minutes.len(), 60);
+        let sum = |k: &str| minutes.iter().map(|m| m[k].as_u64().unwrap()).sum::<u64>();
+        assert_eq!(sum("completed"), hour["tasksCompletedLastHour"]);
+        assert_eq!(sum("failed"), hour["tasksFailedLastHour"]);
+        hour
     }
     assert_eq!(
         activity(&app, &p).await,
         json!({"tasksCompletedLastHour": 0, "tasksFailedLastHour": 0, "averageTaskDuration": null})
+    );
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    assert!(
+        stats.data()["oldestQueuedAt"].is_null()
+            && stats.data()["oldestQueuedAgeSeconds"].is_null()
     );
     for _ in 0..3 {
         app.task(&p, json!({"typeId": once, "instructions": "x"}))
@@ -427,6 +440,21 @@ async fn stats_report_the_last_hours_activity() {
     let expected =
         json!({"tasksCompletedLastHour": 2, "tasksFailedLastHour": 1, "averageTaskDuration": 3.0});
     assert_eq!(activity(&app, &p).await, expected);
+    // This minute holds them all; the oldest queued task is the one requeued for a retry.
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    let last = &stats.data()["recentActivity"]["perMinute"][59];
+    assert_eq!(
+        (last["completed"].clone(), last["failed"].clone()),
+        (json!(2), json!(1))
+    );
+    let queued = app
+        .get(&format!("/api/projects/{p}/tasks?status=queued"))
+        .await;
+    assert_eq!(
+        stats.data()["oldestQueuedAt"],
+        queued.data()[0]["createdAt"]
+    );
+    assert!(stats.data()["oldestQueuedAgeSeconds"].as_f64().unwrap() >= 6.0);
     let app = app.restart().await;
     assert_eq!(
         activity(&app, &p).await,

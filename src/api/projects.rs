@@ -178,7 +178,9 @@ impl ProjectsApi {
         let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
         let s = r.stats(p.id)?;
-        let activity = r.recent_activity(p.id, self.0.store.clock.now())?;
+        let now = self.0.store.clock.now();
+        let minutes = r.activity_by_minute(p.id, now)?;
+        let oldest = r.oldest_queued(p.id)?;
         Ok(Reply::ok(ProjectStatsOut {
             project: ProjectRef {
                 id: uuid_str(p.id),
@@ -189,7 +191,9 @@ impl ProjectsApi {
             // An agent holds at most one lease per project (next-task resumes the one it
             // holds), and every running task is held: so the running count, kept exact.
             active_agents: s.running,
-            recent_activity: activity.into(),
+            recent_activity: RecentActivityOut::new(minutes),
+            oldest_queued_at: oldest.map(crate::time::format),
+            oldest_queued_age_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
         }))
     }
 

@@ -382,6 +382,10 @@ pub struct ProjectStatsOut {
     pub queue_depth: u64,
     pub active_agents: u64,
     pub recent_activity: RecentActivityOut,
+    /// When the oldest queued task was created; null when none is queued.
+    pub oldest_queued_at: Option<String>,
+    /// Its age in seconds; null when none is queued.
+    pub oldest_queued_age_seconds: Option<f64>,
 }
 
 /// The last hour (the current minute and the 59 before it).
@@ -396,10 +400,28 @@ pub struct RecentActivityOut {
     /// Mean seconds from the start of a completed task's last attempt to its completion;
     /// null when none completed.
     pub average_task_duration: Option<f64>,
+    /// The same hour minute by minute, oldest first (60 entries; quiet minutes as zeros).
+    pub per_minute: Vec<MinuteOut>,
 }
 
-impl From<Activity> for RecentActivityOut {
-    fn from(a: Activity) -> Self {
+/// What ended in one minute.
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct MinuteOut {
+    /// The minute's start.
+    pub minute: String,
+    pub completed: u64,
+    pub failed: u64,
+}
+
+impl RecentActivityOut {
+    /// From the hour's minutes (`store::read::Reader::activity_by_minute`).
+    pub fn new(minutes: Vec<(i64, Activity)>) -> Self {
+        let mut a = Activity::default();
+        for (_, m) in &minutes {
+            a.add(*m);
+        }
         RecentActivityOut {
             tasks_completed_last_hour: a.completed,
             tasks_failed_last_hour: a.failed,
@@ -407,6 +429,14 @@ impl From<Activity> for RecentActivityOut {
                 let ms = a.completed_run_ms as f64 / a.completed as f64;
                 ms.round() / 1000.0
             }),
+            per_minute: minutes
+                .into_iter()
+                .map(|(minute, m)| MinuteOut {
+                    minute: format(minute * 60_000),
+                    completed: m.completed,
+                    failed: m.failed,
+                })
+                .collect(),
         }
     }
 }

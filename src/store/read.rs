@@ -153,18 +153,40 @@ impl Reader {
             .unwrap_or_default())
     }
 
-    /// What the project's tasks did in the hour up to `now`: its last 60 minutes, the current
-    /// one included.
-    pub fn recent_activity(&self, project: u128, now: Millis) -> Result<Activity> {
+    /// What the project's tasks did in the hour up to `now` (its last 60 minutes, the current
+    /// one included), minute by minute, oldest first: 60 entries of (minute, as Unix minutes;
+    /// what ended in it), a minute without activity included as zeros.
+    pub fn activity_by_minute(&self, project: u128, now: Millis) -> Result<Vec<(i64, Activity)>> {
         let minute = now.div_euclid(60_000);
-        let mut sum = Activity::default();
+        let first = minute - ACTIVITY_REPORTED_MINUTES + 1;
+        let mut out: Vec<(i64, Activity)> =
+            (first..=minute).map(|m| (m, Activity::default())).collect();
         for r in self.index_range(
-            ix::activity(project, minute - ACTIVITY_REPORTED_MINUTES + 1).to_vec(),
+            ix::activity(project, first).to_vec(),
             ix::activity(project, minute).to_vec(),
         )? {
-            sum.add(Activity::from_bytes(r?.1.value()));
+            let (k, v) = r?;
+            let at = ix::i64_at(k.value(), 17);
+            if let Some(slot) = out.get_mut((at - first) as usize) {
+                slot.1.add(Activity::from_bytes(v.value()));
+            }
         }
-        Ok(sum)
+        Ok(out)
+    }
+
+    /// When the project's oldest queued task was created (one seek on the status index).
+    pub fn oldest_queued(&self, project: u128) -> Result<Option<Millis>> {
+        let prefix = ix::K::new(ix::BY_STATUS)
+            .u128(project)
+            .u8(TaskStatus::Queued.code());
+        let from = prefix.to_vec();
+        let to = ix::end_of(&prefix);
+        let first = self
+            .table(INDEX)?
+            .range::<&[u8]>(from.as_slice()..to.as_slice())?
+            .next()
+            .transpose()?;
+        Ok(first.map(|(k, _)| ix::i64_at(k.value(), 18)))
     }
 
     /// Index entries under `prefix`, in key order (the iterator borrows nothing).

@@ -97,19 +97,24 @@ pub fn command() -> Command {
         )
 }
 
-/// What the worker was asked to do.
-struct Worker {
-    client: Client,
-    project: String,
+/// What the command line asks the worker to do (beside the server and the project).
+struct Options {
     types: Option<Vec<String>>,
     scripts: bool,
     command: Vec<String>,
     timeout: Option<Duration>,
     grace: Duration,
+}
+
+/// A running worker, shared by its slots.
+struct Worker {
+    client: Client,
+    project: String,
+    options: Options,
     phase: watch::Receiver<Phase>,
     counts: Counts,
     tty: bool,
-    guard: Option<Guard>,
+    guard: Guard,
 }
 
 /// Where the worker is in its life.
@@ -157,11 +162,11 @@ pub async fn run(client: Client, m: &ArgMatches) -> ExitCode {
     let worker = Arc::new(Worker {
         client,
         project,
+        options,
         phase,
         counts: Counts::default(),
         tty: std::io::IsTerminal::is_terminal(&std::io::stderr()),
-        guard: Some(guard),
-        ..options
+        guard,
     });
     let name = m
         .get_one::<String>("agent")
@@ -174,7 +179,7 @@ pub async fn run(client: Client, m: &ArgMatches) -> ExitCode {
         handles.push(tokio::spawn(slot(worker.clone(), agent)));
     }
     let status = tokio::spawn(status_line(worker.clone()));
-    let signals = tokio::spawn(stop_on_signal(phase_tx, worker.grace));
+    let signals = tokio::spawn(stop_on_signal(phase_tx, worker.options.grace));
     for h in handles {
         let _ = h.await;
     }
@@ -187,7 +192,7 @@ pub async fn run(client: Client, m: &ArgMatches) -> ExitCode {
 }
 
 /// The options of `agentq work` (all but the client and the project).
-fn options(m: &ArgMatches) -> Result<Worker, String> {
+fn options(m: &ArgMatches) -> Result<Options, String> {
     let duration = |name: &str| -> Result<Option<Duration>, String> {
         m.get_one::<String>(name)
             .map(|text| {
@@ -204,19 +209,12 @@ fn options(m: &ArgMatches) -> Result<Worker, String> {
     if command.is_empty() && !scripts {
         return Err("nothing to run: give a command after --, or --scripts".into());
     }
-    let (_, phase) = watch::channel(Phase::Running);
-    Ok(Worker {
-        client: Client::new("", None),
-        project: String::new(),
+    Ok(Options {
         types: m.get_many::<String>("type").map(|t| t.cloned().collect()),
         scripts,
         command,
         timeout: duration("timeout")?,
         grace: duration("grace")?.unwrap_or(Duration::from_secs(30)),
-        phase,
-        counts: Counts::default(),
-        tty: false,
-        guard: None,
     })
 }
 
@@ -320,7 +318,7 @@ async fn slot(w: Arc<Worker>, agent: String) {
             return;
         }
         let mut body = json!({"projectId": w.project, "waitSeconds": POLL_SECONDS});
-        if let Some(types) = &w.types {
+        if let Some(types) = &w.options.types {
             body["typeIds"] = json!(types);
         }
         if let Some(c) = &complete {
@@ -380,12 +378,6 @@ async fn slot(w: Arc<Worker>, agent: String) {
 }
 
 impl Worker {
-    fn guard(&self, f: impl FnOnce(&Guard)) {
-        if let Some(g) = &self.guard {
-            f(g);
-        }
-    }
-
     fn draining(&self) -> bool {
         matches!(*self.phase.borrow(), Phase::Draining { .. })
     }
@@ -442,10 +434,11 @@ impl Worker {
         let script_timeout = task["script"]["timeoutSeconds"]
             .as_u64()
             .map(Duration::from_secs);
-        let (program, timeout) = match (script, self.scripts, self.command.is_empty()) {
+        let o = &self.options;
+        let (program, timeout) = match (script, o.scripts, o.command.is_empty()) {
             (Some((python, content)), true, _) => (
                 Program::Script { python, content },
-                min_some(script_timeout, self.timeout),
+                min_some(script_timeout, o.timeout),
             ),
             (Some(_), false, true) => {
                 let why = "this worker does not run scripts (start agentq work with --scripts)";
@@ -455,7 +448,7 @@ impl Worker {
                 let why = "the task has no script, and this worker runs only scripts";
                 return Report::Fail(fail_body(agent, task, why, false, None));
             }
-            (_, _, false) => (Program::Command(&self.command), self.timeout),
+            (_, _, false) => (Program::Command(&o.command), o.timeout),
         };
         let dir = match scratch_dir() {
             Ok(d) => d,
@@ -495,7 +488,7 @@ impl Worker {
             }
         };
         let group = child.id().map(|pid| pid as i32);
-        self.guard(|g| g.watch(group));
+        self.guard.watch(group);
         if let Some(mut stdin) = child.stdin.take() {
             let input = task.to_string();
             // A process that does not read its stdin must not hold the task up.
@@ -546,7 +539,7 @@ impl Worker {
         };
         // Whatever the process left running in its group goes with it.
         signal_group(group, libc::SIGKILL);
-        self.guard(|g| g.release(group));
+        self.guard.release(group);
         let duration_ms = started.elapsed().as_millis() as u64;
         let (result, stdout_tail) = match stdout {
             Some(h) => settle(h).await.unwrap_or_default(),

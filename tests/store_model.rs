@@ -314,10 +314,12 @@ impl World {
             }
             Op::Cancel { pick } => {
                 let open = [TaskStatus::Queued, TaskStatus::Running];
-                self.on_task(pick, &open, |w, id| write::cancel(w, id, None).map(|_| ()))
+                self.on_task(pick, &open, |w, id| {
+                    write::cancel(w, id, None, write::no_check).map(|_| ())
+                })
             }
             Op::Retry { pick } => self.on_task(pick, &[TaskStatus::Cancelled], |w, id| {
-                write::retry(w, id).map(|_| ())
+                write::retry(w, id, write::no_check).map(|_| ())
             }),
             Op::Delete { pick } => {
                 let unfinished = [

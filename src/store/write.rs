@@ -821,6 +821,18 @@ fn holder_op<T>(
 ) -> Result<(Task, T)> {
     let old = task_by_id(w.tables, id)?;
     check(&old)?;
+    apply(w, old, needs_rules, execution, f)
+}
+
+/// Applies `f` to task `old` (already loaded and checked) and writes it back, with the
+/// `execution` of the attempt it ended, if any.
+fn apply<T>(
+    w: &mut WriteCtx,
+    old: Task,
+    needs_rules: bool,
+    execution: Option<Execution>,
+    f: impl FnOnce(&mut Task, &Rules, i64) -> Result<T>,
+) -> Result<(Task, T)> {
     // Only fail needs the back-off rules: the others skip reading the project and type.
     let rules = if needs_rules {
         rules_for(w.tables, &old)?
@@ -907,15 +919,23 @@ pub fn progress(
     .map(|r| r.0)
 }
 
-pub fn cancel(w: &mut WriteCtx, id: &str, reason: Option<String>) -> Result<Task> {
-    holder_op(w, id, false, None, no_check, |t, _, now| {
+/// Cancels a queued or running task; `check` runs on it first, as for [`complete`].
+pub fn cancel(
+    w: &mut WriteCtx,
+    id: &str,
+    reason: Option<String>,
+    check: impl FnOnce(&Task) -> Result<()>,
+) -> Result<Task> {
+    holder_op(w, id, false, None, check, |t, _, now| {
         Ok(lease::cancel(t, reason, now)?)
     })
     .map(|r| r.0)
 }
 
-pub fn retry(w: &mut WriteCtx, id: &str) -> Result<Task> {
+/// Requeues a failed or cancelled task of an open project; `check` runs on it first.
+pub fn retry(w: &mut WriteCtx, id: &str, check: impl FnOnce(&Task) -> Result<()>) -> Result<Task> {
     let old = task_by_id(w.tables, id)?;
+    check(&old)?;
     if let Some(p) = w.tables.project(old.project_id)? {
         if p.status == ProjectStatus::Closed {
             return Err(Error::Conflict(format!(
@@ -924,10 +944,7 @@ pub fn retry(w: &mut WriteCtx, id: &str) -> Result<Task> {
             )));
         }
     }
-    holder_op(w, id, false, None, no_check, |t, _, now| {
-        Ok(lease::retry(t, now)?)
-    })
-    .map(|r| r.0)
+    apply(w, old, false, None, |t, _, now| Ok(lease::retry(t, now)?)).map(|r| r.0)
 }
 
 /// What a bulk cancel or retry does to each task.
@@ -949,19 +966,18 @@ pub fn bulk_action(
 ) -> Result<Vec<(String, Option<String>)>> {
     let mut out = Vec::with_capacity(ids.len());
     for id in ids {
-        let in_project = w
-            .tables
-            .task_by_id(id)?
-            .is_some_and(|t| t.project_id == project);
-        let r = match (in_project, action) {
-            (false, _) => Err(Error::NotFound(format!(
+        let in_project = |t: &Task| match t.project_id == project {
+            true => Ok(()),
+            false => Err(Error::NotFound(format!(
                 "task {id} not found in this project"
             ))),
-            (true, BulkAction::Cancel) => cancel(w, id, reason.map(String::from)).map(|_| ()),
-            (true, BulkAction::Retry) => retry(w, id).map(|_| ()),
+        };
+        let r = match action {
+            BulkAction::Cancel => cancel(w, id, reason.map(String::from), in_project),
+            BulkAction::Retry => retry(w, id, in_project),
         };
         match r {
-            Ok(()) => out.push((id.clone(), None)),
+            Ok(_) => out.push((id.clone(), None)),
             Err(Error::Storage(e)) => return Err(Error::Storage(e)),
             Err(e) => out.push((id.clone(), Some(e.to_string()))),
         }

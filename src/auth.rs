@@ -86,8 +86,9 @@ pub fn grants(role: Role, right: Right) -> bool {
 pub struct SessionBinding {
     pub id: u128,
     pub token_hash: [u8; 32],
-    pub agent: String,
-    pub project: u128,
+    /// The agent and project of a bound session; None for a key-scoped one.
+    pub agent: Option<String>,
+    pub project: Option<u128>,
 }
 
 /// The authenticated caller of one request.
@@ -106,12 +107,15 @@ impl Caller {
     /// Whether `project` exists for this caller at all.
     pub fn sees(&self, project: u128) -> bool {
         self.projects.as_ref().is_none_or(|p| p.contains(&project))
-            && self.session.as_ref().is_none_or(|s| s.project == project)
+            && self
+                .session
+                .as_ref()
+                .is_none_or(|s| s.project.is_none_or(|p| p == project))
     }
 
     /// Whether the caller is limited to some projects (then lists are filtered).
     pub fn scoped(&self) -> bool {
-        self.projects.is_some() || self.session.is_some()
+        self.projects.is_some() || self.session.as_ref().is_some_and(|s| s.project.is_some())
     }
 
     /// A right that does not depend on a project.
@@ -151,10 +155,9 @@ impl Caller {
 
     /// Under a session, the agent name in the path or body must be the session's.
     pub fn require_agent(&self, agent: &str) -> Result<()> {
-        match &self.session {
-            Some(s) if s.agent != agent => Err(Error::Forbidden(format!(
-                "this session acts as agent {}, not {agent}",
-                s.agent
+        match self.session.as_ref().and_then(|s| s.agent.as_deref()) {
+            Some(bound) if bound != agent => Err(Error::Forbidden(format!(
+                "this session acts as agent {bound}, not {agent}"
             ))),
             _ => Ok(()),
         }
@@ -585,8 +588,8 @@ impl Authenticator {
         caller.session = Some(SessionBinding {
             id: s.id,
             token_hash: h,
-            agent: s.agent_name.clone(),
-            project: s.project_id,
+            agent: s.scope().map(|(a, _)| a.to_string()),
+            project: s.scope().map(|(_, p)| p),
         });
         let caller = Arc::new(caller);
         self.remember(h, caller.clone(), Some(s.expires_at));
@@ -773,11 +776,20 @@ mod tests {
         c.session = Some(SessionBinding {
             id: 1,
             token_hash: [0; 32],
-            agent: "a".into(),
-            project: 12,
+            agent: Some("a".into()),
+            project: Some(12),
         });
-        assert!(c.sees(12) && !c.sees(10));
+        assert!(c.sees(12) && !c.sees(10) && c.scoped());
         assert!(c.require_agent("a").is_ok());
         assert!(matches!(c.require_agent("b"), Err(Error::Forbidden(_))));
+        // A key-scoped session has its key's reach: here, every project and any agent.
+        c.session = Some(SessionBinding {
+            id: 2,
+            token_hash: [0; 32],
+            agent: None,
+            project: None,
+        });
+        assert!(c.sees(10) && c.sees(12) && !c.scoped());
+        assert!(c.require_agent("b").is_ok());
     }
 }

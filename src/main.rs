@@ -71,6 +71,9 @@ struct ServeArgs {
     /// given.
     #[arg(long, env = "AGENTQ_CORS_ORIGIN", value_parser = agentq::api::check_cors_origins)]
     cors_origin: Option<String>,
+    /// Do not serve the dashboard (`/` and `/ui/` then answer 404).
+    #[arg(long, env = "AGENTQ_NO_UI")]
+    no_ui: bool,
     /// On the first start of an empty database, use this admin key instead of generating one
     /// (at least 16 characters). Prefer --admin-key-file: environments leak.
     #[arg(long = "admin-key", env = "AGENTQ_ADMIN_KEY", hide_env_values = true)]
@@ -248,6 +251,7 @@ fn serve_config(args: ServeArgs) -> Result<agentq::Config, String> {
     let mut config = agentq::Config::new(args.db, args.bind);
     config.max_body_bytes = args.max_body_bytes as usize;
     config.cors_origin = args.cors_origin;
+    config.ui = !args.no_ui;
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;
     config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);

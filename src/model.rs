@@ -501,7 +501,9 @@ pub struct ApiKey {
 pub struct Session {
     pub id: u128,
     pub key_id: u128,
+    /// The agent the session acts as; empty for a key-scoped session (see [`Session::scope`]).
     pub agent_name: String,
+    /// The project the session is bound to; 0 for a key-scoped session.
     pub project_id: u128,
     pub created_at: Millis,
     pub expires_at: Millis,
@@ -512,6 +514,13 @@ impl Session {
     /// Whether the session has not yet expired at `now`.
     pub fn live_at(&self, now: Millis) -> bool {
         self.expires_at > now
+    }
+
+    /// The agent and project the session is bound to, or None for a key-scoped session
+    /// (a login without either, as the dashboard makes): its rights are exactly its key's.
+    /// No project has id 0 and no agent name is empty, so the row needs no field of its own.
+    pub fn scope(&self) -> Option<(&str, u128)> {
+        (self.project_id != 0).then_some((self.agent_name.as_str(), self.project_id))
     }
 }
 

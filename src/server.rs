@@ -35,6 +35,8 @@ pub struct Config {
     pub bind: String,
     pub max_body_bytes: usize,
     pub cors_origin: Option<String>,
+    /// Serve the dashboard at `/` and `/ui/` (`--no-ui` turns it off).
+    pub ui: bool,
     pub clock: Arc<dyn Clock>,
     /// The first admin key, when the database has none (else one is generated).
     pub admin_key: Option<String>,
@@ -70,6 +72,7 @@ impl Config {
             bind: bind.into(),
             max_body_bytes: 2 * 1024 * 1024,
             cors_origin: None,
+            ui: true,
             clock: Arc::new(SystemClock),
             admin_key: None,
             rate_limit_per_minute: 6000,
@@ -157,6 +160,7 @@ impl Server {
             store: store.clone(),
             auth: auth.clone(),
             started: Instant::now(),
+            presence: Default::default(),
         });
         spawn_background(&state);
         let (stop, done) = serve(listener, addr, state, &config);
@@ -245,6 +249,7 @@ fn serve(
             max_body_bytes: config.max_body_bytes,
             cors_origin: config.cors_origin.clone(),
             addr,
+            ui: config.ui,
         },
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();

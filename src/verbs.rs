@@ -450,6 +450,19 @@ pub const VERBS: &[Verb] = &[
             query("type", "typeId", Kind::Text, "Task type name or id"),
             query("agent", "assignedTo", Kind::Text, "Agent holding the task"),
             query("batch", "batchId", Kind::Text, "Batch id"),
+            query("priority", "priority", Kind::Int, "Only this priority (0-10)"),
+            query(
+                "updated-after",
+                "updatedAfter",
+                Kind::Text,
+                "Changed after this instant (RFC 3339)",
+            ),
+            query(
+                "updated-before",
+                "updatedBefore",
+                Kind::Text,
+                "Changed before this instant (RFC 3339)",
+            ),
             query(
                 "sort",
                 "sort",

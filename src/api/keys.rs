@@ -123,8 +123,11 @@ impl KeyOut {
 #[derive(Object)]
 #[oai(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoginIn {
-    pub agent_name: Text,
-    pub project_id: Text,
+    /// With `projectId`: the agent the session acts as. Leave both out for a key-scoped
+    /// session (the dashboard's), whose rights are exactly the key's.
+    pub agent_name: Option<Text>,
+    /// With `agentName`: the one project the session may reach.
+    pub project_id: Option<Text>,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -141,8 +144,19 @@ pub struct LoginOut {
 #[serde(rename_all = "camelCase")]
 pub struct SessionOut {
     pub session_id: String,
-    pub agent_name: String,
-    pub project_id: String,
+    /// The agent and project of a bound session; absent for a key-scoped one.
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_name: Option<String>,
+    #[oai(skip_serializing_if_is_none)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub project_id: Option<String>,
+    /// The role of the session's key: what the session may do.
+    pub role: String,
+    /// The projects the session reaches; null = every project.
+    pub projects: Option<Vec<String>>,
+    /// Whether the session may give tasks and task types a script.
+    pub allow_scripts: bool,
     pub created_at: String,
     pub expires_at: String,
     pub last_activity: String,
@@ -299,21 +313,36 @@ impl KeysApi {
         if c.session.is_some() {
             return Err(Error::Forbidden("log in with an API key, not a session".into()).into());
         }
-        validate::agent_name(&body.0.agent_name)?;
-        let project = self.0.store.read()?.project(&body.0.project_id)?;
-        c.require_in(
-            Right::Read,
-            project.id,
-            &format!("project {}", &*body.0.project_id),
-        )?;
+        let scope = match (body.0.agent_name, body.0.project_id) {
+            (Some(agent), Some(project)) => {
+                validate::agent_name(&agent)?;
+                let p = self.0.store.read()?.project(&project)?;
+                c.require_in(Right::Read, p.id, &format!("project {}", &*project))?;
+                Some((agent.0, uuid_str(p.id)))
+            }
+            (None, None) => None,
+            (agent, _) => {
+                let (given, missing) = match agent {
+                    Some(_) => ("agentName", "projectId"),
+                    None => ("projectId", "agentName"),
+                };
+                return Err(Error::validation(
+                    missing,
+                    format!(
+                        "{given} needs {missing}: give both for an agent's session, or \
+                         neither for a key-scoped one"
+                    ),
+                )
+                .into());
+            }
+        };
         let token = auth::new_session_token();
         let hash = auth::digest(&token);
-        let (key_id, agent, limits) = (c.key_id, body.0.agent_name.0, self.0.auth.sessions);
-        let pid = uuid_str(project.id);
+        let (key_id, limits) = (c.key_id, self.0.auth.sessions);
         let s = self
             .0
             .store
-            .write(move |w| keys::create_session(w, key_id, agent, &pid, limits, hash))
+            .write(move |w| keys::create_session(w, key_id, scope, limits, hash))
             .await?;
         Ok(Reply::ok(LoginOut {
             session_id: uuid_str(s.id),
@@ -359,7 +388,7 @@ impl KeysApi {
             .store
             .session(&b.token_hash)?
             .ok_or_else(no_session)?;
-        Ok(Reply::ok(session_out(s)))
+        Ok(Reply::ok(session_out(auth.caller(), s)))
     }
 
     /// Extend the session of this request by `extendBy` seconds.
@@ -387,15 +416,22 @@ impl KeysApi {
             .store
             .write(move |w| keys::extend_session(w, b.token_hash, secs as i64 * 1000))
             .await?;
-        Ok(Reply::ok(session_out(s)))
+        Ok(Reply::ok(session_out(auth.caller(), s)))
     }
 }
 
-fn session_out(s: crate::model::Session) -> SessionOut {
+fn session_out(c: &auth::Caller, s: crate::model::Session) -> SessionOut {
+    let scope = s.scope().map(|(a, p)| (a.to_string(), p));
     SessionOut {
         session_id: uuid_str(s.id),
-        agent_name: s.agent_name,
-        project_id: uuid_str(s.project_id),
+        agent_name: scope.as_ref().map(|(a, _)| a.clone()),
+        project_id: scope.map(|(_, p)| uuid_str(p)),
+        role: c.role.as_str().to_string(),
+        projects: c
+            .projects
+            .as_ref()
+            .map(|p| p.iter().copied().map(uuid_str).collect()),
+        allow_scripts: c.allow_scripts,
         created_at: crate::time::format(s.created_at),
         expires_at: crate::time::format(s.expires_at),
         last_activity: crate::time::format(s.last_activity),

@@ -30,6 +30,7 @@ const NO_TASK: &str = "No tasks available for assignment";
 /// (settled in the write, see [`State::holder_check`]), its right to act as `agent`, and the
 /// body's checks, begun with the agent's name.
 fn holder(
+    state: &State,
     auth: &Auth,
     task: &str,
     agent: &str,
@@ -39,6 +40,7 @@ fn holder(
 )> {
     let access = State::holder_check(auth, Right::Work, task)?;
     auth.caller().require_agent(agent)?;
+    state.saw(agent);
     let mut c = Check::default();
     c.name("agentName", agent, validate::MAX_AGENT_NAME, "Agent name");
     Ok((access, c))
@@ -84,6 +86,7 @@ impl LeasesApi {
         body: JsonBody<NextTaskIn>,
     ) -> Result<SerdeJson<NextTaskOut>> {
         auth.caller().require_agent(&agent.0)?;
+        self.0.saw(&agent.0);
         let agent = agent.0;
         let b = body.0;
         let mut c = Check::default();
@@ -125,7 +128,7 @@ impl LeasesApi {
         body: JsonBody<CompleteIn>,
     ) -> Result<Reply<TaskOut>> {
         let b = body.0;
-        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
+        let (access, mut c) = holder(&self.0, &auth, &id.0, &b.agent_name)?;
         let (result, outputs, token) = validate::completion(
             &mut c,
             "",
@@ -164,7 +167,7 @@ impl LeasesApi {
         body: JsonBody<FailIn>,
     ) -> Result<Reply<FailOut>> {
         let b = body.0;
-        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
+        let (access, mut c) = holder(&self.0, &auth, &id.0, &b.agent_name)?;
         let error = b.error.map_or_else(|| "failed".to_string(), String::from);
         c.max_len("error", &error, validate::MAX_ERROR);
         let failed = write::Failed {
@@ -202,7 +205,7 @@ impl LeasesApi {
         let access = State::holder_check(&auth, Right::Work, &id.0)?;
         let b = body.0;
         let mut c = Check::default();
-        let session_agent = auth.caller().session.as_ref().map(|s| s.agent.clone());
+        let session_agent = auth.caller().session.as_ref().and_then(|s| s.agent.clone());
         let Some(agent) = b.agent_name.map(String::from).or(session_agent) else {
             // No agent name and no session: the caller cannot be the lease holder.
             return Err(Error::LeaseLost(format!(
@@ -212,6 +215,7 @@ impl LeasesApi {
             .into());
         };
         auth.caller().require_agent(&agent)?;
+        self.0.saw(&agent);
         c.name("agentName", &agent, validate::MAX_AGENT_NAME, "Agent name");
         let minutes = c.float_range(
             "extensionMinutes",
@@ -243,7 +247,7 @@ impl LeasesApi {
         body: JsonBody<ProgressIn>,
     ) -> Result<Reply<TaskOut>> {
         let b = body.0;
-        let (access, mut c) = holder(&auth, &id.0, &b.agent_name)?;
+        let (access, mut c) = holder(&self.0, &auth, &id.0, &b.agent_name)?;
         if b.current < 0 {
             c.fail("current", "must be 0 or more", b.current);
         }
@@ -371,12 +375,15 @@ impl LeasesApi {
             .into_iter()
             .filter_map(|t| {
                 let l = t.lease?;
+                // The claim itself was a call; a restart forgets later ones.
+                let seen = self.0.presence.last_seen(&l.agent).unwrap_or(0);
                 Some(AgentOut {
-                    agent_name: l.agent,
                     task_id: t.id,
                     assigned_at: crate::time::format(l.assigned_at),
                     lease_expires_at: crate::time::format(l.expires_at),
+                    last_seen_at: crate::time::format(seen.max(l.assigned_at)),
                     status: t.status.as_str().to_string(),
+                    agent_name: l.agent,
                 })
             })
             .collect();

@@ -13,10 +13,12 @@ pub mod explain;
 pub mod keys;
 pub mod leases;
 pub mod mcp;
+pub mod presence;
 pub mod projects;
 pub mod spec;
 pub mod tasks;
 pub mod types;
+pub mod ui;
 pub mod validate;
 
 use std::sync::Arc;
@@ -44,9 +46,18 @@ pub struct State {
     pub started: Instant,
     pub metrics: PrometheusHandle,
     pub totals: RequestTotals,
+    /// When each agent last called (the agents listing's `lastSeenAt`).
+    pub presence: presence::Presence,
 }
 
 impl State {
+    /// Records a lease-protocol call of `agent` (a name of a valid length only).
+    pub fn saw(&self, agent: &str) {
+        if !agent.is_empty() && agent.len() <= validate::MAX_AGENT_NAME {
+            self.presence.saw(agent, self.store.clock.now());
+        }
+    }
+
     /// Resolves a project and checks `right` on it: 404 if the caller cannot see it.
     pub fn project_for(&self, c: &Caller, right: Right, key: &str) -> poem::Result<Project> {
         let p = self.store.read()?.project(key)?;
@@ -189,6 +200,8 @@ pub struct HttpOptions {
     pub cors_origin: Option<String>,
     /// Where the server listens: `/mcp`'s tools call the REST API there.
     pub addr: std::net::SocketAddr,
+    /// Serve the dashboard ([`ui`]).
+    pub ui: bool,
 }
 
 /// The whole HTTP application.
@@ -205,7 +218,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
         VERSION,
     )
     .description("A durable, fast task queue for AI agents.");
-    let ui = service.swagger_ui();
+    let swagger = service.swagger_ui();
     let spec = spec::Spec::build(&service.spec());
     // A patch of the document that found nothing to patch is a field renamed without its
     // rule: every test that starts a server fails on it.
@@ -257,7 +270,7 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
             "/mcp",
             mcp::McpEndpoint::new(opts.addr, opts.cors_origin.as_deref(), max, &spec.json),
         )
-        .nest("/api/docs", ui)
+        .nest("/api/docs", swagger)
         .at(
             "/api/openapi.json",
             poem::endpoint::make_sync(move |_| {
@@ -265,8 +278,18 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
                     .content_type("application/json; charset=utf-8")
                     .body(document.clone())
             }),
-        )
+        );
+    let ui_on = opts.ui;
+    let route = if ui_on { ui::mount(route) } else { route };
+    let route = route
         .nest("/", service)
+        // `/` itself: poem's nest at `/` answers it before any route at `/`.
+        .around(move |ep, req| async move {
+            if ui_on && req.uri().path() == "/" {
+                return Ok(ui::redirect(&req));
+            }
+            ep.call(req).await.map(IntoResponse::into_response)
+        })
         // A handler that panics (a bug) answers 500 in the envelope, through `frame`, instead
         // of dropping the connection.
         .with(poem::middleware::CatchPanic::new())
@@ -684,6 +707,7 @@ fn is_public(path: &str) -> bool {
         "/health" | "/metrics" | "/metrics/json" | "/api/openapi.json"
     ) || path == "/api/docs"
         || path.starts_with("/api/docs/")
+        || ui::is_ui_path(path)
 }
 
 /// The credential of a request: `X-API-Key`, else `Authorization: Bearer`.

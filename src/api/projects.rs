@@ -13,7 +13,6 @@ use super::validate::{self, Check};
 use super::{ApiTags, State};
 use crate::auth::Right;
 use crate::error::Error;
-use crate::model::ProjectStatus;
 use crate::store::write;
 
 pub struct ProjectsApi(pub Arc<State>);
@@ -36,11 +35,7 @@ impl ProjectsApi {
         offset: Query<Option<i64>>,
     ) -> Result<ListReply<ProjectOut>> {
         let mut c = Check::default();
-        let status = match status.0.unwrap_or_default() {
-            ProjectFilter::Active => Some(ProjectStatus::Active),
-            ProjectFilter::Closed => Some(ProjectStatus::Closed),
-            ProjectFilter::All => None,
-        };
+        let status = status.0.unwrap_or_default().status();
         let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
         c.finish(())?;
         let caller = auth.caller();
@@ -177,24 +172,43 @@ impl ProjectsApi {
     ) -> Result<Reply<ProjectStatsOut>> {
         let p = self.0.project_for(auth.caller(), Right::Read, &id.0)?;
         let r = self.0.store.read()?;
-        let s = r.stats(p.id)?;
+        Ok(Reply::ok(stats_of(&r, p, self.0.store.clock.now())?))
+    }
+
+    /// Every visible project's stats in one answer, as `getProjectStats` gives them: the
+    /// dashboard's overview polls this. Counters and a few small rows per project, no scan.
+    #[oai(
+        path = "/api/stats",
+        method = "get",
+        operation_id = "listProjectStats",
+        tag = "ApiTags::Projects"
+    )]
+    async fn all_stats(
+        &self,
+        auth: Auth,
+        /// `active` (default), `closed` or `all`.
+        status: Query<Option<ProjectFilter>>,
+        limit: Query<Option<i64>>,
+        offset: Query<Option<i64>>,
+    ) -> Result<ListReply<ProjectStatsOut>> {
+        let mut c = Check::default();
+        let (limit, offset) = validate::paging(&mut c, limit.0, offset.0);
+        c.finish(())?;
+        let caller = auth.caller();
+        caller.require(Right::Read)?;
+        let r = self.0.store.read()?;
         let now = self.0.store.clock.now();
-        let minutes = r.activity_by_minute(p.id, now)?;
-        let oldest = r.oldest_queued(p.id)?;
-        Ok(Reply::ok(ProjectStatsOut {
-            project: ProjectRef {
-                id: uuid_str(p.id),
-                name: p.name,
-                stats: s.into(),
-            },
-            queue_depth: s.queued,
-            // An agent holds at most one lease per project (next-task resumes the one it
-            // holds), and every running task is held: so the running count, kept exact.
-            active_agents: s.running,
-            recent_activity: RecentActivityOut::new(minutes),
-            oldest_queued_at: oldest.map(crate::time::format),
-            oldest_queued_age_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
-        }))
+        let (rows, total) = r.projects(
+            status.0.unwrap_or_default().status(),
+            &|id| caller.sees(id),
+            limit,
+            offset,
+        )?;
+        let data = rows
+            .into_iter()
+            .map(|(p, _)| stats_of(&r, p, now))
+            .collect::<crate::error::Result<Vec<_>>>()?;
+        Ok(ListReply::new(data, total, limit, offset, None))
     }
 
     /// List a project's task types.
@@ -312,4 +326,30 @@ impl ProjectsApi {
             id: id.0,
         }))
     }
+}
+
+/// A project's stats answer: its counters, the last hour by minute and its oldest queued task.
+fn stats_of(
+    r: &crate::store::read::Reader,
+    p: crate::model::Project,
+    now: crate::model::Millis,
+) -> crate::error::Result<ProjectStatsOut> {
+    let s = r.stats(p.id)?;
+    let minutes = r.activity_by_minute(p.id, now)?;
+    let oldest = r.oldest_queued(p.id)?;
+    Ok(ProjectStatsOut {
+        status: p.status.as_str().to_string(),
+        project: ProjectRef {
+            id: uuid_str(p.id),
+            name: p.name,
+            stats: s.into(),
+        },
+        queue_depth: s.queued,
+        // An agent holds at most one lease per project (next-task resumes the one it holds),
+        // and every running task is held: so the running count, kept exact.
+        active_agents: s.running,
+        recent_activity: RecentActivityOut::new(minutes),
+        oldest_queued_at: oldest.map(crate::time::format),
+        oldest_queued_age_seconds: oldest.map(|t| (now - t).max(0) as f64 / 1000.0),
+    })
 }

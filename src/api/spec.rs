@@ -335,6 +335,9 @@ fn param_rules() -> Vec<(&'static str, Value)> {
         ("typeId", name(MAX_NAME)),
         ("createdAfter", date_time()),
         ("createdBefore", date_time()),
+        ("updatedAfter", date_time()),
+        ("updatedBefore", date_time()),
+        ("priority", int(&PRIORITY)),
         (
             "cursor",
             json!({"pattern": "^(k-?[0-9]{1,19}\\.[0-9]{1,20}|o[0-9]{1,18})$"}),
@@ -723,6 +726,7 @@ impl Spec {
             // MCP's streamable HTTP transport: every request is authenticated.
             "/mcp" => ("/mcp", matches!(method, "GET" | "POST" | "DELETE")),
             p if p == "/api/docs" || p.starts_with("/api/docs/") => ("/api/docs", false),
+            p if super::ui::is_ui_path(p) => ("/ui", false),
             p => match self.find(p) {
                 Some((_, methods, template)) => {
                     let method = if method == "HEAD" { "GET" } else { method };

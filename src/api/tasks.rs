@@ -45,6 +45,14 @@ impl TasksApi {
         /// Tasks created strictly before this instant.
         #[oai(name = "createdBefore")]
         created_before: Query<Option<String>>,
+        /// Only tasks of this priority (0-10).
+        priority: Query<Option<i64>>,
+        /// Tasks last changed strictly after this instant.
+        #[oai(name = "updatedAfter")]
+        updated_after: Query<Option<String>>,
+        /// Tasks last changed strictly before this instant.
+        #[oai(name = "updatedBefore")]
+        updated_before: Query<Option<String>>,
         /// `createdAt` (default), `updatedAt` or `priority`.
         sort: Query<Option<SortBy>>,
         /// `desc` (default) or `asc`.
@@ -69,6 +77,17 @@ impl TasksApi {
             .0
             .as_deref()
             .and_then(|t| c.time("createdBefore", t));
+        let priority = priority
+            .0
+            .map(|p| c.int_range("priority", p, &validate::PRIORITY) as u8);
+        let updated_after = updated_after
+            .0
+            .as_deref()
+            .and_then(|t| c.time("updatedAfter", t));
+        let updated_before = updated_before
+            .0
+            .as_deref()
+            .and_then(|t| c.time("updatedBefore", t));
         let sort = match sort.0.unwrap_or_default() {
             SortBy::CreatedAt => Sort::CreatedAt,
             SortBy::UpdatedAt => Sort::UpdatedAt,
@@ -95,6 +114,9 @@ impl TasksApi {
             batch_id: batch_id.0,
             created_after,
             created_before,
+            priority,
+            updated_after,
+            updated_before,
             sort,
             desc,
             limit,
@@ -441,13 +463,8 @@ impl TasksApi {
             type_id,
             assigned_to: f.assigned_to.map(String::from),
             batch_id: f.batch_id.map(String::from),
-            created_after: None,
-            created_before: None,
-            sort: Sort::CreatedAt,
-            desc: false,
             limit: validate::MAX_LIMIT,
-            offset: 0,
-            cursor: None,
+            ..TaskQuery::default()
         };
         let mut ids = Vec::new();
         loop {

@@ -379,6 +379,8 @@ pub struct ProjectRef {
 #[serde(rename_all = "camelCase")]
 pub struct ProjectStatsOut {
     pub project: ProjectRef,
+    /// The project's status: `active` or `closed`.
+    pub status: String,
     pub queue_depth: u64,
     pub active_agents: u64,
     pub recent_activity: RecentActivityOut,
@@ -999,6 +1001,9 @@ pub struct AgentOut {
     pub task_id: String,
     pub assigned_at: String,
     pub lease_expires_at: String,
+    /// The agent's last lease-protocol call (next-task, complete, fail, heartbeat, progress)
+    /// seen by this server since it started, or the lease's start if later.
+    pub last_seen_at: String,
     pub status: String,
 }
 
@@ -1070,6 +1075,17 @@ pub enum ProjectFilter {
     Active,
     Closed,
     All,
+}
+
+impl ProjectFilter {
+    /// The status listed; None = every project but those being deleted.
+    pub fn status(self) -> Option<crate::model::ProjectStatus> {
+        match self {
+            ProjectFilter::Active => Some(crate::model::ProjectStatus::Active),
+            ProjectFilter::Closed => Some(crate::model::ProjectStatus::Closed),
+            ProjectFilter::All => None,
+        }
+    }
 }
 
 /// What a task listing is sorted by.

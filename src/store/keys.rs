@@ -159,15 +159,19 @@ pub struct SessionLimits {
 /// (409: a client that logs in without ever logging out would otherwise grow the tables
 /// without bound for as long as the key lives). Sessions past their expiry count until the
 /// scheduler sweeps them, which it does as they expire.
+/// A new session of `key_id`: bound to `scope` (an agent name and a project, by id or name),
+/// or with None key-scoped (see [`Session::scope`]).
 pub fn create_session(
     w: &mut WriteCtx,
     key_id: u128,
-    agent: String,
-    project_key: &str,
+    scope: Option<(String, String)>,
     limits: SessionLimits,
     token_hash: [u8; 32],
 ) -> Result<Session> {
-    let project = resolve_project(w.tables, project_key)?;
+    let (agent, project_id) = match scope {
+        Some((agent, project)) => (agent, resolve_project(w.tables, &project)?.id),
+        None => (String::new(), 0),
+    };
     if limits.per_key > 0 {
         let cap = limits.per_key as usize;
         let mut held = 0;
@@ -192,7 +196,7 @@ pub fn create_session(
         id: uuid::Uuid::now_v7().as_u128(),
         key_id,
         agent_name: agent,
-        project_id: project.id,
+        project_id,
         created_at: w.now,
         expires_at: w.now.saturating_add(limits.ttl_ms),
         last_activity: w.now,

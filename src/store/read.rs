@@ -25,6 +25,11 @@ pub struct TaskQuery {
     /// Strictly after / strictly before, in creation time.
     pub created_after: Option<Millis>,
     pub created_before: Option<Millis>,
+    /// Filters no index serves: each task's row is read to apply them.
+    pub priority: Option<u8>,
+    /// Strictly after / strictly before, in last-change time.
+    pub updated_after: Option<Millis>,
+    pub updated_before: Option<Millis>,
     pub sort: Sort,
     pub desc: bool,
     pub limit: usize,
@@ -33,6 +38,16 @@ pub struct TaskQuery {
 }
 
 impl TaskQuery {
+    /// Whether a filter needs each task's row (no index holds its field).
+    fn reads_rows(&self) -> bool {
+        self.type_id.is_some()
+            || self.assigned_to.is_some()
+            || self.batch_id.is_some()
+            || self.priority.is_some()
+            || self.updated_after.is_some()
+            || self.updated_before.is_some()
+    }
+
     /// How many matching tasks come before the page when it is found by position: an
     /// offset cursor plus `offset`.
     fn offset_start(&self) -> usize {
@@ -456,6 +471,9 @@ impl Reader {
         let queued_only = q.statuses == [TaskStatus::Queued]
             && q.assigned_to.is_none()
             && q.batch_id.is_none()
+            && q.priority.is_none()
+            && q.updated_after.is_none()
+            && q.updated_before.is_none()
             && !l.ranged;
         if queued_only && q.sort == Sort::Priority {
             return self.queued_by_priority(project, q, &|seq| l.row(seq), &|seq| l.load(seq));
@@ -599,7 +617,7 @@ struct Listing<'r> {
     /// The creation times asked for, inclusive.
     lo: i64,
     hi: i64,
-    /// Whether a filter needs each task's row (a type, an agent, a batch).
+    /// Whether a filter needs each task's row ([`TaskQuery::reads_rows`]).
     post_filtered: bool,
     /// Whether a range of creation times is asked for.
     ranged: bool,
@@ -620,7 +638,7 @@ impl<'r> Listing<'r> {
                 .map(ix::batch_hash),
             lo: q.created_after.map_or(i64::MIN, |t| t.saturating_add(1)),
             hi: q.created_before.map_or(i64::MAX, |t| t.saturating_sub(1)),
-            post_filtered: q.type_id.is_some() || q.assigned_to.is_some() || q.batch_id.is_some(),
+            post_filtered: q.reads_rows(),
             ranged: q.created_after.is_some() || q.created_before.is_some(),
         })
     }
@@ -646,6 +664,9 @@ impl<'r> Listing<'r> {
             && q.batch_id
                 .as_deref()
                 .is_none_or(|b| t.batch_id.as_deref() == Some(b))
+            && q.priority.is_none_or(|p| t.priority == p)
+            && q.updated_after.is_none_or(|a| t.updated_at > a)
+            && q.updated_before.is_none_or(|b| t.updated_at < b)
     }
 
     /// The index ranges to walk, each yielding (createdAt, seq) in the order asked, starting

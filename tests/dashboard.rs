@@ -332,3 +332,35 @@ async fn agents_show_when_they_were_last_seen() {
         "{seen} {assigned}"
     );
 }
+
+#[tokio::test]
+async fn the_page_works_when_cors_lists_other_origins() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = start_with_key(dir, None, None, |c| {
+        c.cors_origin = Some("https://other.example".into())
+    })
+    .await;
+    let own = app.base.clone();
+    let host = own.trim_start_matches("http://").to_string();
+    let login = |origin: String, forwarded: Option<&'static str>| {
+        let mut req = client_with_key(&app.admin_key)
+            .post(format!("{}/api/auth/login", app.base))
+            .header("origin", origin)
+            .json(&json!({}));
+        if let Some(f) = forwarded {
+            req = req.header("x-forwarded-host", f);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    // The dashboard's own POSTs carry its origin: the same as the server's, so no CORS check.
+    assert_eq!(login(own.clone(), None).await, 200);
+    // Behind a proxy that names the public host.
+    assert_eq!(
+        login("https://queue.example".into(), Some("queue.example")).await,
+        200
+    );
+    // Another origin is CORS's to judge: listed, it passes; not listed, refused.
+    assert_eq!(login("https://other.example".into(), None).await, 200);
+    assert_ne!(login("https://evil.example".into(), None).await, 200);
+    assert!(host.starts_with("127.0.0.1:"));
+}

@@ -297,9 +297,54 @@ pub fn app(state: Arc<State>, opts: &HttpOptions) -> crate::listen::App {
     // One endpoint or the other, not poem's `with_if`: its future is an enum as large as the
     // larger branch (CORS adds ~1.5 KB), moved whole on every request.
     match opts.cors_origin.as_deref().map(cors) {
-        Some(cors) => Arc::new(ToDynEndpoint(route.with(cors))),
+        Some(cors) => {
+            let plain = Arc::new(route);
+            let crossed = plain.clone().with(cors);
+            Arc::new(ToDynEndpoint(SameOriginOrCors { plain, crossed }))
+        }
         None => Arc::new(ToDynEndpoint(route)),
     }
+}
+
+/// With `--cors-origin`, a request from the server's own origin (the dashboard's: browsers send
+/// `Origin` on its POSTs) skips the CORS check, which would refuse it unless the operator also
+/// listed the origin the server is reached at. Same origin: `Origin`'s host and port are the
+/// request's `Host` (or, behind a proxy, `X-Forwarded-Host`).
+struct SameOriginOrCors<P, C> {
+    plain: Arc<P>,
+    crossed: C,
+}
+
+impl<P: Endpoint, C: Endpoint> Endpoint for SameOriginOrCors<P, C> {
+    type Output = Response;
+
+    async fn call(&self, req: Request) -> poem::Result<Response> {
+        if same_origin(req.headers()) {
+            self.plain.call(req).await.map(IntoResponse::into_response)
+        } else {
+            self.crossed
+                .call(req)
+                .await
+                .map(IntoResponse::into_response)
+        }
+    }
+}
+
+fn same_origin(h: &poem::http::HeaderMap) -> bool {
+    let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(authority) = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+    else {
+        return false;
+    };
+    ["x-forwarded-host", "host"].iter().any(|name| {
+        h.get(*name)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|host| host.eq_ignore_ascii_case(authority))
+    })
 }
 
 /// CORS for `--cors-origin`: a comma-separated list of origins, each exact

@@ -341,6 +341,7 @@ def count(api, pid, query):
 
 
 def snap(page, shots, name):
+    page.evaluate("document.querySelector('#notice').hidden = true")
     for scheme in ("light", "dark"):
         page.emulate_media(color_scheme=scheme)
         page.wait_for_timeout(150)

@@ -906,7 +906,7 @@ async function typesPage(id) {
         h("dt", {}, "Duplicates"), h("dd", {}, t.duplicateHandling),
         h("dt", {}, "Script"), h("dd", {}, t.script ? `${t.script.type}, timeout ${t.script.timeoutSeconds} s` : h("span", { class: "muted" }, "none")),
         h("dt", {}, "Updated"), h("dd", {}, timeEl(t.updatedAt))),
-      t.template ? [h("h2", {}, "Template"), h("pre", {}, t.template)] : null)))
+      t.template ? [h("h3", {}, "Template"), h("pre", {}, t.template)] : null)))
       : h("div", { class: "panel empty" }, "This project has no task types."));
 }
 

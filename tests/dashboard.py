@@ -282,6 +282,21 @@ def run(api, base, shots):
         if shots:
             snap(page, shots, "types")
 
+        # --- phone width: every page fits without sideways scrolling (the task table scrolls
+        # inside its own box).
+        page.set_viewport_size({"width": 390, "height": 800})
+        for where in ("", f"projects/{pid}", f"tasks/{done_id}", f"projects/{pid}/agents", f"projects/{pid}/types"):
+            page.goto(f"{base}ui/#/{where}")
+            expect(page.locator("h1")).to_be_visible()
+            page.wait_for_timeout(300)
+            wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+            assert wide <= 0, f"#/{where} is {wide}px wider than a phone"
+        if shots:
+            page.goto(f"{base}ui/#/projects/{pid}")
+            expect(page.locator("#range")).to_contain_text("of ")
+            snap(page, shots, "phone-project")
+        page.set_viewport_size({"width": 1280, "height": 860})
+
         # --- close and reopen the project.
         page.goto(f"{base}ui/#/projects/{pid}")
         page.click("#toggle-project")

@@ -586,10 +586,14 @@ async function projectPage(id, params) {
   const next = h("button", { type: "button", id: "next", onclick: () => { cursors.push(nextCursor); loadList(true); } }, "Next →");
   const range = h("span", { class: "muted", id: "range" });
 
+  // Folded on a phone unless a filter is set: the list comes first there.
+  const filtered = FILTERS.some((k) => params.get(k));
+  const filterBox = h("details", { class: "filter-box", open: filtered || window.innerWidth > 760 },
+    h("summary", {}, filtered ? "Filters (set)" : "Filters"), form);
   setMain(
     ...projectHeader(p, "tasks"),
     countsBox,
-    form,
+    filterBox,
     h("div", { class: "toolbar" }, find, h("span", { class: "spacer" }), status),
     manage ? h("div", { class: "toolbar", id: "bulk-bar" }, selInfo, bulk) : null,
     table,

@@ -163,7 +163,12 @@ async fn a_key_scoped_session_has_exactly_its_keys_rights() {
     );
 
     // Half a binding is refused and makes no session.
-    for body in [json!({"agentName": "a1"}), json!({"projectId": p})] {
+    for body in [
+        json!({"agentName": "a1"}),
+        json!({"projectId": p}),
+        json!({"agentName": null}),
+        json!({"agentName": "a1", "projectId": null}),
+    ] {
         let r = login(&app, &producer, body).await;
         assert_eq!(r.status, 400, "{:?}", r.body);
         assert_eq!(r.code(), "VALIDATION_ERROR");

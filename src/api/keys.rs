@@ -10,6 +10,7 @@ use super::body::JsonBody;
 use poem::Request;
 use poem_openapi::auth::{ApiKey, Bearer};
 use poem_openapi::param::{Path, Query};
+use poem_openapi::types::MaybeUndefined;
 use poem_openapi::{Object, OpenApi, SecurityScheme};
 use uuid::Uuid;
 
@@ -125,9 +126,9 @@ impl KeyOut {
 pub struct LoginIn {
     /// With `projectId`: the agent the session acts as. Leave both out for a key-scoped
     /// session (the dashboard's), whose rights are exactly the key's.
-    pub agent_name: Option<Text>,
+    pub agent_name: MaybeUndefined<Text>,
     /// With `agentName`: the one project the session may reach.
-    pub project_id: Option<Text>,
+    pub project_id: MaybeUndefined<Text>,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -313,7 +314,16 @@ impl KeysApi {
         if c.session.is_some() {
             return Err(Error::Forbidden("log in with an API key, not a session".into()).into());
         }
-        let scope = match (body.0.agent_name, body.0.project_id) {
+        let (agent_name, project_id) = (body.0.agent_name, body.0.project_id);
+        for (field, null) in [
+            ("agentName", agent_name.is_null()),
+            ("projectId", project_id.is_null()),
+        ] {
+            if null {
+                return Err(Error::validation(field, "must be a string, not null").into());
+            }
+        }
+        let scope = match (agent_name.take(), project_id.take()) {
             (Some(agent), Some(project)) => {
                 validate::agent_name(&agent)?;
                 let p = self.0.store.read()?.project(&project)?;

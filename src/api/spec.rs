@@ -234,7 +234,7 @@ const REQUEST_SCHEMAS: &[&str] = &[
 ];
 
 /// Operations whose body may be left out (it is read as `{}`).
-const OPTIONAL_BODIES: &[&str] = &["/api/tasks/{taskId}/cancel"];
+const OPTIONAL_BODIES: &[&str] = &["/api/tasks/{taskId}/cancel", "/api/auth/login"];
 
 /// OpenAPI links: how an answer feeds the next call, as (path, method, status, links). They
 /// document the protocol's hand-offs (a leased task's id, holder and token go to the calls
@@ -500,6 +500,23 @@ fn complete_schemas(schemas: &mut Map<String, Value>, unmatched: &mut Vec<String
                 ]),
             );
         }
+    }
+    // A login names an agent and a project (an agent's session), or neither (key-scoped);
+    // a null is refused (400), so the document says strings.
+    if let Some(o) = schemas.get_mut("LoginIn").and_then(Value::as_object_mut) {
+        for field in ["agentName", "projectId"] {
+            if let Some(p) = o
+                .get_mut("properties")
+                .and_then(|p| p.get_mut(field))
+                .and_then(Value::as_object_mut)
+            {
+                p.remove("nullable");
+            }
+        }
+        o.insert(
+            "anyOf".into(),
+            json!([{"required": ["agentName", "projectId"]}, {"maxProperties": 0}]),
+        );
     }
     // A task needs instructions unless its type has a template or it has a script.
     if let Some(o) = schemas.get_mut("CreateTask").and_then(Value::as_object_mut) {

@@ -292,6 +292,9 @@ fn value_of(p: &Param, text: &str) -> Result<Value, String> {
         Kind::Time => {
             Value::from(time_of(text).ok_or_else(|| bad("an RFC 3339 time or +<n>[smhd]"))?)
         }
+        Kind::Ago => {
+            Value::from(time_of(&format!("-{text}")).ok_or_else(|| bad("a duration <n>[smhd]"))?)
+        }
         Kind::Seconds => Value::from(
             duration_of(text)
                 .ok_or_else(|| bad("a duration <n>[smhd]"))?
@@ -324,14 +327,15 @@ fn vars<'a>(pairs: impl Iterator<Item = &'a String>) -> Result<Value, String> {
 
 /// An RFC 3339 time as it is, or `+<duration>` from now, as RFC 3339.
 fn time_of(text: &str) -> Option<String> {
-    match text.strip_prefix('+') {
-        Some(d) => {
-            let now = crate::time::Clock::now(&crate::time::SystemClock);
-            let ms = i64::try_from(duration_of(d)?.as_millis()).ok()?;
-            Some(crate::time::format(now.checked_add(ms)?))
-        }
-        None => crate::time::parse(text).map(|_| text.to_string()),
+    let now = || crate::time::Clock::now(&crate::time::SystemClock);
+    let ms = |d: &str| i64::try_from(duration_of(d)?.as_millis()).ok();
+    if let Some(d) = text.strip_prefix('+') {
+        return Some(crate::time::format(now().checked_add(ms(d)?)?));
     }
+    if let Some(d) = text.strip_prefix('-') {
+        return Some(crate::time::format(now().checked_sub(ms(d)?)?));
+    }
+    crate::time::parse(text).map(|_| text.to_string())
 }
 
 /// Runs one verb of the table: resolves names the server does not take itself, calls, and

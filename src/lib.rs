@@ -36,6 +36,7 @@ pub mod logs;
 pub mod mcp;
 pub mod model;
 pub mod report;
+pub mod retention;
 pub mod scheduler;
 pub mod server;
 pub mod spawn;

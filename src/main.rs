@@ -71,6 +71,23 @@ struct ServeArgs {
     /// given.
     #[arg(long, env = "AGENTQ_CORS_ORIGIN", value_parser = agentq::api::check_cors_origins)]
     cors_origin: Option<String>,
+    /// Keep completed tasks this long after they ended (7d, 12h, 30m, 90s or seconds; 0 =
+    /// forever). A project's config.retention overrides it.
+    #[arg(long, env = "AGENTQ_RETAIN_COMPLETED", default_value = "7d",
+          value_parser = agentq::retention::parse_duration)]
+    retain_completed: u64,
+    /// Keep failed tasks this long after their final failure (0 = forever).
+    #[arg(long, env = "AGENTQ_RETAIN_FAILED", default_value = "30d",
+          value_parser = agentq::retention::parse_duration)]
+    retain_failed: u64,
+    /// Keep cancelled tasks this long after they were cancelled (0 = forever).
+    #[arg(long, env = "AGENTQ_RETAIN_CANCELLED", default_value = "7d",
+          value_parser = agentq::retention::parse_duration)]
+    retain_cancelled: u64,
+    /// Seconds between retention passes.
+    #[arg(long, env = "AGENTQ_PRUNE_INTERVAL_SECS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    prune_interval_secs: u64,
     /// Do not serve the dashboard (`/` and `/ui/` then answer 404).
     #[arg(long, env = "AGENTQ_NO_UI")]
     no_ui: bool,
@@ -252,6 +269,12 @@ fn serve_config(args: ServeArgs) -> Result<agentq::Config, String> {
     config.max_body_bytes = args.max_body_bytes as usize;
     config.cors_origin = args.cors_origin;
     config.ui = !args.no_ui;
+    config.retention = agentq::retention::Defaults {
+        completed: args.retain_completed,
+        failed: args.retain_failed,
+        cancelled: args.retain_cancelled,
+    };
+    config.prune_interval = std::time::Duration::from_secs(args.prune_interval_secs);
     config.rate_limit_per_minute = args.rate_limit_per_minute;
     config.cache_bytes = (args.cache_mib as usize) * 1024 * 1024;
     config.session_ttl = std::time::Duration::from_secs(args.session_ttl_seconds);

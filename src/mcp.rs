@@ -314,11 +314,12 @@ fn property(p: &Param) -> Value {
         (Kind::Vars, _) => {
             json!({"type": "object", "additionalProperties": {"type": "string"}})
         }
-        (Kind::Time, _) => json!({"type": "string", "format": "date-time"}),
+        (Kind::Time | Kind::Ago, _) => json!({"type": "string", "format": "date-time"}),
         _ => json!({"type": "string"}),
     };
     let description = match (p.kind, p.field) {
         (Kind::FlagFalse, "canRetry") => "false: fail for good, without a retry".to_string(),
+        (Kind::Ago, _) => "Only tasks that ended before this instant (RFC 3339)".to_string(),
         (_, "script.type") => "bash or python".to_string(),
         _ if is_agent(p) => {
             "Your agent name; left out, this MCP session's own name is used".to_string()

@@ -22,6 +22,30 @@ pub struct Project {
     pub config: ProjectConfig,
     pub created_at: Millis,
     pub updated_at: Millis,
+    /// How long its finished tasks are kept (schema 6 on; the last field, so the migration
+    /// appends it to older rows).
+    pub retention: Retention,
+}
+
+/// A project's retention override, per final status, in seconds: `None` = the server's
+/// default (`--retain-completed` ...), `Some(0)` = keep forever.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Retention {
+    pub completed: Option<u64>,
+    pub failed: Option<u64>,
+    pub cancelled: Option<u64>,
+}
+
+impl Retention {
+    /// The override for a final status (None for the others, which are never pruned).
+    pub fn of(&self, status: TaskStatus) -> Option<u64> {
+        match status {
+            TaskStatus::Completed => self.completed,
+            TaskStatus::Failed => self.failed,
+            TaskStatus::Cancelled => self.cancelled,
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -525,6 +549,17 @@ impl Session {
 }
 
 impl Task {
+    /// When a finished task ended: its completion, its cancel, or its final failure (its last
+    /// change). None while it is queued or running.
+    pub fn ended_at(&self) -> Option<Millis> {
+        match self.status {
+            TaskStatus::Completed => Some(self.completed_at.unwrap_or(self.updated_at)),
+            TaskStatus::Cancelled => Some(self.cancelled_at.unwrap_or(self.updated_at)),
+            TaskStatus::Failed => Some(self.updated_at),
+            TaskStatus::Queued | TaskStatus::Running => None,
+        }
+    }
+
     /// Since when a queued task has been waiting for an agent: its last change (it was
     /// queued, requeued or edited then) or its `notBefore`, whichever is later.
     pub fn ready_since(&self) -> Millis {

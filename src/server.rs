@@ -37,6 +37,10 @@ pub struct Config {
     pub cors_origin: Option<String>,
     /// Serve the dashboard at `/` and `/ui/` (`--no-ui` turns it off).
     pub ui: bool,
+    /// How long finished tasks are kept, by status, unless a project says otherwise.
+    pub retention: crate::retention::Defaults,
+    /// How often retention runs.
+    pub prune_interval: Duration,
     pub clock: Arc<dyn Clock>,
     /// The first admin key, when the database has none (else one is generated).
     pub admin_key: Option<String>,
@@ -73,6 +77,8 @@ impl Config {
             max_body_bytes: 2 * 1024 * 1024,
             cors_origin: None,
             ui: true,
+            retention: Default::default(),
+            prune_interval: Duration::from_secs(30),
             clock: Arc::new(SystemClock),
             admin_key: None,
             rate_limit_per_minute: 6000,
@@ -162,7 +168,7 @@ impl Server {
             started: Instant::now(),
             presence: Default::default(),
         });
-        spawn_background(&state);
+        spawn_background(&state, &config);
         let (stop, done) = serve(listener, addr, state, &config);
         Ok(Server {
             addr,
@@ -224,9 +230,17 @@ async fn first_admin_key(
 }
 
 /// The scheduler, the unfinished project deletes, and the metrics' upkeep.
-fn spawn_background(state: &Arc<State>) {
+fn spawn_background(state: &Arc<State>, config: &Config) {
     let store = &state.store;
     tokio::spawn(keep_scheduling(store.clone()));
+    let (retention, every) = (config.retention, config.prune_interval);
+    let pruner = store.clone();
+    tokio::spawn(async move {
+        supervise("retention", move || {
+            crate::retention::run(pruner.clone(), retention, every)
+        })
+        .await
+    });
     tokio::spawn(resume_deletes(store.clone()));
     let hub = store.hub.clone();
     tokio::spawn(crate::telemetry::upkeep(

@@ -91,6 +91,10 @@ fn describe() {
         let (name, help) = family(event);
         describe_counter!(name, help);
     }
+    describe_counter!(
+        "agentq_tasks_pruned_total",
+        "Finished tasks deleted by retention (their project's --retain-* age passed), by project and status."
+    );
     counter!("agentq_rate_limited_total").increment(0);
     counter!("agentq_auth_failures_total").increment(0);
     counter!("agentq_storage_batches_unwritten_total").increment(0);
@@ -440,6 +444,18 @@ pub fn record_batch(report: &BatchReport) {
     }
     if !report.runs.is_empty() {
         publish_runs(&report.runs);
+    }
+}
+
+/// Counts tasks deleted by retention (`agentq_tasks_pruned_total{project,status}`).
+pub fn tasks_pruned(project: u128, status: crate::model::TaskStatus, n: u64) {
+    if n > 0 {
+        counter!(
+            "agentq_tasks_pruned_total",
+            "project" => uuid::Uuid::from_u128(project).to_string(),
+            "status" => status.as_str()
+        )
+        .increment(n);
     }
 }
 

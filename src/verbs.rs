@@ -45,6 +45,9 @@ pub enum Kind {
     Time,
     /// A duration `<n>[smhd]`, sent as whole seconds.
     Seconds,
+    /// A duration `<n>[smhd]`, sent as the RFC 3339 time that long ago (an MCP client sends
+    /// the time itself).
+    Ago,
 }
 
 /// One parameter of a verb.
@@ -513,6 +516,32 @@ pub const VERBS: &[Verb] = &[
         route: "/api/tasks/{task}",
         params: &[TASK],
         show: Show::Done("task deleted"),
+    },
+    Verb {
+        words: &["task", "purge"],
+        tool: "delete_tasks",
+        about: "Delete a project's finished tasks by filter (queued or running only with --status)",
+        model: "Delete every task of a project that matches: finished tasks (completed, failed, cancelled) unless status names others, ended before endedBefore, of a type or a batch. Answers deletedTasks.",
+        method: Method::Delete,
+        route: "/api/projects/{project}/tasks",
+        params: &[
+            PROJECT,
+            query(
+                "status",
+                "status",
+                Kind::Csv,
+                "Statuses, comma-separated (default completed,failed,cancelled)",
+            ),
+            query(
+                "older-than",
+                "endedBefore",
+                Kind::Ago,
+                "Ended longer ago than <n>[smhd]",
+            ),
+            query("type", "typeId", Kind::Text, "Task type name or id"),
+            query("batch", "batchId", Kind::Text, "Batch id"),
+        ],
+        show: Show::Fields,
     },
     Verb {
         words: &["task", "cancel-many"],

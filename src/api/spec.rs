@@ -92,6 +92,9 @@ fn project_rules() -> Vec<BodyRule> {
         ("UpdateProject", "instructions", text(MAX_INSTRUCTIONS)),
         ("UpdateProject", "status", one_of(&["active", "closed"])),
         ("ConfigIn", "defaultMaxRetries", int(&MAX_RETRIES)),
+        ("RetentionIn", "completedSeconds", int(&RETENTION_SECONDS)),
+        ("RetentionIn", "failedSeconds", int(&RETENTION_SECONDS)),
+        ("RetentionIn", "cancelledSeconds", int(&RETENTION_SECONDS)),
         (
             "ConfigIn",
             "defaultLeaseDurationMinutes",
@@ -208,6 +211,7 @@ fn key_rules() -> Vec<BodyRule> {
 
 /// Request bodies: they refuse unknown fields (`deny_unknown_fields`).
 const REQUEST_SCHEMAS: &[&str] = &[
+    "RetentionIn",
     "CreateProject",
     "UpdateProject",
     "ConfigIn",

@@ -310,6 +310,120 @@ impl TasksApi {
         }))
     }
 
+    /// Delete every task of a project that matches: finished tasks (completed, failed,
+    /// cancelled) unless `status` names others, ended before `endedBefore`, of a type, of a
+    /// batch. Deleted in chunks of 1,000, each its own transaction; answers how many.
+    #[oai(
+        path = "/api/projects/:projectId/tasks",
+        method = "delete",
+        operation_id = "deleteTasks",
+        tag = "ApiTags::Tasks"
+    )]
+    async fn purge(
+        &self,
+        auth: Auth,
+        #[oai(name = "projectId")] id: Path<String>,
+        /// One status or a comma-separated list; queued and running tasks only when named.
+        /// Default: completed,failed,cancelled.
+        status: Query<Option<String>>,
+        /// Tasks that ended strictly before this instant (queued and running tasks have not
+        /// ended, so none of them matches).
+        #[oai(name = "endedBefore")]
+        ended_before: Query<Option<String>>,
+        /// Only tasks of this type, by id or by its name in the project.
+        #[oai(name = "typeId")]
+        type_id: Query<Option<String>>,
+        #[oai(name = "batchId")] batch_id: Query<Option<String>>,
+    ) -> Result<Reply<PurgeOut>> {
+        let project = self
+            .0
+            .project_for(auth.caller(), Right::ManageTasks, &id.0)?;
+        let mut c = Check::default();
+        let statuses = match status.0.as_deref() {
+            Some(s) => validate::status_list(&mut c, s),
+            None => crate::retention::FINAL.to_vec(),
+        };
+        let ended_before = ended_before
+            .0
+            .as_deref()
+            .and_then(|t| c.time("endedBefore", t));
+        let type_key = type_id.0.as_deref().map(|t| c.type_key("typeId", t));
+        c.finish(())?;
+        let type_id = match type_key {
+            Some(key) => Some(self.0.type_id_in(project.id, &project.name, key)?),
+            None => None,
+        };
+        let store = &self.0.store;
+        let pid = project.id;
+        let mut deleted = 0u64;
+        // By the ENDED index: finished statuses with no other filter.
+        let indexed = type_id.is_none() && batch_id.0.is_none();
+        let mut rest = Vec::new();
+        for status in statuses {
+            if indexed && crate::retention::FINAL.contains(&status) {
+                let cutoff = ended_before.map_or(i64::MAX, |t| t.saturating_sub(1));
+                loop {
+                    let n = store
+                        .write(move |w| {
+                            write::delete_ended(w, pid, status, cutoff, crate::retention::CHUNK)
+                        })
+                        .await?;
+                    deleted += n as u64;
+                    if n < crate::retention::CHUNK {
+                        break;
+                    }
+                }
+            } else {
+                rest.push(status);
+            }
+        }
+        if !rest.is_empty() {
+            // Walk the listing by key, a page of 1,000 at a time, and delete what it found.
+            let mut q = TaskQuery {
+                statuses: rest,
+                type_id,
+                batch_id: batch_id.0,
+                limit: crate::retention::CHUNK,
+                ..TaskQuery::default()
+            };
+            loop {
+                let (s, query) = (store.clone(), q.clone());
+                let page = tokio::task::spawn_blocking(move || s.read()?.list_tasks(pid, &query))
+                    .await
+                    .map_err(|e| Error::Storage(e.to_string()))??;
+                let ids: Vec<String> = page
+                    .tasks
+                    .iter()
+                    .filter(|t| ended_before.is_none_or(|b| t.ended_at().is_some_and(|e| e < b)))
+                    .map(|t| t.id.clone())
+                    .collect();
+                // What the page showed is checked again in the write: a task may have moved.
+                let (before, want) = (ended_before, q.clone());
+                let n = store
+                    .write(move |w| {
+                        write::delete_matching(w, pid, &ids, |t| {
+                            want.statuses.contains(&t.status)
+                                && want.type_id.is_none_or(|ty| t.type_id == Some(ty))
+                                && want
+                                    .batch_id
+                                    .as_deref()
+                                    .is_none_or(|b| t.batch_id.as_deref() == Some(b))
+                                && before.is_none_or(|b| t.ended_at().is_some_and(|e| e < b))
+                        })
+                    })
+                    .await?;
+                deleted += n as u64;
+                match page.next {
+                    Some(cursor) => q.cursor = Some(cursor),
+                    None => break,
+                }
+            }
+        }
+        Ok(Reply::ok(PurgeOut {
+            deleted_tasks: deleted,
+        }))
+    }
+
     /// Cancel many tasks of a project: by id (up to 1,000) or by the listing's filters (the
     /// first 10,000 matches). Tasks not in the project or not cancellable are listed in
     /// `errors`; the others are cancelled.

@@ -271,6 +271,29 @@ pub struct ConfigIn {
     pub default_max_retries: Option<i64>,
     pub default_lease_duration_minutes: Option<i64>,
     pub reaper_interval_minutes: Option<i64>,
+    /// How long finished tasks are kept; given whole (a field left out or null is the
+    /// server's default).
+    pub retention: Option<RetentionIn>,
+}
+
+/// Seconds a finished task is kept after it ended, per status: 0 = forever, null or left out
+/// = the server's default (`--retain-completed`, `--retain-failed`, `--retain-cancelled`).
+#[derive(Object)]
+#[oai(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RetentionIn {
+    pub completed_seconds: Option<i64>,
+    pub failed_seconds: Option<i64>,
+    pub cancelled_seconds: Option<i64>,
+}
+
+/// The project's retention override: null = the server's default, 0 = forever.
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionOut {
+    pub completed_seconds: Option<u64>,
+    pub failed_seconds: Option<u64>,
+    pub cancelled_seconds: Option<u64>,
 }
 
 #[derive(Object)]
@@ -303,6 +326,7 @@ pub struct ConfigOut {
     pub default_max_retries: u32,
     pub default_lease_duration_minutes: u32,
     pub reaper_interval_minutes: u32,
+    pub retention: RetentionOut,
 }
 
 #[derive(Object, serde::Serialize)]
@@ -359,6 +383,11 @@ impl ProjectOut {
                 default_max_retries: p.config.default_max_retries,
                 default_lease_duration_minutes: p.config.default_lease_duration_minutes,
                 reaper_interval_minutes: p.config.reaper_interval_minutes,
+                retention: RetentionOut {
+                    completed_seconds: p.retention.completed,
+                    failed_seconds: p.retention.failed,
+                    cancelled_seconds: p.retention.cancelled,
+                },
             },
             stats: s.into(),
         }
@@ -710,6 +739,15 @@ pub struct BulkRetryIn {
 pub struct BulkActionError {
     pub id: String,
     pub error: String,
+}
+
+/// What a delete by filter did.
+#[derive(Object, serde::Serialize)]
+#[oai(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
+pub struct PurgeOut {
+    /// Tasks deleted.
+    pub deleted_tasks: u64,
 }
 
 /// What a bulk cancel or retry did.

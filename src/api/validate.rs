@@ -196,6 +196,21 @@ fn config(c: &mut Check, input: Option<&ConfigIn>, base: ProjectConfig) -> Proje
     out
 }
 
+/// The longest retention a project may set: ten years, in seconds.
+pub const RETENTION_SECONDS: RangeInclusive<i64> = 0..=315_360_000;
+
+/// A project's retention override.
+fn retention(c: &mut Check, r: &RetentionIn) -> crate::model::Retention {
+    let mut one = |field: &str, v: Option<i64>| {
+        v.map(|v| c.int_range(&format!("config.retention.{field}"), v, &RETENTION_SECONDS) as u64)
+    };
+    crate::model::Retention {
+        completed: one("completedSeconds", r.completed_seconds),
+        failed: one("failedSeconds", r.failed_seconds),
+        cancelled: one("cancelledSeconds", r.cancelled_seconds),
+    }
+}
+
 /// A project name: a name, and not a UUID. A `{projectId}` takes an id or a name and an id
 /// matches first, so a project named like another's id could not be reached by its name.
 fn project_name(c: &mut Check, v: &str) {
@@ -217,11 +232,18 @@ pub fn create_project(b: CreateProject) -> Result<NewProject, Error> {
         c.max_len("instructions", i, MAX_INSTRUCTIONS);
     }
     let cfg = config(&mut c, b.config.as_ref(), ProjectConfig::default());
+    let retention = b
+        .config
+        .as_ref()
+        .and_then(|cfg| cfg.retention.as_ref())
+        .map(|r| retention(&mut c, r))
+        .unwrap_or_default();
     c.finish(NewProject {
         name: b.name.0,
         description: b.description.0,
         instructions: b.instructions.map(String::from),
         config: cfg,
+        retention,
     })
 }
 
@@ -278,6 +300,7 @@ pub fn update_project(b: UpdateProject) -> Result<ProjectPatch, Error> {
             patch.reaper_interval_minutes =
                 Some(c.int_range("config.reaperIntervalMinutes", v, &REAPER_INTERVAL_MINUTES));
         }
+        patch.retention = cfg.retention.as_ref().map(|r| retention(&mut c, r));
     }
     c.finish(patch)
 }

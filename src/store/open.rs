@@ -34,7 +34,7 @@ pub(super) fn init_schema(
                         SCHEMA_VERSION,
                     )))
                 }
-                Some(v @ 1..=4) => {
+                Some(v @ 1..=5) => {
                     // Rows first: the older migrations read them the current way.
                     let (tasks, leases, batched) = if v <= 3 {
                         let tasks = tables::migrate_v3(&mut t)?;
@@ -52,8 +52,11 @@ pub(super) fn init_schema(
                     } else {
                         (0, 0, 0)
                     };
-                    tables::migrate_v4(&mut t)?;
-                    migrated = Some((v, tasks, leases, batched));
+                    if v <= 4 {
+                        tables::migrate_v4(&mut t)?;
+                    }
+                    let ended = tables::migrate_v5(&mut t)?;
+                    migrated = Some((v, tasks, leases, batched, ended));
                     t.meta.insert("schema_version", SCHEMA_VERSION)?;
                 }
                 Some(_) => {}
@@ -65,12 +68,13 @@ pub(super) fn init_schema(
             *t.leases = Leases::load(&*t.projects, &*t.index, clock)?;
         }
         txn.commit()?;
-        if let Some((from, tasks, leases, batched)) = migrated {
+        if let Some((from, tasks, leases, batched, ended)) = migrated {
             tracing::info!(
                 database = %path.display(),
                 tasks,
                 leases,
                 batched_tasks = batched,
+                finished_tasks = ended,
                 "database migrated from schema {from} to {SCHEMA_VERSION}"
             );
         }

@@ -27,8 +27,9 @@ use crate::model::{Script, Task, TaskStatus};
 /// task's body (instructions and variables) in [`TASK_BODIES`] instead of its row
 /// ([`super::tables::migrate_v3`]). 5 adds a script to task types and bodies, `allowScripts`
 /// to keys and the [`EXECUTIONS`] table ([`super::tables::migrate_v4`]; a body of schema 4
-/// reads as one without a script, see [`decode_body`]).
-pub const SCHEMA_VERSION: u64 = 5;
+/// reads as one without a script, see [`decode_body`]). 6 adds a project's retention and the
+/// ENDED index ([`super::tables::migrate_v5`]).
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// `"schema_version"`, `"next_seq"`.
 pub const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -167,6 +168,9 @@ pub mod ix {
     pub const ACTIVITY: u8 = 10;
     /// Schema 3 on.
     pub const BATCH: u8 = 11;
+    /// Schema 6 on: (project, status, endedAt, seq) of finished tasks, oldest end first:
+    /// retention and delete by age seek here.
+    pub const ENDED: u8 = 12;
 
     /// A key under construction: fixed-width fields in an inline buffer, so building one
     /// allocates nothing (a transition builds about ten). Orders like its bytes.
@@ -251,6 +255,10 @@ pub mod ix {
     /// or for a task holding a lease (status running) its [`lease_value`].
     pub fn by_status(p: u128, status: u8, created: i64, seq: u64) -> K {
         K::new(BY_STATUS).u128(p).u8(status).i64(created).u64(seq)
+    }
+    /// (project, status, ended, seq): a finished task, by when it ended.
+    pub fn ended(p: u128, status: u8, ended: i64, seq: u64) -> K {
+        K::new(ENDED).u128(p).u8(status).i64(ended).u64(seq)
     }
     /// (project, 10 - priority, seq): queued tasks available now; the first is the next.
     pub fn ready(p: u128, prio_inv: u8, seq: u64) -> K {
@@ -378,6 +386,12 @@ pub fn index_entries(t: &Task) -> Vec<(ix::K, Vec<u8>)> {
     }
     if let Some(k) = ix::batch(t) {
         e.push((k, vec![]));
+    }
+    if let Some(ended) = t.ended_at() {
+        e.push((
+            ix::ended(t.project_id, t.status.code(), ended, t.seq),
+            vec![],
+        ));
     }
     e
 }

@@ -251,6 +251,28 @@ impl<'txn> Tables<'txn> {
         Ok(out)
     }
 
+    /// Up to `limit` seqs of `project`'s tasks in final `status` that ended at or before
+    /// `cutoff`, oldest end first (the ENDED index).
+    pub fn ended_by(
+        &self,
+        project: u128,
+        status: u8,
+        cutoff: i64,
+        limit: usize,
+    ) -> Result<Vec<u64>> {
+        let start = ix::K::new(ix::ENDED).u128(project).u8(status);
+        let end = start.i64(cutoff).u64(u64::MAX);
+        let mut out = Vec::new();
+        for r in self
+            .index
+            .range::<&[u8]>(start.as_slice()..=end.as_slice())?
+            .take(limit)
+        {
+            out.push(ix::seq_of(r?.0.value()));
+        }
+        Ok(out)
+    }
+
     /// The first key under `prefix`, if any.
     pub fn first_key(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>> {
         let end = ix::end_of(prefix);
@@ -469,15 +491,38 @@ pub fn migrate_v4(t: &mut Tables) -> Result<usize> {
     Ok(append_none(&mut t.types)? + append_none(&mut t.keys)?)
 }
 
+/// Turns a schema 5 file (or older) into schema 6 inside the caller's transaction: each
+/// project row gets its `retention` (three `None`s, the server's defaults), and each finished
+/// task its ENDED entry. Returns the number of entries made.
+pub fn migrate_v5(t: &mut Tables) -> Result<usize> {
+    append_zeros(&mut t.projects, 3)?;
+    let mut n = 0;
+    for r in t.tasks.iter()? {
+        let (_, v) = r?;
+        let task = decode::<Task>(v.value())?;
+        if let Some(ended) = task.ended_at() {
+            let key = ix::ended(task.project_id, task.status.code(), ended, task.seq);
+            t.index.insert(key.as_slice(), &[][..])?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Appends postcard's `None` (and `false`), a zero byte, to every row of `table`.
 fn append_none(table: &mut Tracked<'_, u128, &'static [u8]>) -> Result<usize> {
+    append_zeros(table, 1)
+}
+
+/// Appends `n` zero bytes to every row of `table`.
+fn append_zeros(table: &mut Tracked<'_, u128, &'static [u8]>, n: usize) -> Result<usize> {
     let rows: Vec<(u128, Vec<u8>)> = table
         .iter()?
         .map(|r| r.map(|(k, v)| (k.value(), v.value().to_vec())))
         .collect::<std::result::Result<_, _>>()?;
     for (id, row) in &rows {
         let mut row = row.clone();
-        row.push(0);
+        row.extend(std::iter::repeat_n(0, n));
         table.insert(*id, row.as_slice())?;
     }
     Ok(rows.len())

@@ -71,6 +71,7 @@ pub struct NewProject {
     pub description: String,
     pub instructions: Option<String>,
     pub config: ProjectConfig,
+    pub retention: crate::model::Retention,
 }
 
 impl NewProject {
@@ -81,6 +82,7 @@ impl NewProject {
             description: String::new(),
             instructions: None,
             config: ProjectConfig::default(),
+            retention: Default::default(),
         }
     }
 }
@@ -101,6 +103,7 @@ pub fn create_project(w: &mut WriteCtx, p: NewProject) -> Result<(Project, Stats
         config: p.config,
         created_at: w.now,
         updated_at: w.now,
+        retention: p.retention,
     };
     w.tables.put_project(&project)?;
     w.tables
@@ -119,6 +122,8 @@ pub struct ProjectPatch {
     pub default_max_retries: Option<u32>,
     pub default_lease_duration_minutes: Option<u32>,
     pub reaper_interval_minutes: Option<u32>,
+    /// Replaces the project's retention override whole.
+    pub retention: Option<crate::model::Retention>,
 }
 
 pub fn update_project(
@@ -156,6 +161,9 @@ pub fn update_project(
     }
     if let Some(v) = patch.reaper_interval_minutes {
         p.config.reaper_interval_minutes = v;
+    }
+    if let Some(v) = patch.retention {
+        p.retention = v;
     }
     p.updated_at = w.now;
     if p.name != old_name {
@@ -669,6 +677,44 @@ pub fn update_task(w: &mut WriteCtx, id: &str, patch: TaskPatch) -> Result<Task>
 pub fn delete_task(w: &mut WriteCtx, id: &str) -> Result<()> {
     let old = task_by_id(w.tables, id)?;
     w.put_task(Some(&old), None)
+}
+
+/// Deletes up to `limit` of `project`'s tasks in final `status` that ended at or before
+/// `cutoff`, oldest first, with their attempts, executions and index entries; counters move
+/// with them. Returns how many. Retention and delete by filter call it chunk by chunk.
+pub fn delete_ended(
+    w: &mut WriteCtx,
+    project: u128,
+    status: TaskStatus,
+    cutoff: crate::model::Millis,
+    limit: usize,
+) -> Result<usize> {
+    let seqs = w.tables.ended_by(project, status.code(), cutoff, limit)?;
+    for &seq in &seqs {
+        if let Some(old) = w.tables.task(seq)? {
+            w.put_task(Some(&old), None)?;
+        }
+    }
+    Ok(seqs.len())
+}
+
+/// Deletes the tasks of `ids` that are still in `project` and match `keep`; returns how many.
+pub fn delete_matching(
+    w: &mut WriteCtx,
+    project: u128,
+    ids: &[String],
+    keep: impl Fn(&Task) -> bool,
+) -> Result<usize> {
+    let mut n = 0;
+    for id in ids {
+        if let Some(old) = w.tables.task_by_id(id)? {
+            if old.project_id == project && keep(&old) {
+                w.put_task(Some(&old), None)?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
 }
 
 // ---------------------------------------------------------------- the lease protocol

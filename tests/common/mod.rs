@@ -346,11 +346,20 @@ impl TestApp {
     }
 
     /// Stops the server, hands the database file to `edit`, and starts again on it.
-    pub async fn restart_after(mut self, edit: impl FnOnce(&std::path::Path)) -> TestApp {
+    pub async fn restart_after(self, edit: impl FnOnce(&std::path::Path)) -> TestApp {
+        self.restart_tuned(edit, |_| {}).await
+    }
+
+    /// As [`Self::restart_after`], with `tune` applied to the new server's configuration.
+    pub async fn restart_tuned(
+        mut self,
+        edit: impl FnOnce(&std::path::Path),
+        tune: impl FnOnce(&mut Config),
+    ) -> TestApp {
         let server = self.server.take().unwrap();
         server.stop().await;
         edit(&self.dir.path().join("agentq.redb"));
-        start_with_key(self.dir, self.clock, Some(self.admin_key), |_| {}).await
+        start_with_key(self.dir, self.clock, Some(self.admin_key), tune).await
     }
 }
 
@@ -378,10 +387,41 @@ pub fn inline_bodies(txn: &redb::WriteTransaction) {
     txn.delete_table(TASK_BODIES).unwrap();
 }
 
-/// Rewrites a file of today's schema into schema 4's rows (the caller sets the version): task
-/// types and keys without their last field (`script`, `allowScripts`, asserted unset), bodies
-/// without their script, and no executions table.
+/// Rewrites a file of today's schema into schema 5's rows (the caller sets the version):
+/// project rows without their retention (asserted unset) and no ENDED index entries.
+pub fn schema_5_rows(txn: &redb::WriteTransaction) {
+    use agentq::store::tables::{ix, INDEX, PROJECTS};
+    use redb::ReadableTable;
+    {
+        let mut table = txn.open_table(PROJECTS).unwrap();
+        let rows: Vec<(u128, Vec<u8>)> = table
+            .iter()
+            .unwrap()
+            .map(|r| r.unwrap())
+            .map(|(k, v)| (k.value(), v.value().to_vec()))
+            .collect();
+        for (k, mut row) in rows {
+            let tail = row.split_off(row.len() - 3);
+            assert_eq!(tail, [0, 0, 0], "no retention set");
+            table.insert(k, row.as_slice()).unwrap();
+        }
+    }
+    let mut index = txn.open_table(INDEX).unwrap();
+    let ended: Vec<Vec<u8>> = index
+        .range(&[ix::ENDED][..]..&[ix::ENDED + 1][..])
+        .unwrap()
+        .map(|r| r.unwrap().0.value().to_vec())
+        .collect();
+    for k in ended {
+        index.remove(k.as_slice()).unwrap();
+    }
+}
+
+/// Rewrites a file of today's schema into schema 4's rows (the caller sets the version): as
+/// schema 5's, and task types and keys without their last field (`script`, `allowScripts`,
+/// asserted unset), bodies without their script, and no executions table.
 pub fn schema_4_rows(txn: &redb::WriteTransaction) {
+    schema_5_rows(txn);
     use agentq::store::tables::{decode_body, encode, EXECUTIONS, KEYS, TASK_BODIES, TYPES};
     use redb::ReadableTable;
     fn drop_last_byte(

@@ -1,0 +1,347 @@
+//! Storage lifecycle: retention by status on a timer, a project's override, delete by filter,
+//! and the ENDED index a schema-5 file gains at start-up.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentq::retention::Defaults;
+use agentq::time::ManualClock;
+use common::*;
+use serde_json::{json, Value};
+
+const MIN: i64 = 60_000;
+
+/// A server on a manual clock whose retention runs every 20 ms: completed and cancelled
+/// tasks kept an hour, failed ones two.
+async fn pruning_app() -> TestApp {
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    start_with_key(dir, Some(clock), None, |c| {
+        c.retention = Defaults {
+            completed: 3600,
+            failed: 7200,
+            cancelled: 3600,
+        };
+        c.prune_interval = Duration::from_millis(20);
+    })
+    .await
+}
+
+/// One task of each final status in `project`, ended now; their ids.
+async fn finish_three(app: &TestApp, project: &str) -> [String; 3] {
+    let ids = app
+        .bulk(
+            project,
+            &[
+                json!({"instructions": "done"}),
+                json!({"instructions": "broken"}),
+                json!({"instructions": "dropped"}),
+            ],
+        )
+        .await;
+    let t = app.next("a", json!({"projectId": project})).await;
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/complete", t["id"].as_str().unwrap()),
+            json!({"agentName": "a", "leaseToken": t["leaseToken"], "result": "ok"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let t = app.next("a", json!({"projectId": project})).await;
+    let r = app
+        .post(
+            &format!("/api/tasks/{}/fail", t["id"].as_str().unwrap()),
+            json!({"agentName": "a", "leaseToken": t["leaseToken"], "error": "no", "canRetry": false}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let r = app
+        .post(&format!("/api/tasks/{}/cancel", ids[2]), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    [ids[0].clone(), ids[1].clone(), ids[2].clone()]
+}
+
+async fn exists(app: &TestApp, id: &str) -> bool {
+    app.get(&format!("/api/tasks/{id}")).await.status == 200
+}
+
+/// Lets a few retention passes run.
+async fn passes() {
+    tokio::time::sleep(Duration::from_millis(150)).await;
+}
+
+#[tokio::test]
+async fn each_status_is_pruned_at_its_age_and_not_before() {
+    let app = pruning_app().await;
+    let p = app.project("p").await;
+    let [done, failed, cancelled] = finish_three(&app, &p).await;
+    let queued = app.task(&p, json!({"instructions": "waits"})).await;
+
+    app.advance(59 * MIN).await;
+    passes().await;
+    for id in [&done, &failed, &cancelled, &queued] {
+        assert!(exists(&app, id).await, "{id} kept before its age");
+    }
+
+    app.advance(2 * MIN).await;
+    let gone = eventually(
+        Duration::from_secs(10),
+        || async { (exists(&app, &done).await, exists(&app, &cancelled).await) },
+        |seen| *seen == (false, false),
+    )
+    .await;
+    assert_eq!(
+        gone,
+        (false, false),
+        "completed and cancelled pruned after an hour"
+    );
+    assert!(exists(&app, &failed).await, "failed kept two hours");
+    assert!(exists(&app, &queued).await, "a queued task is never pruned");
+    let attempts = app.get(&format!("/api/tasks/{done}/attempts")).await;
+    assert_eq!(attempts.status, 404, "its attempts went with it");
+
+    app.advance(60 * MIN).await;
+    let failed_gone = eventually(
+        Duration::from_secs(10),
+        || async { exists(&app, &failed).await },
+        |seen| !seen,
+    )
+    .await;
+    assert!(!failed_gone, "failed pruned after two hours");
+
+    // The counters and the listing agree with what is left.
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    let s = &stats.data()["project"]["stats"];
+    assert_eq!(
+        (s["totalTasks"].clone(), s["queuedTasks"].clone()),
+        (json!(1), json!(1))
+    );
+    for k in ["completedTasks", "failedTasks", "cancelledTasks"] {
+        assert_eq!(s[k], 0, "{k}");
+    }
+    let listed = app.get(&format!("/api/projects/{p}/tasks")).await;
+    assert_eq!(ids(&listed.body["data"]), vec![queued.clone()]);
+    // The last hour's activity still counts what ended in it (events, not rows).
+    assert_eq!(
+        stats.data()["recentActivity"]["tasksCompletedLastHour"],
+        0,
+        "the completion is over two hours old by now"
+    );
+    let metrics = app.metrics_text().await;
+    for status in ["completed", "failed", "cancelled"] {
+        let line = format!("agentq_tasks_pruned_total{{project=\"{p}\",status=\"{status}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in\n{metrics}");
+    }
+}
+
+#[tokio::test]
+async fn a_project_overrides_the_server_per_status() {
+    let app = pruning_app().await;
+    let keep = app.project("keep").await;
+    let quick = app.project("quick").await;
+    let r = app
+        .put(
+            &format!("/api/projects/{keep}"),
+            json!({"config": {"retention": {"completedSeconds": 0, "cancelledSeconds": 0}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(
+        r.data()["config"]["retention"],
+        json!({"completedSeconds": 0, "failedSeconds": null, "cancelledSeconds": 0})
+    );
+    let r = app
+        .put(
+            &format!("/api/projects/{quick}"),
+            json!({"config": {"retention": {"failedSeconds": 60}}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    let [k_done, k_failed, k_cancelled] = finish_three(&app, &keep).await;
+    let [q_done, q_failed, _] = finish_three(&app, &quick).await;
+
+    app.advance(2 * MIN).await;
+    let q = eventually(
+        Duration::from_secs(10),
+        || async { exists(&app, &q_failed).await },
+        |seen| !seen,
+    )
+    .await;
+    assert!(!q, "quick's failed tasks go after a minute");
+    assert!(
+        exists(&app, &q_done).await,
+        "its completed ones keep the server's hour"
+    );
+
+    app.advance(3 * 60 * MIN).await;
+    let k = eventually(
+        Duration::from_secs(10),
+        || async { exists(&app, &k_failed).await },
+        |seen| !seen,
+    )
+    .await;
+    assert!(!k, "keep's failed tasks follow the server's two hours");
+    assert!(
+        exists(&app, &k_done).await && exists(&app, &k_cancelled).await,
+        "0 = forever"
+    );
+    assert!(!exists(&app, &q_done).await);
+
+    for bad in [
+        json!({"config": {"retention": {"completedSeconds": -1}}}),
+        json!({"config": {"retention": {"completedSeconds": 315_360_001}}}),
+        json!({"config": {"retention": {"doneSeconds": 5}}}),
+    ] {
+        let r = app.put(&format!("/api/projects/{keep}"), bad.clone()).await;
+        assert_eq!(r.status, 400, "{bad}: {:?}", r.body);
+    }
+    assert_eq!(
+        app.get(&format!("/api/projects/{keep}")).await.data()["config"]["retention"]
+            ["completedSeconds"],
+        0,
+        "a refused update changed nothing"
+    );
+}
+
+#[tokio::test]
+async fn delete_by_filter_removes_only_what_matches() {
+    let app = spawn_with_manual_clock().await;
+    let p = app.project("p").await;
+    app.task_type(&p, json!({"name": "t"})).await;
+    let [done, failed, cancelled] = finish_three(&app, &p).await;
+    app.advance(10 * MIN).await;
+    let cutoff = agentq::time::format(1_767_225_600_000 + 5 * MIN);
+    let typed = app
+        .bulk(
+            &p,
+            &[
+                json!({"typeId": "t", "instructions": "a", "batchId": "b1"}),
+                json!({"typeId": "t", "instructions": "b", "batchId": "b2"}),
+            ],
+        )
+        .await;
+    let later = app.task(&p, json!({"instructions": "later"})).await;
+    let r = app
+        .post(&format!("/api/tasks/{later}/cancel"), json!({}))
+        .await;
+    assert_eq!(r.status, 200);
+
+    let purge = |q: String| {
+        let (app, p) = (&app, p.clone());
+        async move { app.delete(&format!("/api/projects/{p}/tasks?{q}")).await }
+    };
+    // Ended before the cutoff: the three finished first, not the one cancelled later.
+    let r = purge(format!("endedBefore={cutoff}&status=completed,cancelled")).await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.data()["deletedTasks"], 2);
+    assert!(!exists(&app, &done).await && !exists(&app, &cancelled).await);
+    assert!(exists(&app, &failed).await && exists(&app, &later).await);
+
+    // Without a status: finished tasks only; the queued ones stay.
+    let r = purge(String::new()).await;
+    assert_eq!(
+        r.data()["deletedTasks"],
+        2,
+        "the failed and the later cancelled"
+    );
+    for id in &typed {
+        assert!(
+            exists(&app, id).await,
+            "queued tasks need an explicit status"
+        );
+    }
+    // Queued ones by type and batch, when named.
+    let r = purge("status=queued&typeId=t&batchId=b1".into()).await;
+    assert_eq!(r.data()["deletedTasks"], 1);
+    assert!(!exists(&app, &typed[0]).await && exists(&app, &typed[1]).await);
+    let stats = app.get(&format!("/api/projects/{p}/stats")).await;
+    let s = &stats.data()["project"]["stats"];
+    assert_eq!(
+        (s["totalTasks"].clone(), s["queuedTasks"].clone()),
+        (json!(1), json!(1))
+    );
+
+    // Refusals change nothing.
+    for (q, status) in [
+        ("status=done", 400),
+        ("endedBefore=yesterday", 400),
+        ("typeId=nope", 404),
+    ] {
+        let r = purge(q.into()).await;
+        assert_eq!(r.status, status, "{q}: {:?}", r.body);
+    }
+    let (_, viewer) = app.key("viewer", None).await;
+    let r = app
+        .call_with(
+            &client_with_key(&viewer),
+            "DELETE",
+            &format!("/api/projects/{p}/tasks?status=queued"),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 403);
+    assert!(exists(&app, &typed[1]).await);
+}
+
+#[tokio::test]
+async fn a_schema_5_file_gains_retention_and_its_end_index() {
+    use agentq::store::tables::META;
+
+    let dir = tempfile::tempdir().unwrap();
+    let clock = Arc::new(ManualClock::new(1_767_225_600_000));
+    let tune = |c: &mut agentq::Config| {
+        c.retention = Defaults {
+            completed: 3600,
+            failed: 3600,
+            cancelled: 3600,
+        };
+        c.prune_interval = Duration::from_millis(20);
+    };
+    let app = start_with_key(dir, Some(clock.clone()), None, tune).await;
+    let p = app.project("p").await;
+    let [done, failed, cancelled] = finish_three(&app, &p).await;
+    let before: Value = app.get(&format!("/api/projects/{p}/tasks")).await.body;
+    let app = app
+        .restart_tuned(
+            |file| {
+                let db = redb::Database::create(file).unwrap();
+                let txn = db.begin_write().unwrap();
+                schema_5_rows(&txn);
+                txn.open_table(META)
+                    .unwrap()
+                    .insert("schema_version", 5)
+                    .unwrap();
+                txn.commit().unwrap();
+            },
+            tune,
+        )
+        .await;
+    assert_eq!(
+        app.get(&format!("/api/projects/{p}/tasks")).await.body,
+        before,
+        "the tasks as they were"
+    );
+    let r = app.get(&format!("/api/projects/{p}")).await;
+    assert_eq!(
+        r.data()["config"]["retention"],
+        json!({"completedSeconds": null, "failedSeconds": null, "cancelledSeconds": null})
+    );
+    // The finished tasks were indexed by their end: retention finds them.
+    app.advance(61 * MIN).await;
+    let left = eventually(
+        Duration::from_secs(10),
+        || async {
+            let mut n = 0;
+            for id in [&done, &failed, &cancelled] {
+                n += exists(&app, id).await as u32;
+            }
+            n
+        },
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(left, 0);
+}

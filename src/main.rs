@@ -42,6 +42,18 @@ enum Command {
     /// Add an admin key to a database while its server is stopped (when every admin key is
     /// lost), and print it once on stdout.
     AddAdminKey(AddAdminKeyArgs),
+    /// Verify a database file offline: every task's body, id and index entries, and the
+    /// counters, against the rows. Exit 1 when something does not match.
+    Check(FileArgs),
+    /// Rewrite a database file to its live size (the server stopped), and print the sizes.
+    Compact(FileArgs),
+}
+
+#[derive(clap::Args)]
+struct FileArgs {
+    /// Database file (no server may have it open).
+    #[arg(long, env = "AGENTQ_DB", default_value = "agentq.redb")]
+    db: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -194,6 +206,8 @@ fn main() -> ExitCode {
     let args = match cli.command {
         Command::Serve(args) => args,
         Command::AddAdminKey(a) => return add_admin_key(&rt, cli.log_format, a),
+        Command::Check(a) => return check(cli.log_format, &a.db),
+        Command::Compact(a) => return compact(cli.log_format, &a.db),
     };
     let config = match serve_config(args) {
         Ok(config) => config,
@@ -257,6 +271,68 @@ fn add_admin_key(rt: &tokio::runtime::Runtime, format: LogFormat, a: AddAdminKey
             match agentq::server::print_stdout(&format!("{key}\n")) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fatal(format, format_args!("cannot print the key: {e}")),
+            }
+        }
+        Err(e) => fatal(format, e),
+    }
+}
+
+/// `agentq check`: a summary on stdout; exit 1 on any mismatch.
+fn check(format: LogFormat, db: &std::path::Path) -> ExitCode {
+    if !db.exists() {
+        return fatal(format, format_args!("{}: no such file", db.display()));
+    }
+    let r = match agentq::store::check::check(db) {
+        Ok(r) => r,
+        Err(e) => return fatal(format, e),
+    };
+    let mut out = format!(
+        "{}: schema {}, {} projects, {} tasks, {} index entries, {:.1} MiB\n",
+        db.display(),
+        r.schema_version,
+        r.projects,
+        r.tasks,
+        r.index_entries,
+        r.file_bytes as f64 / 1048576.0
+    );
+    for p in &r.problems {
+        out.push_str(&format!("  problem: {p}\n"));
+    }
+    if r.problem_count > r.problems.len() as u64 {
+        out.push_str(&format!("  ... {} problems in all\n", r.problem_count));
+    }
+    out.push_str(if r.problem_count == 0 {
+        "ok: the counters and indexes match the rows\n"
+    } else {
+        "FAILED: the file does not match itself; restore a backup (docs/OPERATIONS.md)\n"
+    });
+    if agentq::server::print_stdout(&out).is_err() {
+        return ExitCode::FAILURE;
+    }
+    if r.problem_count == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `agentq compact`: the sizes before and after on stdout.
+fn compact(format: LogFormat, db: &std::path::Path) -> ExitCode {
+    if !db.exists() {
+        return fatal(format, format_args!("{}: no such file", db.display()));
+    }
+    match agentq::store::check::compact(db) {
+        Ok((before, after)) => {
+            let mib = |b: u64| b as f64 / 1048576.0;
+            let out = format!(
+                "{}: {:.1} MiB before, {:.1} MiB after\n",
+                db.display(),
+                mib(before),
+                mib(after)
+            );
+            match agentq::server::print_stdout(&out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(_) => ExitCode::FAILURE,
             }
         }
         Err(e) => fatal(format, e),

@@ -345,3 +345,96 @@ async fn a_schema_5_file_gains_retention_and_its_end_index() {
     .await;
     assert_eq!(left, 0);
 }
+
+/// `agentq check` and `agentq compact` on a file the server has let go of: a clean file passes,
+/// a missing index entry or a counter off by one fails with the task or project named, and
+/// compaction shrinks a file whose tasks were deleted, leaving it whole.
+#[tokio::test]
+async fn check_and_compact_work_offline() {
+    use agentq::store::tables::{ix, INDEX, TASKS};
+    use redb::ReadableTable;
+    use std::process::Command;
+
+    let app = spawn_app().await;
+    let p = app.project("p").await;
+    let tasks: Vec<Value> = (0..3000)
+        .map(|i| json!({"instructions": format!("task {i} {}", "x".repeat(500))}))
+        .collect();
+    for chunk in tasks.chunks(1000) {
+        app.bulk(&p, chunk).await;
+    }
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks/cancel"),
+            json!({"filter": {"status": "queued"}}),
+        )
+        .await;
+    assert_eq!(r.data()["changed"], 3000);
+    let kept = app.task(&p, json!({"instructions": "kept"})).await;
+    let r = app
+        .delete(&format!("/api/projects/{p}/tasks?status=cancelled"))
+        .await;
+    assert_eq!(r.data()["deletedTasks"], 3000);
+    let file = app.dir.path().join("agentq.redb");
+    let run = |verb: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_agentq"))
+            .args([verb, "--db"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, _, err) = run("check");
+    assert_eq!(code, Some(1), "the server holds the file: {err}");
+    assert!(err.contains("stop it first"), "{err}");
+
+    let mut app = app;
+    app.server.take().unwrap().stop().await;
+
+    let (code, out, err) = run("check");
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("1 tasks") && out.contains("ok:"), "{out}");
+
+    let (code, out, err) = run("compact");
+    assert_eq!(code, Some(0), "{out}{err}");
+    let sizes: Vec<f64> = out
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert!(sizes.len() == 2 && sizes[1] < sizes[0], "{out}");
+    let (code, out, _) = run("check");
+    assert_eq!(code, Some(0), "still whole after compaction: {out}");
+
+    // Damage: the queued task's BY_PROJECT entry goes.
+    {
+        let db = redb::Database::create(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let tasks = txn.open_table(TASKS).unwrap();
+            let seq = tasks.iter().unwrap().next().unwrap().unwrap().0.value();
+            let mut index = txn.open_table(INDEX).unwrap();
+            let prefix = [ix::BY_PROJECT];
+            let key: Vec<u8> = index
+                .range(&prefix[..]..)
+                .unwrap()
+                .map(|r| r.unwrap().0.value().to_vec())
+                .find(|k| ix::seq_of(k) == seq)
+                .unwrap();
+            index.remove(key.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (code, out, _) = run("check");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(&format!(
+            "task {kept}: its index entry of kind 1 is missing"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("FAILED"), "{out}");
+}

@@ -21,6 +21,7 @@
 //!
 //! Reads open their own read transaction (MVCC snapshots) and never wait for the writer.
 
+pub mod check;
 mod delete;
 pub mod disk;
 pub mod keys;

@@ -80,6 +80,16 @@ pub fn commands() -> Vec<Command> {
             .args(connection_args()),
     );
     groups.push(
+        Command::new("backup")
+            .about("Save an online backup of the whole database to FILE (admin key)")
+            .arg(
+                Arg::new("FILE")
+                    .required(true)
+                    .help("Where to write the copy (a normal agentq database file)"),
+            )
+            .args(connection_args()),
+    );
+    groups.push(
         Command::new("status")
             .about("One screen over every project: counts, queue, agents, the last hour")
             .args(connection_args()),
@@ -147,7 +157,8 @@ fn verb_command(verb: &Verb) -> Command {
 
 /// Whether `name` is a client subcommand (else the binary's own: serve, add-admin-key).
 pub fn is_client_command(name: &str) -> bool {
-    ["status", "work"].contains(&name) || VERBS.iter().any(|v| v.words.first() == Some(&name))
+    ["status", "work", "backup"].contains(&name)
+        || VERBS.iter().any(|v| v.words.first() == Some(&name))
 }
 
 /// Runs the client subcommand `name` with its matches.
@@ -160,6 +171,7 @@ pub async fn run(name: &str, matches: &ArgMatches) -> ExitCode {
     let outcome = match (name, matches.subcommand()) {
         ("work", _) => return crate::worker::run(client, matches).await,
         ("status", _) => status(&client, json_out).await,
+        ("backup", _) => backup(&client, matches, json_out).await,
         ("task", Some(("bulk", m))) => bulk(&client, m, json_out).await,
         (_, Some((leaf, m))) => match find(&[name, leaf]) {
             Some(verb) => run_verb(&client, verb, m, json_out).await,
@@ -489,6 +501,53 @@ struct BulkData<'a> {
     #[serde(borrow)]
     created_tasks: &'a serde_json::value::RawValue,
     errors: Vec<Value>,
+}
+
+/// `agentq backup FILE`: the server's snapshot, streamed into FILE with a progress bar on a
+/// terminal.
+async fn backup(client: &Client, m: &ArgMatches, json_out: bool) -> Result<u8, Failure> {
+    let file = m.get_one::<String>("FILE").cloned().unwrap_or_default();
+    let dest = std::path::PathBuf::from(&file);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut shown = 0u64;
+    let bytes = client
+        .download("/api/admin/backup", &dest, |done, total| {
+            // A redraw per MiB at most.
+            if tty && total > 0 && (done - shown >= 1 << 20 || done == total) {
+                shown = done;
+                bytes_bar(done, total);
+            }
+        })
+        .await?;
+    if tty {
+        crate::logs::say("\n");
+    }
+    let out = if json_out {
+        format!("{}\n", serde_json::json!({"file": file, "bytes": bytes}))
+    } else {
+        format!(
+            "backup written to {file} ({:.1} MiB); `agentq check --db {file}` verifies it\n",
+            bytes as f64 / 1048576.0
+        )
+    };
+    print!("{out}");
+    Ok(0)
+}
+
+/// `[#####     ] 12.0/24.0 MiB` on stderr, over the previous one.
+fn bytes_bar(done: u64, total: u64) {
+    const WIDTH: u64 = 30;
+    let filled = (done * WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH)
+        .min(WIDTH);
+    crate::logs::say(format!(
+        "\r[{}{}] {:.1}/{:.1} MiB",
+        "#".repeat(filled as usize),
+        " ".repeat((WIDTH - filled) as usize),
+        done as f64 / 1048576.0,
+        total as f64 / 1048576.0
+    ));
 }
 
 /// `[#####     ] 5000/10000 tasks` on stderr, over the previous one.

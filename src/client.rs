@@ -130,32 +130,54 @@ impl Client {
         if (200..300).contains(&status) {
             return Ok(text);
         }
-        let Ok(json) = serde_json::from_str::<Value>(&text) else {
-            return Err(ClientError::Unexpected {
-                url,
-                status,
-                body: text.chars().take(200).collect(),
-            });
+        Err(error_of(url, status, &text))
+    }
+
+    /// GETs `path` into the file `dest` as it streams (through `dest.partial`, renamed when
+    /// whole), calling `progress(bytes so far, bytes announced in X-Backup-Bytes or 0)`.
+    /// Answers the bytes written.
+    pub async fn download(
+        &self,
+        path: &str,
+        dest: &std::path::Path,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<u64, ClientError> {
+        use std::io::Write;
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.get(&url);
+        if let Some(key) = &self.key {
+            req = req.header("x-api-key", key);
+        }
+        let failed = |cause: String| ClientError::Connection {
+            url: url.clone(),
+            cause,
         };
-        let text_of = |field: &str| json[field].as_str().unwrap_or_default().to_string();
-        let details = json["validationDetails"]
-            .as_array()
-            .map(|ds| {
-                ds.iter()
-                    .map(|d| {
-                        let field = d["field"].as_str().unwrap_or_default();
-                        let message = d["message"].as_str().unwrap_or_default();
-                        format!("{field}: {message}")
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        Err(ClientError::Server {
-            status,
-            code: text_of("code"),
-            message: text_of("error"),
-            details,
-        })
+        let mut resp = req.send().await.map_err(|e| failed(e.to_string()))?;
+        let status = resp.status().as_u16();
+        if !(200..300).contains(&status) {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(error_of(url, status, &text));
+        }
+        let total = resp
+            .headers()
+            .get("x-backup-bytes")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let partial = dest.with_extension("partial");
+        let mut file = std::fs::File::create(&partial)
+            .map_err(|e| failed(format!("cannot write {}: {e}", partial.display())))?;
+        let mut written = 0u64;
+        while let Some(chunk) = resp.chunk().await.map_err(|e| failed(e.to_string()))? {
+            file.write_all(&chunk)
+                .map_err(|e| failed(format!("cannot write {}: {e}", partial.display())))?;
+            written += chunk.len() as u64;
+            progress(written, total);
+        }
+        file.sync_all()
+            .and_then(|_| std::fs::rename(&partial, dest))
+            .map_err(|e| failed(format!("cannot write {}: {e}", dest.display())))?;
+        Ok(written)
     }
 
     /// The id of the task type `ty` (a name or an id) of `project`.
@@ -189,4 +211,34 @@ pub fn segment(text: &str) -> String {
         }
     }
     out
+}
+
+/// The error of a call that did not succeed: the server's envelope, or what came instead.
+fn error_of(url: String, status: u16, text: &str) -> ClientError {
+    let Ok(json) = serde_json::from_str::<Value>(text) else {
+        return ClientError::Unexpected {
+            url,
+            status,
+            body: text.chars().take(200).collect(),
+        };
+    };
+    let text_of = |field: &str| json[field].as_str().unwrap_or_default().to_string();
+    let details = json["validationDetails"]
+        .as_array()
+        .map(|ds| {
+            ds.iter()
+                .map(|d| {
+                    let field = d["field"].as_str().unwrap_or_default();
+                    let message = d["message"].as_str().unwrap_or_default();
+                    format!("{field}: {message}")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    ClientError::Server {
+        status,
+        code: text_of("code"),
+        message: text_of("error"),
+        details,
+    }
 }

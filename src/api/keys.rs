@@ -298,6 +298,51 @@ impl KeysApi {
         }))
     }
 
+    /// A consistent copy of the whole database as of one read transaction, streamed while
+    /// the server keeps serving writes (admin key not limited to projects: the copy holds
+    /// every project and every key's hash). The copy is a normal database: stop the server,
+    /// replace the file with it, start again.
+    #[oai(
+        path = "/api/admin/backup",
+        method = "get",
+        operation_id = "backupDatabase",
+        tag = "ApiTags::Access"
+    )]
+    async fn backup(&self, auth: Auth) -> ApiResult<BackupReply> {
+        key_admin(auth.caller())?;
+        let store = self.0.store.clone();
+        let now = store.clock.now();
+        let (file, bytes) = tokio::task::spawn_blocking(move || -> Result<_, Error> {
+            let db = store.path();
+            let name = db
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("agentq.redb");
+            // Beside the database: the same filesystem, which the operator sized for it.
+            let tmp = db.with_file_name(format!(".{name}.backup-{}", Uuid::new_v4()));
+            let copied = store
+                .read()
+                .and_then(|r| crate::store::check::copy_snapshot(r.transaction(), &tmp));
+            let opened = copied
+                .and_then(|_| std::fs::File::open(&tmp).map_err(|e| Error::Storage(e.to_string())));
+            // Unlinked once open: the copy's space returns when the answer ends, even if the
+            // client leaves or the process dies.
+            let _ = std::fs::remove_file(&tmp);
+            let f = opened?;
+            let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
+            Ok((f, bytes))
+        })
+        .await
+        .map_err(|e| Error::Storage(e.to_string()))??;
+        let body = poem::Body::from_async_read(tokio::fs::File::from_std(file));
+        let stamp = crate::time::format(now).replace(':', "-");
+        Ok(BackupReply::Ok(
+            poem_openapi::payload::Binary(body),
+            format!("attachment; filename=\"agentq-backup-{stamp}.redb\""),
+            bytes,
+        ))
+    }
+
     /// Start a session for one agent in one project, with the key's rights.
     ///
     /// A key holds at most `--max-sessions-per-key` live sessions (default 1,000); a login

@@ -181,6 +181,22 @@ impl<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> Reply<T> {
     }
 }
 
+/// The online backup: the database file as of one snapshot.
+#[derive(ApiResponse)]
+pub enum BackupReply {
+    /// A redb file: a normal agentq database (`agentq serve --db` it to restore).
+    #[oai(status = 200)]
+    Ok(
+        poem_openapi::payload::Binary<poem::Body>,
+        /// `attachment; filename="agentq-backup-<time>.redb"`.
+        #[oai(header = "Content-Disposition")]
+        String,
+        /// The file's size in bytes (for a progress bar).
+        #[oai(header = "X-Backup-Bytes")]
+        u64,
+    ),
+}
+
 /// The answer of an operation that creates: 201.
 #[derive(ApiResponse)]
 pub enum CreatedReply<T: ParseFromJSON + ToJSON + serde::Serialize + Send + Sync> {

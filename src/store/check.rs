@@ -1,5 +1,6 @@
 //! Offline tools on a database file no server has open: `agentq check` (the rows against their
-//! indexes and counters) and `agentq compact` (the file rewritten to its live size).
+//! indexes and counters) and `agentq compact` (the file rewritten to its live size); and the
+//! online backup's copy of one snapshot into a new file ([`copy_snapshot`]).
 //!
 //! The check reads one snapshot and holds no more than a count per index kind and the
 //! counters per project: each task's expected entries are looked up one by one, and each kind
@@ -209,4 +210,69 @@ pub fn compact(path: &Path) -> Result<(u64, u64)> {
     while db.compact().map_err(|e| db_error(path, e))? {}
     drop(db);
     Ok((before, size()))
+}
+
+/// Rows copied per destination transaction: the copy's memory stays bounded on a big file
+/// (the snapshot it reads from is what makes it consistent, not the destination's commits).
+const COPY_CHUNK: u64 = 50_000;
+
+/// Copies every table of the snapshot `src` into a new database file at `dest`: the copy is a
+/// normal agentq database as of the snapshot. Returns the rows copied.
+pub fn copy_snapshot(src: &redb::ReadTransaction, dest: &Path) -> Result<u64> {
+    use super::schema::*;
+    let db = redb::Database::create(dest).map_err(|e| db_error(dest, e))?;
+    let mut n = 0;
+    n += copy_table(src, &db, META)?;
+    n += copy_table(src, &db, PROJECTS)?;
+    n += copy_table(src, &db, PROJECT_NAMES)?;
+    n += copy_table(src, &db, TYPES)?;
+    n += copy_table(src, &db, TYPE_NAMES)?;
+    n += copy_table(src, &db, TASKS)?;
+    n += copy_table(src, &db, TASK_BODIES)?;
+    n += copy_table(src, &db, EXECUTIONS)?;
+    n += copy_table(src, &db, TASK_IDS)?;
+    n += copy_table(src, &db, INDEX)?;
+    n += copy_table(src, &db, KEYS)?;
+    n += copy_table(src, &db, SESSIONS)?;
+    n += copy_table(src, &db, SESSIONS_BY_KEY)?;
+    n += copy_table(src, &db, SESSION_EXPIRY)?;
+    Ok(n)
+}
+
+/// One table, in destination transactions of [`COPY_CHUNK`] rows; the last is durable.
+fn copy_table<K: redb::Key + 'static, V: redb::Value + 'static>(
+    src: &redb::ReadTransaction,
+    dst: &redb::Database,
+    def: redb::TableDefinition<K, V>,
+) -> Result<u64> {
+    let from = match src.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(0),
+        Err(e) => return Err(e.into()),
+    };
+    let mut rows = from.iter()?.peekable();
+    let mut n = 0u64;
+    loop {
+        let mut txn = dst.begin_write()?;
+        txn.set_durability(redb::Durability::None)
+            .map_err(|e| Error::Storage(e.to_string()))?;
+        {
+            let mut to = txn.open_table(def)?;
+            let mut chunk = 0;
+            while chunk < COPY_CHUNK {
+                let Some(row) = rows.next() else { break };
+                let (k, v) = row?;
+                to.insert(k.value(), v.value())?;
+                chunk += 1;
+            }
+            n += chunk;
+        }
+        if rows.peek().is_none() {
+            txn.set_durability(redb::Durability::Immediate)
+                .map_err(|e| Error::Storage(e.to_string()))?;
+            txn.commit()?;
+            return Ok(n);
+        }
+        txn.commit()?;
+    }
 }

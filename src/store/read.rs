@@ -15,6 +15,13 @@ pub struct Reader {
     txn: ReadTransaction,
 }
 
+impl Reader {
+    /// The snapshot itself (the online backup copies every table from it).
+    pub fn transaction(&self) -> &ReadTransaction {
+        &self.txn
+    }
+}
+
 /// Which tasks a listing wants and in which order.
 #[derive(Debug, Clone, Default)]
 pub struct TaskQuery {

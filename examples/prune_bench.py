@@ -12,7 +12,8 @@ that they are finished, then:
   2. deletes the million finished tasks with `DELETE /api/projects/{id}/tasks` (the same
      chunked path as retention: 1,000 tasks a write), timing it, while the agents keep going,
      and records next-task's latency during it;
-  3. prints the delete rate, both p50 / p99, and the file size before and after.
+  3. prints the delete rate, both p50 / p99, and the file size before and after; then stops
+     the server and runs `agentq compact` on the file.
 Standard library only.
 """
 
@@ -75,6 +76,11 @@ def main():
             except Exception:
                 time.sleep(0.1)
         run(a, port, db)
+        server.terminate()
+        server.wait(30)
+        t0 = time.time()
+        out = subprocess.run([BIN, "compact", "--db", db], capture_output=True, text=True)
+        print(f"agentq compact ({time.time() - t0:.1f} s): {out.stdout.strip()}")
     finally:
         server.terminate()
         server.wait(30)

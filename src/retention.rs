@@ -19,7 +19,7 @@ use crate::store::write::delete_ended;
 use crate::store::Store;
 
 /// Tasks deleted per write.
-pub const CHUNK: usize = 1000;
+pub const CHUNK: usize = 250;
 
 /// The statuses retention applies to.
 pub const FINAL: [TaskStatus; 3] = [

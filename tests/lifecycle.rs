@@ -587,3 +587,109 @@ async fn a_backup_under_load_is_a_consistent_database() {
 fn copy_dir_path(app: &TestApp) -> std::path::PathBuf {
     app.dir.path().to_path_buf()
 }
+
+/// A full disk under the file (growing it fails with ENOSPC, the `Faulty` backend's
+/// `no_growth`): once writes are refused, deleting finished tasks makes room that new tasks
+/// use, without a restart.
+#[tokio::test]
+async fn deleting_tasks_on_a_full_disk_makes_room_for_new_ones() {
+    use std::sync::atomic::Ordering;
+
+    let faults = agentq::store::disk::Faults::default();
+    let no_growth = faults.no_growth.clone();
+    let opener = agentq::store::disk::faulty_opener(faults);
+    let app = start_with_key(tempfile::tempdir().unwrap(), None, None, |c| {
+        c.opener = opener;
+        c.retention = Defaults {
+            completed: 0,
+            failed: 0,
+            cancelled: 0,
+        };
+    })
+    .await;
+    let p = app.project("p").await;
+    let body = |i: usize| json!({"instructions": format!("task {i} {}", "x".repeat(400))});
+    let tasks: Vec<Value> = (0..4000).map(body).collect();
+    for chunk in tasks.chunks(1000) {
+        app.bulk(&p, chunk).await;
+    }
+    let r = app
+        .post(
+            &format!("/api/projects/{p}/tasks/cancel"),
+            json!({"filter": {"status": "queued"}}),
+        )
+        .await;
+    assert_eq!(r.data()["changed"], 4000);
+
+    // The disk is full: create tasks, 100 and then one at a time, until the file cannot grow.
+    no_growth.store(true, Ordering::SeqCst);
+    let path = format!("/api/projects/{p}/tasks");
+    let mut made = 0;
+    loop {
+        let chunk: Vec<Value> = (0..100).map(|i| body(300_000 + made + i)).collect();
+        let r = app
+            .call(
+                "POST",
+                &format!("{path}/bulk"),
+                Some(json!({"tasks": chunk})),
+            )
+            .await;
+        if r.status != 201 {
+            break;
+        }
+        made += 100;
+    }
+    loop {
+        let r = app.call("POST", &path, Some(body(100_000 + made))).await;
+        if r.status == 503 {
+            break;
+        }
+        assert_eq!(r.status, 201, "{:?}", r.body);
+        made += 1;
+        assert!(made < 100_000, "the file never filled");
+    }
+    health_is(&app, 503).await;
+
+    // Delete the cancelled tasks: the delete itself must fit, and frees their pages.
+    let purge = format!("/api/projects/{p}/tasks?status=cancelled");
+    let r = eventually(
+        Duration::from_secs(20),
+        || app.delete(&purge),
+        |r| r.status == 200,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{:?}", r.body);
+    assert_eq!(r.data()["deletedTasks"], 4000);
+
+    // New tasks take the freed room, the disk still full.
+    let mut after = 0;
+    for round in 0..30 {
+        let chunk: Vec<Value> = (0..100).map(|i| body(200_000 + round * 100 + i)).collect();
+        let r = app
+            .call(
+                "POST",
+                &format!("{path}/bulk"),
+                Some(json!({"tasks": chunk})),
+            )
+            .await;
+        if r.status != 201 {
+            break;
+        }
+        after += 100;
+    }
+    assert!(
+        after >= 2000,
+        "deleting 4,000 tasks made room for only {after} new ones"
+    );
+    health_is(&app, 200).await;
+}
+
+async fn health_is(app: &TestApp, status: u16) {
+    let seen = eventually(
+        Duration::from_secs(10),
+        || app.get("/health"),
+        |r| r.status == status,
+    )
+    .await;
+    assert_eq!(seen.status, status, "{:?}", seen.body);
+}

@@ -9,10 +9,11 @@ queues --tasks tasks in one project and cancels them all (the bulk cancel, 10,00
 that they are finished, then:
   1. has --agents agents loop next-task -> complete on another project for 15 s and records
      next-task's latency (the baseline);
-  2. deletes the million finished tasks with `DELETE /api/projects/{id}/tasks` (the same
+  2. takes an online backup (GET /api/admin/backup) while they work, timing it;
+  3. deletes the million finished tasks with `DELETE /api/projects/{id}/tasks` (the same
      chunked path as retention: 1,000 tasks a write), timing it, while the agents keep going,
      and records next-task's latency during it;
-  3. prints the delete rate, both p50 / p99, and the file size before and after; then stops
+  4. prints the delete rate, both p50 / p99, and the file size before and after; then stops
      the server and runs `agentq compact` on the file.
 Standard library only.
 """
@@ -125,6 +126,20 @@ def run(a, port, db):
     for t in threads:
         t.start()
     time.sleep(15)
+    # An online backup of the whole file while the agents work.
+    phase[0] = "backup"
+    lat["backup"] = []
+    t0 = time.time()
+    bc = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    bc.request("GET", "/api/admin/backup", headers={"X-API-Key": KEY})
+    resp = bc.getresponse()
+    size = 0
+    while True:
+        chunk = resp.read(1 << 20)
+        if not chunk:
+            break
+        size += len(chunk)
+    backup_s = time.time() - t0
     phase[0] = "prune"
     t0 = time.time()
     deleted = c.call("DELETE", f"api/projects/{big}/tasks?status=cancelled")["data"]["deletedTasks"]
@@ -134,7 +149,10 @@ def run(a, port, db):
     stop.set()
     for t in threads:
         t.join()
-    base, during = lat["base"], lat["prune"]
+    base, during, backing = lat["base"], lat["prune"], lat["backup"]
+    print(f"online backup: {size / 2**20:.0f} MiB in {backup_s:.1f} s "
+          f"({size / 2**20 / backup_s:.0f} MiB/s), status {resp.status}; next-task meanwhile "
+          f"p50 {pct(backing, .5):.2f} ms, p99 {pct(backing, .99):.2f} ms ({len(backing):,} calls)")
     print(f"deleted {deleted:,} tasks in {took:.1f} s: {deleted / took:,.0f} tasks/s")
     print(f"next-task without a prune: p50 {pct(base, .5):.2f} ms, p99 {pct(base, .99):.2f} ms "
           f"({len(base):,} calls)")

@@ -312,7 +312,7 @@ impl TasksApi {
 
     /// Delete every task of a project that matches: finished tasks (completed, failed,
     /// cancelled) unless `status` names others, ended before `endedBefore`, of a type, of a
-    /// batch. Deleted in chunks of 1,000, each its own transaction; answers how many.
+    /// batch. Deleted in chunks of 250, each its own transaction; answers how many.
     #[oai(
         path = "/api/projects/:projectId/tasks",
         method = "delete",

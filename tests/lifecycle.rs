@@ -547,7 +547,7 @@ async fn a_backup_under_load_is_a_consistent_database() {
     assert_eq!(total, 2000);
 
     // The CLI's `agentq backup FILE` writes the same kind of copy.
-    let saved = copy_dir_path(&restored).join("cli-backup.redb");
+    let saved = restored.dir.path().join("cli-backup.redb");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_agentq"))
         .arg("backup")
         .arg(&saved)
@@ -582,10 +582,6 @@ async fn a_backup_under_load_is_a_consistent_database() {
             .await;
         assert_eq!(r.status, 403, "{:?}", r.body);
     }
-}
-
-fn copy_dir_path(app: &TestApp) -> std::path::PathBuf {
-    app.dir.path().to_path_buf()
 }
 
 /// A full disk under the file (growing it fails with ENOSPC, the `Faulty` backend's

@@ -340,6 +340,7 @@ fn param_rules() -> Vec<(&'static str, Value)> {
         ("createdAfter", date_time()),
         ("createdBefore", date_time()),
         ("updatedAfter", date_time()),
+        ("endedBefore", date_time()),
         ("updatedBefore", date_time()),
         ("priority", int(&PRIORITY)),
         (

@@ -109,7 +109,10 @@ pub async fn run(store: Arc<Store>, defaults: Defaults, every: Duration) {
 }
 
 /// One pass over every project: deletes what is past its retention. Returns how many tasks.
+/// A project with nothing due costs one index seek per status and no write.
 pub async fn prune(store: &Arc<Store>, defaults: &Defaults) -> crate::error::Result<u64> {
+    // Snapshots are taken and dropped at once: one held through the pass would keep every
+    // page its deletes free from being reused until it ended.
     let (projects, _) = store.read()?.projects(None, &|_| true, usize::MAX, 0)?;
     let mut total = 0u64;
     for (p, _) in projects {
@@ -125,6 +128,9 @@ pub async fn prune(store: &Arc<Store>, defaults: &Defaults) -> crate::error::Res
                 .clock
                 .now()
                 .saturating_sub((secs as i64).saturating_mul(1000));
+            if !store.read()?.has_ended_by(p.id, status, cutoff)? {
+                continue;
+            }
             loop {
                 let pid = p.id;
                 let n = store

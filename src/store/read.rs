@@ -222,6 +222,14 @@ impl Reader {
             .range::<&[u8]>(from.as_slice()..=to_inclusive.as_slice())?)
     }
 
+    /// Whether `project` has a task in final `status` that ended at or before `cutoff` (one
+    /// seek on the ENDED index): retention writes only when there is something to delete.
+    pub fn has_ended_by(&self, project: u128, status: TaskStatus, cutoff: i64) -> Result<bool> {
+        let lo = ix::K::new(ix::ENDED).u128(project).u8(status.code());
+        let hi = lo.i64(cutoff).u64(u64::MAX);
+        Ok(self.index_range(lo.to_vec(), hi.to_vec())?.next().is_some())
+    }
+
     /// The id of a project (by id) whose delete is running or was cut short.
     pub fn project_being_deleted(&self, key: &str) -> Result<Option<u128>> {
         let Ok(id) = Uuid::parse_str(key) else {

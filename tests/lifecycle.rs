@@ -620,21 +620,7 @@ async fn deleting_tasks_on_a_full_disk_makes_room_for_new_ones() {
     // The disk is full: create tasks, 100 and then one at a time, until the file cannot grow.
     no_growth.store(true, Ordering::SeqCst);
     let path = format!("/api/projects/{p}/tasks");
-    let mut made = 0;
-    loop {
-        let chunk: Vec<Value> = (0..100).map(|i| body(300_000 + made + i)).collect();
-        let r = app
-            .call(
-                "POST",
-                &format!("{path}/bulk"),
-                Some(json!({"tasks": chunk})),
-            )
-            .await;
-        if r.status != 201 {
-            break;
-        }
-        made += 100;
-    }
+    let mut made = bulks_until_refused(&app, &p, 300_000, usize::MAX).await;
     loop {
         let r = app.call("POST", &path, Some(body(100_000 + made))).await;
         if r.status == 503 {
@@ -658,26 +644,35 @@ async fn deleting_tasks_on_a_full_disk_makes_room_for_new_ones() {
     assert_eq!(r.data()["deletedTasks"], 4000);
 
     // New tasks take the freed room, the disk still full.
-    let mut after = 0;
-    for round in 0..30 {
-        let chunk: Vec<Value> = (0..100).map(|i| body(200_000 + round * 100 + i)).collect();
+    let after = bulks_until_refused(&app, &p, 200_000, 30).await;
+    assert!(
+        after >= 2000,
+        "deleting 4,000 tasks made room for only {after} new ones"
+    );
+    health_is(&app, 200).await;
+}
+
+/// Creates tasks of ~400 bytes, 100 a request, numbered from `from`, until a request is
+/// refused or `rounds` are done; answers how many were created.
+async fn bulks_until_refused(app: &TestApp, project: &str, from: usize, rounds: usize) -> usize {
+    let mut made = 0;
+    for _ in 0..rounds {
+        let chunk: Vec<Value> = (0..100)
+            .map(|i| json!({"instructions": format!("task {} {}", from + made + i, "x".repeat(400))}))
+            .collect();
         let r = app
             .call(
                 "POST",
-                &format!("{path}/bulk"),
+                &format!("/api/projects/{project}/tasks/bulk"),
                 Some(json!({"tasks": chunk})),
             )
             .await;
         if r.status != 201 {
             break;
         }
-        after += 100;
+        made += 100;
     }
-    assert!(
-        after >= 2000,
-        "deleting 4,000 tasks made room for only {after} new ones"
-    );
-    health_is(&app, 200).await;
+    made
 }
 
 async fn health_is(app: &TestApp, status: u16) {

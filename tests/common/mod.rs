@@ -387,25 +387,35 @@ pub fn inline_bodies(txn: &redb::WriteTransaction) {
     txn.delete_table(TASK_BODIES).unwrap();
 }
 
+/// Removes the last `n` bytes of every row of `def`, asserting they are zeros (postcard's
+/// `None` and `false`: a field a migration appended and nothing set since).
+fn drop_zero_tail(
+    txn: &redb::WriteTransaction,
+    def: redb::TableDefinition<u128, &'static [u8]>,
+    n: usize,
+    what: &str,
+) {
+    use redb::ReadableTable;
+    let mut table = txn.open_table(def).unwrap();
+    let rows: Vec<(u128, Vec<u8>)> = table
+        .iter()
+        .unwrap()
+        .map(|r| r.unwrap())
+        .map(|(k, v)| (k.value(), v.value().to_vec()))
+        .collect();
+    for (k, mut row) in rows {
+        let tail = row.split_off(row.len() - n);
+        assert!(tail.iter().all(|b| *b == 0), "{what}");
+        table.insert(k, row.as_slice()).unwrap();
+    }
+}
+
 /// Rewrites a file of today's schema into schema 5's rows (the caller sets the version):
 /// project rows without their retention (asserted unset) and no ENDED index entries.
 pub fn schema_5_rows(txn: &redb::WriteTransaction) {
     use agentq::store::tables::{ix, INDEX, PROJECTS};
     use redb::ReadableTable;
-    {
-        let mut table = txn.open_table(PROJECTS).unwrap();
-        let rows: Vec<(u128, Vec<u8>)> = table
-            .iter()
-            .unwrap()
-            .map(|r| r.unwrap())
-            .map(|(k, v)| (k.value(), v.value().to_vec()))
-            .collect();
-        for (k, mut row) in rows {
-            let tail = row.split_off(row.len() - 3);
-            assert_eq!(tail, [0, 0, 0], "no retention set");
-            table.insert(k, row.as_slice()).unwrap();
-        }
-    }
+    drop_zero_tail(txn, PROJECTS, 3, "no retention set");
     let mut index = txn.open_table(INDEX).unwrap();
     let ended: Vec<Vec<u8>> = index
         .range(&[ix::ENDED][..]..&[ix::ENDED + 1][..])
@@ -424,24 +434,8 @@ pub fn schema_4_rows(txn: &redb::WriteTransaction) {
     schema_5_rows(txn);
     use agentq::store::tables::{decode_body, encode, EXECUTIONS, KEYS, TASK_BODIES, TYPES};
     use redb::ReadableTable;
-    fn drop_last_byte(
-        txn: &redb::WriteTransaction,
-        def: redb::TableDefinition<u128, &'static [u8]>,
-    ) {
-        let mut table = txn.open_table(def).unwrap();
-        let rows: Vec<(u128, Vec<u8>)> = table
-            .iter()
-            .unwrap()
-            .map(|r| r.unwrap())
-            .map(|(k, v)| (k.value(), v.value().to_vec()))
-            .collect();
-        for (k, mut row) in rows {
-            assert_eq!(row.pop(), Some(0), "no script, no allowScripts");
-            table.insert(k, row.as_slice()).unwrap();
-        }
-    }
-    drop_last_byte(txn, TYPES);
-    drop_last_byte(txn, KEYS);
+    drop_zero_tail(txn, TYPES, 1, "no script");
+    drop_zero_tail(txn, KEYS, 1, "no allowScripts");
     {
         let mut bodies = txn.open_table(TASK_BODIES).unwrap();
         let rows: Vec<(u64, Vec<u8>)> = bodies

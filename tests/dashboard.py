@@ -198,13 +198,13 @@ def run(api, base, shots):
         page.click("#prev")
         expect(page.locator("#tasks tbody tr").first).to_have_attribute("data-task", first_page)
         if shots:
-            page.goto(f"{base}ui/#/projects/{pid}")
+            go(page, base, f"/projects/{pid}")
             expect(page.locator("#range")).to_contain_text("of 5,000")
             snap(page, shots, "project")
 
         # --- search a task by id, and see its attempts (a script's execution included).
         done_id = api.ok("GET", f"api/projects/{pid}/tasks?status=completed&limit=1")[0]["id"]
-        page.goto(f"{base}ui/#/projects/{pid}")
+        go(page, base, f"/projects/{pid}")
         page.fill("#find-id", done_id)
         page.click("form[role=search] button")
         expect(page).to_have_url(f"{base}ui/#/tasks/{done_id}")
@@ -216,7 +216,7 @@ def run(api, base, shots):
         if shots:
             snap(page, shots, "task")
         allowed.append("404")
-        page.goto(f"{base}ui/#/projects/{pid}")
+        go(page, base, f"/projects/{pid}")
         page.fill("#find-id", "no-such-task")
         page.click("form[role=search] button")
         expect(page.locator("#notice")).to_contain_text("No task has the id no-such-task")
@@ -224,7 +224,7 @@ def run(api, base, shots):
 
         # --- cancel and retry from the task page; the API agrees.
         queued_id = api.ok("GET", f"api/projects/{pid}/tasks?status=queued&limit=1")[0]["id"]
-        page.goto(f"{base}ui/#/tasks/{queued_id}")
+        go(page, base, f"/tasks/{queued_id}")
         page.click("#task-cancel")
         expect(page.locator("h1 .badge")).to_have_text("cancelled")
         assert api.ok("GET", f"api/tasks/{queued_id}")["status"] == "cancelled"
@@ -233,7 +233,7 @@ def run(api, base, shots):
         assert api.ok("GET", f"api/tasks/{queued_id}")["status"] == "queued"
 
         # --- bulk: select two queued tasks and cancel them; retry every failed task.
-        page.goto(f"{base}ui/#/projects/{pid}?status=queued")
+        go(page, base, f"/projects/{pid}?status=queued")
         rows = page.locator("#tasks tbody tr")
         expect(rows).to_have_count(50)
         picked = [rows.nth(i).get_attribute("data-task") for i in (0, 1)]
@@ -244,7 +244,7 @@ def run(api, base, shots):
         expect(page.locator("#notice")).to_contain_text("Cancelled 2 of 2")
         for tid in picked:
             assert api.ok("GET", f"api/tasks/{tid}")["status"] == "cancelled"
-        page.goto(f"{base}ui/#/projects/{pid}?status=failed")
+        go(page, base, f"/projects/{pid}?status=failed")
         expect(page.locator("#range")).to_have_text("1–4 of 4")
         page.click("#retry-matching")
         expect(page.locator("#notice")).to_contain_text("Retried 4 of 4")
@@ -252,7 +252,7 @@ def run(api, base, shots):
             assert api.ok("GET", f"api/tasks/{tid}")["status"] == "queued"
         assert api.ok("GET", f"api/projects/{pid}/stats")["project"]["stats"]["failedTasks"] == 0
         # Delete in bulk: the two cancelled ones.
-        page.goto(f"{base}ui/#/projects/{pid}?status=cancelled")
+        go(page, base, f"/projects/{pid}?status=cancelled")
         expect(page.locator("#range")).to_have_text("1–2 of 2")
         page.check("#select-all")
         page.click("#bulk-delete")
@@ -260,7 +260,7 @@ def run(api, base, shots):
         assert count(api, pid, "status=cancelled") == 0
 
         # --- create a task from the page, with the type's variables as a form.
-        page.goto(f"{base}ui/#/projects/{pid}")
+        go(page, base, f"/projects/{pid}")
         page.click("#new-task")
         page.select_option("#new-type", label="summarise")
         page.fill("#var-page", "the-new-page")
@@ -272,12 +272,12 @@ def run(api, base, shots):
         assert [t["instructions"] for t in made] == ["Summarise the-new-page in 50 words."], made
 
         # --- agents and task types.
-        page.goto(f"{base}ui/#/projects/{pid}/agents")
+        go(page, base, f"/projects/{pid}/agents")
         expect(page.locator("#agents tbody")).to_contain_text("agent-7")
         expect(page.locator("#agents tbody")).to_contain_text(held["id"])
         if shots:
             snap(page, shots, "agents")
-        page.goto(f"{base}ui/#/projects/{pid}/types")
+        go(page, base, f"/projects/{pid}/types")
         expect(page.locator("#types")).to_contain_text("Summarise {{page}} in {{words}} words.")
         if shots:
             snap(page, shots, "types")
@@ -286,19 +286,19 @@ def run(api, base, shots):
         # inside its own box).
         page.set_viewport_size({"width": 390, "height": 800})
         for where in ("", f"projects/{pid}", f"tasks/{done_id}", f"projects/{pid}/agents", f"projects/{pid}/types"):
-            page.goto(f"{base}ui/#/{where}")
+            go(page, base, f"/{where}")
             expect(page.locator("h1")).to_be_visible()
             page.wait_for_timeout(300)
             wide = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
             assert wide <= 0, f"#/{where} is {wide}px wider than a phone"
         if shots:
-            page.goto(f"{base}ui/#/projects/{pid}")
+            go(page, base, f"/projects/{pid}")
             expect(page.locator("#range")).to_contain_text("of ")
             snap(page, shots, "phone-project")
         page.set_viewport_size({"width": 1280, "height": 860})
 
         # --- close and reopen the project.
-        page.goto(f"{base}ui/#/projects/{pid}")
+        go(page, base, f"/projects/{pid}")
         page.click("#toggle-project")
         expect(page.locator("#toggle-project")).to_have_text("Reopen project")
         assert api.ok("GET", f"api/projects/{pid}")["status"] == "closed"
@@ -319,12 +319,12 @@ def run(api, base, shots):
         page.click("button[type=submit]")
         expect(card).to_be_visible()
         expect(page.locator("#role")).to_contain_text("viewer")
-        page.goto(f"{base}ui/#/projects/{pid}")
+        go(page, base, f"/projects/{pid}")
         expect(page.locator("#range")).to_contain_text("of ")
         for sel in ("#new-task", "#toggle-project", "#bulk-bar", "#select-all", "#tasks input"):
             assert page.locator(sel).count() == 0, sel
         queued_id = api.ok("GET", f"api/projects/{pid}/tasks?status=queued&limit=1")[0]["id"]
-        page.goto(f"{base}ui/#/tasks/{queued_id}")
+        go(page, base, f"/tasks/{queued_id}")
         expect(page.locator("h1")).to_contain_text(queued_id)
         assert page.locator("button#task-cancel, button#task-retry, button#task-delete").count() == 0
         allowed.append("403")
@@ -347,6 +347,13 @@ def run(api, base, shots):
 
     # Behind a reverse proxy that adds a path prefix, with no rebuild.
     prefix_case(api, base)
+
+
+def go(page, base, route):
+    """Opens the dashboard at `#<route>` and waits until that page has rendered (a hash
+    change renders asynchronously: acting at once would act on the page before)."""
+    page.goto(f"{base}ui/#{route}")
+    page.wait_for_selector(f'main[data-route="#{route}"]')
 
 
 def count(api, pid, query):

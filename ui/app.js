@@ -294,6 +294,9 @@ async function route() {
   }
   const { parts, params } = parseHash();
   const gen = state.generation;
+  const main = $("#main");
+  // Which address the page shows, once it has rendered (tests and scripts wait for it).
+  delete main.dataset.route;
   try {
     if (parts[0] === "signin" || parts.length === 0) await overview();
     else if (parts[0] === "projects" && parts[1] && parts[2] === "agents") await agentsPage(parts[1]);
@@ -307,7 +310,8 @@ async function route() {
       h("p", { class: "alert", role: "alert" }, e.message),
       h("p", {}, h("a", { href: "#/" }, "Back to the overview")));
   }
-  $("#main").focus({ preventScroll: true });
+  if (gen === state.generation) main.dataset.route = location.hash || "#/";
+  main.focus({ preventScroll: true });
 }
 
 async function project(id) {

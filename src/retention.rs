@@ -131,21 +131,33 @@ pub async fn prune(store: &Arc<Store>, defaults: &Defaults) -> crate::error::Res
             if !store.read()?.has_ended_by(p.id, status, cutoff)? {
                 continue;
             }
-            loop {
-                let pid = p.id;
-                let n = store
-                    .write(move |w| delete_ended(w, pid, status, cutoff, CHUNK))
-                    .await?;
-                crate::telemetry::tasks_pruned(p.id, status, n as u64);
-                total += n as u64;
-                if n < CHUNK || store.hub.is_shutting_down() {
-                    break;
-                }
-                tokio::task::yield_now().await;
-            }
+            let n = delete_all_ended(store, p.id, status, cutoff).await?;
+            crate::telemetry::tasks_pruned(p.id, status, n);
+            total += n;
         }
     }
     Ok(total)
+}
+
+/// Deletes every task of `project` in final `status` that ended at or before `cutoff`,
+/// [`CHUNK`] a write, yielding between writes (retention and delete by filter). How many.
+pub async fn delete_all_ended(
+    store: &Arc<Store>,
+    project: u128,
+    status: TaskStatus,
+    cutoff: Millis,
+) -> crate::error::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        let n = store
+            .write(move |w| delete_ended(w, project, status, cutoff, CHUNK))
+            .await?;
+        total += n as u64;
+        if n < CHUNK || store.hub.is_shutting_down() {
+            return Ok(total);
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 #[cfg(test)]

@@ -362,17 +362,7 @@ impl TasksApi {
         for status in statuses {
             if indexed && crate::retention::FINAL.contains(&status) {
                 let cutoff = ended_before.map_or(i64::MAX, |t| t.saturating_sub(1));
-                loop {
-                    let n = store
-                        .write(move |w| {
-                            write::delete_ended(w, pid, status, cutoff, crate::retention::CHUNK)
-                        })
-                        .await?;
-                    deleted += n as u64;
-                    if n < crate::retention::CHUNK {
-                        break;
-                    }
-                }
+                deleted += crate::retention::delete_all_ended(store, pid, status, cutoff).await?;
             } else {
                 rest.push(status);
             }
@@ -391,12 +381,7 @@ impl TasksApi {
                 let page = tokio::task::spawn_blocking(move || s.read()?.list_tasks(pid, &query))
                     .await
                     .map_err(|e| Error::Storage(e.to_string()))??;
-                let ids: Vec<String> = page
-                    .tasks
-                    .iter()
-                    .filter(|t| ended_before.is_none_or(|b| t.ended_at().is_some_and(|e| e < b)))
-                    .map(|t| t.id.clone())
-                    .collect();
+                let ids: Vec<String> = page.tasks.iter().map(|t| t.id.clone()).collect();
                 // What the page showed is checked again in the write: a task may have moved.
                 let (before, want) = (ended_before, q.clone());
                 let n = store
